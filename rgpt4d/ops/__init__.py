@@ -1,0 +1,39 @@
+"""rgpt4d ops: one public function per op, four backends behind it (eager, cpu, triton, cuda).
+
+See rgpt4d/ops/_backend.py for how a backend is chosen, and `available_backends()` for what
+this install can run.
+"""
+
+from rgpt4d.ops._backend import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    set_backend,
+    unavailable_reasons,
+)
+from rgpt4d.ops.tpe import (
+    TimestampPositionalEncoding,
+    TPEDownsampleLayerNorm,
+    tpe_add,
+    tpe_add_,
+    tpe_add_eager,
+    tpe_downsample_layernorm,
+    tpe_downsample_layernorm_eager,
+    tpe_sinusoid,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "set_backend",
+    "unavailable_reasons",
+    "TimestampPositionalEncoding",
+    "TPEDownsampleLayerNorm",
+    "tpe_add",
+    "tpe_add_",
+    "tpe_add_eager",
+    "tpe_downsample_layernorm",
+    "tpe_downsample_layernorm_eager",
+    "tpe_sinusoid",
+]

@@ -1,0 +1,93 @@
+"""Build rgpt4d and its compiled extension rgpt4d._C.
+
+CPU kernels are always built. CUDA kernels are built when FORCE_CUDA=1, or when a GPU and
+nvcc are both present. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0". MAX_JOBS defaults to what
+the free memory allows (about 3 GiB per compile job). Setting RGPT4D_NO_EXT=1 skips the
+extension entirely (the package then runs on the eager backend).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _default_max_jobs() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        avail_gib = int(info["MemAvailable"].strip().split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        avail_gib = 8.0
+    return str(max(1, min(os.cpu_count() or 1, int(avail_gib // 3))))
+
+
+def _extensions():
+    if _env_flag("RGPT4D_NO_EXT"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = _env_flag("FORCE_CUDA") or (torch.cuda.is_available() and cuda_home is not None)
+    if with_cuda and cuda_home is None:
+        sys.exit("rgpt4d: FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_cpp = [s for s in cpp if s.endswith("_cuda.cpp")]
+    cpu_cpp = [s for s in cpp if s not in cuda_cpp]
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-fno-math-errno"]
+    define_macros = [("RGPT4D_EXT_NAME", "_C")]
+    if with_cuda:
+        # cusparse.h / cublas headers of the pip CUDA wheels live here.
+        import site
+
+        for sp in site.getsitepackages() + [site.getusersitepackages()]:
+            inc = os.path.join(sp, "nvidia", "cu13", "include")
+            if os.path.isdir(inc):
+                include_dirs.append(inc)
+        define_macros.append(("RGPT4D_WITH_CUDA", "1"))
+        ext = cpp_extension.CUDAExtension(
+            "rgpt4d._C",
+            sources=cpu_cpp + cuda_cpp + cu,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-lineinfo"],
+            },
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "rgpt4d._C",
+            sources=cpu_cpp,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["rgpt4d", "rgpt4d.*"]) + ["rgpt4d.kernels"],
+    package_dir={"rgpt4d.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
