@@ -318,12 +318,14 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
     M, K = Ho * Wo, window * window * D
     acc_tl, acc_torch = _acc(x.dtype)
     need_weight_grad = need_weight_grad and weight is not None
-    empty = torch.empty(0, device=x.device, dtype=acc_torch)
+    def empty():
+        return torch.empty(0, device=x.device, dtype=acc_torch)
+
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_input_grad else x.new_empty(0)
     rows = B * T * M
     if rows == 0 or K == 0:
         zk = torch.zeros(K, device=x.device, dtype=acc_torch)
-        return gx, (zk if need_weight_grad else empty), (zk.clone() if need_bias_grad else empty)
+        return gx, (zk if need_weight_grad else empty()), (zk.clone() if need_bias_grad else empty())
     x = x.contiguous()
     g = grad_out.contiguous()
     ts, tab = _encoder_inputs(timestamps, table, acc_torch)
@@ -335,18 +337,18 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
             g, x, ts, tab, wt, mean, rstd, gx, rows, M, h, w, Wo, D, math.log(base),
             WIN=window, HAS_TABLE=table is not None, HAS_W=weight is not None, ACC=acc_tl,
             BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-    gw, gb = empty, empty
+    gw, gb = empty(), empty()
     if need_weight_grad or need_bias_grad:
         splits = row_splits or max(1, min(64, triton.cdiv(rows, 256)))
         rows_per_split = triton.cdiv(rows, splits)
         BD = _block_d(D, 128)
         BR = max(1, min(triton.next_power_of_2(rows_per_split), 4096 // BD))
-        pw = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_weight_grad else empty
-        pb = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_bias_grad else empty
+        pw = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_weight_grad else empty()
+        pb = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_bias_grad else empty()
         _tpe_ds_ln_wb_kernel[(window * window * triton.cdiv(D, BD), splits)](
             g, x, ts, tab, mean, rstd, pw, pb, rows, rows_per_split, M, h, w, Wo, D, math.log(base),
             WIN=window, HAS_TABLE=table is not None, NEED_W=need_weight_grad, NEED_B=need_bias_grad, ACC=acc_tl,
             BLOCK_R=BR, BLOCK_D=BD)
-        gw = pw.sum(0) if need_weight_grad else empty  # fixed split order: deterministic
-        gb = pb.sum(0) if need_bias_grad else empty
+        gw = pw.sum(0) if need_weight_grad else gw  # fixed split order: deterministic
+        gb = pb.sum(0) if need_bias_grad else gb
     return gx, gw, gb

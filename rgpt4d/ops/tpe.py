@@ -64,7 +64,7 @@ def tpe_downsample_layernorm_eager(x: Tensor, timestamps: Tensor, table: Optiona
     v = tpe_add_eager(x.to(acc), timestamps, table, base).reshape(B * T, h, w, D)
     Ho, Wo = -(-h // window), -(-w // window)
     v = F.pad(v, (0, 0, 0, Wo * window - w, 0, Ho * window - h))
-    v = v.reshape(B * T, Ho, window, Wo, window, D).permute(0, 1, 3, 2, 4, 5).reshape(B, T, Ho * Wo, -1)
+    v = v.reshape(B * T, Ho, window, Wo, window, D).permute(0, 1, 3, 2, 4, 5).reshape(B, T, Ho * Wo, window * window * D)
     out = F.layer_norm(v, (v.shape[-1],), None if weight is None else weight.to(acc),
                        None if bias is None else bias.to(acc), eps)
     return out.to(x.dtype)

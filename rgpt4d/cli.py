@@ -1,0 +1,39 @@
+"""The `rgpt4d` command. Each subsystem adds its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules with a `register(subparsers)` adding their subcommands; optional until they exist.
+_SUBCOMMAND_MODULES = ("rgpt4d.data.cli",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rgpt4d", description="4D-RGPT kernels and training/inference stack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    env = sub.add_parser("env", help="versions, build flags and available backends")
+    env.set_defaults(func=lambda args: __import__("rgpt4d.env", fromlist=["main"]).main())
+    demo = sub.add_parser("demo", help="run the main job (see README)")
+    demo.add_argument("--preset", default="tiny")
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=lambda args: __import__("rgpt4d.demo", fromlist=["main"]).main(args))
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that subsystem is not in this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

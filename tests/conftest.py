@@ -1,0 +1,30 @@
+"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit is defined, so that the
+Triton backend runs on CPU tensors under the interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rgpt4d.ops import _backend  # noqa: E402
+
+_backend.refresh()
+
+HAS_GPU = torch.cuda.is_available()
+NO_GPU_REASON = "no CUDA GPU on this machine: the CUDA/Triton-on-GPU checks need one (CI compiles the CUDA code only)"
+
+# Backends that run CPU tensors here. They are required, not optional: a missing one fails the
+# tests (see test_backends.py) rather than skipping them.
+CPU_BACKENDS = ["eager", "cpu", "triton"]
+GPU_BACKENDS = ["eager", "cuda", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU_REASON)

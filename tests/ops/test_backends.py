@@ -1,0 +1,94 @@
+"""The backend architecture: what is available, how a backend is chosen, and the fallbacks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rgpt4d
+from rgpt4d.ops import BackendUnavailableError, _backend, available_backends, set_backend, tpe_add
+
+
+def test_cpu_machine_has_eager_cpu_and_interpreted_triton():
+    # `make test` builds the extension and conftest sets TRITON_INTERPRET=1: all three must run.
+    assert _backend.extension_loaded(), _backend.unavailable_reasons()
+    backends = available_backends()
+    for b in ("eager", "cpu", "triton"):
+        assert b in backends, _backend.unavailable_reasons()
+    if not torch.cuda.is_available():
+        assert "cuda" not in backends
+        assert "cuda" in _backend.unavailable_reasons()
+
+
+def test_auto_dispatch_picks_cpu_for_cpu_tensors():
+    assert _backend.resolve("tpe_add", "tpe", torch.device("cpu"), None) == "cpu"
+
+
+def test_explicit_backend_errors_name_what_is_missing():
+    x, ts = torch.randn(1, 2, 3, 4), torch.rand(1, 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' is not available"):
+            tpe_add(x, ts, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tpe_add(x, ts, backend="tpu")
+
+
+def test_set_backend_and_env_override():
+    x, ts = torch.randn(1, 2, 3, 4), torch.rand(1, 2)
+    try:
+        set_backend("eager")
+        assert _backend.resolve("tpe_add", "tpe", x.device, None) == "eager"
+        assert _backend.resolve("tpe_add", "tpe", x.device, "cpu") == "cpu"  # per call wins
+        torch.testing.assert_close(tpe_add(x, ts), rgpt4d.ops.tpe_add_eager(x, ts))
+    finally:
+        set_backend(None)
+    with pytest.raises(ValueError):
+        set_backend("nope")
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_missing_extension_falls_back_to_eager_with_one_warning():
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "import rgpt4d\n"
+        "from rgpt4d.ops import tpe_add, available_backends, BackendUnavailableError\n"
+        "print('backends', available_backends())\n"
+        "x, ts = torch.randn(1, 2, 3, 4), torch.rand(1, 2)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = tpe_add(x, ts); b = tpe_add(x, ts)\n"
+        "print('warnings', len([i for i in w if 'using eager' in str(i.message)]))\n"
+        "try:\n"
+        "    tpe_add(x, ts, backend='cpu')\n"
+        "except BackendUnavailableError as e:\n"
+        "    print('error', e)\n"
+    )
+    r = _run(code, RGPT4D_DISABLE_EXT="1", TRITON_INTERPRET="0")
+    assert r.returncode == 0, r.stderr
+    assert "backends ['eager']" in r.stdout
+    assert "warnings 1" in r.stdout
+    assert "error" in r.stdout and "make setup" in r.stdout
+
+
+def test_env_var_selects_backend():
+    r = _run("from rgpt4d.ops import _backend; import torch;"
+             "print(_backend.resolve('tpe_add', 'tpe', torch.device('cpu'), None))", RGPT4D_BACKEND="eager")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "eager"
+
+
+def test_env_report_lists_backends_and_reasons():
+    r = subprocess.run([sys.executable, "-m", "rgpt4d.env"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "backends      eager, cpu, triton" in r.stdout
+    assert "rgpt4d._C     loaded" in r.stdout
+    if not torch.cuda.is_available():
+        assert "cuda    unavailable" in r.stdout
