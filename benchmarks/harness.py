@@ -1,0 +1,324 @@
+"""Shared benchmark harness for benchmarks/*.py.
+
+- Providers (eager, torch.compile, each rgpt4d backend on the device) are plain callables.
+- Modes: "forward", "backward" (the backward of one retained forward graph), "full" (forward +
+  backward), "nograd" (forward under torch.no_grad()).
+- Time: median, p20, p80 of per-call wall times on CPU (perf_counter around each call, after a
+  warm-up); on CUDA, triton.testing.do_bench (CUDA events, L2 flushed). Each call is wrapped in
+  an NVTX range "<kernel>/<provider>/<mode>" (nvtx package) for Nsight Systems.
+- Peak memory: on CUDA, torch.cuda.max_memory_allocated() above what was allocated before the
+  call. On CPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
+  above its resident set right before the call, with glibc's mmap threshold pinned at 64 KiB so
+  freed tensors go back to the OS at once: the extra memory the call touched at its peak.
+- Bandwidth: bytes the op must move at minimum / median time, and that as a fraction of a
+  same-size Tensor.copy_ (bytes read + written) measured in the same run.
+- Output: rows with stable columns (COLUMNS) to CSV, a markdown table, and ratio summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config", "device",
+           "torch", "triton", "git_sha", "timestamp"]
+MODES = ("forward", "backward", "full", "nograd")
+
+# H100 SXM roofline constants used for the GPU floor (issue 8): HBM3 bandwidth and dense bf16.
+H100_BYTES_PER_S = 3.35e12
+H100_BF16_FLOPS = 990e12
+
+
+# ---- environment --------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+_MALLOC_PINNED = False
+
+
+def _pin_malloc() -> None:
+    global _MALLOC_PINNED
+    if _MALLOC_PINNED or platform.system() != "Linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, not dynamic
+    _MALLOC_PINNED = True
+
+
+def _rss_bytes() -> tuple[int, int]:
+    with open("/proc/self/status") as f:
+        info = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(info["VmRSS"].split()[0]) * 1024, int(info["VmHWM"].split()[0]) * 1024
+
+
+def cpu_peak_memory_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _rss_bytes()
+        return True
+    except OSError:
+        return False
+
+
+# ---- measurement --------------------------------------------------------------------------
+
+def nvtx_range(name: str):
+    try:
+        import nvtx
+
+        return nvtx.annotate(name)
+    except ImportError:
+        return contextlib.nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, rep: int = 15,
+            max_seconds: float = 5.0, label: str = "") -> tuple[float, float, float]:
+    """(p50, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        with nvtx_range(label):
+            q = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return float(q[0]), float(q[1]), float(q[2])
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < rep and (time.perf_counter() - start < max_seconds or len(times) < 3):
+        t0 = time.perf_counter()
+        with nvtx_range(label):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
+    return statistics.median(times), pick(0.2), pick(0.8)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Extra bytes the call needs at its peak (see the module docstring); None if unmeasurable."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not cpu_peak_memory_supported():
+        return None
+    _pin_malloc()
+    fn()  # once, so lazily created state (compiled graphs, caches) is not counted
+    gc.collect()
+    before, _ = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    _, peak = _rss_bytes()
+    return max(0, peak - before)
+
+
+def copy_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Bytes/s moved (read + written) by Tensor.copy_ of an nbytes tensor."""
+    n = max(1, nbytes // 4)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    p50, _, _ = time_fn(lambda: dst.copy_(src), device, warmup=3, rep=20, label="copy_")
+    return 2 * n * 4 / (p50 * 1e-3)
+
+
+# ---- rows -----------------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    """Collects rows for one script run."""
+
+    device: torch.device
+    rows: list = field(default_factory=list)
+    copy_bw: dict = field(default_factory=dict)
+
+    def _row(self, kernel, provider, mode, metric, unit, x, p50, p20=None, p80=None, config=""):
+        self.rows.append(dict(kernel=kernel, provider=provider, mode=mode, metric=metric, unit=unit, x=x,
+                              p50=p50, p20=p50 if p20 is None else p20, p80=p50 if p80 is None else p80,
+                              config=config, device=device_name(self.device), torch=torch.__version__,
+                              triton=_triton_version(), git_sha=git_sha(),
+                              timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+
+    def copy_floor(self, nbytes: int) -> float:
+        key = 1 << max(0, int(nbytes).bit_length() - 1)  # one measurement per power of two
+        if key not in self.copy_bw:
+            self.copy_bw[key] = copy_bandwidth(key, self.device)
+        return self.copy_bw[key]
+
+    def measure(self, kernel: str, provider: str, mode: str, x: str, fn: Callable[[], object], *,
+                config: str = "", min_bytes: Optional[int] = None, flops: Optional[float] = None,
+                memory: bool = True, copy_bytes: Optional[int] = None) -> float:
+        """Time (and peak memory of) fn; returns the median ms. min_bytes: bytes the op must move
+        at least (for GB/s and the fraction of copy bandwidth)."""
+        label = f"{kernel}/{provider}/{mode}"
+        p50, p20, p80 = time_fn(fn, self.device, label=label)
+        self._row(kernel, provider, mode, "time", "ms", x, p50, p20, p80, config)
+        if memory:
+            peak = peak_memory(fn, self.device)
+            if peak is not None:
+                self._row(kernel, provider, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+        if min_bytes:
+            gbs = min_bytes / (p50 * 1e-3) / 1e9
+            floor = self.copy_floor(copy_bytes or min_bytes)
+            self._row(kernel, provider, mode, "bandwidth", "GB/s", x, gbs, config=config)
+            self._row(kernel, provider, mode, "copy_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
+            if self.device.type == "cuda":
+                self._row(kernel, provider, mode, "h100_floor_fraction", "ratio", x,
+                          (min_bytes / H100_BYTES_PER_S) / (p50 * 1e-3), config=config)
+        if flops:
+            self._row(kernel, provider, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
+        return p50
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def write_csv(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def table(self, metric: str = "time") -> str:
+        rows = [r for r in self.rows if r["metric"] == metric]
+        if not rows:
+            return ""
+        unit = rows[0]["unit"]
+        out = [f"| kernel | mode | x | provider | p50 {unit} | p20 | p80 |", "|---|---|---|---|---:|---:|---:|"]
+        for r in rows:
+            out.append(f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['provider']} | {r['p50']:.4g} | "
+                       f"{r['p20']:.4g} | {r['p80']:.4g} |")
+        return "\n".join(out)
+
+    def value(self, kernel, provider, mode, x, metric="time"):
+        for r in self.rows:
+            if (r["kernel"], r["provider"], r["mode"], r["x"], r["metric"]) == (kernel, provider, mode, x, metric):
+                return r["p50"]
+        return None
+
+    def ratios(self, provider: str, baselines=("eager", "compile")) -> str:
+        """Speed-up of `provider` over each baseline, per (kernel, mode, x), from the same run."""
+        out = [f"| kernel | mode | x | {provider} ms | " + " | ".join(f"vs {b}" for b in baselines) +
+               " | peak MB | peak vs eager |", "|---|---|---|---:|" + "---:|" * (len(baselines) + 2)]
+        seen = set()
+        for r in self.rows:
+            key = (r["kernel"], r["mode"], r["x"])
+            if r["metric"] != "time" or r["provider"] != provider or key in seen:
+                continue
+            seen.add(key)
+            t = r["p50"]
+            cells = []
+            for b in baselines:
+                tb = self.value(*key[:1], b, *key[1:])
+                cells.append(f"{tb / t:.2f}x" if tb else "-")
+            mem = self.value(key[0], provider, key[1], key[2], "peak_memory")
+            mem_e = self.value(key[0], "eager", key[1], key[2], "peak_memory")
+            mem_ratio = f"{mem / mem_e:.2f}" if (mem is not None and mem_e) else "-"
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | {t:.4g} | " + " | ".join(cells) +
+                       f" | {'-' if mem is None else f'{mem:.1f}'} | {mem_ratio} |")
+        return "\n".join(out)
+
+
+# ---- CLI helpers ----------------------------------------------------------------------------
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    return p
+
+
+def results_dir(args, device: torch.device) -> str:
+    return args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_name(device))
+
+
+def grad_modes(args) -> list[str]:
+    modes = args.modes.split(",") if args.modes else list(MODES)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        sys.exit(f"unknown modes {bad}; choose from {MODES}")
+    return modes
+
+
+def mode_fn(mode: str, forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
+    """A callable running `mode` of `forward` (which returns one tensor) w.r.t. `inputs`."""
+    if mode == "nograd":
+        def run():
+            with torch.no_grad():
+                return forward()
+        return run
+    if mode == "forward":
+        return forward
+    if mode == "full":
+        def run():
+            out = forward()
+            g = torch.ones_like(out) if out.dim() == 0 else _grad_like(out)
+            return torch.autograd.grad(out, inputs, g)
+        return run
+    if mode == "backward":
+        out = forward()
+        g = torch.ones_like(out) if out.dim() == 0 else _grad_like(out)
+
+        def run():
+            return torch.autograd.grad(out, inputs, g, retain_graph=True)
+        return run
+    raise ValueError(mode)
+
+
+_GRADS: dict = {}
+
+
+def _grad_like(out: torch.Tensor) -> torch.Tensor:
+    # One random (never zero) grad_output per shape, reused so allocation is not timed.
+    key = (tuple(out.shape), out.dtype, out.device)
+    if key not in _GRADS:
+        _GRADS[key] = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    return _GRADS[key]
