@@ -11,7 +11,9 @@
   above its resident set right before the call, with glibc's mmap threshold pinned at 64 KiB so
   freed tensors go back to the OS at once: the extra memory the call touched at its peak.
 - Bandwidth: bytes the op must move at minimum / median time, and that as a fraction of a
-  same-size Tensor.copy_ (bytes read + written) measured in the same run.
+  same-size Tensor.copy_ into a preallocated tensor ("copy_fraction": the streaming floor) and of
+  Tensor.clone() ("clone_fraction": the floor for an op that allocates its output, which on CPU
+  also pays the page faults of a fresh buffer), both measured in the same run.
 - Output: rows with stable columns (COLUMNS) to CSV, a markdown table, and ratio summaries.
 """
 
@@ -33,6 +35,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+# Every (shape, mode) of a benchmark compiles its own graph for the torch.compile provider;
+# without a higher limit dynamo would silently fall back to eager after 8 recompiles.
+with contextlib.suppress(AttributeError):
+    torch._dynamo.config.recompile_limit = 256
+with contextlib.suppress(AttributeError):
+    torch._dynamo.config.cache_size_limit = 256
+with contextlib.suppress(AttributeError):
+    torch._dynamo.config.accumulated_recompile_limit = 4096
 
 COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config", "device",
            "torch", "triton", "git_sha", "timestamp"]
@@ -68,16 +79,18 @@ def _triton_version() -> str:
         return "none"
 
 
-_MALLOC_PINNED = False
-
-
-def _pin_malloc() -> None:
-    global _MALLOC_PINNED
-    if _MALLOC_PINNED or platform.system() != "Linux":
+def _set_mmap_threshold(nbytes: int) -> None:
+    """glibc M_MMAP_THRESHOLD (fixing it also turns off glibc's dynamic threshold)."""
+    if platform.system() != "Linux":
         return
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, not dynamic
-    _MALLOC_PINNED = True
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))
+
+
+# While timing: glibc's largest threshold (32 MiB), so medium temporaries come from the heap as in a
+# warmed-up process. While measuring peak memory: 64 KiB, so freed tensors leave the RSS at once.
+_TIMING_MMAP_THRESHOLD = 32 * 2**20
+_PEAK_MMAP_THRESHOLD = 64 * 2**10
 
 
 def _rss_bytes() -> tuple[int, int]:
@@ -147,23 +160,29 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         return torch.cuda.max_memory_allocated(device) - before
     if not cpu_peak_memory_supported():
         return None
-    _pin_malloc()
-    fn()  # once, so lazily created state (compiled graphs, caches) is not counted
-    gc.collect()
-    before, _ = _rss_bytes()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    fn()
-    _, peak = _rss_bytes()
+    _set_mmap_threshold(_PEAK_MMAP_THRESHOLD)
+    try:
+        fn()  # once, so lazily created state (compiled graphs, caches) is not counted
+        gc.collect()
+        before, _ = _rss_bytes()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        _, peak = _rss_bytes()
+    finally:
+        _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
     return max(0, peak - before)
 
 
-def copy_bandwidth(nbytes: int, device: torch.device) -> float:
-    """Bytes/s moved (read + written) by Tensor.copy_ of an nbytes tensor."""
+def copy_bandwidth(nbytes: int, device: torch.device, allocate: bool = False) -> float:
+    """Bytes/s moved (read + written) by Tensor.copy_ of an nbytes tensor into a preallocated
+    one, or (allocate=True) by Tensor.clone(), which like any out-of-place op also pays for a
+    fresh output (on CPU: page faults on first touch)."""
     n = max(1, nbytes // 4)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    p50, _, _ = time_fn(lambda: dst.copy_(src), device, warmup=3, rep=20, label="copy_")
+    fn = src.clone if allocate else (lambda: dst.copy_(src))
+    p50, _, _ = time_fn(fn, device, warmup=3, rep=20, label="clone" if allocate else "copy_")
     return 2 * n * 4 / (p50 * 1e-3)
 
 
@@ -177,6 +196,10 @@ class Bench:
     rows: list = field(default_factory=list)
     copy_bw: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.device.type == "cpu":
+            _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
+
     def _row(self, kernel, provider, mode, metric, unit, x, p50, p20=None, p80=None, config=""):
         self.rows.append(dict(kernel=kernel, provider=provider, mode=mode, metric=metric, unit=unit, x=x,
                               p50=p50, p20=p50 if p20 is None else p20, p80=p50 if p80 is None else p80,
@@ -184,10 +207,10 @@ class Bench:
                               triton=_triton_version(), git_sha=git_sha(),
                               timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
 
-    def copy_floor(self, nbytes: int) -> float:
-        key = 1 << max(0, int(nbytes).bit_length() - 1)  # one measurement per power of two
+    def copy_floor(self, nbytes: int, allocate: bool = False) -> float:
+        key = (int(nbytes), allocate)  # measured once per size, in this run
         if key not in self.copy_bw:
-            self.copy_bw[key] = copy_bandwidth(key, self.device)
+            self.copy_bw[key] = copy_bandwidth(int(nbytes), self.device, allocate)
         return self.copy_bw[key]
 
     def measure(self, kernel: str, provider: str, mode: str, x: str, fn: Callable[[], object], *,
@@ -204,9 +227,11 @@ class Bench:
                 self._row(kernel, provider, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
         if min_bytes:
             gbs = min_bytes / (p50 * 1e-3) / 1e9
-            floor = self.copy_floor(copy_bytes or min_bytes)
             self._row(kernel, provider, mode, "bandwidth", "GB/s", x, gbs, config=config)
+            floor = self.copy_floor(copy_bytes or min_bytes)
             self._row(kernel, provider, mode, "copy_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
+            floor = self.copy_floor(copy_bytes or min_bytes, allocate=True)
+            self._row(kernel, provider, mode, "clone_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
             if self.device.type == "cuda":
                 self._row(kernel, provider, mode, "h100_floor_fraction", "ratio", x,
                           (min_bytes / H100_BYTES_PER_S) / (p50 * 1e-3), config=config)

@@ -1,0 +1,87 @@
+# The README's commands. `make demo` and `make test` set everything up first (idempotent:
+# a second `make setup` takes seconds).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMPS      := .make
+CUDA_HOME   ?= /usr/local/cuda
+NVCC        := $(shell command -v nvcc 2>/dev/null || ( [ -x $(CUDA_HOME)/bin/nvcc ] && echo $(CUDA_HOME)/bin/nvcc ))
+CSRC        := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
+# The machine's pip configuration is noisy about local mirrors it cannot read; keep the log useful.
+QUIET_PIP   := grep -v -E "^WARNING: Location '.*' is ignored" || true
+
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: help setup ext cuda-check test test-fast demo bench env clean
+
+help:
+	@echo "make setup       create $(VENV) with pinned dependencies and build rgpt4d._C (idempotent)"
+	@echo "make test        setup, CUDA compile check (when nvcc exists), then the test suite"
+	@echo "make demo        setup, then run the main job (rgpt4d demo)"
+	@echo "make bench       setup, then the benchmarks (results in benchmarks/results/<device>/)"
+	@echo "make cuda-check  compile every CUDA source (FORCE_CUDA=1) in a scratch build folder"
+	@echo "make env         print versions, build flags and available backends"
+
+$(STAMPS):
+	@mkdir -p $(STAMPS)
+
+# 1. the virtual environment with the pinned dependencies
+$(STAMPS)/deps: requirements.txt | $(STAMPS)
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	@echo "[setup] installing pinned dependencies into $(VENV) (torch is large: a few minutes the first time)"
+	@$(PIP) install -q --upgrade pip setuptools wheel 2>&1 | $(QUIET_PIP)
+	@$(PIP) install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	@touch $@
+
+# 2. the package, editable (the extension is built in place by step 3, so edits to csrc/
+#    rebuild incrementally; a plain `pip install --no-build-isolation .` builds it in one go)
+$(STAMPS)/install: $(STAMPS)/deps setup.py pyproject.toml | $(STAMPS)
+	@echo "[setup] installing rgpt4d (editable)"
+	@RGPT4D_NO_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e . 2>&1 | $(QUIET_PIP)
+	@touch $@
+
+# 3. build rgpt4d._C in place with ninja (incremental in build/): CPU kernels always; CUDA
+#    kernels with FORCE_CUDA=1 or when a GPU and nvcc are present
+$(STAMPS)/ext: $(STAMPS)/install $(CSRC) | $(STAMPS)
+	@echo "[setup] building rgpt4d._C"
+	@$(PY) setup.py -q build_ext --inplace 2>&1 | $(QUIET_PIP)
+	@touch $@
+
+setup: $(STAMPS)/ext
+	@$(PY) -c "import rgpt4d, rgpt4d.ops as o; from rgpt4d.ops import _backend as b; \
+	assert b.extension_loaded(), b.unavailable_reasons(); print('[setup] ok: backends', o.available_backends())"
+
+ext: $(STAMPS)/ext
+
+# Compile-only check of every CUDA source (no GPU needed). Scratch folder, incremental.
+cuda-check: $(STAMPS)/install
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found (set CUDA_HOME)"; exit 1; fi
+	@echo "[cuda-check] compiling csrc/ with FORCE_CUDA=1 for TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)"
+	@FORCE_CUDA=1 CUDA_HOME=$(dir $(patsubst %/,%,$(dir $(NVCC)))) $(PY) setup.py -q build_ext \
+		--build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib 2>&1 | $(QUIET_PIP)
+	@test -n "$$(find build/cuda-check/lib -name '_C*.so' -newer setup.py)" || { echo "cuda-check: no library produced"; exit 1; }
+	@echo "[cuda-check] ok: $$(find build/cuda-check/lib -name '_C*.so')"
+
+test: setup
+	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "[test] nvcc not found: skipping the CUDA compile check"; fi
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -x tests
+
+demo: setup
+	$(VENV)/bin/rgpt4d demo
+
+bench: setup
+	$(PY) benchmarks/bench_tpe.py
+
+env: setup
+	@$(VENV)/bin/rgpt4d env
+
+clean:
+	rm -rf build $(STAMPS) rgpt4d/_C*.so *.egg-info

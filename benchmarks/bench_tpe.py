@@ -1,0 +1,134 @@
+"""Benchmark the TPE ops against eager PyTorch and torch.compile of the same eager code.
+
+    python benchmarks/bench_tpe.py [--quick] [--device cpu|cuda] [--modes forward,full]
+
+Kernels: tpe_add (sinusoidal seconds; learned table) and tpe_downsample_layernorm (the fused
+projector prologue). Shapes: the paper's (B in 1..4, T=16, 27x27 tokens, D=1152) and a small one.
+Writes benchmarks/results/<device>/tpe.csv and prints tables and ratio summaries.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import Bench, base_parser, grad_modes, mode_fn, results_dir  # noqa: E402
+from rgpt4d.ops import available_backends, tpe_add, tpe_add_, tpe_downsample_layernorm  # noqa: E402
+from rgpt4d.ops.tpe import tpe_add_eager, tpe_downsample_layernorm_eager, tpe_sinusoid  # noqa: E402
+
+
+def tpe_add_inplace_eager(x, ts, base=10000.0):
+    return x.add_(tpe_sinusoid(ts, x.shape[-1], base, x.dtype).unsqueeze(2))
+
+
+def providers(device: torch.device, use_compile: bool):
+    """name -> (tpe_add-like fn, ds_ln-like fn); all take the same arguments."""
+    prov = {
+        "eager": (tpe_add_eager, tpe_downsample_layernorm_eager, tpe_add_inplace_eager),
+    }
+    if use_compile:
+        prov["compile"] = (torch.compile(tpe_add_eager, dynamic=False),
+                           torch.compile(tpe_downsample_layernorm_eager, dynamic=False),
+                           torch.compile(tpe_add_inplace_eager, dynamic=False))
+    backends = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
+    for be in backends:
+        if be not in available_backends():
+            print(f"[bench_tpe] skipping rgpt4d-{be}: not available here")
+            continue
+        prov[f"rgpt4d-{be}"] = (
+            lambda x, ts, table=None, base=10000.0, _be=be: tpe_add(x, ts, table, base=base, backend=_be,
+                                                                  validate=False),
+            lambda x, ts, table=None, weight=None, bias=None, *, grid, window=3, eps=1e-5, _be=be:
+                tpe_downsample_layernorm(x, ts, table, weight, bias, grid=grid, window=window, eps=eps,
+                                         backend=_be, validate=False),
+            lambda x, ts, _be=be: tpe_add_(x, ts, backend=_be, validate=False),
+        )
+    return prov
+
+
+def shapes(quick: bool):
+    small = [("small", 2, 8, 8, 8, 64)]
+    paper = [(f"paper-B{b}", b, 16, 27, 27, 1152) for b in (1, 2, 4)]
+    return small if quick else small + paper
+
+
+def main(argv=None) -> int:
+    args = base_parser(__doc__).parse_args(argv)
+    device = torch.device(args.device)
+    modes = grad_modes(args)
+    bench = Bench(device)
+    prov = providers(device, not args.no_compile)
+    dtype = torch.float32
+    for label, B, T, h, w, D in shapes(args.quick):
+        esize = torch.finfo(dtype).bits // 8
+        x = torch.randn(B, T, h * w, D, device=device, dtype=dtype)
+        secs = torch.rand(B, T, device=device) * 30
+        table = torch.randn(500, D, device=device)
+        rows = torch.randint(0, 500, (B, T), device=device)
+        K = 9 * D
+        weight, bias = 1 + 0.1 * torch.randn(K, device=device), 0.1 * torch.randn(K, device=device)
+        cfg = f"B={B} T={T} grid={h}x{w} D={D} {str(dtype).replace('torch.', '')}"
+        nbytes = x.numel() * esize
+        M = -(-h // 3) * -(-w // 3)
+        out_bytes = B * T * M * K * esize
+        for name, (add_fn, ds_fn, inplace_fn) in prov.items():
+            if "nograd" in modes:
+                # in place (inference): no output allocation, so the streaming floor is copy_.
+                xi = x.detach().clone()
+                with torch.no_grad():
+                    bench.measure("tpe_add_[sin]", name, "nograd", label, lambda: inplace_fn(xi, secs), config=cfg,
+                                  min_bytes=2 * nbytes, copy_bytes=nbytes)
+                del xi
+            for mode in modes:
+                # tpe_add, sinusoidal: its backward is the identity (grad_x = grad_out), so only
+                # the forward modes are worth timing.
+                if mode in ("forward", "nograd"):
+                    xs = x.requires_grad_(False)
+                    fn = mode_fn(mode, lambda: add_fn(xs, secs), [])
+                    bench.measure("tpe_add[sin]", name, mode, label, fn, config=cfg, min_bytes=2 * nbytes,
+                                  copy_bytes=nbytes)
+                # tpe_add, learned table: backward = the table gradient (one read of grad_out).
+                xl = x.detach().requires_grad_(False)
+                tl = table.detach().requires_grad_(mode not in ("nograd",))
+                if mode == "nograd":
+                    fn = mode_fn(mode, lambda: add_fn(xl, rows, tl), [])
+                    bench.measure("tpe_add[learned]", name, mode, label, fn, config=cfg, min_bytes=2 * nbytes,
+                                  copy_bytes=nbytes)
+                else:
+                    fn = mode_fn(mode, lambda: add_fn(xl, rows, tl), [tl])
+                    mb = {"forward": 2 * nbytes, "backward": nbytes, "full": 3 * nbytes}[mode]
+                    bench.measure("tpe_add[learned]", name, mode, label, fn, config=cfg, min_bytes=mb,
+                                  copy_bytes=nbytes)
+                # fused prologue (sinusoidal TPE + 3x3 downsample + LayerNorm with affine)
+                xd = x.detach().requires_grad_(mode in ("backward", "full"))
+                wd = weight.detach().requires_grad_(mode in ("backward", "full"))
+                bd = bias.detach().requires_grad_(mode in ("backward", "full"))
+                fwd = lambda: ds_fn(xd, secs, None, wd, bd, grid=(h, w))  # noqa: E731
+                fn = mode_fn(mode, fwd, [xd, wd, bd] if mode in ("backward", "full") else [])
+                mb = {"forward": nbytes + out_bytes, "nograd": nbytes + out_bytes,
+                      "backward": out_bytes + 2 * nbytes, "full": 3 * nbytes + 2 * out_bytes}[mode]
+                bench.measure("tpe_downsample_layernorm", name, mode, label, fn, config=cfg, min_bytes=mb,
+                              copy_bytes=nbytes)
+        del x
+    out_dir = results_dir(args, device)
+    bench.write_csv(os.path.join(out_dir, "tpe.csv"))
+    print(bench.table("time"))
+    print()
+    print(bench.table("copy_fraction"))
+    print()
+    print(bench.table("clone_fraction"))
+    print()
+    for p in prov:
+        if p.startswith("rgpt4d"):
+            print(f"## {p}: speed-up (same run) and peak memory")
+            print(bench.ratios(p, baselines=tuple(b for b in ("eager", "compile") if b in prov)))
+    print(f"\nwrote {os.path.join(out_dir, 'tpe.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
