@@ -10,7 +10,10 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMPS      := .make
 CUDA_HOME   ?= /usr/local/cuda
-NVCC        := $(shell command -v nvcc 2>/dev/null || ( [ -x $(CUDA_HOME)/bin/nvcc ] && echo $(CUDA_HOME)/bin/nvcc ))
+# nvcc of the toolkit (resolving symlinks such as /usr/local/bin/nvcc), and that toolkit's root
+NVCC        := $(shell if [ -x "$(CUDA_HOME)/bin/nvcc" ]; then echo "$(CUDA_HOME)/bin/nvcc"; \
+                 elif command -v nvcc >/dev/null 2>&1; then readlink -f "$$(command -v nvcc)"; fi)
+CUDA_ROOT   := $(patsubst %/bin/nvcc,%,$(NVCC))
 CSRC        := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 # The machine's pip configuration is noisy about local mirrors it cannot read; keep the log useful.
 QUIET_PIP   := grep -v -E "^WARNING: Location '.*' is ignored" || true
@@ -49,7 +52,7 @@ $(STAMPS)/install: $(STAMPS)/deps setup.py pyproject.toml | $(STAMPS)
 #    kernels with FORCE_CUDA=1 or when a GPU and nvcc are present
 $(STAMPS)/ext: $(STAMPS)/install $(CSRC) | $(STAMPS)
 	@echo "[setup] building rgpt4d._C"
-	@$(PY) setup.py -q build_ext --inplace 2>&1 | $(QUIET_PIP)
+	@mkdir -p build && $(PY) setup.py build_ext --inplace > build/ext.log 2>&1 || { cat build/ext.log; echo "[setup] building rgpt4d._C failed (log above, also in build/ext.log)"; exit 1; }
 	@touch $@
 
 setup: $(STAMPS)/ext
@@ -62,9 +65,10 @@ ext: $(STAMPS)/ext
 cuda-check: $(STAMPS)/install
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found (set CUDA_HOME)"; exit 1; fi
 	@echo "[cuda-check] compiling csrc/ with FORCE_CUDA=1 for TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)"
-	@FORCE_CUDA=1 CUDA_HOME=$(dir $(patsubst %/,%,$(dir $(NVCC)))) $(PY) setup.py -q build_ext \
-		--build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib 2>&1 | $(QUIET_PIP)
-	@test -n "$$(find build/cuda-check/lib -name '_C*.so' -newer setup.py)" || { echo "cuda-check: no library produced"; exit 1; }
+	@mkdir -p build/cuda-check && FORCE_CUDA=1 CUDA_HOME=$(CUDA_ROOT) $(PY) setup.py build_ext \
+		--build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib > build/cuda-check/log 2>&1 \
+		|| { grep -E "error|Error" build/cuda-check/log | head -50; echo "[cuda-check] FAILED (full log: build/cuda-check/log)"; exit 1; }
+	@test -n "$$(find build/cuda-check/lib -name '_C*.so')" || { echo "cuda-check: no library produced"; exit 1; }
 	@echo "[cuda-check] ok: $$(find build/cuda-check/lib -name '_C*.so')"
 
 test: setup

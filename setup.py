@@ -8,6 +8,7 @@ extension entirely (the package then runs on the eager backend).
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -29,9 +30,27 @@ def _default_max_jobs() -> str:
     return str(max(1, min(os.cpu_count() or 1, int(avail_gib // 3))))
 
 
+def _guess_cuda_home() -> None:
+    # torch takes CUDA_HOME from the environment, else from `which nvcc` — which is wrong when
+    # nvcc is a symlink in /usr/local/bin (it would pick /usr/local). Resolve the real toolkit.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:  # a toolkit root has both nvcc and the runtime headers
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+                os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     if _env_flag("RGPT4D_NO_EXT"):
         return [], {}
+    _guess_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
@@ -50,7 +69,11 @@ def _extensions():
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-fno-math-errno"]
-    define_macros = [("RGPT4D_EXT_NAME", "_C")]
+    nvcc_flags = ["-O3", "-lineinfo"]
+    arch = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else "none"
+    info = (f"torch {torch.__version__}; cuda kernels {'yes' if with_cuda else 'no'}; arch {arch}; "
+            f"cxx {' '.join(cxx_flags)}" + (f"; nvcc {' '.join(nvcc_flags)}" if with_cuda else ""))
+    define_macros = [("RGPT4D_BUILD_INFO", '"' + info.replace('"', "") + '"')]
     if with_cuda:
         # cusparse.h / cublas headers of the pip CUDA wheels live here.
         import site
@@ -67,7 +90,7 @@ def _extensions():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-lineinfo"],
+                "nvcc": nvcc_flags,
             },
         )
     else:

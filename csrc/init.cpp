@@ -16,5 +16,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&rgpt4d_c_module);
   if (m == nullptr) return nullptr;
   PyModule_AddIntConstant(m, "built_with_cuda", RGPT4D_BUILT_WITH_CUDA);
+#ifdef RGPT4D_BUILD_INFO
+  PyModule_AddStringConstant(m, "build_info", RGPT4D_BUILD_INFO);
+#endif
   return m;
 }

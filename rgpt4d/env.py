@@ -38,6 +38,7 @@ def report() -> str:
     lines.append(f"rgpt4d._C     {ext}")
     if loaded:
         lines.append(f"  built with CUDA kernels: {_backend.extension_built_with_cuda()}")
+        lines.append(f"  build: {getattr(_backend._EXT['module'], 'build_info', 'unknown')}")
         if torch.cuda.is_available():
             lines.append(f"  device: {torch.cuda.get_device_name()}")
     lines.append(f"backends      {', '.join(_backend.available_backends())}")

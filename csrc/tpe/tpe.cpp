@@ -18,6 +18,7 @@
 
 #include <vector>
 
+#include "common/cpu_alloc.h"
 #include "tpe/tpe_common.h"
 #include "tpe/tpe_cpu_loops.h"
 #include "tpe/tpe_math.h"
@@ -197,7 +198,7 @@ at::Tensor tpe_add_cpu(const at::Tensor& x, const at::Tensor& timestamps, const 
                        double base) {
   check_tpe_shapes(x, timestamps, table, "tpe_add");
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  at::Tensor out = empty_output(xc.sizes(), xc.options());
   tpe_add_into(xc, timestamps, table, base, out);
   return out;
 }
@@ -229,28 +230,34 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
   for (int64_t i = 0; i < BT; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < num_rows, "tpe_table_backward: timestamps must index rows of table in [0, ",
                 num_rows, "), got ", rp[i]);
-  at::Tensor per_frame = at::zeros({BT, D}, grad.options().dtype(acc_type));
-  constexpr int64_t kChunk = 512;  // channels per task: a frame's N rows x 2 KiB, streamed
+  // Each task streams a fixed slice of one frame's rows (contiguous memory) into its own fp32
+  // partial row; partials are then added in a fixed order. The slicing depends only on N, so
+  // the result is bitwise the same for any thread count.
+  constexpr int64_t kRowsPerSlice = 256;
+  const int64_t nslices = std::max<int64_t>(1, (N + kRowsPerSlice - 1) / kRowsPerSlice);
+  at::Tensor partial = at::zeros({BT * nslices, D}, grad.options().dtype(acc_type));
+  constexpr int64_t kChunk = 512;  // channels per scatter task
   const int64_t nchunks = (D + kChunk - 1) / kChunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "tpe_table_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    A* pf = per_frame.data_ptr<A>();
+    A* pp = partial.data_ptr<A>();
     A* op = out.data_ptr<A>();
-    at::parallel_for(0, BT * nchunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, BT * nslices, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t bt = task / nchunks, d0 = (task % nchunks) * kChunk, len = std::min(kChunk, D - d0);
-        A* acc = pf + bt * D + d0;
-        for (int64_t n = 0; n < N; ++n) acc_row(gp + (bt * N + n) * D + d0, acc, len);
+        const int64_t bt = task / nslices, n0 = (task % nslices) * kRowsPerSlice;
+        const int64_t n1 = std::min(N, n0 + kRowsPerSlice);
+        A* acc = pp + task * D;
+        for (int64_t n = n0; n < n1; ++n) acc_row(gp + (bt * N + n) * D, acc, D);
       }
     });
-    // Ordered scatter: frames in order, channels in parallel -> bitwise repeatable.
+    // Ordered scatter: frames and slices in order, channels in parallel -> bitwise repeatable.
     at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t d0 = c * kChunk, len = std::min(kChunk, D - d0);
-        for (int64_t bt = 0; bt < BT; ++bt) {
-          A* dst = op + rp[bt] * D + d0;
-          const A* src = pf + bt * D + d0;
+        for (int64_t task = 0; task < BT * nslices; ++task) {
+          A* dst = op + rp[task / nslices] * D + d0;
+          const A* src = pp + task * D + d0;
           for (int64_t d = 0; d < len; ++d) dst[d] += src[d];
         }
       }
@@ -269,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_cpu(
   const DsGeom geo = make_ds_geom(h, w, window, D);
   const int64_t M = geo.M(), K = geo.K(), W2 = window * window;
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({B, T, M, K}, x.options());
+  at::Tensor out = empty_output({B, T, M, K}, x.options());
   const at::ScalarType acc_type = tpe_acc_type(x.scalar_type());
   at::Tensor mean = at::empty({B, T, M}, x.options().dtype(acc_type));
   at::Tensor rstd = at::empty({B, T, M}, x.options().dtype(acc_type));
@@ -333,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_backward_cpu(
   const bool has_w = weight.has_value() && weight->defined();
   need_weight_grad = need_weight_grad && has_w;
   const at::ScalarType acc_type = tpe_acc_type(x.scalar_type());
-  at::Tensor grad_x = need_input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_x = need_input_grad ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor grad_w = need_weight_grad ? at::zeros({K}, x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
   at::Tensor grad_b = need_bias_grad ? at::zeros({K}, x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
   const int64_t rows = BT * M;

@@ -73,12 +73,13 @@ __global__ void tpe_scatter_rows_kernel(const A* __restrict__ partial, const int
 }
 
 // ---- fused TPE + window downsample + LayerNorm: one block per output token ------------------
+// Loops run over window slots j (outer) and channels d (inner, one per thread): no integer
+// division per element, and each slot's D channels are read coalesced.
 template <typename T, typename A>
-__device__ __forceinline__ A ds_value(const T* __restrict__ x, const A* e, const DsGeom& geo, int64_t bt, int64_t o,
-                                      int64_t k) {
-  const int64_t j = k / geo.D, d = k - j * geo.D;
+__device__ __forceinline__ const T* slot_row(const T* __restrict__ x, const DsGeom& geo, int64_t bt, int64_t o,
+                                             int64_t j) {
   const int64_t s = geo.source(o, j);
-  return s >= 0 ? ld<A>(x + (bt * geo.h * geo.w + s) * geo.D + d) + e[d] : A(0);
+  return s >= 0 ? x + (bt * geo.h * geo.w + s) * geo.D : nullptr;  // null: zero padding
 }
 
 template <typename T, typename A>
@@ -88,23 +89,34 @@ __global__ void tpe_ds_ln_fwd_kernel(const T* __restrict__ x, EncArgs enc, const
   extern __shared__ unsigned char smem_raw[];
   A* e = reinterpret_cast<A*>(smem_raw);
   __shared__ A scratch[32];
-  const int64_t r = blockIdx.x, M = geo.M(), K = geo.K();
+  const int64_t r = blockIdx.x, M = geo.M(), K = geo.K(), D = geo.D, W2 = geo.win * geo.win;
   const int64_t bt = r / M, o = r - bt * M;
   load_frame_encoding<A>(enc, bt, e);
   A s = 0;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) s += ds_value<T, A>(x, e, geo, bt, o, k);
+  for (int64_t j = 0; j < W2; ++j) {
+    const T* row = slot_row<T, A>(x, geo, bt, o, j);
+    if (row)
+      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s += ld<A>(row + d) + e[d];
+  }
   const A mean = block_sum(s, scratch) / static_cast<A>(K);
   A ss = 0;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const A c = ds_value<T, A>(x, e, geo, bt, o, k) - mean;
-    ss += c * c;
+  for (int64_t j = 0; j < W2; ++j) {
+    const T* row = slot_row<T, A>(x, geo, bt, o, j);
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const A c = (row ? ld<A>(row + d) + e[d] : A(0)) - mean;
+      ss += c * c;
+    }
   }
   const A rstd = A(1) / sqrt(block_sum(ss, scratch) / static_cast<A>(K) + eps);
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    A y = (ds_value<T, A>(x, e, geo, bt, o, k) - mean) * rstd;
-    if (weight) y *= weight[k];
-    if (bias) y += bias[k];
-    st<T, A>(out + r * K + k, y);
+  for (int64_t j = 0; j < W2; ++j) {
+    const T* row = slot_row<T, A>(x, geo, bt, o, j);
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const int64_t k = j * D + d;
+      A y = ((row ? ld<A>(row + d) + e[d] : A(0)) - mean) * rstd;
+      if (weight) y *= weight[k];
+      if (bias) y += bias[k];
+      st<T, A>(out + r * K + k, y);
+    }
   }
   if (threadIdx.x == 0) {
     mean_out[r] = mean;
@@ -120,31 +132,39 @@ __global__ void tpe_ds_ln_dx_kernel(const T* __restrict__ g, const T* __restrict
   extern __shared__ unsigned char smem_raw[];
   A* e = reinterpret_cast<A*>(smem_raw);
   __shared__ A scratch[32];
-  const int64_t r = blockIdx.x, M = geo.M(), K = geo.K();
+  const int64_t r = blockIdx.x, M = geo.M(), K = geo.K(), D = geo.D, W2 = geo.win * geo.win;
   const int64_t bt = r / M, o = r - bt * M;
   const A mean = mean_in[r], rstd = rstd_in[r];
+  const T* grow = g + r * K;
   load_frame_encoding<A>(enc, bt, e);
   A s1 = 0, s2 = 0;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const A xhat = (ds_value<T, A>(x, e, geo, bt, o, k) - mean) * rstd;
-    const A gw = ld<A>(g + r * K + k) * (weight ? weight[k] : A(1));
-    s1 += gw;
-    s2 += gw * xhat;
+  for (int64_t j = 0; j < W2; ++j) {
+    const T* row = slot_row<T, A>(x, geo, bt, o, j);
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const int64_t k = j * D + d;
+      const A xhat = ((row ? ld<A>(row + d) + e[d] : A(0)) - mean) * rstd;
+      const A gw = ld<A>(grow + k) * (weight ? weight[k] : A(1));
+      s1 += gw;
+      s2 += gw * xhat;
+    }
   }
   const A c1 = block_sum(s1, scratch) / static_cast<A>(K);
   const A c2 = block_sum(s2, scratch) / static_cast<A>(K);
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t j = k / geo.D, d = k - j * geo.D;
+  for (int64_t j = 0; j < W2; ++j) {
     const int64_t s = geo.source(o, j);
     if (s < 0) continue;  // padding: no source token
-    const int64_t src = (bt * geo.h * geo.w + s) * geo.D + d;
-    const A xhat = (ld<A>(x + src) + e[d] - mean) * rstd;
-    const A gw = ld<A>(g + r * K + k) * (weight ? weight[k] : A(1));
-    st<T, A>(grad_x + src, rstd * (gw - c1 - xhat * c2));
+    const int64_t src = (bt * geo.h * geo.w + s) * D;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const int64_t k = j * D + d;
+      const A xhat = (ld<A>(x + src + d) + e[d] - mean) * rstd;
+      const A gw = ld<A>(grow + k) * (weight ? weight[k] : A(1));
+      st<T, A>(grad_x + src + d, rstd * (gw - c1 - xhat * c2));
+    }
   }
 }
 
-// Weight / bias partial sums: thread = channel k, blockIdx.y = a fixed slice of rows.
+// Weight / bias partial sums: thread = channel k, blockIdx.y = a fixed slice of rows. The
+// frame's encoding value for this channel is recomputed only when the frame changes.
 template <typename T, typename A>
 __global__ void tpe_ds_ln_wb_kernel(const T* __restrict__ g, const T* __restrict__ x, EncArgs enc,
                                     const A* __restrict__ mean_in, const A* __restrict__ rstd_in, A* part_w,
@@ -154,14 +174,19 @@ __global__ void tpe_ds_ln_wb_kernel(const T* __restrict__ g, const T* __restrict
   if (k >= K) return;
   const int64_t j = k / geo.D, d = k - j * geo.D;
   const int64_t r0 = blockIdx.y * rows_per_split, r1 = min(rows, r0 + rows_per_split);
-  A aw = 0, ab = 0;
+  A aw = 0, ab = 0, e = 0;
+  int64_t cur_bt = -1;
   for (int64_t r = r0; r < r1; ++r) {
     const A gv = ld<A>(g + r * K + k);
     ab += gv;
     if (part_w) {
       const int64_t bt = r / M, o = r - bt * M;
+      if (bt != cur_bt) {
+        e = enc_value<A>(enc, bt, d);
+        cur_bt = bt;
+      }
       const int64_t s = geo.source(o, j);
-      const A v = s >= 0 ? ld<A>(x + (bt * geo.h * geo.w + s) * geo.D + d) + enc_value<A>(enc, bt, d) : A(0);
+      const A v = s >= 0 ? ld<A>(x + (bt * geo.h * geo.w + s) * geo.D + d) + e : A(0);
       aw += gv * (v - mean_in[r]) * rstd_in[r];
     }
   }

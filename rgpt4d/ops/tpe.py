@@ -297,7 +297,8 @@ def tpe_add(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, ba
     grad_x is grad_out itself; grad_table sums over tokens into the frames' rows (deterministic
     under torch.use_deterministic_algorithms(True)); timestamps get none.
     """
-    _validate("tpe_add", x, timestamps, table, validate and _check_values()) if validate else None
+    if validate:
+        _validate("tpe_add", x, timestamps, table, _check_values())
     be = _backend.resolve("tpe_add", FAMILY, x.device, backend)
     if be == "eager":
         return tpe_add_eager(x, timestamps, table, base)
