@@ -36,15 +36,17 @@ cuda::EncArgs enc_args(const EncoderInputs& in, int64_t D, double base) {
   return a;
 }
 
-void check_shared_d(int64_t D, const char* op) {
-  TORCH_CHECK(D <= cuda::kMaxSharedD, op, ": the cuda backend caches a frame's encoding in shared memory and ",
-              "supports D <= ", cuda::kMaxSharedD, ", got D = ", D, "; use backend='triton'");
+void check_shared_d(int64_t D, at::ScalarType t, const char* op) {
+  const int64_t acc_bytes = t == at::kDouble ? 8 : 4;
+  TORCH_CHECK(D * acc_bytes <= cuda::kMaxEncodingBytes, op, ": the cuda backend caches a frame's encoding in ",
+              "shared memory and supports D <= ", cuda::kMaxEncodingBytes / acc_bytes, " for ", t, ", got D = ", D,
+              "; use backend='triton'");
 }
 
 void tpe_add_cuda_into(const at::Tensor& xc, const at::Tensor& timestamps, const c10::optional<at::Tensor>& table,
                        double base, const at::Tensor& out, const char* op) {
   const int64_t BT = xc.size(0) * xc.size(1), N = xc.size(2), D = xc.size(3);
-  check_shared_d(D, op);
+  check_shared_d(D, xc.scalar_type(), op);
   const EncoderInputs in = prepare_encoder(timestamps, table, tpe_acc_type(xc.scalar_type()), op, false);
   check_cuda(cuda::tpe_add_launch(to_dtype(xc.scalar_type()), xc.data_ptr(), out.data_ptr(), enc_args(in, D, base), BT,
                                   N, c10::cuda::getCurrentCUDAStream()),
@@ -99,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_cuda(
   check_ds_ln_shapes(x, timestamps, table, weight, bias, h, w, window, "tpe_downsample_layernorm");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), D = x.size(3);
-  check_shared_d(D, "tpe_downsample_layernorm");
+  check_shared_d(D, x.scalar_type(), "tpe_downsample_layernorm");
   const DsGeom geo = make_ds_geom(h, w, window, D);
   const at::ScalarType acc = tpe_acc_type(x.scalar_type());
   const at::Tensor xc = x.contiguous();
@@ -124,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_backward_cuda(
     bool need_weight_grad, bool need_bias_grad) {
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), D = x.size(3), BT = B * T;
-  check_shared_d(D, "tpe_downsample_layernorm");
+  check_shared_d(D, x.scalar_type(), "tpe_downsample_layernorm");
   const DsGeom geo = make_ds_geom(h, w, window, D);
   const int64_t M = geo.M(), K = geo.K(), rows = BT * M;
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == B && grad_out.size(1) == T && grad_out.size(2) == M &&

@@ -20,8 +20,9 @@ struct EncArgs {
   double log_base;
 };
 
-// Largest D the kernels cache in shared memory (a frame's encoding).
-constexpr int64_t kMaxSharedD = 8192;
+// Shared memory the kernels use to cache a frame's encoding (D values of the accumulation
+// type): within the 48 KiB every launch gets without opting in.
+constexpr int64_t kMaxEncodingBytes = 48 * 1024;
 
 cudaError_t tpe_add_launch(DType dt, const void* x, void* out, EncArgs enc, int64_t BT, int64_t N,
                            cudaStream_t stream);

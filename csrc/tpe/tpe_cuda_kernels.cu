@@ -24,7 +24,7 @@ __device__ __forceinline__ void load_frame_encoding(const EncArgs& enc, int64_t 
 
 // ---- tpe_add: one block per (frame, chunk of rows); the frame's encoding in shared memory ---
 template <typename T, typename A>
-__global__ void tpe_add_kernel(const T* __restrict__ x, T* out, EncArgs enc, int64_t N, int64_t rows_per_block,
+__global__ void tpe_add_kernel(const T* x, T* out, EncArgs enc, int64_t N, int64_t rows_per_block,
                                int64_t blocks_per_frame) {
   extern __shared__ unsigned char smem_raw[];
   A* e = reinterpret_cast<A*>(smem_raw);
