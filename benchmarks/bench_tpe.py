@@ -75,44 +75,43 @@ def main(argv=None) -> int:
         nbytes = x.numel() * esize
         M = -(-h // 3) * -(-w // 3)
         out_bytes = B * T * M * K * esize
-        for name, (add_fn, ds_fn, inplace_fn) in prov.items():
-            if "nograd" in modes:
-                # in place (inference): no output allocation, so the streaming floor is copy_.
-                xi = x.detach().clone()
-                with torch.no_grad():
-                    bench.measure("tpe_add_[sin]", name, "nograd", label, lambda: inplace_fn(xi, secs), config=cfg,
-                                  min_bytes=2 * nbytes, copy_bytes=nbytes)
-                del xi
-            for mode in modes:
-                # tpe_add, sinusoidal: its backward is the identity (grad_x = grad_out), so only
-                # the forward modes are worth timing.
-                if mode in ("forward", "nograd"):
-                    xs = x.requires_grad_(False)
-                    fn = mode_fn(mode, lambda: add_fn(xs, secs), [])
-                    bench.measure("tpe_add[sin]", name, mode, label, fn, config=cfg, min_bytes=2 * nbytes,
-                                  copy_bytes=nbytes)
-                # tpe_add, learned table: backward = the table gradient (one read of grad_out).
-                xl = x.detach().requires_grad_(False)
-                tl = table.detach().requires_grad_(mode not in ("nograd",))
-                if mode == "nograd":
-                    fn = mode_fn(mode, lambda: add_fn(xl, rows, tl), [])
-                    bench.measure("tpe_add[learned]", name, mode, label, fn, config=cfg, min_bytes=2 * nbytes,
-                                  copy_bytes=nbytes)
-                else:
-                    fn = mode_fn(mode, lambda: add_fn(xl, rows, tl), [tl])
-                    mb = {"forward": 2 * nbytes, "backward": nbytes, "full": 3 * nbytes}[mode]
-                    bench.measure("tpe_add[learned]", name, mode, label, fn, config=cfg, min_bytes=mb,
-                                  copy_bytes=nbytes)
-                # fused prologue (sinusoidal TPE + 3x3 downsample + LayerNorm with affine)
-                xd = x.detach().requires_grad_(mode in ("backward", "full"))
-                wd = weight.detach().requires_grad_(mode in ("backward", "full"))
-                bd = bias.detach().requires_grad_(mode in ("backward", "full"))
-                fwd = lambda: ds_fn(xd, secs, None, wd, bd, grid=(h, w))  # noqa: E731
-                fn = mode_fn(mode, fwd, [xd, wd, bd] if mode in ("backward", "full") else [])
-                mb = {"forward": nbytes + out_bytes, "nograd": nbytes + out_bytes,
-                      "backward": out_bytes + 2 * nbytes, "full": 3 * nbytes + 2 * out_bytes}[mode]
-                bench.measure("tpe_downsample_layernorm", name, mode, label, fn, config=cfg, min_bytes=mb,
-                              copy_bytes=nbytes)
+        # Each (kernel, mode) compares all providers interleaved (see Bench.compare).
+        if "nograd" in modes:
+            # in place (inference): no output allocation, so the streaming floor is copy_.
+            bufs = {name: x.detach().clone() for name in prov}
+
+            def inplace(name, fn):
+                def run():
+                    with torch.no_grad():
+                        return fn(bufs[name], secs)
+                return run
+            bench.compare("tpe_add_[sin]", "nograd", label, {n: inplace(n, p[2]) for n, p in prov.items()},
+                          config=cfg, min_bytes=2 * nbytes, copy_bytes=nbytes)
+            del bufs
+        xs = x.detach()
+        tl = table.detach().requires_grad_(True)
+        for mode in modes:
+            if mode in ("forward", "nograd"):
+                # sinusoidal: its backward is the identity (grad_x = grad_out): forward modes only
+                bench.compare("tpe_add[sin]", mode, label,
+                              {n: mode_fn(mode, lambda f=p[0]: f(xs, secs), []) for n, p in prov.items()},
+                              config=cfg, min_bytes=2 * nbytes, copy_bytes=nbytes)
+            # learned table: backward = the table gradient (one read of grad_out)
+            mb = {"forward": 2 * nbytes, "nograd": 2 * nbytes, "backward": nbytes, "full": 3 * nbytes}[mode]
+            bench.compare("tpe_add[learned]", mode, label,
+                          {n: mode_fn(mode, lambda f=p[0]: f(xs, rows, tl), [tl]) for n, p in prov.items()},
+                          config=cfg, min_bytes=mb, copy_bytes=nbytes)
+            # fused prologue (sinusoidal TPE + 3x3 downsample + LayerNorm with affine)
+            grad = mode in ("backward", "full")
+            xd = x.detach().requires_grad_(grad)
+            wd = weight.detach().requires_grad_(grad)
+            bd = bias.detach().requires_grad_(grad)
+            mb = {"forward": nbytes + out_bytes, "nograd": nbytes + out_bytes,
+                  "backward": out_bytes + 2 * nbytes, "full": 3 * nbytes + 2 * out_bytes}[mode]
+            bench.compare("tpe_downsample_layernorm", mode, label,
+                          {n: mode_fn(mode, lambda f=p[1]: f(xd, secs, None, wd, bd, grid=(h, w)),
+                                      [xd, wd, bd] if grad else []) for n, p in prov.items()},
+                          config=cfg, min_bytes=mb, copy_bytes=nbytes)
         del x
     out_dir = results_dir(args, device)
     bench.write_csv(os.path.join(out_dir, "tpe.csv"))

@@ -239,6 +239,64 @@ class Bench:
             self._row(kernel, provider, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
         return p50
 
+    def compare(self, kernel: str, mode: str, x: str, fns: dict, *, config: str = "",
+                min_bytes: Optional[int] = None, flops: Optional[float] = None, memory: bool = True,
+                copy_bytes: Optional[int] = None, rounds: int = 15, max_seconds: float = 20.0) -> dict:
+        """Time several providers of one (kernel, mode, x) *interleaved*: round after round, one
+        call of each provider (and of the copy_/clone references when min_bytes is given), so a
+        change in machine load hits all of them alike. Returns {provider: median ms}.
+
+        On CUDA each provider is timed with do_bench instead (the GPU is not shared)."""
+        if self.device.type == "cuda":
+            return {name: self.measure(kernel, name, mode, x, fn, config=config, min_bytes=min_bytes,
+                                       flops=flops, memory=memory, copy_bytes=copy_bytes)
+                    for name, fn in fns.items()}
+        refs = {}
+        if min_bytes:
+            n = max(1, (copy_bytes or min_bytes) // 4)
+            src = torch.randn(n, device=self.device)
+            dst = torch.empty_like(src)
+            refs = {"__copy_": lambda: dst.copy_(src), "__clone": src.clone}
+        everything = {**fns, **refs}
+        for fn in everything.values():  # warm up (and compile) each once
+            for _ in range(2):
+                fn()
+        times: dict = {name: [] for name in everything}
+        start = time.perf_counter()
+        for r in range(rounds):
+            for name, fn in everything.items():
+                t0 = time.perf_counter()
+                with nvtx_range(f"{kernel}/{name}/{mode}"):
+                    fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            if r >= 2 and time.perf_counter() - start > max_seconds:
+                break
+
+        def q(v, f):
+            v = sorted(v)
+            return v[min(len(v) - 1, int(round(f * (len(v) - 1))))]
+
+        medians = {}
+        for name, fn in fns.items():
+            v = times[name]
+            p50 = statistics.median(v)
+            medians[name] = p50
+            self._row(kernel, name, mode, "time", "ms", x, p50, q(v, 0.2), q(v, 0.8), config)
+            if memory:
+                peak = peak_memory(fn, self.device)
+                if peak is not None:
+                    self._row(kernel, name, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+            if min_bytes:
+                gbs = min_bytes / (p50 * 1e-3) / 1e9
+                self._row(kernel, name, mode, "bandwidth", "GB/s", x, gbs, config=config)
+                moved = 2 * ((copy_bytes or min_bytes) // 4) * 4
+                for ref, metric in (("__copy_", "copy_fraction"), ("__clone", "clone_fraction")):
+                    ref_bw = moved / (statistics.median(times[ref]) * 1e-3)
+                    self._row(kernel, name, mode, metric, "ratio", x, gbs * 1e9 / ref_bw, config=config)
+            if flops:
+                self._row(kernel, name, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
+        return medians
+
     # ---- output ---------------------------------------------------------------------------
 
     def write_csv(self, path: str) -> None:
