@@ -166,22 +166,22 @@ double block_f64_kind(const double* p, const double* t, const uint8_t* m, const 
 }
 
 double block_loss(int kind, const double* p, const double* t, const uint8_t* m, const double* chain, double* g,
-                  int64_t n, const P4DConsts<double>& c, double scale) {
+                  double* /*l*/, int64_t n, const P4DConsts<double>& c, double scale) {
   if (kind == kP4DSmoothL1) return block_f64_kind<kP4DSmoothL1>(p, t, m, chain, g, n, c, scale);
   if (kind == kP4DMSE) return block_f64_kind<kP4DMSE>(p, t, m, chain, g, n, c, scale);
   return block_f64_kind<kP4DL1>(p, t, m, chain, g, n, c, scale);
 }
 
-double block_loss(int kind, const float* p, const float* t, const uint8_t* m, const float* chain, float* g, int64_t n,
-                  const P4DConsts<float>& c, float scale) {
-  return cpu::p4d_block_f32(kind, p, t, m, chain, g, n, c, scale);
+double block_loss(int kind, const float* p, const float* t, const uint8_t* m, const float* chain, float* g, float* l,
+                  int64_t n, const P4DConsts<float>& c, float scale) {
+  return cpu::p4d_block_f32(kind, p, t, m, chain, g, l, n, c, scale);
 }
 
 template <typename A>
 struct Scratch {
-  std::vector<A> p, t, chain, g;
+  std::vector<A> p, t, chain, g, l;
   std::vector<uint8_t> m;
-  Scratch() : p(kBlock), t(kBlock), chain(kBlock), g(kBlock), m(kBlock) {}
+  Scratch() : p(kBlock), t(kBlock), chain(kBlock), g(kBlock), l(kBlock), m(kBlock) {}
 };
 
 // Loss sum over elements [e0, e0 + len) of a term; writes their gradient when grad is defined.
@@ -203,7 +203,7 @@ double term_block(const P4DTerm& T, const at::Tensor& grad, int64_t e0, int64_t 
     m = fill_mask(flat, T.inner, T.period, T.numel, e0, len, s.m.data());
   }
   A* g = grad.defined() ? grad_dst<A>(grad, e0, s.g.data()) : nullptr;
-  const double sum = block_loss(T.kind, p, t, m, chain, g, len, c, scale);
+  const double sum = block_loss(T.kind, p, t, m, chain, g, s.l.data(), len, c, scale);
   if (g == s.g.data()) store_grad<A>(g, grad, e0, len);
   return sum;
 }

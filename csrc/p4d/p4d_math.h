@@ -12,6 +12,8 @@
 // loops vectorise.
 #pragma once
 
+#include <type_traits>
+
 #include "common/hd.h"
 
 namespace rgpt4d {
@@ -37,22 +39,42 @@ RGPT4D_HD P4DConsts<A> p4d_consts(int kind, double beta) {
   return c;
 }
 
+// c ? a : b. On the host a bitwise select: with GCC's default -ftrapping-math a floating-point
+// conditional whose arms were computed only for it is not if-converted, and the CPU loops would
+// not vectorise; integer AND/OR selects are.
+template <typename A>
+RGPT4D_HD A p4d_select(bool c, A a, A b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  using U = typename std::conditional<sizeof(A) == 4, uint32_t, uint64_t>::type;
+  U ua, ub;
+  memcpy(&ua, &a, sizeof(A));
+  memcpy(&ub, &b, sizeof(A));
+  const U m = U(0) - static_cast<U>(c);
+  const U r = (ua & m) | (ub & ~m);
+  A out;
+  memcpy(&out, &r, sizeof(A));
+  return out;
+#endif
+}
+
 template <int KIND, typename A>
 RGPT4D_HD A p4d_elem_loss(A d, const P4DConsts<A>& c) {
-  const A ad = d < A(0) ? -d : d;
-  if (KIND == kP4DSmoothL1) return ad < c.beta ? A(0.5) * d * d * c.inv_beta : ad - c.half_beta;
+  const A ad = fabs(d);
+  if (KIND == kP4DSmoothL1) return p4d_select(ad < c.beta, A(0.5) * d * d * c.inv_beta, ad - c.half_beta);
   if (KIND == kP4DMSE) return d * d;
   return ad;
 }
 
 template <int KIND, typename A>
 RGPT4D_HD A p4d_elem_grad(A d, const P4DConsts<A>& c) {
-  if (KIND == kP4DSmoothL1) {
+  if (KIND == kP4DSmoothL1) {  // clamp(d / beta, -1, 1), NaN stays NaN
     const A x = d * c.inv_beta;
-    return x < A(-1) ? A(-1) : (x > A(1) ? A(1) : x);
+    return p4d_select(x < A(-1), A(-1), p4d_select(x > A(1), A(1), x));
   }
   if (KIND == kP4DMSE) return A(2) * d;
-  return d > A(0) ? A(1) : (d < A(0) ? A(-1) : A(0));
+  return static_cast<A>(d > A(0)) - static_cast<A>(d < A(0));  // sign(d), 0 at 0
 }
 
 // Runtime-kind versions (the CUDA multi-tensor kernel: the kind is uniform across a block).
