@@ -155,6 +155,12 @@ def _acc(dtype):
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def _device_table(values, dtype, device):
+    """A small per-call table on `device`; pinned + asynchronous on a GPU (no host sync)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def _term_block(device):
     # Under the interpreter each program costs ~1 ms: few, large blocks. On a GPU, 4096
     # elements per program (8 warps, 16 per thread).
@@ -183,9 +189,9 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
             count_parts.append(torch.full((1,), 0 if flags[i] & _FLAG_MASK else p.numel(), dtype=torch.int64,
                                           device=device))
     counts = torch.cat(count_parts)
-    factors = torch.tensor([w if w != 0 else 1.0 for w in weights], dtype=torch.float64, device=device)
+    factors = _device_table([w if w != 0 else 1.0 for w in weights], torch.float64, device)
     scales = factors / counts.clamp(min=1).to(torch.float64) if mean else factors
-    beta_t = torch.tensor(betas, dtype=torch.float64, device=device)
+    beta_t = _device_table(betas, torch.float64, device)
 
     BLOCK = _term_block(device)
     nblk = [triton.cdiv(p.numel(), BLOCK) for p in preds]
@@ -213,16 +219,16 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
     for pdt, tdt, members, rows, g0, nb in launches:
         if nb == 0:
             continue
-        table = torch.tensor(rows, dtype=torch.int64).to(device)
-        idx = torch.tensor(members, dtype=torch.int64, device=device)
+        table = _device_table(rows, torch.int64, device)
+        idx = _device_table(members, torch.int64, device)
         acc_tl, _ = _acc(torch.float64 if torch.float64 in (pdt, tdt) else torch.float32)
         _p4d_terms_kernel[(nb,)](table, beta_t[idx].contiguous(), scales[idx].contiguous(), partial, len(members), g0,
                                  float(log_eps), NCOL=_NCOL, P_DT=_TL[pdt], T_DT=_TL[tdt], ACC=acc_tl, BLOCK=BLOCK,
                                  num_warps=8)
     losses = torch.empty(n, dtype=out_dtype, device=device)
     total = torch.empty((), dtype=out_dtype, device=device)
-    ranges_t = torch.tensor(ranges, dtype=torch.int64).to(device)
-    weights_t = torch.tensor(list(weights), dtype=torch.float64, device=device)
+    ranges_t = _device_table(ranges, torch.int64, device)
+    weights_t = _device_table(list(weights), torch.float64, device)
     _p4d_finalize_kernel[(1,)](partial, ranges_t, counts, weights_t, losses, total, n, MEAN=bool(mean), BLOCK=1024)
     return total, losses, grads
 
@@ -275,7 +281,7 @@ def linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_
     grad_b = torch.zeros(Dout, dtype=acc, device=h.device) if need_b else h.new_empty(0, dtype=acc)
     write_grad = need_h or need_w or need_b
     row_loss = torch.empty(N, dtype=torch.float64, device=h.device)
-    valid = mask.sum(dtype=torch.int64) if mask is not None else torch.tensor(N, device=h.device)
+    valid = mask.sum(dtype=torch.int64) if mask is not None else torch.full((), N, dtype=torch.int64, device=h.device)
     count = valid.to(torch.float64) * Dout
     scale = (1.0 / count.clamp(min=1)).to(acc) if reduction == 1 else torch.ones((), dtype=acc, device=h.device)
     for c0 in range(0, N, chunk_size):
