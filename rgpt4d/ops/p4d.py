@@ -166,8 +166,6 @@ def fused_linear_latent_loss_eager(h: Tensor, weight: Tensor, bias: Optional[Ten
 
 
 def _broadcast_mask(mask: Tensor, shape) -> Tensor:
-    if mask.dim() > len(shape):
-        mask = mask.reshape(mask.shape[mask.dim() - len(shape):])
     return torch.broadcast_to(mask, shape)
 
 
@@ -178,8 +176,6 @@ def _canonical_mask(mask: Tensor, shape) -> tuple[Tensor, int]:
     mask of a one-channel depth map, a per-pixel [H, W] mask) is used as is; anything else is
     expanded to the prediction's shape (one byte per element)."""
     shape = tuple(shape)
-    if mask.dim() > len(shape):
-        mask = mask.reshape(mask.shape[mask.dim() - len(shape):])
     mshape = (1,) * (len(shape) - mask.dim()) + tuple(mask.shape)
     varying = [i for i, (m, s) in enumerate(zip(mshape, shape)) if m != 1]
     if not varying:
@@ -286,11 +282,8 @@ def _validate_mask(op: str, what: str, mask, shape, of: str, device) -> None:
         raise TypeError(f"{op}: {what} must be a bool tensor, got {got}")
     if mask.device != device:
         raise ValueError(f"{op}: {what} must be on {device}, got {mask.device}")
-    lead = mask.dim() - len(shape)
-    ok = lead <= 0 or all(s == 1 for s in mask.shape[:lead])
-    if ok:
-        tail = mask.shape[lead:] if lead > 0 else mask.shape
-        ok = all(m == 1 or m == s for m, s in zip(reversed(tail), reversed(tuple(shape))))
+    # torch.broadcast_to(mask, shape) semantics: no more dims than the prediction, each 1 or equal.
+    ok = mask.dim() <= len(shape) and all(m == 1 or m == s for m, s in zip(reversed(mask.shape), reversed(tuple(shape))))
     if not ok:
         raise ValueError(f"{op}: {what} of shape {tuple(mask.shape)} is not broadcastable to {of} of shape "
                          f"{tuple(shape)}")
