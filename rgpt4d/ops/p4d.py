@@ -145,13 +145,13 @@ def fused_linear_latent_loss_eager(h: Tensor, weight: Tensor, bias: Optional[Ten
     y = F.linear(h, weight, bias)
     acc = _acc_dtype(y.dtype, target.dtype)
     y, t = y.to(acc), target.detach().to(acc)
-    per_elem = _elementwise_loss(y, t, k, beta, "none")
     if mask is not None:
         m = torch.broadcast_to(mask, h.shape[:-1])
-        per_elem = torch.where(m.unsqueeze(-1), per_elem, torch.zeros((), dtype=acc, device=y.device))
+        t = torch.where(m.unsqueeze(-1), t, y.detach())  # masked tokens: loss 0, gradient 0, whatever t holds
         n_valid = m.sum()
     else:
         n_valid = torch.tensor(math.prod(h.shape[:-1]), device=y.device)
+    per_elem = _elementwise_loss(y, t, k, beta, "none")
     if reduction == "none":
         return per_elem.mean(-1) if per_elem.shape[-1] > 0 else per_elem.sum(-1)
     total = per_elem.sum()
@@ -418,6 +418,7 @@ def _setup_linear_loss(ctx, inputs, output):
     ctx.cfg = (kind, beta, chunk_size)
     ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
+    ctx.numels = {"h": h.numel(), "weight": weight.numel(), "bias": 0 if bias is None else bias.numel()}
     ctx.mark_non_differentiable(gh, gw, gb)
     if reduction == 0:
         # Per-token losses: the gradient depends on the per-token grad_output; the backward
@@ -439,6 +440,11 @@ def _make_linear_loss_backward(backward_op):
                                      bool(need_h), bool(need_w), bool(need_b and ctx.has_bias))
         else:
             gh, gw, gb = ctx.saved_tensors
+            for name, need, buf in (("h", need_h, gh), ("weight", need_w, gw), ("bias", need_b and ctx.has_bias, gb)):
+                if need and buf.numel() == 0 and ctx.numels[name] > 0:
+                    raise RuntimeError(f"fused_linear_latent_loss: the gradient of {name} was not computed in forward "
+                                       f"(need_{name[0]}_grad was False); call the op with it set when {name} "
+                                       "requires grad")
             gh = _scaled(gh, g_loss) if need_h else None
             gw = _scaled(gw, g_loss) if need_w else None
             gb = _scaled(gb, g_loss) if (need_b and ctx.has_bias) else None
