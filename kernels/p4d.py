@@ -184,7 +184,7 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
     count_parts = []
     for i, p in enumerate(preds):
         if flags[i] & _FLAG_MASK and p.numel() > 0:
-            count_parts.append((masks[i].sum(dtype=torch.int64) * (p.numel() // masks[i].numel())).reshape(1))
+            count_parts.append((torch.count_nonzero(masks[i]) * (p.numel() // masks[i].numel())).reshape(1))
         else:
             count_parts.append(torch.full((1,), 0 if flags[i] & _FLAG_MASK else p.numel(), dtype=torch.int64,
                                           device=device))
@@ -281,7 +281,7 @@ def linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_
     grad_b = torch.zeros(Dout, dtype=acc, device=h.device) if need_b else h.new_empty(0, dtype=acc)
     write_grad = need_h or need_w or need_b
     row_loss = torch.empty(N, dtype=torch.float64, device=h.device)
-    valid = mask.sum(dtype=torch.int64) if mask is not None else torch.full((), N, dtype=torch.int64, device=h.device)
+    valid = torch.count_nonzero(mask) if mask is not None else torch.full((), N, dtype=torch.int64, device=h.device)
     count = valid.to(torch.float64) * Dout
     scale = (1.0 / count.clamp(min=1)).to(acc) if reduction == 1 else torch.ones((), dtype=acc, device=h.device)
     for c0 in range(0, N, chunk_size):

@@ -85,7 +85,7 @@ inline at::Tensor p4d_counts(const std::vector<P4DTerm>& terms) {
   const auto opts = terms[0].pred.options().dtype(at::kLong);
   for (const P4DTerm& T : terms) {
     if (T.has_mask() && T.numel > 0) {
-      parts.push_back(at::sum(T.mask, at::kLong).mul(T.numel / T.period).reshape({1}));
+      parts.push_back(at::count_nonzero(T.mask).mul(T.numel / T.period).reshape({1}));  // no int64 copy of the mask
     } else {
       parts.push_back(at::full({1}, T.has_mask() ? 0 : T.numel, opts));
     }
@@ -202,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_forward_dr
   const bool write_grad = need_h || need_w || need_b;
   at::Tensor row_loss = at::empty({N}, a.h.options().dtype(at::kDouble));
   at::Tensor valid_tokens =
-      a.mask.defined() ? at::sum(a.mask, at::kLong) : at::full({}, N, a.h.options().dtype(at::kLong));
+      a.mask.defined() ? at::count_nonzero(a.mask) : at::full({}, N, a.h.options().dtype(at::kLong));
   at::Tensor count = valid_tokens.to(at::kDouble) * static_cast<double>(Dout);
   at::Tensor scale = reduction == kP4DMean ? at::reciprocal(count.clamp_min(1)).to(acc) : at::ones({}, acc_opts);
   for (int64_t c0 = 0; c0 < N; c0 += a.chunk) {

@@ -16,6 +16,16 @@
 
 #include "common/hd.h"
 
+// Force-inlined on the host too: the CPU loops only vectorise if these are inlined, and GCC's
+// inliner gives up on them in a translation unit with many loop instantiations.
+#if defined(__CUDACC__)
+#define RGPT4D_P4D_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define RGPT4D_P4D_HD inline __attribute__((always_inline))
+#else
+#define RGPT4D_P4D_HD inline
+#endif
+
 namespace rgpt4d {
 
 enum P4DKind : int { kP4DSmoothL1 = 0, kP4DMSE = 1, kP4DL1 = 2 };
@@ -30,7 +40,7 @@ struct P4DConsts {
 };
 
 template <typename A>
-RGPT4D_HD P4DConsts<A> p4d_consts(int kind, double beta) {
+RGPT4D_P4D_HD P4DConsts<A> p4d_consts(int kind, double beta) {
   P4DConsts<A> c;
   const bool smooth = kind == kP4DSmoothL1 && beta > 0;
   c.beta = static_cast<A>(smooth ? beta : 1.0);
@@ -43,7 +53,7 @@ RGPT4D_HD P4DConsts<A> p4d_consts(int kind, double beta) {
 // conditional whose arms were computed only for it is not if-converted, and the CPU loops would
 // not vectorise; integer AND/OR selects are.
 template <typename A>
-RGPT4D_HD A p4d_select(bool c, A a, A b) {
+RGPT4D_P4D_HD A p4d_select(bool c, A a, A b) {
 #if defined(__CUDA_ARCH__)
   return c ? a : b;
 #else
@@ -60,7 +70,7 @@ RGPT4D_HD A p4d_select(bool c, A a, A b) {
 }
 
 template <int KIND, typename A>
-RGPT4D_HD A p4d_elem_loss(A d, const P4DConsts<A>& c) {
+RGPT4D_P4D_HD A p4d_elem_loss(A d, const P4DConsts<A>& c) {
   const A ad = fabs(d);
   if (KIND == kP4DSmoothL1) return p4d_select(ad < c.beta, A(0.5) * d * d * c.inv_beta, ad - c.half_beta);
   if (KIND == kP4DMSE) return d * d;
@@ -68,7 +78,7 @@ RGPT4D_HD A p4d_elem_loss(A d, const P4DConsts<A>& c) {
 }
 
 template <int KIND, typename A>
-RGPT4D_HD A p4d_elem_grad(A d, const P4DConsts<A>& c) {
+RGPT4D_P4D_HD A p4d_elem_grad(A d, const P4DConsts<A>& c) {
   if (KIND == kP4DSmoothL1) {  // clamp(d / beta, -1, 1), NaN stays NaN
     const A x = d * c.inv_beta;
     return p4d_select(x < A(-1), A(-1), p4d_select(x > A(1), A(1), x));
@@ -79,14 +89,14 @@ RGPT4D_HD A p4d_elem_grad(A d, const P4DConsts<A>& c) {
 
 // Runtime-kind versions (the CUDA multi-tensor kernel: the kind is uniform across a block).
 template <typename A>
-RGPT4D_HD A p4d_loss_value(int kind, A d, const P4DConsts<A>& c) {
+RGPT4D_P4D_HD A p4d_loss_value(int kind, A d, const P4DConsts<A>& c) {
   if (kind == kP4DSmoothL1) return p4d_elem_loss<kP4DSmoothL1, A>(d, c);
   if (kind == kP4DMSE) return p4d_elem_loss<kP4DMSE, A>(d, c);
   return p4d_elem_loss<kP4DL1, A>(d, c);
 }
 
 template <typename A>
-RGPT4D_HD A p4d_loss_grad(int kind, A d, const P4DConsts<A>& c) {
+RGPT4D_P4D_HD A p4d_loss_grad(int kind, A d, const P4DConsts<A>& c) {
   if (kind == kP4DSmoothL1) return p4d_elem_grad<kP4DSmoothL1, A>(d, c);
   if (kind == kP4DMSE) return p4d_elem_grad<kP4DMSE, A>(d, c);
   return p4d_elem_grad<kP4DL1, A>(d, c);
@@ -97,13 +107,13 @@ RGPT4D_HD A p4d_loss_grad(int kind, A d, const P4DConsts<A>& c) {
 //   when that weight is 0 (the backward then rescales by (g_total * w + g_term) / f).
 // No valid element (count 0): every element is masked, the gradient is 0 whatever the scale.
 template <typename A>
-RGPT4D_HD A p4d_grad_scale(double f, int64_t count, bool mean) {
+RGPT4D_P4D_HD A p4d_grad_scale(double f, int64_t count, bool mean) {
   if (!mean) return static_cast<A>(f);
   return static_cast<A>(f / static_cast<double>(count > 0 ? count : 1));
 }
 
 // Mask of element e under the canonical mask layout: mask[(e / inner) % period].
-RGPT4D_HD int64_t p4d_mask_index(int64_t e, int64_t inner, int64_t period) {
+RGPT4D_P4D_HD int64_t p4d_mask_index(int64_t e, int64_t inner, int64_t period) {
   return (inner == 1 ? e : e / inner) % period;
 }
 

@@ -383,11 +383,12 @@ def _setup_p4d_loss(ctx, inputs, output):
     ctx.flags, ctx.weights = list(flags), list(weights)
     ctx.n = len(preds)
     ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zero-filled grad_outputs for the gradient buffers
     ctx.save_for_backward(*grads)  # released after backward (unless retain_graph)
 
 
 def _p4d_loss_backward(ctx, g_total, g_losses, _g_grads):
-    _refuse_double_backward("p4d_loss", g_total)
+    _refuse_double_backward("p4d_loss", g_total if g_total is not None else g_losses)
     bufs = ctx.saved_tensors
     need = ctx.needs_input_grad[0]
     need = need if isinstance(need, (list, tuple)) else [need] * ctx.n
@@ -403,9 +404,12 @@ def _p4d_loss_backward(ctx, g_total, g_losses, _g_grads):
         w = ctx.weights[i]
         f = w if w != 0 else 1.0
         # grads[i] holds f * dL_i/dpred; d(total)/dpred = w * dL_i/dpred, d(losses[i])/dpred = dL_i/dpred.
-        s = g_total * (w / f)
+        s = None if g_total is None else g_total * (w / f)
         if g_losses is not None:
-            s = s + g_losses[i] * (1.0 / f)
+            s = g_losses[i] * (1.0 / f) if s is None else s + g_losses[i] * (1.0 / f)
+        if s is None:  # neither the total nor this term's loss is used: no gradient
+            grads.append(None)
+            continue
         grads.append(_scaled(bufs[i], s))
     none = [None] * ctx.n
     return grads, none, none, None, None, None, None, None, None, None
@@ -420,6 +424,7 @@ def _setup_linear_loss(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.numels = {"h": h.numel(), "weight": weight.numel(), "bias": 0 if bias is None else bias.numel()}
     ctx.mark_non_differentiable(gh, gw, gb)
+    ctx.set_materialize_grads(False)
     if reduction == 0:
         # Per-token losses: the gradient depends on the per-token grad_output; the backward
         # recomputes the projection chunk by chunk from the inputs.
@@ -430,6 +435,8 @@ def _setup_linear_loss(ctx, inputs, output):
 
 def _make_linear_loss_backward(backward_op):
     def backward(ctx, g_loss, _gh, _gw, _gb):
+        if g_loss is None:
+            return (None,) * 12
         _refuse_double_backward("fused_linear_latent_loss", g_loss)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         h_dtype, w_dtype, b_dtype = ctx.dtypes
