@@ -254,13 +254,14 @@ def _project(h, weight, bias):
 def _chunk_grads(h_c, gy, weight, c0, grad_h, grad_w, grad_b):
     if grad_h.numel() > 0:
         torch.mm(gy, weight, out=grad_h[c0:c0 + h_c.shape[0]])
+    if grad_w.numel() == 0 and grad_b.numel() == 0:
+        return
+    acc = grad_w.dtype if grad_w.numel() > 0 else grad_b.dtype
+    gy_acc = gy.to(acc)
     if grad_w.numel() > 0:
-        if gy.dtype == grad_w.dtype:
-            grad_w.addmm_(gy.t(), h_c)
-        else:
-            grad_w.addmm_(gy.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
-    if grad_b.numel() > 0:
-        grad_b.add_(gy.sum(0, dtype=grad_b.dtype))
+        grad_w.addmm_(gy_acc.t(), h_c.to(acc))
+    if grad_b.numel() > 0:  # gy^T 1 as a GEMV: no reduction kernel, deterministic
+        grad_b.addmv_(gy_acc.t(), torch.ones(gy.shape[0], dtype=acc, device=gy.device))
 
 
 def linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_size, need_h, need_w, need_b):

@@ -356,6 +356,24 @@ def test_deterministic(backend):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
 
 
+def test_large_gradient_buffers_behave_like_ordinary_tensors():
+    # Gradients of >= 4 MiB come from a 2 MiB-aligned, huge-page-advised allocation on Linux.
+    g = torch.Generator().manual_seed(2)
+    p = torch.randn(2, 1024, 1024, generator=g, requires_grad=True)
+    t = torch.randn(2, 1024, 1024, generator=g)
+    for _ in range(2):  # .grad: stolen on the first backward, accumulated into on the second
+        p4d_loss(p, t, backend="cpu").total.backward()
+    ref = p.detach().clone().requires_grad_(True)
+    for _ in range(2):
+        p4d_loss(ref, t, backend="eager").total.backward()
+    torch.testing.assert_close(p.grad, ref.grad)
+    p.grad.zero_()
+    assert float(p.grad.abs().sum()) == 0.0
+    out = p4d_loss(p * 1.0, t, backend="cpu")
+    (gp,) = torch.autograd.grad(out.total * 0.5, p)
+    torch.testing.assert_close(gp, ref.grad / 4)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_non_contiguous_inputs(backend):
     lat, lat_t, preds, targets, mask = make_batch(heads=("depth", "flow"))
