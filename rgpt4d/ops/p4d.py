@@ -222,7 +222,7 @@ def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit
             raise ValueError(f"{op}: weights[{key!r}]: unknown term; terms here are {names} (weights may also "
                              f"name 'explicit', the factor of every head, or a head of the preset)")
     for what, opt in (("masks", masks), ("kind", kind), ("beta", beta), ("log_space", log_space)):
-        if isinstance(opt, Mapping):
+        if isinstance(opt, Mapping) or (what == "log_space" and not isinstance(opt, (bool, type(None)))):
             for key in opt:
                 if key not in names:
                     raise ValueError(f"{op}: {what}[{key!r}] given but there is no {key!r} term; terms here are "

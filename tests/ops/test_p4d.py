@@ -492,6 +492,8 @@ def test_errors_name_the_term(backend):
         p4d_loss(None, None, {"normals": lat}, {"normals": lat_t}, backend=backend)
     with pytest.raises(ValueError, match=r"weights\['dpeth'\]: unknown term"):
         p4d_loss(lat, lat_t, preds, targets, weights={"dpeth": 1.0}, backend=backend)
+    with pytest.raises(ValueError, match=r"log_space\['motion'\] given but there is no 'motion' term"):
+        p4d_loss(lat, lat_t, preds, targets, log_space=("depth", "motion"), backend=backend)
     with pytest.raises(ValueError, match=r"term 'flow': kind must be one of"):
         p4d_loss(lat, lat_t, preds, targets, kind={"flow": "huber"}, backend=backend)
     with pytest.raises(ValueError, match="unmatched: \\['flow'\\]"):
