@@ -8,8 +8,8 @@
 //   region_pool_backward(grad[B,T,R,C,ph,pw], boxes, valid?, spatial_scale, ph, pw, sampling_ratio,
 //                        aligned, H, W, channels_last, deterministic)  -> grad_features [B,T,C,H,W]
 //   mask_pool(features[B,T,C,H,W], masks[B,T,R,Hm,Wm], timestamps?, table?, eps, base) -> [B,T,R,C]
-//   mask_pool_backward(grad[B,T,R,C], features, masks, eps, need_features_grad, need_masks_grad)
-//       -> (grad_features or [0], grad_masks or [0])
+//   mask_pool_backward(grad[B,T,R,C], features, masks, eps, need_features_grad, need_masks_grad,
+//                      channels_last) -> (grad_features or [0], grad_masks or [0])
 //
 // Features are read in place when their channels (channels-last) or their rows (planar) are
 // contiguous, whatever the batch/frame strides; grad_features comes back contiguous, or
@@ -54,6 +54,19 @@ inline A dot(const A* a, const S* x, int64_t n) {
 inline float dot(const float* a, const float* x, int64_t n) { return cpu::rg_dot_f32(a, x, n); }
 inline float dot(const float* a, const c10::BFloat16* x, int64_t n) {
   return cpu::rg_dot_bf16(a, reinterpret_cast<const uint16_t*>(x), n);
+}
+
+template <typename S, typename A>
+inline A gather_dot(const S* base, const int64_t* off, const A* w, int64_t n) {
+  A s = 0;
+  for (int64_t i = 0; i < n; ++i) s += w[i] * static_cast<A>(base[off[i]]);
+  return s;
+}
+inline float gather_dot(const float* base, const int64_t* off, const float* w, int64_t n) {
+  return cpu::rg_gather_dot_f32(base, off, w, n);
+}
+inline float gather_dot(const c10::BFloat16* base, const int64_t* off, const float* w, int64_t n) {
+  return cpu::rg_gather_dot_bf16(reinterpret_cast<const uint16_t*>(base), off, w, n);
 }
 
 // y = v + e (e may be null), converted to the output dtype.
@@ -138,6 +151,26 @@ struct RoiTaps {
     y.build(g.y0, g.bin_h, g.grid_h, ps.ph, ps.H);
     x.build(g.x0, g.bin_w, g.grid_w, ps.pw, ps.W);
   }
+
+  // Flattened 2D taps of every output cell for a planar map with row stride sH: cell q has taps
+  // [cell[q], cell[q+1]) of (off, w), w including 1 / count.
+  std::vector<int64_t> cell, off;
+  std::vector<A> w2;
+  void flatten(int64_t ph, int64_t pw, int64_t sH) {
+    cell.assign(1, 0);
+    off.clear();
+    w2.clear();
+    for (int64_t i = 0; i < ph; ++i) {
+      for (int64_t j = 0; j < pw; ++j) {
+        for (int64_t a = y.start[i]; a < y.start[i + 1]; ++a)
+          for (int64_t b = x.start[j]; b < x.start[j + 1]; ++b) {
+            off.push_back(y.idx[a] * sH + x.idx[b]);
+            w2.push_back(y.w[a] * x.w[b] * inv_count);
+          }
+        cell.push_back(static_cast<int64_t>(off.size()));
+      }
+    }
+  }
 };
 
 // Rough count of the taps a RoI needs (to choose between the planar and the channels-last loop).
@@ -164,130 +197,148 @@ struct RoiProblem {
   const A* enc;
 };
 
+// All RoIs' taps, built once (in parallel), and the RoIs grouped by image in RoI order.
+template <typename A>
+struct RoiPlan {
+  std::vector<RoiTaps<A>> taps;       // per RoI (empty for skipped RoIs)
+  std::vector<int64_t> start, order;  // RoIs of image i: order[start[i] .. start[i+1])
+
+  // flat_sH >= 0: also flatten the taps for a planar map with that row stride.
+  RoiPlan(const RoiProblem<A>& pb, int64_t flat_sH) : taps(pb.K), start(pb.images + 1, 0), order(pb.K) {
+    at::parallel_for(0, pb.K, 16, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        if (pb.roi_img[k] < 0) continue;
+        taps[k].build(pb.boxes + 4 * k, pb.ps);
+        if (flat_sH >= 0) taps[k].flatten(pb.ps.ph, pb.ps.pw, flat_sH);
+      }
+    });
+    for (int64_t k = 0; k < pb.K; ++k)
+      if (pb.roi_img[k] >= 0) ++start[pb.roi_img[k] + 1];
+    for (int64_t i = 0; i < pb.images; ++i) start[i + 1] += start[i];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < pb.K; ++k)
+      if (pb.roi_img[k] >= 0) order[fill[pb.roi_img[k]]++] = k;
+  }
+};
+
 // out [K, C, ph, pw] (contiguous). lay: how the features are laid out (in place).
+// Planar maps: task = (image, channel range); channel outermost so that one channel plane stays
+// in cache while all the image's RoIs read it. Channels-last maps: task = (RoI, channel range);
+// every tap is a vector over the channel range.
 template <typename S, typename A>
 void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>& pb, S* out) {
   const PoolShape& ps = pb.ps;
   const int64_t C = ps.C, P = ps.ph * ps.pw, K = pb.K;
   if (K == 0 || C == 0) return;
-  const int64_t nchunks = channel_chunks(K, C);
-  const int64_t chunk = (C + nchunks - 1) / nchunks;
-  at::parallel_for(0, K * nchunks, 1, [&](int64_t begin, int64_t end) {
-    RoiTaps<A> taps;
-    std::vector<A> acc(chunk);
-    int64_t built = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
-      if (len <= 0) continue;
-      S* o = out + k * C * P;
-      const int64_t img = pb.roi_img[k];
-      if (img < 0) {
-        for (int64_t c = c0; c < c0 + len; ++c)
-          for (int64_t q = 0; q < P; ++q) o[c * P + q] = static_cast<S>(0);
-        continue;
-      }
-      if (built != k) {
-        taps.build(pb.boxes + 4 * k, ps);
-        built = k;
-      }
-      const S* base = feat + pb.img_off[img];
-      const A* e = pb.enc ? pb.enc + img * C + c0 : nullptr;
-      const AxisTaps<A>&ty = taps.y, &tx = taps.x;
-      if (lay.channels_last) {
+  const RoiPlan<A> plan(pb, lay.channels_last ? -1 : lay.sH);
+  for (int64_t k = 0; k < K; ++k)  // skipped RoIs (not valid): zero tokens
+    if (pb.roi_img[k] < 0) std::fill(out + k * C * P, out + (k + 1) * C * P, static_cast<S>(0));
+  if (lay.channels_last) {
+    const int64_t nchunks = channel_chunks(K, C);
+    const int64_t chunk = (C + nchunks - 1) / nchunks;
+    at::parallel_for(0, K * nchunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(chunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
+        const int64_t img = pb.roi_img[k];
+        if (len <= 0 || img < 0) continue;
+        const RoiTaps<A>& t = plan.taps[k];
+        const S* base = feat + pb.img_off[img];
+        const A* e = pb.enc ? pb.enc + img * C + c0 : nullptr;
+        S* o = out + k * C * P;
         for (int64_t i = 0; i < ps.ph; ++i) {
           for (int64_t j = 0; j < ps.pw; ++j) {
             std::fill(acc.begin(), acc.begin() + len, A(0));
-            for (int64_t a = ty.start[i]; a < ty.start[i + 1]; ++a) {
-              const S* row = base + ty.idx[a] * lay.sH + c0;
-              const A wy = ty.w[a] * taps.inv_count;
-              for (int64_t b = tx.start[j]; b < tx.start[j + 1]; ++b) axpy(wy * tx.w[b], row + tx.idx[b] * lay.sW, acc.data(), len);
+            for (int64_t a = t.y.start[i]; a < t.y.start[i + 1]; ++a) {
+              const S* row = base + t.y.idx[a] * lay.sH + c0;
+              const A wy = t.y.w[a] * t.inv_count;
+              for (int64_t b = t.x.start[j]; b < t.x.start[j + 1]; ++b)
+                axpy(wy * t.x.w[b], row + t.x.idx[b] * lay.sW, acc.data(), len);
             }
             if (P == 1) {
               store(acc.data(), e, o + c0, len);
             } else {
-              for (int64_t c = 0; c < len; ++c)
-                o[(c0 + c) * P + i * ps.pw + j] = static_cast<S>(acc[c] + (e ? e[c] : A(0)));
+              for (int64_t c = 0; c < len; ++c) o[(c0 + c) * P + i * ps.pw + j] = static_cast<S>(acc[c] + (e ? e[c] : A(0)));
             }
           }
         }
-      } else {
-        for (int64_t c = c0; c < c0 + len; ++c) {
-          const S* plane = base + c * lay.sC;
-          const A ec = e ? e[c - c0] : A(0);
-          for (int64_t i = 0; i < ps.ph; ++i) {
-            for (int64_t j = 0; j < ps.pw; ++j) {
-              A s = 0;
-              for (int64_t a = ty.start[i]; a < ty.start[i + 1]; ++a) {
-                const S* row = plane + ty.idx[a] * lay.sH;
-                A rs = 0;
-                for (int64_t b = tx.start[j]; b < tx.start[j + 1]; ++b) rs += tx.w[b] * static_cast<A>(row[tx.idx[b]]);
-                s += ty.w[a] * rs;
-              }
-              o[c * P + i * ps.pw + j] = static_cast<S>(s * taps.inv_count + ec);
-            }
-          }
+      }
+    });
+    return;
+  }
+  const int64_t nchunks = channel_chunks(pb.images, C, 1);
+  const int64_t chunk = (C + nchunks - 1) / nchunks;
+  at::parallel_for(0, pb.images * nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, c1 = std::min(C, c0 + chunk);
+      const S* base = feat + pb.img_off[img];
+      for (int64_t c = c0; c < c1; ++c) {
+        const S* plane = base + c * lay.sC;
+        const A ec = pb.enc ? pb.enc[img * C + c] : A(0);
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          S* o = out + (k * C + c) * P;
+          for (int64_t q = 0; q < P; ++q)
+            o[q] = static_cast<S>(gather_dot(plane, t.off.data() + t.cell[q], t.w2.data() + t.cell[q],
+                                             t.cell[q + 1] - t.cell[q]) + ec);
         }
       }
     }
   });
 }
 
-// grad_buf (accumulation dtype, zero-initialised) += the adjoint of roi_pool_forward applied to
-// grad [K, C, ph, pw]. Task = (image, channel range): it owns that slice of grad_buf and adds its
-// image's RoIs in RoI order, so the result does not depend on the thread count.
+// grad_buf (accumulation dtype, uninitialised, [images, C, H, W] contiguous or channels-last) =
+// the adjoint of roi_pool_forward applied to grad [K, C, ph, pw]. Task = (image, channel range):
+// it zeroes and owns that slice of grad_buf (pages are first touched by the thread that fills
+// them) and adds its image's RoIs in RoI order, so the result does not depend on the thread count.
 template <typename S, typename A>
 void roi_pool_backward(const S* grad, const FeatLayout& lay, const RoiProblem<A>& pb, A* grad_buf) {
   const PoolShape& ps = pb.ps;
-  const int64_t C = ps.C, P = ps.ph * ps.pw, K = pb.K, images = pb.images;
-  if (K == 0 || C == 0 || images == 0) return;
-  // RoIs grouped by image, in order (counting sort).
-  std::vector<int64_t> start(images + 1, 0), order(K);
-  for (int64_t k = 0; k < K; ++k)
-    if (pb.roi_img[k] >= 0) ++start[pb.roi_img[k] + 1];
-  for (int64_t i = 0; i < images; ++i) start[i + 1] += start[i];
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t k = 0; k < K; ++k)
-      if (pb.roi_img[k] >= 0) order[fill[pb.roi_img[k]]++] = k;
-  }
-  const int64_t nchunks = channel_chunks(images, C);
+  const int64_t C = ps.C, P = ps.ph * ps.pw, images = pb.images, HW = ps.H * ps.W;
+  if (C == 0 || images == 0 || HW == 0) return;
+  const RoiPlan<A> plan(pb, lay.channels_last ? -1 : lay.sH);
+  const int64_t nchunks = channel_chunks(images, C, lay.channels_last ? 16 : 1);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
   at::parallel_for(0, images * nchunks, 1, [&](int64_t begin, int64_t end) {
-    RoiTaps<A> taps;
     std::vector<A> gv(chunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
       if (len <= 0) continue;
       A* base = grad_buf + pb.img_off[img];
-      for (int64_t n = start[img]; n < start[img + 1]; ++n) {
-        const int64_t k = order[n];
-        taps.build(pb.boxes + 4 * k, ps);
-        const AxisTaps<A>&ty = taps.y, &tx = taps.x;
-        const S* g = grad + k * C * P;
-        if (lay.channels_last) {
+      if (lay.channels_last) {
+        for (int64_t p = 0; p < HW; ++p) std::fill_n(base + p * C + c0, len, A(0));
+      } else {
+        std::fill_n(base + c0 * HW, len * HW, A(0));
+      }
+      if (lay.channels_last) {
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          const S* g = grad + k * C * P;
           for (int64_t i = 0; i < ps.ph; ++i) {
             for (int64_t j = 0; j < ps.pw; ++j) {
               const int64_t q = i * ps.pw + j;
-              for (int64_t c = 0; c < len; ++c) gv[c] = static_cast<A>(g[(c0 + c) * P + q]) * taps.inv_count;
-              for (int64_t a = ty.start[i]; a < ty.start[i + 1]; ++a) {
-                A* row = base + ty.idx[a] * lay.sH + c0;
-                for (int64_t b = tx.start[j]; b < tx.start[j + 1]; ++b) axpy(ty.w[a] * tx.w[b], gv.data(), row + tx.idx[b] * lay.sW, len);
+              for (int64_t c = 0; c < len; ++c) gv[c] = static_cast<A>(g[(c0 + c) * P + q]) * t.inv_count;
+              for (int64_t a = t.y.start[i]; a < t.y.start[i + 1]; ++a) {
+                A* row = base + t.y.idx[a] * lay.sH + c0;
+                for (int64_t b = t.x.start[j]; b < t.x.start[j + 1]; ++b)
+                  axpy(t.y.w[a] * t.x.w[b], gv.data(), row + t.x.idx[b] * lay.sW, len);
               }
             }
           }
-        } else {
-          for (int64_t c = c0; c < c0 + len; ++c) {
-            A* plane = base + c * lay.sC;
-            for (int64_t i = 0; i < ps.ph; ++i) {
-              for (int64_t j = 0; j < ps.pw; ++j) {
-                const A gq = static_cast<A>(g[c * P + i * ps.pw + j]) * taps.inv_count;
-                for (int64_t a = ty.start[i]; a < ty.start[i + 1]; ++a) {
-                  A* row = plane + ty.idx[a] * lay.sH;
-                  const A gy = gq * ty.w[a];
-                  for (int64_t b = tx.start[j]; b < tx.start[j + 1]; ++b) row[tx.idx[b]] += gy * tx.w[b];
-                }
-              }
-            }
+        }
+        continue;
+      }
+      for (int64_t c = c0; c < c0 + len; ++c) {
+        A* plane = base + c * lay.sC;
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          const S* g = grad + (k * C + c) * P;
+          for (int64_t q = 0; q < P; ++q) {
+            const A gq = static_cast<A>(g[q]);
+            for (int64_t u = t.cell[q]; u < t.cell[q + 1]; ++u) plane[t.off[u]] += gq * t.w2[u];
           }
         }
       }
@@ -295,17 +346,20 @@ void roi_pool_backward(const S* grad, const FeatLayout& lay, const RoiProblem<A>
   });
 }
 
-// The planar loop reads one channel of a pixel at a time; the channels-last loop reads a pixel's
-// channels as one vector. When the RoIs need many taps per pixel of the map, a channels-last copy
-// of a planar input pays for itself (measured on benchmarks/bench_regional.py).
-constexpr double kTransposeTapsPerPixel = 0.5;
+// The planar loop reads one channel of a pixel at a time (a scalar gather per tap); the
+// channels-last loop reads a pixel's channels as one vector. When the RoIs need many taps per
+// pixel of the map, a channels-last copy of a planar map pays for itself. Thresholds measured with
+// benchmarks/bench_regional.py on a 2-core CPU (taps per pixel: ~10 for the detector case, ~1 for
+// the 4D-RGPT case); the backward's copy back to the planar layout raises its threshold.
+constexpr double kTransposeTapsPerPixelForward = 6.0;
+constexpr double kTransposeTapsPerPixelBackward = 20.0;
 
 template <typename A>
-bool prefer_channels_last(const RoiProblem<A>& pb, int64_t pixels) {
+bool prefer_channels_last(const RoiProblem<A>& pb, int64_t pixels, double threshold) {
   double taps = 0;
   for (int64_t k = 0; k < pb.K; ++k)
     if (pb.roi_img[k] >= 0) taps += estimate_taps<A>(pb.boxes + 4 * k, pb.ps);
-  return taps > kTransposeTapsPerPixel * static_cast<double>(pixels);
+  return taps > threshold * static_cast<double>(pixels);
 }
 
 // ---- host helpers -------------------------------------------------------------------------------
@@ -441,7 +495,7 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
     using A = at::opmath_type<scalar_t>;
     std::vector<int64_t> no_off(N, 0);
     RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
-    auto [f, lay] = readable_features(input, prefer_channels_last(pb, N * H * W));
+    auto [f, lay] = readable_features(input, prefer_channels_last(pb, N * H * W, kTransposeTapsPerPixelForward));
     const std::vector<int64_t> off = image_offsets(f);
     pb.img_off = off.data();
     roi_pool_forward<scalar_t, A>(f.data_ptr<scalar_t>(), lay, pb, out.data_ptr<scalar_t>());
@@ -460,8 +514,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   TORCH_CHECK(N >= 0 && H >= 0 && W >= 0, "roi_align_backward: bad input size");
   const int64_t C = grad.size(1), K = grad.size(0);
   const at::ScalarType acc = regional_acc_type(grad.scalar_type());
-  at::Tensor buf = new_grad_buffer({N, C, H, W}, grad.options().dtype(acc), channels_last);
-  if (K > 0 && C > 0 && N * H * W > 0) {
+  at::Tensor buf = new_grad_buffer({N, C, H, W}, grad.options().dtype(acc), channels_last, /*zero=*/false);
+  if (C > 0 && N * H * W > 0) {
     RoiInputs ri = roi_inputs_from_rois(rois, N, acc);
     const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
     const at::Tensor g = grad.contiguous();
@@ -470,8 +524,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
       std::vector<int64_t> no_off(N, 0);
       RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
       // Scatter into a channels-last buffer when that is the faster loop, then transpose once.
-      const bool cl_loop = channels_last || prefer_channels_last(pb, N * H * W);
-      at::Tensor work = cl_loop == channels_last ? buf : new_grad_buffer({N, C, H, W}, buf.options(), cl_loop);
+      const bool cl_loop = channels_last || prefer_channels_last(pb, N * H * W, kTransposeTapsPerPixelBackward);
+      at::Tensor work = cl_loop == channels_last ? buf : new_grad_buffer({N, C, H, W}, buf.options(), cl_loop, false);
       const std::vector<int64_t> off = image_offsets(work);
       pb.img_off = off.data();
       roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(work), pb, work.data_ptr<A>());
@@ -517,7 +571,7 @@ at::Tensor region_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, 
     std::vector<int64_t> no_off(B * T, 0);
     RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off,
                                        enc.defined() ? enc.data_ptr<A>() : nullptr);
-    auto [f, lay] = readable_features(features, prefer_channels_last(pb, B * T * H * W));
+    auto [f, lay] = readable_features(features, prefer_channels_last(pb, B * T * H * W, kTransposeTapsPerPixelForward));
     const std::vector<int64_t> off = image_offsets(f);
     pb.img_off = off.data();
     roi_pool_forward<scalar_t, A>(f.data_ptr<scalar_t>(), lay, pb, out.data_ptr<scalar_t>());
@@ -540,8 +594,8 @@ at::Tensor region_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& bo
                 "region_pool_backward: valid must be a bool [B, T, R]");
   const int64_t B = grad.size(0), T = grad.size(1), R = grad.size(2), C = grad.size(3), K = B * T * R;
   const at::ScalarType acc = regional_acc_type(grad.scalar_type());
-  at::Tensor buf = new_grad_buffer({B, T, C, H, W}, grad.options().dtype(acc), channels_last);
-  if (K > 0 && C > 0 && H * W > 0) {
+  at::Tensor buf = new_grad_buffer({B, T, C, H, W}, grad.options().dtype(acc), channels_last, /*zero=*/false);
+  if (C > 0 && B * T * H * W > 0) {
     RegionInputs ri = region_inputs(boxes, valid, acc);
     const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
     const at::Tensor g = grad.contiguous();
@@ -549,8 +603,9 @@ at::Tensor region_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& bo
       using A = at::opmath_type<scalar_t>;
       std::vector<int64_t> no_off(B * T, 0);
       RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off, nullptr);
-      const bool cl_loop = channels_last || prefer_channels_last(pb, B * T * H * W);
-      at::Tensor work = cl_loop == channels_last ? buf : new_grad_buffer({B, T, C, H, W}, buf.options(), cl_loop);
+      const bool cl_loop = channels_last || prefer_channels_last(pb, B * T * H * W, kTransposeTapsPerPixelBackward);
+      at::Tensor work =
+          cl_loop == channels_last ? buf : new_grad_buffer({B, T, C, H, W}, buf.options(), cl_loop, false);
       const std::vector<int64_t> off = image_offsets(work);
       pb.img_off = off.data();
       roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(work), pb, work.data_ptr<A>());
@@ -669,7 +724,7 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
 
 std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
                                                           const at::Tensor& masks, double eps, bool need_features_grad,
-                                                          bool need_masks_grad) {
+                                                          bool need_masks_grad, bool channels_last) {
   check_mask_pool(features, masks, c10::nullopt, c10::nullopt);
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
                 W = features.size(4), R = masks.size(2), BT = B * T, HW = H * W;
@@ -677,8 +732,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
               "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
   auto lay0 = feature_layout(features);
-  const bool cl_in = lay0 && lay0->channels_last && C > 1;
-  at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), cl_in, /*zero=*/false)
+  at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), channels_last, /*zero=*/false)
                                      : at::empty({0}, features.options());
   at::Tensor gm = need_masks_grad ? at::empty(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
   if (!(need_features_grad || need_masks_grad)) return {gf, gm};
@@ -810,7 +864,7 @@ TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
   m.def("mask_pool(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> Tensor");
   m.def(
       "mask_pool_backward(Tensor grad, Tensor features, Tensor masks, float eps, bool need_features_grad, "
-      "bool need_masks_grad) -> (Tensor, Tensor)");
+      "bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {

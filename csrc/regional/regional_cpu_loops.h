@@ -36,6 +36,26 @@ RGPT4D_CPU_CLONES static float rg_dot_bf16(const float* a, const uint16_t* x, in
   return s;
 }
 
+// sum(w[t] * base[off[t]]): one output cell of a planar map from its flattened 2D taps.
+RGPT4D_CPU_CLONES static float rg_gather_dot_f32(const float* base, const int64_t* off, const float* w, int64_t n) {
+  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) p[k] += w[i + k] * base[off[i + k]];
+  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; i < n; ++i) s += w[i] * base[off[i]];
+  return s;
+}
+RGPT4D_CPU_CLONES static float rg_gather_dot_bf16(const uint16_t* base, const int64_t* off, const float* w, int64_t n) {
+  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) p[k] += w[i + k] * bf16_bits_to_float(base[off[i + k]]);
+  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; i < n; ++i) s += w[i] * bf16_bits_to_float(base[off[i]]);
+  return s;
+}
+
 // y = v (+ e), converting to the output dtype; e may be null.
 RGPT4D_CPU_CLONES static void rg_store_f32(const float* v, const float* e, float* y, int64_t n) {
   if (e) {
