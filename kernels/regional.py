@@ -87,12 +87,26 @@ def _image_base(img, IMG_INNER, s_outer, s_inner):
 # ---- RoI pooling: forward ----------------------------------------------------------------------
 
 @triton.jit
+def _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s, H, W, Hf, Wf):
+    """Taps of samples s (flat iy * gw + ix) of every bin: [bins, samples] each."""
+    gw1 = tl.maximum(gw, 1)
+    iy = s // gw1
+    ix = s % gw1
+    y = y0 + cell_i[:, None] * bin_h + (iy[None, :] + 0.5) * bin_h / gh
+    x = x0 + cell_j[:, None] * bin_w + (ix[None, :] + 0.5) * bin_w / gw
+    ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
+    xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
+    return ylo, yhi, wyl, wyh, xlo, xhi, wxl, wxh, yin & xin
+
+
+@triton.jit
 def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_ptr,
                          C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
                          spatial_scale, offset, ph, pw, sampling_ratio, log_base,
                          ALIGNED: tl.constexpr, HAS_ENC: tl.constexpr, HAS_TABLE: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # program = (RoI k, channel block); a [bins x channels] tile, one sample (iy, ix) at a time.
+                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (RoI k, channel block); tile = [bins, samples, channels], BLOCK_S samples of every
+    # bin at a time, summed over the sample axis.
     k = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -105,22 +119,21 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
     ok = img >= 0
     y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw,
                                                             sampling_ratio, ALIGNED, ACC)
-    base = feat_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c[None, :] * sC
+    base = feat_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + (offs_c * sC)[None, None, :]
     Hf = H.to(ACC)
     Wf = W.to(ACC)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for iy in range(0, gh):
-        y = y0 + cell_i * bin_h + (iy + 0.5) * bin_h / gh
-        ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
-        for ix in range(0, gw):
-            x = x0 + cell_j * bin_w + (ix + 0.5) * bin_w / gw
-            xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
-            m = (pmask & yin & xin)[:, None] & cmask[None, :]
-            v = (wyl * wxl)[:, None] * tl.load(base + (ylo * sH + xlo * sW)[:, None], mask=m, other=0.0).to(ACC)
-            v += (wyl * wxh)[:, None] * tl.load(base + (ylo * sH + xhi * sW)[:, None], mask=m, other=0.0).to(ACC)
-            v += (wyh * wxl)[:, None] * tl.load(base + (yhi * sH + xlo * sW)[:, None], mask=m, other=0.0).to(ACC)
-            v += (wyh * wxh)[:, None] * tl.load(base + (yhi * sH + xhi * sW)[:, None], mask=m, other=0.0).to(ACC)
-            acc += v
+    ns = gh * gw
+    for s0 in range(0, ns, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ylo, yhi, wyl, wyh, xlo, xhi, wxl, wxh, inside = _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s,
+                                                                      H, W, Hf, Wf)
+        m = (inside & pmask[:, None] & (s < ns)[None, :])[:, :, None] & cmask[None, None, :]
+        v = (wyl * wxl)[:, :, None] * tl.load(base + (ylo * sH + xlo * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        v += (wyl * wxh)[:, :, None] * tl.load(base + (ylo * sH + xhi * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        v += (wyh * wxl)[:, :, None] * tl.load(base + (yhi * sH + xlo * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        v += (wyh * wxh)[:, :, None] * tl.load(base + (yhi * sH + xhi * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        acc += tl.sum(v, axis=1)
     acc = acc * inv_count
     if HAS_ENC:
         enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, log_base, HAS_TABLE, ACC)
@@ -136,7 +149,7 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
                                 C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
                                 spatial_scale, offset, ph, pw, sampling_ratio,
                                 ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
+                                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -151,20 +164,20 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
                                                             sampling_ratio, ALIGNED, ACC)
     g = tl.load(grad_ptr + (k * C + offs_c[None, :]) * P + offs_p[:, None],
                 mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC) * inv_count
-    base = gbuf_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c[None, :] * sC
+    g = g[:, None, :]
+    base = gbuf_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + (offs_c * sC)[None, None, :]
     Hf = H.to(ACC)
     Wf = W.to(ACC)
-    for iy in range(0, gh):
-        y = y0 + cell_i * bin_h + (iy + 0.5) * bin_h / gh
-        ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
-        for ix in range(0, gw):
-            x = x0 + cell_j * bin_w + (ix + 0.5) * bin_w / gw
-            xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
-            m = (pmask & yin & xin)[:, None] & cmask[None, :]
-            tl.atomic_add(base + (ylo * sH + xlo * sW)[:, None], (wyl * wxl)[:, None] * g, mask=m)
-            tl.atomic_add(base + (ylo * sH + xhi * sW)[:, None], (wyl * wxh)[:, None] * g, mask=m)
-            tl.atomic_add(base + (yhi * sH + xlo * sW)[:, None], (wyh * wxl)[:, None] * g, mask=m)
-            tl.atomic_add(base + (yhi * sH + xhi * sW)[:, None], (wyh * wxh)[:, None] * g, mask=m)
+    ns = gh * gw
+    for s0 in range(0, ns, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ylo, yhi, wyl, wyh, xlo, xhi, wxl, wxh, inside = _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s,
+                                                                      H, W, Hf, Wf)
+        m = (inside & pmask[:, None] & (s < ns)[None, :])[:, :, None] & cmask[None, None, :]
+        tl.atomic_add(base + (ylo * sH + xlo * sW)[:, :, None], (wyl * wxl)[:, :, None] * g, mask=m)
+        tl.atomic_add(base + (ylo * sH + xhi * sW)[:, :, None], (wyl * wxh)[:, :, None] * g, mask=m)
+        tl.atomic_add(base + (yhi * sH + xlo * sW)[:, :, None], (wyh * wxl)[:, :, None] * g, mask=m)
+        tl.atomic_add(base + (yhi * sH + xhi * sW)[:, :, None], (wyh * wxh)[:, :, None] * g, mask=m)
 
 
 @triton.jit
@@ -382,10 +395,12 @@ def _empty_like_layout(sizes, device, dtype, channels_last):
     return torch.empty(cl, device=device, dtype=dtype).permute(list(range(d - 3)) + [d - 1, d - 3, d - 2])
 
 
-def _pool_blocks(P, C):
+def _pool_blocks(P, C, sampling_ratio):
+    """(BLOCK_P, BLOCK_S, BLOCK_C): all bins, a chunk of samples per bin, a channel block (<= 16K elements)."""
     BLOCK_P = triton.next_power_of_2(max(P, 1))
-    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(16, 4096 // BLOCK_P), 256))
-    return BLOCK_P, BLOCK_C
+    BLOCK_S = min(triton.next_power_of_2(sampling_ratio * sampling_ratio), 64) if sampling_ratio > 0 else 16
+    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(1, 16384 // (BLOCK_P * BLOCK_S)), 1024))
+    return BLOCK_P, BLOCK_S, BLOCK_C
 
 
 def _roi_images_from_rois(rois, N):
@@ -412,7 +427,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
     if K == 0 or C == 0:
         return out
     acc_tl, acc_torch = _acc(feat.dtype)
-    BLOCK_P, BLOCK_C = _pool_blocks(ph * pw, C)
+    BLOCK_P, BLOCK_S, BLOCK_C = _pool_blocks(ph * pw, C, sampling_ratio)
     ts, tab, has_table = enc
     boxes = boxes.to(acc_torch).contiguous()
     if ts is None:  # no TPE: any tensor for the unused pointers
@@ -422,7 +437,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
         feat, boxes, roi_img, ts, tab, out, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
         spatial_scale, 0.5 if aligned else 0.0, ph, pw, sampling_ratio, math.log(base),
         ALIGNED=bool(aligned), HAS_ENC=enc[0] is not None, HAS_TABLE=has_table, ACC=acc_tl, BLOCK_P=BLOCK_P,
-        BLOCK_C=BLOCK_C)
+        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -448,10 +463,10 @@ def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spa
             grad, boxes, order, start, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
             ph, pw, sampling_ratio, BLOCK_C=BLOCK_C, **common)
     else:
-        BLOCK_P, BLOCK_C = _pool_blocks(ph * pw, C)
+        BLOCK_P, BLOCK_S, BLOCK_C = _pool_blocks(ph * pw, C, sampling_ratio)
         _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
             grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
-            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, **common)
+            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, **common)
     return gbuf.to(grad.dtype)
 
 

@@ -11,6 +11,18 @@ from rgpt4d.ops._backend import (
     set_backend,
     unavailable_reasons,
 )
+from rgpt4d.ops.regional import (
+    MaskPool,
+    RegionPool,
+    RoIAlign,
+    boxes_to_rois,
+    mask_pool,
+    mask_pool_eager,
+    region_pool,
+    region_pool_eager,
+    roi_align,
+    roi_align_eager,
+)
 from rgpt4d.ops.tpe import (
     TimestampPositionalEncoding,
     TPEDownsampleLayerNorm,
@@ -36,4 +48,14 @@ __all__ = [
     "tpe_downsample_layernorm",
     "tpe_downsample_layernorm_eager",
     "tpe_sinusoid",
+    "MaskPool",
+    "RegionPool",
+    "RoIAlign",
+    "boxes_to_rois",
+    "mask_pool",
+    "mask_pool_eager",
+    "region_pool",
+    "region_pool_eager",
+    "roi_align",
+    "roi_align_eager",
 ]

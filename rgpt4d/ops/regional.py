@@ -144,7 +144,7 @@ def roi_align_eager(input: Tensor, rois: Union[Tensor, Sequence[Tensor]], output
         pooled = acc_k.sum(dim=(2, 4)) / count[sl].view(-1, 1, 1, 1)  # [k, ph, pw, C]
         chunks.append(pooled.permute(0, 3, 1, 2))
         k0 = k1
-    return torch.cat(chunks).to(input.dtype)
+    return torch.cat(chunks).to(input.dtype).contiguous()
 
 
 def _cl_to_bt_chw(features: Tensor) -> Tensor:
