@@ -346,7 +346,8 @@ def _mask_pool_gf_kernel(gn_ptr, feat_ptr, gfr_ptr, R, C, H, W, T, s0, s1, sC, s
 
 
 @triton.jit
-def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, NY, NX, ACC: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.constexpr, NY: tl.constexpr,
+                             NX: tl.constexpr, BLOCK_Q: tl.constexpr):
     # program = (mask, block of source pixels q): grad_mask[q] = sum over the resized pixels that
     # read q of their tap weight * (GF - s). Gather form: every output written once, no atomics.
     mi = tl.program_id(0).to(tl.int64)
@@ -357,26 +358,19 @@ def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, NY, NX, ACC: 
     sx = q % Wm
     sh = Hm.to(ACC) / H.to(ACC)
     sw = Wm.to(ACC) / W.to(ACC)
-    inv_h = 1.0 / sh
-    inv_w = 1.0 / sw
     # resized pixel o reads source i when its source coordinate lies in [i - 1, i + 1): the
     # candidates start one below floor((i - 0.5) / scale - 0.5); NY / NX of them cover the range.
-    y_first = tl.maximum(tl.floor((sy.to(ACC) - 0.5) * inv_h - 0.5).to(tl.int64) - 1, 0)
-    x_first = tl.maximum(tl.floor((sx.to(ACC) - 0.5) * inv_w - 0.5).to(tl.int64) - 1, 0)
+    y = tl.maximum(tl.floor((sy.to(ACC) - 0.5) / sh - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NY)[None, :]
+    x = tl.maximum(tl.floor((sx.to(ACC) - 0.5) / sw - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NX)[None, :]
+    ylo, yhi, wyl, wyh = _resize_tap(y, Hm, sh)
+    xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
+    wy = tl.where((ylo == sy[:, None]) & (y < H), wyl, 0.0) + tl.where((yhi == sy[:, None]) & (y < H), wyh, 0.0)
+    wx = tl.where((xlo == sx[:, None]) & (x < W), wxl, 0.0) + tl.where((xhi == sx[:, None]) & (x < W), wxh, 0.0)
+    w = wy[:, :, None] * wx[:, None, :]  # [q, candidate rows, candidate columns]
+    m = qm[:, None, None] & (w != 0.0)
+    v = tl.load(gfr_ptr + mi * H * W + y[:, :, None] * W + x[:, None, :], mask=m, other=0.0)
     s = tl.load(s_ptr + mi)
-    acc = tl.zeros([BLOCK_Q], dtype=ACC)
-    for dy in range(0, NY):
-        y = y_first + dy
-        ym = qm & (y < H)
-        ylo, yhi, wyl, wyh = _resize_tap(y, Hm, sh)
-        wy = tl.where(ylo == sy, wyl, 0.0) + tl.where(yhi == sy, wyh, 0.0)
-        for dx in range(0, NX):
-            x = x_first + dx
-            m = ym & (x < W)
-            xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
-            wx = tl.where(xlo == sx, wxl, 0.0) + tl.where(xhi == sx, wxh, 0.0)
-            v = tl.load(gfr_ptr + mi * H * W + y * W + x, mask=m & (wy * wx != 0.0), other=0.0)
-            acc += tl.where(m, wy * wx * (v - s), 0.0)
+    acc = tl.sum(tl.sum(tl.where(m, w * (v - s), 0.0), axis=2), axis=1)
     tl.store(gm_ptr + mi * HWm + q, acc, mask=qm)
 
 
@@ -590,9 +584,10 @@ def mask_pool_bwd(grad, features, masks, eps, need_features_grad, need_masks_gra
         # d out / d m~_p = (f_p - out) / Z: the mean term s_r = sum_p (m~_p / Z) GF_p, GF carrying 1 / Z.
         s = ((mt * gfr).sum(-1) * invz).contiguous()
         gmb = torch.empty(B * T * R, Hm * Wm, device=masks.device, dtype=acc_torch)
-        NY, NX = math.ceil(2 * H / Hm) + 4, math.ceil(2 * W / Wm) + 4
-        BLOCK_Q = min(triton.next_power_of_2(Hm * Wm), 1024)
+        NY = triton.next_power_of_2(math.ceil(2 * H / Hm) + 4)
+        NX = triton.next_power_of_2(math.ceil(2 * W / Wm) + 4)
+        BLOCK_Q = max(1, min(triton.next_power_of_2(Hm * Wm), 16384 // (NY * NX)))
         _resize_transpose_kernel[(B * T * R, triton.cdiv(Hm * Wm, BLOCK_Q))](
-            gfr, s, gmb, Hm, Wm, H, W, NY, NX, ACC=acc_tl, BLOCK_Q=BLOCK_Q)
+            gfr, s, gmb, Hm, Wm, H, W, ACC=acc_tl, NY=NY, NX=NX, BLOCK_Q=BLOCK_Q)
         gm.copy_(gmb.view(masks.shape))
     return gf, gm

@@ -180,7 +180,7 @@ def resize_masks_eager(masks: Tensor, size: tuple[int, int], dtype: torch.dtype)
     B, T, R, Hm, Wm = masks.shape
     m = masks.reshape(B * T * R, 1, Hm, Wm).to(dtype)
     if B * T * R == 0:
-        return m.new_zeros((B, T, R) + tuple(size))
+        return m.new_zeros((B, T, R) + tuple(size)) + m.sum()  # stays connected to masks for autograd
     return F.interpolate(m, size=size, mode="bilinear", align_corners=False).view(B, T, R, *size)
 
 

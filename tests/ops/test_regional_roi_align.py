@@ -148,6 +148,7 @@ def test_fp16_and_fp64(backend):
     torch.testing.assert_close(out16.double(), ref, atol=4e-3, rtol=2e-3)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # nan boxes under the Triton interpreter
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_non_finite_boxes_give_zeros_and_no_gradient(backend):
     # Documented choice: a RoI with a nan/inf coordinate samples nothing (zeros, zero gradient).
