@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -80,6 +81,31 @@ inline void store(const float* v, const float* e, c10::BFloat16* y, int64_t n) {
 }
 
 int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// Below about this many multiply-adds a parallel region costs more than it saves (waking the
+// thread pool takes tens of microseconds, and far more when the cores are shared).
+constexpr double kSerialWork = 1 << 17;
+
+// fn(begin, end) over [0, n) like at::parallel_for, but the tasks are handed out one at a time from
+// a shared counter (dynamic scheduling): RoIs of very different sizes, or a thread the OS
+// deschedules, do not hold the others up. Every task writes its own outputs in a fixed order, so
+// the result does not depend on which thread runs it. Serial when total_work is small.
+template <typename F>
+void parallel_tasks(int64_t n, double total_work, const F& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(num_threads(), n);
+  if (threads <= 1 || total_work < kSerialWork || at::in_parallel_region()) {
+    fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w)
+      for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
+           t = next.fetch_add(1, std::memory_order_relaxed))
+        fn(t, t + 1);
+  });
+}
 
 // Channel chunks per work item so that `items` items give every thread a few tasks, with at
 // least `min_chunk` channels per task (vector width).
@@ -195,6 +221,7 @@ struct RoiProblem {
   const int64_t* roi_img;
   const int64_t* img_off;
   const A* enc;
+  double taps = 0;  // estimated taps of all RoIs (work estimates and the layout choice)
 };
 
 // All RoIs' taps, built once (in parallel), and the RoIs grouped by image in RoI order.
@@ -205,7 +232,7 @@ struct RoiPlan {
 
   // flat_sH >= 0: also flatten the taps for a planar map with that row stride.
   RoiPlan(const RoiProblem<A>& pb, int64_t flat_sH) : taps(pb.K), start(pb.images + 1, 0), order(pb.K) {
-    at::parallel_for(0, pb.K, 16, [&](int64_t b, int64_t e) {
+    parallel_tasks(pb.K, 50.0 * pb.K * (pb.ps.ph + pb.ps.pw), [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
         if (pb.roi_img[k] < 0) continue;
         taps[k].build(pb.boxes + 4 * k, pb.ps);
@@ -236,7 +263,7 @@ void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>&
   if (lay.channels_last) {
     const int64_t nchunks = channel_chunks(K, C);
     const int64_t chunk = (C + nchunks - 1) / nchunks;
-    at::parallel_for(0, K * nchunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(K * nchunks, pb.taps * C, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(chunk);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t k = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
@@ -268,7 +295,7 @@ void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>&
   }
   const int64_t nchunks = channel_chunks(pb.images, C, 1);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
-  at::parallel_for(0, pb.images * nchunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(pb.images * nchunks, pb.taps * C, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, c1 = std::min(C, c0 + chunk);
       const S* base = feat + pb.img_off[img];
@@ -300,7 +327,7 @@ void roi_pool_backward(const S* grad, const FeatLayout& lay, const RoiProblem<A>
   const RoiPlan<A> plan(pb, lay.channels_last ? -1 : lay.sH);
   const int64_t nchunks = channel_chunks(images, C, lay.channels_last ? 16 : 1);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
-  at::parallel_for(0, images * nchunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(images * nchunks, (pb.taps + images * HW) * C, [&](int64_t begin, int64_t end) {
     std::vector<A> gv(chunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
@@ -355,11 +382,16 @@ constexpr double kTransposeTapsPerPixelForward = 6.0;
 constexpr double kTransposeTapsPerPixelBackward = 20.0;
 
 template <typename A>
-bool prefer_channels_last(const RoiProblem<A>& pb, int64_t pixels, double threshold) {
+double total_taps(const RoiProblem<A>& pb) {
   double taps = 0;
   for (int64_t k = 0; k < pb.K; ++k)
     if (pb.roi_img[k] >= 0) taps += estimate_taps<A>(pb.boxes + 4 * k, pb.ps);
-  return taps > threshold * static_cast<double>(pixels);
+  return taps;
+}
+
+template <typename A>
+bool prefer_channels_last(const RoiProblem<A>& pb, int64_t pixels, double threshold) {
+  return pb.taps > threshold * static_cast<double>(pixels);
 }
 
 // ---- host helpers -------------------------------------------------------------------------------
@@ -435,7 +467,7 @@ at::Tensor frame_encodings(const c10::optional<at::Tensor>& timestamps, const c1
     const A* sec = in.seconds.data_ptr<A>();
     A* e = enc.data_ptr<A>();
     const A log_base = static_cast<A>(std::log(base));
-    at::parallel_for(0, BT, 1, [&](int64_t b0, int64_t b1) {
+    parallel_tasks(BT, 20.0 * BT * C, [&](int64_t b0, int64_t b1) {
       for (int64_t bt = b0; bt < b1; ++bt)
         for (int64_t c = 0; c < C; ++c) e[bt * C + c] = tpe_value<A>(sec[bt], c, C, log_base);
     });
@@ -479,6 +511,7 @@ RoiProblem<A> make_problem(const PoolShape& ps, int64_t K, int64_t images, const
   pb.roi_img = roi_img.data();
   pb.img_off = img_off.data();
   pb.enc = enc;
+  pb.taps = total_taps(pb);
   return pb;
 }
 
@@ -633,7 +666,7 @@ void resize_masks(const at::Tensor& masks, int64_t H, int64_t W, double eps, A* 
   const M* mp = masks.data_ptr<M>();
   const int64_t s0 = masks.stride(0), s1 = masks.stride(1), s2 = masks.stride(2), sy = masks.stride(3),
                 sx = masks.stride(4);
-  at::parallel_for(0, n, 1, [&](int64_t b0, int64_t b1) {
+  parallel_tasks(n, 8.0 * n * HW, [&](int64_t b0, int64_t b1) {
     for (int64_t m = b0; m < b1; ++m) {
       const int64_t r = m % R, t = (m / R) % T, b = m / (R * T);
       const M* src = mp + b * s0 + t * s1 + r * s2;
@@ -686,7 +719,7 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t nchunks = channel_chunks(BT, C);
     const int64_t chunk = (C + nchunks - 1) / nchunks;
-    at::parallel_for(0, BT * nchunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(BT * nchunks, static_cast<double>(BT) * R * HW * C, [&](int64_t begin, int64_t end) {
       std::vector<A> acc_v(R * chunk);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bt = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
@@ -763,7 +796,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
       scalar_t* gfp = gf.data_ptr<scalar_t>();
       const int64_t nchunks = channel_chunks(BT, C);
       const int64_t chunk = (C + nchunks - 1) / nchunks;
-      at::parallel_for(0, BT * nchunks, 1, [&](int64_t begin, int64_t end) {
+      parallel_tasks(BT * nchunks, static_cast<double>(BT) * R * HW * C, [&](int64_t begin, int64_t end) {
         std::vector<A> v(std::max(HW, chunk));
         for (int64_t task = begin; task < end; ++task) {
           const int64_t bt = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
@@ -802,7 +835,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
       const scalar_t* fp = f.data_ptr<scalar_t>();
       const A* zp = inv_z.data_ptr<A>();
       A* gmp = gmb.data_ptr<A>();
-      at::parallel_for(0, BT, 1, [&](int64_t b0, int64_t b1) {
+      parallel_tasks(BT, static_cast<double>(BT) * R * HW * C, [&](int64_t b0, int64_t b1) {
         std::vector<A> gfr(R * HW);
         for (int64_t bt = b0; bt < b1; ++bt) {
           const scalar_t* base = fp + off[bt];
