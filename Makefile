@@ -61,11 +61,12 @@ setup: $(STAMPS)/ext
 
 ext: $(STAMPS)/ext
 
-# Compile-only check of every CUDA source (no GPU needed). Scratch folder, incremental.
+# Compile-only check of every CUDA source (no GPU needed): the .cu kernels and the *_cuda.cpp
+# bindings, linked into a scratch library that is never loaded. Scratch folder, incremental.
 cuda-check: $(STAMPS)/install
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found (set CUDA_HOME)"; exit 1; fi
 	@echo "[cuda-check] compiling csrc/ with FORCE_CUDA=1 for TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)"
-	@mkdir -p build/cuda-check && FORCE_CUDA=1 CUDA_HOME=$(CUDA_ROOT) $(PY) setup.py build_ext \
+	@mkdir -p build/cuda-check && FORCE_CUDA=1 RGPT4D_CUDA_CHECK=1 CUDA_HOME=$(CUDA_ROOT) $(PY) setup.py build_ext \
 		--build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib > build/cuda-check/log 2>&1 \
 		|| { grep -E "error|Error" build/cuda-check/log | head -50; echo "[cuda-check] FAILED (full log: build/cuda-check/log)"; exit 1; }
 	@test -n "$$(find build/cuda-check/lib -name '_C*.so')" || { echo "cuda-check: no library produced"; exit 1; }

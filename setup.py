@@ -74,6 +74,10 @@ def _extensions():
     info = (f"torch {torch.__version__}; cuda kernels {'yes' if with_cuda else 'no'}; arch {arch}; "
             f"cxx {' '.join(cxx_flags)}" + (f"; nvcc {' '.join(nvcc_flags)}" if with_cuda else ""))
     define_macros = [("RGPT4D_BUILD_INFO", '"' + info.replace('"', "") + '"')]
+    if with_cuda and _env_flag("RGPT4D_CUDA_CHECK"):
+        # `make cuda-check`: compile only the CUDA sources (the CPU ones are compiled by the normal
+        # build); the resulting library is never loaded.
+        cpu_cpp = [s for s in cpu_cpp if os.path.basename(s) == "init.cpp"]
     if with_cuda:
         # cusparse.h / cublas headers of the pip CUDA wheels live here.
         import site
