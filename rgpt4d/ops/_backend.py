@@ -52,7 +52,10 @@ def _load_extension() -> bool:
 
                 _EXT["loaded"], _EXT["module"] = True, _C
             except ImportError as e:  # not built, or built against another torch
-                _EXT["loaded"], _EXT["error"] = False, f"{type(e).__name__}: {e}"
+                if importlib.util.find_spec("rgpt4d._C") is None:
+                    _EXT["loaded"], _EXT["error"] = False, "rgpt4d._C is not built"
+                else:
+                    _EXT["loaded"], _EXT["error"] = False, f"{type(e).__name__}: {e}"
     return bool(_EXT["loaded"])
 
 
