@@ -11,6 +11,17 @@ from rgpt4d.ops._backend import (
     set_backend,
     unavailable_reasons,
 )
+from rgpt4d.ops.p4d import (
+    PRESETS as P4D_PRESETS,
+    FusedLinearLatentLoss,
+    P4DLoss,
+    P4DLossOutput,
+    P4DPreset,
+    fused_linear_latent_loss,
+    fused_linear_latent_loss_eager,
+    p4d_loss,
+    p4d_term_eager,
+)
 from rgpt4d.ops.tpe import (
     TimestampPositionalEncoding,
     TPEDownsampleLayerNorm,
@@ -28,6 +39,15 @@ __all__ = [
     "available_backends",
     "set_backend",
     "unavailable_reasons",
+    "P4D_PRESETS",
+    "FusedLinearLatentLoss",
+    "P4DLoss",
+    "P4DLossOutput",
+    "P4DPreset",
+    "fused_linear_latent_loss",
+    "fused_linear_latent_loss_eager",
+    "p4d_loss",
+    "p4d_term_eager",
     "TimestampPositionalEncoding",
     "TPEDownsampleLayerNorm",
     "tpe_add",

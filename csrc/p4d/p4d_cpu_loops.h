@@ -1,0 +1,91 @@
+// Raw-pointer loops of the P4D loss CPU kernels. The loss/gradient loop over a block of floats
+// is instantiated per (kind, mask, chain, grad) and compiled twice (RGPT4D_CPU_CLONES: an AVX2
+// clone chosen at load time and a baseline one); GCC vectorises the branch-free body.
+#pragma once
+
+#include "common/hd.h"
+#include "p4d/p4d_math.h"
+
+#if defined(__GNUC__)
+#define RGPT4D_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RGPT4D_ALWAYS_INLINE inline
+#endif
+
+namespace rgpt4d {
+namespace cpu {
+
+// Sum of the loss over n elements and, when g is given, g[i] = scale * chain[i] * loss'(d[i]).
+// Masked-out elements (m[i] == 0) contribute 0 to both, even where p or t is NaN/inf.
+// g may alias p (the fused linear loss writes the gradient over the projection).
+// Two loops: an elementwise one without a reduction, which GCC vectorises (the selects are
+// bitwise, p4d_select), writing the per-element loss to `l`; then a fixed-order sum over
+// eight lanes.
+template <int KIND, bool MASK, bool CHAIN, bool GRAD>
+RGPT4D_ALWAYS_INLINE void p4d_elem_loop(const float* p, const float* t, const uint8_t* m, const float* chain,
+                                        float* g, float* l, int64_t n, P4DConsts<float> c, float scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = p[i] - t[i];
+    const bool ok = !MASK || m[i] != 0;
+    l[i] = p4d_select(ok, p4d_elem_loss<KIND, float>(d, c), 0.0f);
+    if (GRAD) {
+      float gr = p4d_elem_grad<KIND, float>(d, c) * scale;
+      if (CHAIN) gr *= chain[i];
+      g[i] = p4d_select(ok, gr, 0.0f);
+    }
+  }
+}
+
+RGPT4D_ALWAYS_INLINE float p4d_sum8(const float* v, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += v[i + k];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += v[i];
+  return s;
+}
+
+template <int KIND, bool MASK, bool CHAIN, bool GRAD>
+RGPT4D_ALWAYS_INLINE float p4d_block_body(const float* p, const float* t, const uint8_t* m, const float* chain,
+                                          float* g, float* l, int64_t n, P4DConsts<float> c, float scale) {
+  p4d_elem_loop<KIND, MASK, CHAIN, GRAD>(p, t, m, chain, g, l, n, c, scale);
+  return p4d_sum8(l, n);
+}
+
+template <int KIND>
+RGPT4D_ALWAYS_INLINE float p4d_block_kind(const float* p, const float* t, const uint8_t* m, const float* chain,
+                                          float* g, float* l, int64_t n, P4DConsts<float> c, float scale) {
+  const int sel = (m ? 4 : 0) | (chain ? 2 : 0) | (g ? 1 : 0);
+  switch (sel) {
+    case 0: return p4d_block_body<KIND, false, false, false>(p, t, m, chain, g, l, n, c, scale);
+    case 1: return p4d_block_body<KIND, false, false, true>(p, t, m, chain, g, l, n, c, scale);
+    case 2: return p4d_block_body<KIND, false, true, false>(p, t, m, chain, g, l, n, c, scale);
+    case 3: return p4d_block_body<KIND, false, true, true>(p, t, m, chain, g, l, n, c, scale);
+    case 4: return p4d_block_body<KIND, true, false, false>(p, t, m, chain, g, l, n, c, scale);
+    case 5: return p4d_block_body<KIND, true, false, true>(p, t, m, chain, g, l, n, c, scale);
+    case 6: return p4d_block_body<KIND, true, true, false>(p, t, m, chain, g, l, n, c, scale);
+    default: return p4d_block_body<KIND, true, true, true>(p, t, m, chain, g, l, n, c, scale);
+  }
+}
+
+// m, chain, g may each be null (no mask / not in log space / no gradient wanted); l is scratch
+// for n per-element losses.
+RGPT4D_CPU_CLONES static float p4d_block_f32(int kind, const float* p, const float* t, const uint8_t* m,
+                                             const float* chain, float* g, float* l, int64_t n,
+                                             P4DConsts<float> c, float scale) {
+  if (kind == kP4DSmoothL1) return p4d_block_kind<kP4DSmoothL1>(p, t, m, chain, g, l, n, c, scale);
+  if (kind == kP4DMSE) return p4d_block_kind<kP4DMSE>(p, t, m, chain, g, l, n, c, scale);
+  return p4d_block_kind<kP4DL1>(p, t, m, chain, g, l, n, c, scale);
+}
+
+// bf16 <-> float rows (the same conversions as the TPE loops, kept local to this family).
+RGPT4D_CPU_CLONES static void p4d_load_bf16(const uint16_t* x, float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = bf16_bits_to_float(x[i]);
+}
+RGPT4D_CPU_CLONES static void p4d_store_bf16(const float* v, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16_bits(v[i]);
+}
+
+}  // namespace cpu
+}  // namespace rgpt4d

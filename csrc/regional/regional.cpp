@@ -1,0 +1,879 @@
+// Regional pooling ops: schemas (the one place they are declared) and the CPU kernels.
+//
+//   roi_align(input[N,C,H,W], rois[K,5], spatial_scale, ph, pw, sampling_ratio, aligned) -> [K,C,ph,pw]
+//   roi_align_backward(grad[K,C,ph,pw], rois, spatial_scale, ph, pw, sampling_ratio, aligned,
+//                      N, H, W, channels_last, deterministic)          -> grad_input [N,C,H,W]
+//   region_pool(features[B,T,C,H,W], boxes[B,T,R,4], valid[B,T,R]?, timestamps[B,T]?, table[L,C]?,
+//               spatial_scale, ph, pw, sampling_ratio, aligned, base)  -> [B,T,R,C,ph,pw]
+//   region_pool_backward(grad[B,T,R,C,ph,pw], boxes, valid?, spatial_scale, ph, pw, sampling_ratio,
+//                        aligned, H, W, channels_last, deterministic)  -> grad_features [B,T,C,H,W]
+//   mask_pool(features[B,T,C,H,W], masks[B,T,R,Hm,Wm], timestamps?, table?, eps, base) -> [B,T,R,C]
+//   mask_pool_backward(grad[B,T,R,C], features, masks, eps, need_features_grad, need_masks_grad,
+//                      channels_last) -> (grad_features or [0], grad_masks or [0])
+//
+// Features are read in place when their channels (channels-last) or their rows (planar) are
+// contiguous, whatever the batch/frame strides; grad_features comes back contiguous, or
+// channels-last when channels_last=True. The RoI math is in regional_math.h. The CPU kernels are
+// deterministic: the backward gives each task a disjoint slice of the gradient (one image x a
+// channel range) and adds the RoIs in a fixed order; no atomics.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "regional/regional_common.h"
+#include "regional/regional_cpu_loops.h"
+#include "regional/regional_math.h"
+#include "tpe/tpe_common.h"
+#include "tpe/tpe_math.h"
+
+namespace rgpt4d {
+namespace {
+
+// ---- channel-row primitives: generic templates, with vectorised float / bf16 overloads ------
+template <typename S, typename A>
+inline void axpy(A a, const S* x, A* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += a * static_cast<A>(x[i]);
+}
+inline void axpy(float a, const float* x, float* acc, int64_t n) { cpu::rg_axpy_f32(a, x, acc, n); }
+inline void axpy(float a, const c10::BFloat16* x, float* acc, int64_t n) {
+  cpu::rg_axpy_bf16(a, reinterpret_cast<const uint16_t*>(x), acc, n);
+}
+
+template <typename S, typename A>
+inline A dot(const A* a, const S* x, int64_t n) {
+  A s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<A>(x[i]);
+  return s;
+}
+inline float dot(const float* a, const float* x, int64_t n) { return cpu::rg_dot_f32(a, x, n); }
+inline float dot(const float* a, const c10::BFloat16* x, int64_t n) {
+  return cpu::rg_dot_bf16(a, reinterpret_cast<const uint16_t*>(x), n);
+}
+
+template <typename S, typename A>
+inline A gather_dot(const S* base, const int64_t* off, const A* w, int64_t n) {
+  A s = 0;
+  for (int64_t i = 0; i < n; ++i) s += w[i] * static_cast<A>(base[off[i]]);
+  return s;
+}
+inline float gather_dot(const float* base, const int64_t* off, const float* w, int64_t n) {
+  return cpu::rg_gather_dot_f32(base, off, w, n);
+}
+inline float gather_dot(const c10::BFloat16* base, const int64_t* off, const float* w, int64_t n) {
+  return cpu::rg_gather_dot_bf16(reinterpret_cast<const uint16_t*>(base), off, w, n);
+}
+
+// y = v + e (e may be null), converted to the output dtype.
+template <typename A, typename S>
+inline void store(const A* v, const A* e, S* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<S>(v[i] + (e ? e[i] : A(0)));
+}
+inline void store(const float* v, const float* e, float* y, int64_t n) { cpu::rg_store_f32(v, e, y, n); }
+inline void store(const float* v, const float* e, c10::BFloat16* y, int64_t n) {
+  cpu::rg_store_bf16(v, e, reinterpret_cast<uint16_t*>(y), n);
+}
+
+int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// Channel chunks per work item so that `items` items give every thread a few tasks, with at
+// least `min_chunk` channels per task (vector width).
+int64_t channel_chunks(int64_t items, int64_t C, int64_t min_chunk = 16) {
+  if (items <= 0 || C <= 0) return 1;
+  const int64_t want = (4 * num_threads() + items - 1) / items;
+  const int64_t most = std::max<int64_t>(1, (C + min_chunk - 1) / min_chunk);
+  return std::max<int64_t>(1, std::min(want, most));
+}
+
+// ---- RoI taps ----------------------------------------------------------------------------------
+// For each output cell along one axis: the merged taps (pixel index, summed bilinear weight) of
+// the cell's samples, in increasing pixel order. See regional_math.h.
+template <typename A>
+struct AxisTaps {
+  std::vector<int64_t> start{0};  // cells + 1 offsets into idx / w
+  std::vector<int64_t> idx;
+  std::vector<A> w;
+  std::vector<A> scratch;
+
+  void build(A origin, A bin, int64_t grid, int64_t cells, int64_t size) {
+    start.assign(1, 0);
+    idx.clear();
+    w.clear();
+    for (int64_t cell = 0; cell < cells; ++cell) {
+      int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+      for (int64_t s = 0; s < grid; ++s) {
+        const AxisTap<A> t = roi_axis_tap<A>(roi_sample_coord<A>(origin, bin, cell, s, grid), size);
+        if (!t.valid) continue;
+        lo = std::min(lo, t.lo);
+        hi = std::max(hi, t.hi);
+      }
+      if (hi >= lo) {
+        scratch.assign(hi - lo + 1, A(0));
+        for (int64_t s = 0; s < grid; ++s) {
+          const AxisTap<A> t = roi_axis_tap<A>(roi_sample_coord<A>(origin, bin, cell, s, grid), size);
+          if (!t.valid) continue;
+          scratch[t.lo - lo] += t.w_lo;
+          scratch[t.hi - lo] += t.w_hi;
+        }
+        for (int64_t q = 0; q <= hi - lo; ++q) {
+          if (scratch[q] != A(0)) {
+            idx.push_back(lo + q);
+            w.push_back(scratch[q]);
+          }
+        }
+      }
+      start.push_back(static_cast<int64_t>(idx.size()));
+    }
+  }
+};
+
+struct PoolShape {
+  int64_t C, H, W, ph, pw, sampling_ratio;
+  bool aligned;
+  double spatial_scale;
+};
+
+template <typename A>
+struct RoiTaps {
+  AxisTaps<A> y, x;
+  A inv_count = A(1);
+
+  // box: x1, y1, x2, y2 (unscaled).
+  void build(const A* box, const PoolShape& ps) {
+    const RoiGeom<A> g = roi_geometry<A>(box[0], box[1], box[2], box[3], static_cast<A>(ps.spatial_scale), ps.aligned,
+                                         ps.ph, ps.pw, ps.sampling_ratio);
+    inv_count = g.inv_count;
+    y.build(g.y0, g.bin_h, g.grid_h, ps.ph, ps.H);
+    x.build(g.x0, g.bin_w, g.grid_w, ps.pw, ps.W);
+  }
+
+  // Flattened 2D taps of every output cell for a planar map with row stride sH: cell q has taps
+  // [cell[q], cell[q+1]) of (off, w), w including 1 / count.
+  std::vector<int64_t> cell, off;
+  std::vector<A> w2;
+  void flatten(int64_t ph, int64_t pw, int64_t sH) {
+    cell.assign(1, 0);
+    off.clear();
+    w2.clear();
+    for (int64_t i = 0; i < ph; ++i) {
+      for (int64_t j = 0; j < pw; ++j) {
+        for (int64_t a = y.start[i]; a < y.start[i + 1]; ++a)
+          for (int64_t b = x.start[j]; b < x.start[j + 1]; ++b) {
+            off.push_back(y.idx[a] * sH + x.idx[b]);
+            w2.push_back(y.w[a] * x.w[b] * inv_count);
+          }
+        cell.push_back(static_cast<int64_t>(off.size()));
+      }
+    }
+  }
+};
+
+// Rough count of the taps a RoI needs (to choose between the planar and the channels-last loop).
+template <typename A>
+double estimate_taps(const A* box, const PoolShape& ps) {
+  const RoiGeom<A> g = roi_geometry<A>(box[0], box[1], box[2], box[3], static_cast<A>(ps.spatial_scale), ps.aligned,
+                                       ps.ph, ps.pw, ps.sampling_ratio);
+  const double ty = std::min<double>(2.0 * g.grid_h, std::abs(static_cast<double>(g.bin_h)) + 2.0);
+  const double tx = std::min<double>(2.0 * g.grid_w, std::abs(static_cast<double>(g.bin_w)) + 2.0);
+  return static_cast<double>(ps.ph * ps.pw) * ty * tx;
+}
+
+// ---- the RoI pooling problem, shared by roi_align and region_pool ------------------------------
+// K RoIs with boxes [K, 4] (accumulation dtype), each on image roi_img[k] (or -1: skipped, zero
+// output); image i of the features starts at element img_off[i]. enc (optional, [images, C]) is
+// added to every output cell of a non-skipped RoI (the fused TPE of region_pool).
+template <typename A>
+struct RoiProblem {
+  PoolShape ps;
+  int64_t K, images;
+  const A* boxes;
+  const int64_t* roi_img;
+  const int64_t* img_off;
+  const A* enc;
+};
+
+// All RoIs' taps, built once (in parallel), and the RoIs grouped by image in RoI order.
+template <typename A>
+struct RoiPlan {
+  std::vector<RoiTaps<A>> taps;       // per RoI (empty for skipped RoIs)
+  std::vector<int64_t> start, order;  // RoIs of image i: order[start[i] .. start[i+1])
+
+  // flat_sH >= 0: also flatten the taps for a planar map with that row stride.
+  RoiPlan(const RoiProblem<A>& pb, int64_t flat_sH) : taps(pb.K), start(pb.images + 1, 0), order(pb.K) {
+    at::parallel_for(0, pb.K, 16, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        if (pb.roi_img[k] < 0) continue;
+        taps[k].build(pb.boxes + 4 * k, pb.ps);
+        if (flat_sH >= 0) taps[k].flatten(pb.ps.ph, pb.ps.pw, flat_sH);
+      }
+    });
+    for (int64_t k = 0; k < pb.K; ++k)
+      if (pb.roi_img[k] >= 0) ++start[pb.roi_img[k] + 1];
+    for (int64_t i = 0; i < pb.images; ++i) start[i + 1] += start[i];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < pb.K; ++k)
+      if (pb.roi_img[k] >= 0) order[fill[pb.roi_img[k]]++] = k;
+  }
+};
+
+// out [K, C, ph, pw] (contiguous). lay: how the features are laid out (in place).
+// Planar maps: task = (image, channel range); channel outermost so that one channel plane stays
+// in cache while all the image's RoIs read it. Channels-last maps: task = (RoI, channel range);
+// every tap is a vector over the channel range.
+template <typename S, typename A>
+void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>& pb, S* out) {
+  const PoolShape& ps = pb.ps;
+  const int64_t C = ps.C, P = ps.ph * ps.pw, K = pb.K;
+  if (K == 0 || C == 0) return;
+  const RoiPlan<A> plan(pb, lay.channels_last ? -1 : lay.sH);
+  for (int64_t k = 0; k < K; ++k)  // skipped RoIs (not valid): zero tokens
+    if (pb.roi_img[k] < 0) std::fill(out + k * C * P, out + (k + 1) * C * P, static_cast<S>(0));
+  if (lay.channels_last) {
+    const int64_t nchunks = channel_chunks(K, C);
+    const int64_t chunk = (C + nchunks - 1) / nchunks;
+    at::parallel_for(0, K * nchunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(chunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
+        const int64_t img = pb.roi_img[k];
+        if (len <= 0 || img < 0) continue;
+        const RoiTaps<A>& t = plan.taps[k];
+        const S* base = feat + pb.img_off[img];
+        const A* e = pb.enc ? pb.enc + img * C + c0 : nullptr;
+        S* o = out + k * C * P;
+        for (int64_t i = 0; i < ps.ph; ++i) {
+          for (int64_t j = 0; j < ps.pw; ++j) {
+            std::fill(acc.begin(), acc.begin() + len, A(0));
+            for (int64_t a = t.y.start[i]; a < t.y.start[i + 1]; ++a) {
+              const S* row = base + t.y.idx[a] * lay.sH + c0;
+              const A wy = t.y.w[a] * t.inv_count;
+              for (int64_t b = t.x.start[j]; b < t.x.start[j + 1]; ++b)
+                axpy(wy * t.x.w[b], row + t.x.idx[b] * lay.sW, acc.data(), len);
+            }
+            if (P == 1) {
+              store(acc.data(), e, o + c0, len);
+            } else {
+              for (int64_t c = 0; c < len; ++c) o[(c0 + c) * P + i * ps.pw + j] = static_cast<S>(acc[c] + (e ? e[c] : A(0)));
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t nchunks = channel_chunks(pb.images, C, 1);
+  const int64_t chunk = (C + nchunks - 1) / nchunks;
+  at::parallel_for(0, pb.images * nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, c1 = std::min(C, c0 + chunk);
+      const S* base = feat + pb.img_off[img];
+      for (int64_t c = c0; c < c1; ++c) {
+        const S* plane = base + c * lay.sC;
+        const A ec = pb.enc ? pb.enc[img * C + c] : A(0);
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          S* o = out + (k * C + c) * P;
+          for (int64_t q = 0; q < P; ++q)
+            o[q] = static_cast<S>(gather_dot(plane, t.off.data() + t.cell[q], t.w2.data() + t.cell[q],
+                                             t.cell[q + 1] - t.cell[q]) + ec);
+        }
+      }
+    }
+  });
+}
+
+// grad_buf (accumulation dtype, uninitialised, [images, C, H, W] contiguous or channels-last) =
+// the adjoint of roi_pool_forward applied to grad [K, C, ph, pw]. Task = (image, channel range):
+// it zeroes and owns that slice of grad_buf (pages are first touched by the thread that fills
+// them) and adds its image's RoIs in RoI order, so the result does not depend on the thread count.
+template <typename S, typename A>
+void roi_pool_backward(const S* grad, const FeatLayout& lay, const RoiProblem<A>& pb, A* grad_buf) {
+  const PoolShape& ps = pb.ps;
+  const int64_t C = ps.C, P = ps.ph * ps.pw, images = pb.images, HW = ps.H * ps.W;
+  if (C == 0 || images == 0 || HW == 0) return;
+  const RoiPlan<A> plan(pb, lay.channels_last ? -1 : lay.sH);
+  const int64_t nchunks = channel_chunks(images, C, lay.channels_last ? 16 : 1);
+  const int64_t chunk = (C + nchunks - 1) / nchunks;
+  at::parallel_for(0, images * nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> gv(chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
+      if (len <= 0) continue;
+      A* base = grad_buf + pb.img_off[img];
+      if (lay.channels_last) {
+        for (int64_t p = 0; p < HW; ++p) std::fill_n(base + p * C + c0, len, A(0));
+      } else {
+        std::fill_n(base + c0 * HW, len * HW, A(0));
+      }
+      if (lay.channels_last) {
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          const S* g = grad + k * C * P;
+          for (int64_t i = 0; i < ps.ph; ++i) {
+            for (int64_t j = 0; j < ps.pw; ++j) {
+              const int64_t q = i * ps.pw + j;
+              for (int64_t c = 0; c < len; ++c) gv[c] = static_cast<A>(g[(c0 + c) * P + q]) * t.inv_count;
+              for (int64_t a = t.y.start[i]; a < t.y.start[i + 1]; ++a) {
+                A* row = base + t.y.idx[a] * lay.sH + c0;
+                for (int64_t b = t.x.start[j]; b < t.x.start[j + 1]; ++b)
+                  axpy(t.y.w[a] * t.x.w[b], gv.data(), row + t.x.idx[b] * lay.sW, len);
+              }
+            }
+          }
+        }
+        continue;
+      }
+      for (int64_t c = c0; c < c0 + len; ++c) {
+        A* plane = base + c * lay.sC;
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          const S* g = grad + (k * C + c) * P;
+          for (int64_t q = 0; q < P; ++q) {
+            const A gq = static_cast<A>(g[q]);
+            for (int64_t u = t.cell[q]; u < t.cell[q + 1]; ++u) plane[t.off[u]] += gq * t.w2[u];
+          }
+        }
+      }
+    }
+  });
+}
+
+// The planar loop reads one channel of a pixel at a time (a scalar gather per tap); the
+// channels-last loop reads a pixel's channels as one vector. When the RoIs need many taps per
+// pixel of the map, a channels-last copy of a planar map pays for itself. Thresholds measured with
+// benchmarks/bench_regional.py on a 2-core CPU (taps per pixel: ~10 for the detector case, ~1 for
+// the 4D-RGPT case); the backward's copy back to the planar layout raises its threshold.
+constexpr double kTransposeTapsPerPixelForward = 6.0;
+constexpr double kTransposeTapsPerPixelBackward = 20.0;
+
+template <typename A>
+bool prefer_channels_last(const RoiProblem<A>& pb, int64_t pixels, double threshold) {
+  double taps = 0;
+  for (int64_t k = 0; k < pb.K; ++k)
+    if (pb.roi_img[k] >= 0) taps += estimate_taps<A>(pb.boxes + 4 * k, pb.ps);
+  return taps > threshold * static_cast<double>(pixels);
+}
+
+// ---- host helpers -------------------------------------------------------------------------------
+// Per-image element offsets of a tensor whose leading dims (all but the last three) index images.
+std::vector<int64_t> image_offsets(const at::Tensor& t) {
+  const int64_t lead = t.dim() - 3;
+  int64_t images = 1;
+  for (int64_t d = 0; d < lead; ++d) images *= t.size(d);
+  std::vector<int64_t> off(images);
+  for (int64_t i = 0; i < images; ++i) {
+    int64_t rem = i, o = 0;
+    for (int64_t d = lead - 1; d >= 0; --d) {
+      o += (rem % t.size(d)) * t.stride(d);
+      rem /= t.size(d);
+    }
+    off[i] = o;
+  }
+  return off;
+}
+
+// A channels-last copy of t ([..., C, H, W] with the channels innermost in memory).
+at::Tensor channels_last_copy(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  std::vector<int64_t> perm;
+  for (int64_t i = 0; i < d - 3; ++i) perm.push_back(i);
+  perm.push_back(d - 2);
+  perm.push_back(d - 1);
+  perm.push_back(d - 3);
+  std::vector<int64_t> back;  // inverse permutation
+  for (int64_t i = 0; i < d - 3; ++i) back.push_back(i);
+  back.push_back(d - 1);
+  back.push_back(d - 3);
+  back.push_back(d - 2);
+  return t.permute(perm).contiguous().permute(back);
+}
+
+// An empty gradient buffer [..., C, H, W] of `sizes`: contiguous, or channels-last.
+at::Tensor new_grad_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt, bool channels_last, bool zero = true) {
+  if (!channels_last) return zero ? at::zeros(sizes, opt) : at::empty(sizes, opt);
+  const int64_t d = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> cl(sizes.begin(), sizes.end() - 3);
+  cl.push_back(sizes[d - 2]);
+  cl.push_back(sizes[d - 1]);
+  cl.push_back(sizes[d - 3]);
+  std::vector<int64_t> back;
+  for (int64_t i = 0; i < d - 3; ++i) back.push_back(i);
+  back.push_back(d - 1);
+  back.push_back(d - 3);
+  back.push_back(d - 2);
+  return (zero ? at::zeros(cl, opt) : at::empty(cl, opt)).permute(back);
+}
+
+// Features as the kernels read them: in place when possible, else a contiguous copy. With
+// allow_transpose, a planar map is copied to channels-last when `want_cl` says it pays.
+std::pair<at::Tensor, FeatLayout> readable_features(const at::Tensor& f, bool want_cl) {
+  auto lay = feature_layout(f);
+  if (lay && (lay->channels_last || !want_cl)) return {f, *lay};
+  at::Tensor g = want_cl ? channels_last_copy(f) : f.contiguous();
+  return {g, *feature_layout(g)};
+}
+
+// Frame encodings [B*T, C] in the accumulation dtype (the fused TPE), or an undefined tensor.
+at::Tensor frame_encodings(const c10::optional<at::Tensor>& timestamps, const c10::optional<at::Tensor>& table,
+                           int64_t C, double base, at::ScalarType acc_type, const char* op) {
+  if (!(timestamps.has_value() && timestamps->defined())) return at::Tensor();
+  const EncoderInputs in = prepare_encoder(*timestamps, table, acc_type, op, /*check_range=*/true);
+  const int64_t BT = timestamps->numel();
+  at::Tensor enc = at::empty({BT, C}, timestamps->options().dtype(acc_type));
+  if (BT == 0 || C == 0) return enc;
+  if (in.table.defined()) return in.table.index_select(0, in.rows.reshape({BT})).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "regional_frame_encodings", [&] {
+    using A = scalar_t;
+    const A* sec = in.seconds.data_ptr<A>();
+    A* e = enc.data_ptr<A>();
+    const A log_base = static_cast<A>(std::log(base));
+    at::parallel_for(0, BT, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bt = b0; bt < b1; ++bt)
+        for (int64_t c = 0; c < C; ++c) e[bt * C + c] = tpe_value<A>(sec[bt], c, C, log_base);
+    });
+  });
+  return enc;
+}
+
+// ---- roi_align ----------------------------------------------------------------------------------
+struct RoiInputs {
+  at::Tensor boxes;  // [K, 4] acc dtype
+  std::vector<int64_t> roi_img;
+};
+
+RoiInputs roi_inputs_from_rois(const at::Tensor& rois, int64_t N, at::ScalarType acc) {
+  RoiInputs r;
+  const at::Tensor rc = rois.to(acc).contiguous();
+  const int64_t K = rc.size(0);
+  r.boxes = rc.narrow(1, 1, 4).contiguous();
+  r.roi_img.resize(K);
+  AT_DISPATCH_FLOATING_TYPES(acc, "roi_inputs", [&] {
+    const scalar_t* p = rc.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      const scalar_t v = p[k * 5];
+      // Truncation toward zero, as torchvision casts the index; range checked before any read.
+      TORCH_CHECK(static_cast<double>(v) > -1.0 && static_cast<double>(v) < static_cast<double>(N),
+                  "roi_align: rois[", k, ", 0] (batch index) must be in [0, ", N, "), got ", static_cast<double>(v));
+      r.roi_img[k] = static_cast<int64_t>(v);
+    }
+  });
+  return r;
+}
+
+template <typename A>
+RoiProblem<A> make_problem(const PoolShape& ps, int64_t K, int64_t images, const at::Tensor& boxes,
+                           const std::vector<int64_t>& roi_img, const std::vector<int64_t>& img_off, const A* enc) {
+  RoiProblem<A> pb;
+  pb.ps = ps;
+  pb.K = K;
+  pb.images = images;
+  pb.boxes = K > 0 ? boxes.data_ptr<A>() : nullptr;
+  pb.roi_img = roi_img.data();
+  pb.img_off = img_off.data();
+  pb.enc = enc;
+  return pb;
+}
+
+at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t ph, int64_t pw,
+                         int64_t sampling_ratio, bool aligned) {
+  check_roi_align(input, rois, ph, pw, sampling_ratio);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = rois.size(0);
+  at::Tensor out = at::empty({K, C, ph, pw}, input.options());
+  if (K == 0 || C == 0) return out;
+  const at::ScalarType acc = regional_acc_type(input.scalar_type());
+  RoiInputs ri = roi_inputs_from_rois(rois, N, acc);
+  const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_align_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<int64_t> no_off(N, 0);
+    RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
+    auto [f, lay] = readable_features(input, prefer_channels_last(pb, N * H * W, kTransposeTapsPerPixelForward));
+    const std::vector<int64_t> off = image_offsets(f);
+    pb.img_off = off.data();
+    roi_pool_forward<scalar_t, A>(f.data_ptr<scalar_t>(), lay, pb, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int64_t ph,
+                                  int64_t pw, int64_t sampling_ratio, bool aligned, int64_t N, int64_t H, int64_t W,
+                                  bool channels_last, bool deterministic) {
+  (void)deterministic;  // the CPU kernel is always deterministic
+  TORCH_CHECK(grad.dim() == 4 && grad.size(2) == ph && grad.size(3) == pw, "roi_align_backward: grad must be [K, C, ",
+              ph, ", ", pw, "], got ", grad.sizes());
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5 && rois.size(0) == grad.size(0),
+              "roi_align_backward: rois must be [K, 5] with K = ", grad.size(0), ", got ", rois.sizes());
+  TORCH_CHECK(N >= 0 && H >= 0 && W >= 0, "roi_align_backward: bad input size");
+  const int64_t C = grad.size(1), K = grad.size(0);
+  const at::ScalarType acc = regional_acc_type(grad.scalar_type());
+  at::Tensor buf = new_grad_buffer({N, C, H, W}, grad.options().dtype(acc), channels_last, /*zero=*/false);
+  if (C > 0 && N * H * W > 0) {
+    RoiInputs ri = roi_inputs_from_rois(rois, N, acc);
+    const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
+    const at::Tensor g = grad.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_align_backward_cpu", [&] {
+      using A = at::opmath_type<scalar_t>;
+      std::vector<int64_t> no_off(N, 0);
+      RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
+      // Scatter into a channels-last buffer when that is the faster loop, then transpose once.
+      const bool cl_loop = channels_last || prefer_channels_last(pb, N * H * W, kTransposeTapsPerPixelBackward);
+      at::Tensor work = cl_loop == channels_last ? buf : new_grad_buffer({N, C, H, W}, buf.options(), cl_loop, false);
+      const std::vector<int64_t> off = image_offsets(work);
+      pb.img_off = off.data();
+      roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(work), pb, work.data_ptr<A>());
+      if (!work.is_same(buf)) buf.copy_(work);
+    });
+  }
+  return buf.scalar_type() == grad.scalar_type() ? buf : buf.to(grad.scalar_type());
+}
+
+// ---- region_pool --------------------------------------------------------------------------------
+struct RegionInputs {
+  at::Tensor boxes;  // [K, 4] acc
+  std::vector<int64_t> roi_img;  // frame b*T + t, or -1 when not valid
+};
+
+RegionInputs region_inputs(const at::Tensor& boxes, const c10::optional<at::Tensor>& valid, at::ScalarType acc) {
+  RegionInputs r;
+  const int64_t B = boxes.size(0), T = boxes.size(1), R = boxes.size(2), K = B * T * R;
+  r.boxes = boxes.to(acc).reshape({K, 4}).contiguous();
+  r.roi_img.resize(K);
+  const bool has_valid = valid.has_value() && valid->defined();
+  const at::Tensor v = has_valid ? valid->reshape({K}).contiguous() : at::Tensor();
+  const bool* vp = has_valid ? v.data_ptr<bool>() : nullptr;
+  for (int64_t k = 0; k < K; ++k) r.roi_img[k] = (vp && !vp[k]) ? -1 : k / std::max<int64_t>(R, 1);
+  return r;
+}
+
+at::Tensor region_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, const c10::optional<at::Tensor>& valid,
+                           const c10::optional<at::Tensor>& timestamps, const c10::optional<at::Tensor>& table,
+                           double spatial_scale, int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned,
+                           double base) {
+  check_region_pool(features, boxes, valid, timestamps, table, ph, pw, sampling_ratio);
+  const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
+                W = features.size(4), R = boxes.size(2), K = B * T * R;
+  at::Tensor out = at::empty({B, T, R, C, ph, pw}, features.options());
+  if (K == 0 || C == 0) return out;
+  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  RegionInputs ri = region_inputs(boxes, valid, acc);
+  const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "region_pool");
+  const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "region_pool_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<int64_t> no_off(B * T, 0);
+    RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off,
+                                       enc.defined() ? enc.data_ptr<A>() : nullptr);
+    auto [f, lay] = readable_features(features, prefer_channels_last(pb, B * T * H * W, kTransposeTapsPerPixelForward));
+    const std::vector<int64_t> off = image_offsets(f);
+    pb.img_off = off.data();
+    roi_pool_forward<scalar_t, A>(f.data_ptr<scalar_t>(), lay, pb, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor region_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& boxes,
+                                    const c10::optional<at::Tensor>& valid, double spatial_scale, int64_t ph,
+                                    int64_t pw, int64_t sampling_ratio, bool aligned, int64_t H, int64_t W,
+                                    bool channels_last, bool deterministic) {
+  (void)deterministic;
+  TORCH_CHECK(grad.dim() == 6 && grad.size(4) == ph && grad.size(5) == pw,
+              "region_pool_backward: grad must be [B, T, R, C, ph, pw], got ", grad.sizes());
+  TORCH_CHECK(boxes.dim() == 4 && boxes.size(0) == grad.size(0) && boxes.size(1) == grad.size(1) &&
+                  boxes.size(2) == grad.size(2) && boxes.size(3) == 4,
+              "region_pool_backward: boxes must be [B, T, R, 4] matching grad, got ", boxes.sizes());
+  if (valid.has_value() && valid->defined())
+    TORCH_CHECK(valid->sizes() == boxes.sizes().slice(0, 3) && valid->scalar_type() == at::kBool,
+                "region_pool_backward: valid must be a bool [B, T, R]");
+  const int64_t B = grad.size(0), T = grad.size(1), R = grad.size(2), C = grad.size(3), K = B * T * R;
+  const at::ScalarType acc = regional_acc_type(grad.scalar_type());
+  at::Tensor buf = new_grad_buffer({B, T, C, H, W}, grad.options().dtype(acc), channels_last, /*zero=*/false);
+  if (C > 0 && B * T * H * W > 0) {
+    RegionInputs ri = region_inputs(boxes, valid, acc);
+    const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
+    const at::Tensor g = grad.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "region_pool_backward_cpu", [&] {
+      using A = at::opmath_type<scalar_t>;
+      std::vector<int64_t> no_off(B * T, 0);
+      RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off, nullptr);
+      const bool cl_loop = channels_last || prefer_channels_last(pb, B * T * H * W, kTransposeTapsPerPixelBackward);
+      at::Tensor work =
+          cl_loop == channels_last ? buf : new_grad_buffer({B, T, C, H, W}, buf.options(), cl_loop, false);
+      const std::vector<int64_t> off = image_offsets(work);
+      pb.img_off = off.data();
+      roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(work), pb, work.data_ptr<A>());
+      if (!work.is_same(buf)) buf.copy_(work);
+    });
+  }
+  return buf.scalar_type() == grad.scalar_type() ? buf : buf.to(grad.scalar_type());
+}
+
+// ---- mask_pool ----------------------------------------------------------------------------------
+// Resize taps of one axis (the same for every mask: they depend on the sizes only).
+template <typename A>
+std::vector<ResizeTap<A>> resize_taps(int64_t n_in, int64_t n_out) {
+  std::vector<ResizeTap<A>> t(n_out);
+  for (int64_t o = 0; o < n_out; ++o) t[o] = resize_axis_tap<A>(o, n_in, n_out);
+  return t;
+}
+
+// Resized masks [BT*R, H*W] and their normalisers 1 / (sum + eps), in A.
+template <typename M, typename A>
+void resize_masks(const at::Tensor& masks, int64_t H, int64_t W, double eps, A* mt, A* inv_z) {
+  const int64_t B = masks.size(0), T = masks.size(1), R = masks.size(2), Hm = masks.size(3), Wm = masks.size(4);
+  const int64_t n = B * T * R, HW = H * W;
+  const auto ty = resize_taps<A>(Hm, H), tx = resize_taps<A>(Wm, W);
+  const M* mp = masks.data_ptr<M>();
+  const int64_t s0 = masks.stride(0), s1 = masks.stride(1), s2 = masks.stride(2), sy = masks.stride(3),
+                sx = masks.stride(4);
+  at::parallel_for(0, n, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t m = b0; m < b1; ++m) {
+      const int64_t r = m % R, t = (m / R) % T, b = m / (R * T);
+      const M* src = mp + b * s0 + t * s1 + r * s2;
+      A* dst = mt + m * HW;
+      A sum = 0;
+      for (int64_t y = 0; y < H; ++y) {
+        const ResizeTap<A>& a = ty[y];
+        const M* r0 = src + a.lo * sy;
+        const M* r1 = src + a.hi * sy;
+        for (int64_t x = 0; x < W; ++x) {
+          const ResizeTap<A>& c = tx[x];
+          const A top = c.w_lo * static_cast<A>(r0[c.lo * sx]) + c.w_hi * static_cast<A>(r0[c.hi * sx]);
+          const A bot = c.w_lo * static_cast<A>(r1[c.lo * sx]) + c.w_hi * static_cast<A>(r1[c.hi * sx]);
+          const A v = a.w_lo * top + a.w_hi * bot;
+          dst[y * W + x] = v;
+          sum += v;
+        }
+      }
+      inv_z[m] = A(1) / (sum + static_cast<A>(eps));
+    }
+  });
+}
+
+at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, const c10::optional<at::Tensor>& timestamps,
+                         const c10::optional<at::Tensor>& table, double eps, double base) {
+  check_mask_pool(features, masks, timestamps, table);
+  const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
+                W = features.size(4), R = masks.size(2), BT = B * T, HW = H * W;
+  at::Tensor out = at::empty({B, T, R, C}, features.options());
+  if (BT * R == 0 || C == 0) return out;
+  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "mask_pool");
+  at::Tensor mt = at::empty({BT * R, HW}, features.options().dtype(acc));
+  at::Tensor inv_z = at::empty({BT * R}, features.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] {
+    resize_masks<scalar_t, scalar_t>(masks.to(acc), H, W, eps, mt.data_ptr<scalar_t>(), inv_z.data_ptr<scalar_t>());
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    auto lay0 = feature_layout(features);
+    // The planar loop wants each channel's H x W plane contiguous.
+    const bool in_place = lay0 && (lay0->channels_last || lay0->sH == W);
+    const at::Tensor f = in_place ? features : features.contiguous();
+    const FeatLayout lay = *feature_layout(f);
+    const std::vector<int64_t> off = image_offsets(f);
+    const scalar_t* fp = f.data_ptr<scalar_t>();
+    const A* mp = mt.data_ptr<A>();
+    const A* zp = inv_z.data_ptr<A>();
+    const A* ep = enc.defined() ? enc.data_ptr<A>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t nchunks = channel_chunks(BT, C);
+    const int64_t chunk = (C + nchunks - 1) / nchunks;
+    at::parallel_for(0, BT * nchunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc_v(R * chunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bt = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
+        if (len <= 0) continue;
+        const scalar_t* base = fp + off[bt];
+        const A* m = mp + bt * R * HW;
+        std::fill(acc_v.begin(), acc_v.end(), A(0));
+        if (lay.channels_last) {
+          for (int64_t y = 0; y < H; ++y) {
+            for (int64_t x = 0; x < W; ++x) {
+              const scalar_t* pix = base + y * lay.sH + x * lay.sW + c0;
+              for (int64_t r = 0; r < R; ++r) {
+                const A wgt = m[r * HW + y * W + x];
+                if (wgt != A(0)) axpy(wgt, pix, acc_v.data() + r * chunk, len);
+              }
+            }
+          }
+        } else {
+          for (int64_t c = 0; c < len; ++c) {
+            const scalar_t* plane = base + (c0 + c) * lay.sC;
+            for (int64_t r = 0; r < R; ++r) acc_v[r * chunk + c] = dot(m + r * HW, plane, HW);
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          A* v = acc_v.data() + r * chunk;
+          const A iz = zp[bt * R + r];
+          for (int64_t c = 0; c < len; ++c) v[c] *= iz;
+          store(v, ep ? ep + bt * C + c0 : nullptr, op + (bt * R + r) * C + c0, len);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
+                                                          const at::Tensor& masks, double eps, bool need_features_grad,
+                                                          bool need_masks_grad, bool channels_last) {
+  check_mask_pool(features, masks, c10::nullopt, c10::nullopt);
+  const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
+                W = features.size(4), R = masks.size(2), BT = B * T, HW = H * W;
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == R && grad.size(3) == C,
+              "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
+  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  auto lay0 = feature_layout(features);
+  at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), channels_last, /*zero=*/false)
+                                     : at::empty({0}, features.options());
+  at::Tensor gm = need_masks_grad ? at::empty(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
+  if (!(need_features_grad || need_masks_grad)) return {gf, gm};
+  if (BT * R == 0 || C == 0) {
+    if (need_features_grad) gf.zero_();
+    if (need_masks_grad) gm.zero_();
+    return {gf, gm};
+  }
+  at::Tensor mt = at::empty({BT * R, HW}, features.options().dtype(acc));
+  at::Tensor inv_z = at::empty({BT * R}, features.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] {
+    resize_masks<scalar_t, scalar_t>(masks.to(acc), H, W, eps, mt.data_ptr<scalar_t>(), inv_z.data_ptr<scalar_t>());
+  });
+  // gn[bt, r, c] = grad / Z (acc dtype)
+  const at::Tensor gn = (grad.to(acc) * inv_z.view({B, T, R, 1})).contiguous();
+  const bool in_place = lay0 && (lay0->channels_last || lay0->sH == W);
+  const at::Tensor f = in_place ? features : features.contiguous();
+  const FeatLayout lay = *feature_layout(f);
+  const std::vector<int64_t> off = image_offsets(f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_backward_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* mp = mt.data_ptr<A>();
+    const A* gp = gn.data_ptr<A>();
+    if (need_features_grad) {
+      // grad_f[c, p] = sum_r gn[r, c] * mt[r, p]: task = (frame, channel range), each writes its slice.
+      const FeatLayout gl = *feature_layout(gf);
+      const std::vector<int64_t> goff = image_offsets(gf);
+      scalar_t* gfp = gf.data_ptr<scalar_t>();
+      const int64_t nchunks = channel_chunks(BT, C);
+      const int64_t chunk = (C + nchunks - 1) / nchunks;
+      at::parallel_for(0, BT * nchunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<A> v(std::max(HW, chunk));
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bt = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
+          if (len <= 0) continue;
+          const A* m = mp + bt * R * HW;
+          const A* g = gp + bt * R * C;
+          scalar_t* dst = gfp + goff[bt];
+          if (gl.channels_last) {
+            for (int64_t p = 0; p < HW; ++p) {
+              std::fill(v.begin(), v.begin() + len, A(0));
+              for (int64_t r = 0; r < R; ++r) {
+                const A wgt = m[r * HW + p];
+                if (wgt != A(0)) axpy(wgt, g + r * C + c0, v.data(), len);
+              }
+              store(v.data(), static_cast<const A*>(nullptr), dst + (p / W) * gl.sH + (p % W) * gl.sW + c0, len);
+            }
+          } else {
+            for (int64_t c = c0; c < c0 + len; ++c) {
+              std::fill(v.begin(), v.begin() + HW, A(0));
+              for (int64_t r = 0; r < R; ++r) {
+                const A gr = g[r * C + c];
+                if (gr != A(0)) axpy(gr, m + r * HW, v.data(), HW);
+              }
+              store(v.data(), static_cast<const A*>(nullptr), dst + c * gl.sC, HW);
+            }
+          }
+        }
+      });
+    }
+    if (need_masks_grad) {
+      // gm~[r, p] = (GF[r, p] - sum_q mn[r, q] GF[r, q]) / Z with GF = gn-weighted channel sums
+      // (GF here already carries 1/Z through gn), then the resize's transpose into [Hm, Wm].
+      const int64_t Hm = masks.size(3), Wm = masks.size(4);
+      at::Tensor gmb = at::zeros({BT * R, Hm, Wm}, masks.options().dtype(acc));
+      const auto ty = resize_taps<A>(Hm, H), tx = resize_taps<A>(Wm, W);
+      const scalar_t* fp = f.data_ptr<scalar_t>();
+      const A* zp = inv_z.data_ptr<A>();
+      A* gmp = gmb.data_ptr<A>();
+      at::parallel_for(0, BT, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<A> gfr(R * HW);
+        for (int64_t bt = b0; bt < b1; ++bt) {
+          const scalar_t* base = fp + off[bt];
+          const A* g = gp + bt * R * C;
+          std::fill(gfr.begin(), gfr.end(), A(0));
+          if (lay.channels_last) {
+            for (int64_t p = 0; p < HW; ++p) {
+              const scalar_t* pix = base + (p / W) * lay.sH + (p % W) * lay.sW;
+              for (int64_t r = 0; r < R; ++r) gfr[r * HW + p] = dot(g + r * C, pix, C);
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t* plane = base + c * lay.sC;
+              for (int64_t r = 0; r < R; ++r) axpy(g[r * C + c], plane, gfr.data() + r * HW, HW);
+            }
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t m = bt * R + r;
+            A* gr = gfr.data() + r * HW;
+            // mean term: sum_q (mt/Z)[q] * GF[q]
+            A s = 0;
+            for (int64_t q = 0; q < HW; ++q) s += mp[m * HW + q] * gr[q];
+            s *= zp[m];
+            A* dst = gmp + m * Hm * Wm;
+            for (int64_t y = 0; y < H; ++y) {
+              const ResizeTap<A>& a = ty[y];
+              for (int64_t x = 0; x < W; ++x) {
+                const ResizeTap<A>& c = tx[x];
+                const A v = gr[y * W + x] - s;
+                dst[a.lo * Wm + c.lo] += a.w_lo * c.w_lo * v;
+                dst[a.lo * Wm + c.hi] += a.w_lo * c.w_hi * v;
+                dst[a.hi * Wm + c.lo] += a.w_hi * c.w_lo * v;
+                dst[a.hi * Wm + c.hi] += a.w_hi * c.w_hi * v;
+              }
+            }
+          }
+        }
+      });
+      gm.copy_(gmb.view(masks.sizes()));
+    }
+  });
+  return {gf, gm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
+  m.def("roi_align(Tensor input, Tensor rois, float spatial_scale, int ph, int pw, int sampling_ratio, bool aligned) "
+        "-> Tensor");
+  m.def(
+      "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int ph, int pw, int sampling_ratio, "
+      "bool aligned, int N, int H, int W, bool channels_last, bool deterministic) -> Tensor");
+  m.def(
+      "region_pool(Tensor features, Tensor boxes, Tensor? valid, Tensor? timestamps, Tensor? table, "
+      "float spatial_scale, int ph, int pw, int sampling_ratio, bool aligned, float base) -> Tensor");
+  m.def(
+      "region_pool_backward(Tensor grad, Tensor boxes, Tensor? valid, float spatial_scale, int ph, int pw, "
+      "int sampling_ratio, bool aligned, int H, int W, bool channels_last, bool deterministic) -> Tensor");
+  m.def("mask_pool(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> Tensor");
+  m.def(
+      "mask_pool_backward(Tensor grad, Tensor features, Tensor masks, float eps, bool need_features_grad, "
+      "bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
+  m.impl("roi_align", &roi_align_cpu);
+  m.impl("roi_align_backward", &roi_align_backward_cpu);
+  m.impl("region_pool", &region_pool_cpu);
+  m.impl("region_pool_backward", &region_pool_backward_cpu);
+  m.impl("mask_pool", &mask_pool_cpu);
+  m.impl("mask_pool_backward", &mask_pool_backward_cpu);
+}
+
+}  // namespace rgpt4d

@@ -1,0 +1,330 @@
+"""Triton kernels for the P4D distillation losses. Imports only torch and triton.
+
+    p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, mean, log_eps)
+        -> (total, losses, grads): the latent + explicit distillation loss over a list of terms
+        in one pass. Same contract as torch.ops.rgpt4d.p4d_loss (csrc/p4d/p4d.cpp):
+        kinds 0 smooth_l1 (beta), 1 mse, 2 l1; flags bit 1 log space (log(x + log_eps)),
+        bit 2 gradient wanted, bit 4 masked (element e valid iff masks[i][(e // mask_inner[i]) %
+        masks[i].numel()]); mean divides by the valid count (no valid element: loss 0, gradient 0).
+        grads[i] = f_i * dL_i/dpred_i with f_i = weights[i] (1 when it is 0), written in forward.
+    linear_loss_fwd / linear_loss_bwd
+        The decoder's last Linear fused with the latent loss, chunked over tokens (torch matmuls
+        for the GEMMs, a Triton kernel for the loss and its gradient over each chunk).
+
+Multi-tensor launch: every term is cut into blocks of BLOCK elements, numbered consecutively
+over the term list. One program per block reads its term's pointers, sizes and options from a
+small int64 table (the pointers are addresses, cast to typed pointers in the kernel), so all
+terms of one dtype pair run in one launch. Each program writes its block's loss sum to its own
+slot of a float64 `partial` array; a one-program kernel then sums each term's slots in block
+order: the result does not depend on scheduling (deterministic, no atomics).
+
+Arithmetic in fp32 (fp64 for fp64 inputs). Set TRITON_INTERPRET=1 before importing this file to
+run the kernels on CPU tensors.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Columns of the per-term int64 table.
+_COL_PRED, _COL_TGT, _COL_MASK, _COL_GRAD, _COL_NUMEL, _COL_INNER, _COL_PERIOD, _COL_FIRST, _COL_KF = range(9)
+_NCOL = 9
+_FLAG_LOG, _FLAG_GRAD, _FLAG_MASK = 1, 2, 4
+
+
+@triton.jit
+def _loss_and_grad(d, beta, kind):
+    """Elementwise loss and d loss / d d for kind 0 smooth_l1 (beta > 0), 1 mse, 2 l1."""
+    ad = tl.abs(d)
+    smooth = tl.where(ad < beta, 0.5 * d * d / beta, ad - 0.5 * beta)
+    loss = tl.where(kind == 0, smooth, tl.where(kind == 1, d * d, ad))
+    sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    smooth_g = tl.minimum(tl.maximum(d / beta, -1.0), 1.0)
+    grad = tl.where(kind == 0, smooth_g, tl.where(kind == 1, 2.0 * d, sign))
+    return loss, grad
+
+
+@triton.jit
+def _p4d_terms_kernel(table_ptr, beta_ptr, scale_ptr, partial_ptr, n_terms, pid0, log_eps,
+                      NCOL: tl.constexpr, P_DT: tl.constexpr, T_DT: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64) + pid0  # global block number
+    # The term owning this block: the last one whose first block is <= blk.
+    term = tl.full([], 0, tl.int64)
+    for i in range(1, n_terms):
+        first_i = tl.load(table_ptr + i * NCOL + 7)
+        term += (blk >= first_i).to(tl.int64)
+    row = table_ptr + term * NCOL
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DT))
+    t_ptr = tl.load(row + 1).to(tl.pointer_type(T_DT))
+    numel = tl.load(row + 4)
+    first = tl.load(row + 7)
+    kf = tl.load(row + 8)
+    kind = kf & 15
+    flags = kf >> 4
+    beta = tl.load(beta_ptr + term).to(ACC)
+    scale = tl.load(scale_ptr + term).to(ACC)
+
+    offs = (blk - first) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < numel
+    p = tl.load(p_ptr + offs, mask=inb, other=1.0).to(ACC)
+    t = tl.load(t_ptr + offs, mask=inb, other=1.0).to(ACC)
+    valid = inb
+    if (flags & 4) != 0:
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int8))
+        inner = tl.load(row + 5)
+        period = tl.load(row + 6)
+        if (inner == 1) & (period == numel):
+            midx = offs
+        else:
+            midx = (offs // inner) % period
+        mv = tl.load(m_ptr + midx, mask=inb, other=0)
+        valid = valid & (mv != 0)
+    chain = tl.full([BLOCK], 1.0, ACC)
+    if (flags & 1) != 0:
+        pe = p + log_eps
+        chain = 1.0 / pe
+        p = tl.log(pe)
+        t = tl.log(t + log_eps)
+    loss, grad = _loss_and_grad(p - t, beta, kind)
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(partial_ptr + blk, tl.sum(loss, axis=0).to(tl.float64))
+    if (flags & 2) != 0:
+        g_ptr = tl.load(row + 3).to(tl.pointer_type(P_DT))
+        g = tl.where(valid, grad * chain * scale, 0.0)
+        tl.store(g_ptr + offs, g.to(P_DT), mask=inb)
+
+
+@triton.jit
+def _p4d_finalize_kernel(partial_ptr, ranges_ptr, counts_ptr, weights_ptr, losses_ptr, total_ptr, n_terms,
+                         MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: each term's block sums in block order -> losses[i]; total = sum w_i losses[i]."""
+    total = tl.zeros([1], dtype=tl.float64)
+    for i in range(0, n_terms):
+        b0 = tl.load(ranges_ptr + 2 * i)
+        b1 = tl.load(ranges_ptr + 2 * i + 1)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+        for j in range(b0, b1, BLOCK):
+            idx = j + tl.arange(0, BLOCK)
+            acc += tl.load(partial_ptr + idx, mask=idx < b1, other=0.0)
+        s = tl.sum(acc, axis=0)
+        cnt = tl.load(counts_ptr + i)
+        if MEAN:
+            s = s / tl.maximum(cnt, 1).to(tl.float64)
+        s = tl.where(cnt > 0, s, 0.0)
+        tl.store(losses_ptr + i, s.to(losses_ptr.dtype.element_ty))
+        total += tl.load(weights_ptr + i) * s
+    tl.store(total_ptr + tl.arange(0, 1), total.to(total_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _linear_rows_kernel(y_ptr, t_ptr, m_ptr, rs_ptr, scale_ptr, rowloss_ptr, R, D, beta,
+                        KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RS: tl.constexpr,
+                        WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [R, D] of the projection: row loss sums, and the gradient written over y."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    valid_r = rmask
+    if HAS_MASK:
+        valid_r = valid_r & (tl.load(m_ptr + rows, mask=rmask, other=0) != 0)
+    rs = tl.full([BLOCK_R], 1.0, ACC) * tl.load(scale_ptr).to(ACC)
+    if HAS_RS:
+        rs = rs * tl.load(rs_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m2 = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        y = tl.load(y_ptr + offs, mask=m2, other=0.0).to(ACC)
+        t = tl.load(t_ptr + offs, mask=m2, other=0.0).to(ACC)
+        loss, grad = _loss_and_grad(y - t, beta, KIND)
+        ok = valid_r[:, None] & m2
+        acc += tl.sum(tl.where(ok, loss, 0.0), axis=1)
+        if WRITE_GRAD:
+            g = tl.where(ok, grad * rs[:, None], 0.0)
+            tl.store(y_ptr + offs, g.to(y_ptr.dtype.element_ty), mask=m2)
+    tl.store(rowloss_ptr + rows, acc.to(tl.float64), mask=rmask)
+
+
+# ---- host wrappers ------------------------------------------------------------------------
+
+def _acc(dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _device_table(values, dtype, device):
+    """A small per-call table on `device`; pinned + asynchronous on a GPU (no host sync)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+def _term_block(device):
+    # Under the interpreter each program costs ~1 ms: few, large blocks. On a GPU, 4096
+    # elements per program (8 warps, 16 per thread).
+    return 1 << 15 if device.type == "cpu" else 4096
+
+
+def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, mean, log_eps):
+    n = len(preds)
+    device = preds[0].device
+    any_f64 = any(p.dtype == torch.float64 or t.dtype == torch.float64 for p, t in zip(preds, targets))
+    out_dtype = torch.float64 if any_f64 else torch.float32
+    preds = [p.contiguous() for p in preds]
+    targets = [t.contiguous() for t in targets]
+    grads = [torch.empty(p.shape, dtype=p.dtype, device=device) if flags[i] & _FLAG_GRAD else p.new_empty((0,))
+             for i, p in enumerate(preds)]
+    masks = [m.contiguous() if flags[i] & _FLAG_MASK else m for i, m in enumerate(masks)]
+    kinds = [2 if (k == 0 and b == 0) else k for k, b in zip(kinds, betas)]  # beta 0: l1, as torch
+    betas = [b if (k == 0 and b > 0) else 1.0 for k, b in zip(kinds, betas)]
+
+    # Valid counts and gradient scales, on the device (no host sync).
+    count_parts = []
+    for i, p in enumerate(preds):
+        if flags[i] & _FLAG_MASK and p.numel() > 0:
+            count_parts.append((torch.count_nonzero(masks[i]) * (p.numel() // masks[i].numel())).reshape(1))
+        else:
+            count_parts.append(torch.full((1,), 0 if flags[i] & _FLAG_MASK else p.numel(), dtype=torch.int64,
+                                          device=device))
+    counts = torch.cat(count_parts)
+    factors = _device_table([w if w != 0 else 1.0 for w in weights], torch.float64, device)
+    scales = factors / counts.clamp(min=1).to(torch.float64) if mean else factors
+    beta_t = _device_table(betas, torch.float64, device)
+
+    BLOCK = _term_block(device)
+    nblk = [triton.cdiv(p.numel(), BLOCK) for p in preds]
+    # Terms grouped by (pred dtype, target dtype): one launch per group, blocks numbered
+    # consecutively over the groups.
+    groups: dict = {}
+    for i in range(n):
+        groups.setdefault((preds[i].dtype, targets[i].dtype), []).append(i)
+    ranges = [[0, 0] for _ in range(n)]
+    partial = torch.zeros(max(1, sum(nblk)), dtype=torch.float64, device=device)
+    launches = []
+    nxt = 0
+    for (pdt, tdt), members in groups.items():
+        rows, g0 = [], nxt
+        for i in members:
+            ranges[i] = [nxt, nxt + nblk[i]]
+            kf = kinds[i] | (flags[i] << 4)
+            rows.append([preds[i].data_ptr(), targets[i].data_ptr(),
+                         masks[i].data_ptr() if flags[i] & _FLAG_MASK else 0,
+                         grads[i].data_ptr() if flags[i] & _FLAG_GRAD else 0,
+                         preds[i].numel(), mask_inner[i], masks[i].numel() if flags[i] & _FLAG_MASK else 1,
+                         nxt, kf])
+            nxt += nblk[i]
+        launches.append((pdt, tdt, members, rows, g0, nxt - g0))
+    for pdt, tdt, members, rows, g0, nb in launches:
+        if nb == 0:
+            continue
+        table = _device_table(rows, torch.int64, device)
+        idx = _device_table(members, torch.int64, device)
+        acc_tl, _ = _acc(torch.float64 if torch.float64 in (pdt, tdt) else torch.float32)
+        _p4d_terms_kernel[(nb,)](table, beta_t[idx].contiguous(), scales[idx].contiguous(), partial, len(members), g0,
+                                 float(log_eps), NCOL=_NCOL, P_DT=_TL[pdt], T_DT=_TL[tdt], ACC=acc_tl, BLOCK=BLOCK,
+                                 num_warps=8)
+    losses = torch.empty(n, dtype=out_dtype, device=device)
+    total = torch.empty((), dtype=out_dtype, device=device)
+    ranges_t = _device_table(ranges, torch.int64, device)
+    weights_t = _device_table(list(weights), torch.float64, device)
+    _p4d_finalize_kernel[(1,)](partial, ranges_t, counts, weights_t, losses, total, n, MEAN=bool(mean), BLOCK=1024)
+    return total, losses, grads
+
+
+def _linear_rows(y, target, mask, row_scale, scale, kind, beta, write_grad, row_loss):
+    R, D = y.shape
+    if R == 0:
+        return
+    acc_tl, _ = _acc(torch.float64 if torch.float64 in (y.dtype, target.dtype) else torch.float32)
+    BLOCK_D = min(triton.next_power_of_2(max(D, 1)), 1024 if y.device.type == "cpu" else 256)
+    BLOCK_R = max(1, min(triton.next_power_of_2(R), (1 << 14 if y.device.type == "cpu" else 2048) // BLOCK_D))
+    _linear_rows_kernel[(triton.cdiv(R, BLOCK_R),)](
+        y, target, mask if mask is not None else y, row_scale if row_scale is not None else y, scale, row_loss,
+        R, D, float(beta) if (kind == 0 and beta > 0) else 1.0,
+        KIND=kind, HAS_MASK=mask is not None, HAS_RS=row_scale is not None, WRITE_GRAD=write_grad, ACC=acc_tl,
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+
+
+def _project(h, weight, bias):
+    return (torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())).contiguous()
+
+
+def _chunk_grads(h_c, gy, weight, c0, grad_h, grad_w, grad_b):
+    if grad_h.numel() > 0:
+        torch.mm(gy, weight, out=grad_h[c0:c0 + h_c.shape[0]])
+    if grad_w.numel() > 0:
+        if gy.dtype == grad_w.dtype:
+            grad_w.addmm_(gy.t(), h_c)
+        else:
+            grad_w.addmm_(gy.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
+    if grad_b.numel() > 0:
+        grad_b.add_(gy.sum(0, dtype=grad_b.dtype))
+
+
+def linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_size, need_h, need_w, need_b):
+    """h [N, D_in], weight [D_out, D_in], bias [D_out]?, target [N, D_out], mask [N] bool?.
+    reduction 0 none (per-token loss, no gradients), 1 mean, 2 sum (gradients computed here).
+    Returns (loss, grad_h or [0], grad_w (fp32/fp64) or [0], grad_b or [0])."""
+    kind = 2 if (kind == 0 and beta == 0) else kind
+    N, Din = h.shape
+    Dout = weight.shape[0]
+    _, acc = _acc(h.dtype)
+    h, weight, target = h.contiguous(), weight.contiguous(), target.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    grads_now = reduction != 0
+    need_h, need_w = need_h and grads_now, need_w and grads_now
+    need_b = need_b and grads_now and bias is not None
+    grad_h = torch.empty(N, Din, dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
+    grad_w = torch.zeros(Dout, Din, dtype=acc, device=h.device) if need_w else h.new_empty(0, dtype=acc)
+    grad_b = torch.zeros(Dout, dtype=acc, device=h.device) if need_b else h.new_empty(0, dtype=acc)
+    write_grad = need_h or need_w or need_b
+    row_loss = torch.empty(N, dtype=torch.float64, device=h.device)
+    valid = torch.count_nonzero(mask) if mask is not None else torch.full((), N, dtype=torch.int64, device=h.device)
+    count = valid.to(torch.float64) * Dout
+    scale = (1.0 / count.clamp(min=1)).to(acc) if reduction == 1 else torch.ones((), dtype=acc, device=h.device)
+    for c0 in range(0, N, chunk_size):
+        c1 = min(N, c0 + chunk_size)
+        h_c = h[c0:c1]
+        y = _project(h_c, weight, bias)
+        _linear_rows(y, target[c0:c1], None if mask is None else mask[c0:c1], None, scale, kind, beta, write_grad,
+                     row_loss[c0:c1])
+        if write_grad:
+            _chunk_grads(h_c, y, weight, c0, grad_h, grad_w, grad_b)
+    if reduction == 0:
+        loss = (row_loss / max(Dout, 1)).to(acc)
+    else:
+        total = row_loss.sum()
+        if reduction == 1:
+            total = total / count.clamp(min=1)
+        loss = total.to(acc)
+    return loss, grad_h, grad_w, grad_b
+
+
+def linear_loss_bwd(grad_loss, h, weight, bias, target, mask, kind, beta, chunk_size, need_h, need_w, need_b):
+    """reduction none: recompute each chunk's projection and scale its loss gradient by the
+    per-token grad_output. Returns (grad_h or [0], grad_w (acc) or [0], grad_b (acc) or [0])."""
+    kind = 2 if (kind == 0 and beta == 0) else kind
+    N, Din = h.shape
+    Dout = weight.shape[0]
+    _, acc = _acc(h.dtype)
+    h, weight, target = h.contiguous(), weight.contiguous(), target.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    need_b = need_b and bias is not None
+    grad_h = torch.empty(N, Din, dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
+    grad_w = torch.zeros(Dout, Din, dtype=acc, device=h.device) if need_w else h.new_empty(0, dtype=acc)
+    grad_b = torch.zeros(Dout, dtype=acc, device=h.device) if need_b else h.new_empty(0, dtype=acc)
+    if not (need_h or need_w or need_b):
+        return grad_h, grad_w, grad_b
+    row_scale = grad_loss.to(acc).contiguous()
+    scale = torch.full((), 1.0 / max(Dout, 1), dtype=acc, device=h.device)
+    row_loss = torch.empty(min(chunk_size, N), dtype=torch.float64, device=h.device)
+    for c0 in range(0, N, chunk_size):
+        c1 = min(N, c0 + chunk_size)
+        h_c = h[c0:c1]
+        y = _project(h_c, weight, bias)
+        _linear_rows(y, target[c0:c1], None if mask is None else mask[c0:c1], row_scale[c0:c1], scale, kind, beta,
+                     True, row_loss[:c1 - c0])
+        _chunk_grads(h_c, y, weight, c0, grad_h, grad_w, grad_b)
+    return grad_h, grad_w, grad_b

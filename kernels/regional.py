@@ -1,0 +1,583 @@
+"""Triton kernels for regional pooling. Imports only torch, triton and the TPE helpers of tpe.py.
+
+    roi_align_fwd / roi_align_bwd
+        torchvision's RoIAlign: RoI (x1, y1, x2, y2) * spatial_scale (- 0.5 if aligned; else at least
+        1x1), ph x pw bins, each the mean of grid_h x grid_w bilinear samples (sampling_ratio, or
+        ceil(bin size) if <= 0); a sample more than one pixel outside the map contributes 0.
+    region_pool_fwd / region_pool_bwd
+        the same pooling over the frames of [B, T, C, H, W] features, boxes [B, T, R, 4], an optional
+        valid mask [B, T, R] (absent -> zero token), and the frame's TPE (tpe.py's encoding) added.
+    mask_pool_fwd / mask_pool_bwd
+        masks [B, T, R, Hm, Wm] resized bilinearly (align_corners=False) to the H x W grid,
+        out = sum(f * m) / (sum(m) + eps) (+ TPE).
+
+Features are read through their strides (any layout, no copy). Arithmetic in fp32 (fp64 for fp64
+inputs). Backward: float atomics by default; with deterministic=True one program owns an image x
+channel slice of the gradient and adds its RoIs in order (no atomics, bitwise repeatable). Non-finite
+box coordinates: the RoI samples nothing (zeros). Set TRITON_INTERPRET=1 before importing this file
+to run the kernels on CPU tensors.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # installed as rgpt4d.kernels
+    from .tpe import _encoder_inputs, _frame_encoding
+except ImportError:  # copied next to tpe.py as top-level modules
+    from tpe import _encoder_inputs, _frame_encoding
+
+
+# ---- RoI geometry and bilinear taps ----------------------------------------------------------
+
+@triton.jit
+def _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw, sampling_ratio,
+                  ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """(y0, x0, bin_h, bin_w, grid_h, grid_w, 1/count) of RoI k; grid 0 when not ok or non-finite."""
+    bx1 = tl.load(boxes_ptr + 4 * k + 0).to(ACC)
+    by1 = tl.load(boxes_ptr + 4 * k + 1).to(ACC)
+    bx2 = tl.load(boxes_ptr + 4 * k + 2).to(ACC)
+    by2 = tl.load(boxes_ptr + 4 * k + 3).to(ACC)
+    x0 = bx1 * spatial_scale - offset
+    y0 = by1 * spatial_scale - offset
+    x1 = bx2 * spatial_scale - offset
+    y1 = by2 * spatial_scale - offset
+    roi_w = x1 - x0
+    roi_h = y1 - y0
+    if not ALIGNED:
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    finite = ((x0 - x0) == 0) & ((y0 - y0) == 0) & ((x1 - x1) == 0) & ((y1 - y1) == 0) & ok
+    bin_h = roi_h / ph
+    bin_w = roi_w / pw
+    # adaptive grid: ceil(bin size), clamped before the integer conversion (nan/inf/huge boxes)
+    ah = tl.minimum(tl.maximum(tl.ceil(tl.where(finite, bin_h, 0.0)), 0.0), 1073741824.0).to(tl.int32)
+    aw = tl.minimum(tl.maximum(tl.ceil(tl.where(finite, bin_w, 0.0)), 0.0), 1073741824.0).to(tl.int32)
+    grid_h = tl.where(finite, tl.where(sampling_ratio > 0, sampling_ratio, ah), 0)
+    grid_w = tl.where(finite, tl.where(sampling_ratio > 0, sampling_ratio, aw), 0)
+    inv_count = 1.0 / tl.maximum(grid_h.to(ACC) * grid_w.to(ACC), 1.0)
+    y0 = tl.where(finite, y0, 0.0)
+    x0 = tl.where(finite, x0, 0.0)
+    bin_h = tl.where(finite, bin_h, 0.0)
+    bin_w = tl.where(finite, bin_w, 0.0)
+    return y0, x0, bin_h, bin_w, grid_h, grid_w, inv_count
+
+
+@triton.jit
+def _axis_tap(v, size, size_f):
+    """Bilinear taps of coordinate(s) v on an axis of `size` pixels: (lo, hi, w_lo, w_hi, inside)."""
+    inside = (v >= -1.0) & (v <= size_f)
+    vc = tl.where(inside, tl.maximum(v, 0.0), 0.0)
+    lo = vc.to(tl.int64)  # vc >= 0: truncation is floor
+    edge = lo >= size - 1
+    lo = tl.maximum(tl.where(edge, size - 1, lo), 0)
+    hi = tl.where(edge, lo, lo + 1)
+    frac = tl.where(edge, 0.0, vc - lo.to(vc.dtype))
+    return lo, hi, 1.0 - frac, frac, inside
+
+
+@triton.jit
+def _image_base(img, IMG_INNER, s_outer, s_inner):
+    img = tl.maximum(img, 0)
+    return (img // IMG_INNER) * s_outer + (img % IMG_INNER) * s_inner
+
+
+# ---- RoI pooling: forward ----------------------------------------------------------------------
+
+@triton.jit
+def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_ptr,
+                         C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
+                         spatial_scale, offset, ph, pw, sampling_ratio, log_base,
+                         ALIGNED: tl.constexpr, HAS_ENC: tl.constexpr, HAS_TABLE: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (RoI k, channel block); a [bins x channels] tile, one sample (iy, ix) at a time.
+    k = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    P = ph * pw
+    offs_p = tl.arange(0, BLOCK_P)
+    pmask = offs_p < P
+    cell_i = (offs_p // pw).to(ACC)
+    cell_j = (offs_p % pw).to(ACC)
+    img = tl.load(img_ptr + k)
+    ok = img >= 0
+    y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw,
+                                                            sampling_ratio, ALIGNED, ACC)
+    base = feat_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c[None, :] * sC
+    Hf = H.to(ACC)
+    Wf = W.to(ACC)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for iy in range(0, gh):
+        y = y0 + cell_i * bin_h + (iy + 0.5) * bin_h / gh
+        ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
+        for ix in range(0, gw):
+            x = x0 + cell_j * bin_w + (ix + 0.5) * bin_w / gw
+            xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
+            m = (pmask & yin & xin)[:, None] & cmask[None, :]
+            v = (wyl * wxl)[:, None] * tl.load(base + (ylo * sH + xlo * sW)[:, None], mask=m, other=0.0).to(ACC)
+            v += (wyl * wxh)[:, None] * tl.load(base + (ylo * sH + xhi * sW)[:, None], mask=m, other=0.0).to(ACC)
+            v += (wyh * wxl)[:, None] * tl.load(base + (yhi * sH + xlo * sW)[:, None], mask=m, other=0.0).to(ACC)
+            v += (wyh * wxh)[:, None] * tl.load(base + (yhi * sH + xhi * sW)[:, None], mask=m, other=0.0).to(ACC)
+            acc += v
+    acc = acc * inv_count
+    if HAS_ENC:
+        enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, log_base, HAS_TABLE, ACC)
+        acc += tl.where(ok, enc, 0.0)[None, :]
+    omask = pmask[:, None] & cmask[None, :]
+    tl.store(out_ptr + (k * C + offs_c[None, :]) * P + offs_p[:, None], acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+# ---- RoI pooling: backward ---------------------------------------------------------------------
+
+@triton.jit
+def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
+                                C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
+                                spatial_scale, offset, ph, pw, sampling_ratio,
+                                ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    P = ph * pw
+    offs_p = tl.arange(0, BLOCK_P)
+    pmask = offs_p < P
+    cell_i = (offs_p // pw).to(ACC)
+    cell_j = (offs_p % pw).to(ACC)
+    img = tl.load(img_ptr + k)
+    ok = img >= 0
+    y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw,
+                                                            sampling_ratio, ALIGNED, ACC)
+    g = tl.load(grad_ptr + (k * C + offs_c[None, :]) * P + offs_p[:, None],
+                mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC) * inv_count
+    base = gbuf_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c[None, :] * sC
+    Hf = H.to(ACC)
+    Wf = W.to(ACC)
+    for iy in range(0, gh):
+        y = y0 + cell_i * bin_h + (iy + 0.5) * bin_h / gh
+        ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
+        for ix in range(0, gw):
+            x = x0 + cell_j * bin_w + (ix + 0.5) * bin_w / gw
+            xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
+            m = (pmask & yin & xin)[:, None] & cmask[None, :]
+            tl.atomic_add(base + (ylo * sH + xlo * sW)[:, None], (wyl * wxl)[:, None] * g, mask=m)
+            tl.atomic_add(base + (ylo * sH + xhi * sW)[:, None], (wyl * wxh)[:, None] * g, mask=m)
+            tl.atomic_add(base + (yhi * sH + xlo * sW)[:, None], (wyh * wxl)[:, None] * g, mask=m)
+            tl.atomic_add(base + (yhi * sH + xhi * sW)[:, None], (wyh * wxh)[:, None] * g, mask=m)
+
+
+@triton.jit
+def _roi_pool_bwd_ordered_kernel(grad_ptr, boxes_ptr, order_ptr, start_ptr, gbuf_ptr,
+                                 C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
+                                 spatial_scale, offset, ph, pw, sampling_ratio,
+                                 ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (image, channel block): owns that slice of the gradient and adds the image's RoIs,
+    # bins, samples and taps in a fixed order with plain read-modify-writes (no atomics).
+    img = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    P = ph * pw
+    base = gbuf_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c * sC
+    Hf = H.to(ACC)
+    Wf = W.to(ACC)
+    n0 = tl.load(start_ptr + img)
+    n1 = tl.load(start_ptr + img + 1)
+    for n in range(n0, n1):
+        k = tl.load(order_ptr + n)
+        y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, k >= 0, spatial_scale, offset, ph, pw,
+                                                                sampling_ratio, ALIGNED, ACC)
+        for q in range(0, P):
+            g = tl.load(grad_ptr + (k * C + offs_c) * P + q, mask=cmask, other=0.0).to(ACC) * inv_count
+            ci = (q // pw).to(ACC)
+            cj = (q % pw).to(ACC)
+            for iy in range(0, gh):
+                y = y0 + ci * bin_h + (iy + 0.5) * bin_h / gh
+                ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
+                for ix in range(0, gw):
+                    x = x0 + cj * bin_w + (ix + 0.5) * bin_w / gw
+                    xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
+                    m = tl.where(yin & xin, cmask, False)  # (block & scalar bool fails in the interpreter)
+                    p00 = base + ylo * sH + xlo * sW
+                    tl.store(p00, tl.load(p00, mask=m, other=0.0) + wyl * wxl * g, mask=m)
+                    p01 = base + ylo * sH + xhi * sW
+                    tl.store(p01, tl.load(p01, mask=m, other=0.0) + wyl * wxh * g, mask=m)
+                    p10 = base + yhi * sH + xlo * sW
+                    tl.store(p10, tl.load(p10, mask=m, other=0.0) + wyh * wxl * g, mask=m)
+                    p11 = base + yhi * sH + xhi * sW
+                    tl.store(p11, tl.load(p11, mask=m, other=0.0) + wyh * wxh * g, mask=m)
+
+
+# ---- mask pooling ------------------------------------------------------------------------------
+
+@triton.jit
+def _resize_tap(o, n_in, scale):
+    """F.interpolate(bilinear, align_corners=False) taps of output pixel(s) o: (lo, hi, w_lo, w_hi)."""
+    src = tl.maximum(scale * (o.to(scale.dtype) + 0.5) - 0.5, 0.0)
+    lo = tl.minimum(src.to(tl.int64), n_in - 1)
+    hi = tl.where(lo < n_in - 1, lo + 1, lo)
+    lam = tl.minimum(tl.maximum(src - lo.to(src.dtype), 0.0), 1.0)
+    return lo, hi, 1.0 - lam, lam
+
+
+@triton.jit
+def _resize_masks_kernel(m_ptr, mt_ptr, invz_ptr, R, T, s0, s1, s2, sy, sx, Hm, Wm, H, W, eps,
+                         ACC: tl.constexpr, BLOCK_P: tl.constexpr):
+    # program = one mask: its resized values [H*W] and 1 / (sum + eps).
+    mi = tl.program_id(0).to(tl.int64)
+    r = mi % R
+    t = (mi // R) % T
+    b = mi // (R * T)
+    src = m_ptr + b * s0 + t * s1 + r * s2
+    HW = H * W
+    sh = Hm.to(ACC) / H.to(ACC)  # F.interpolate's scale: input size / output size
+    sw = Wm.to(ACC) / W.to(ACC)
+    total = tl.zeros([BLOCK_P], dtype=ACC)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < HW
+        ylo, yhi, wyl, wyh = _resize_tap(p // W, Hm, sh)
+        xlo, xhi, wxl, wxh = _resize_tap(p % W, Wm, sw)
+        top = wxl * tl.load(src + ylo * sy + xlo * sx, mask=pm, other=0.0).to(ACC) + \
+            wxh * tl.load(src + ylo * sy + xhi * sx, mask=pm, other=0.0).to(ACC)
+        bot = wxl * tl.load(src + yhi * sy + xlo * sx, mask=pm, other=0.0).to(ACC) + \
+            wxh * tl.load(src + yhi * sy + xhi * sx, mask=pm, other=0.0).to(ACC)
+        v = tl.where(pm, wyl * top + wyh * bot, 0.0)
+        tl.store(mt_ptr + mi * HW + p, v, mask=pm)
+        total += v
+    tl.store(invz_ptr + mi, 1.0 / (tl.sum(total, axis=0) + eps))
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _mask_pool_fwd_kernel(feat_ptr, mt_ptr, invz_ptr, ts_ptr, table_ptr, out_ptr,
+                          R, C, H, W, T, s0, s1, sC, sH, sW, log_base,
+                          HAS_ENC: tl.constexpr, HAS_TABLE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (frame, channel block, region block): out[r, c] = sum_p mt[r, p] f[c, p] / Z_r (+ enc[c])
+    bt = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.program_id(2).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cmask = offs_c < C
+    rmask = offs_r < R
+    HW = H * W
+    fbase = feat_ptr + (bt // T) * s0 + (bt % T) * s1
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < HW
+        m = tl.load(mt_ptr + (bt * R + offs_r[:, None]) * HW + p[None, :], mask=rmask[:, None] & pm[None, :],
+                    other=0.0)
+        f = tl.load(fbase + ((p // W) * sH + (p % W) * sW)[:, None] + offs_c[None, :] * sC,
+                    mask=pm[:, None] & cmask[None, :], other=0.0).to(ACC)
+        acc += _mm(m, f, USE_DOT)
+    acc = acc * tl.load(invz_ptr + bt * R + offs_r, mask=rmask, other=0.0)[:, None]
+    if HAS_ENC:
+        acc += _frame_encoding(ts_ptr, table_ptr, bt, offs_c, cmask, C, log_base, HAS_TABLE, ACC)[None, :]
+    tl.store(out_ptr + (bt * R + offs_r[:, None]) * C + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _mask_pool_dfeat_kernel(gn_ptr, mt_ptr, gf_ptr, R, C, H, W, T, s0, s1, sC, sH, sW,
+                            ACC: tl.constexpr, USE_DOT: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (frame, pixel block, channel block): grad_f[c, p] = sum_r mt[r, p] * gn[r, c]
+    bt = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(2).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    HW = H * W
+    pm = p < HW
+    cmask = offs_c < C
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        rmask = offs_r < R
+        mT = tl.load(mt_ptr + (bt * R + offs_r[None, :]) * HW + p[:, None], mask=pm[:, None] & rmask[None, :],
+                     other=0.0)
+        g = tl.load(gn_ptr + (bt * R + offs_r[:, None]) * C + offs_c[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc += _mm(mT, g, USE_DOT)
+    dst = gf_ptr + (bt // T) * s0 + (bt % T) * s1 + ((p // W) * sH + (p % W) * sW)[:, None] + offs_c[None, :] * sC
+    tl.store(dst, acc.to(gf_ptr.dtype.element_ty), mask=pm[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _mask_pool_gf_kernel(gn_ptr, feat_ptr, gfr_ptr, R, C, H, W, T, s0, s1, sC, sH, sW,
+                         ACC: tl.constexpr, USE_DOT: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (frame, pixel block, region block): GF[r, p] = sum_c gn[r, c] * f[c, p]
+    bt = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.program_id(2).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    HW = H * W
+    pm = p < HW
+    rmask = offs_r < R
+    fbase = feat_ptr + (bt // T) * s0 + (bt % T) * s1
+    acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        g = tl.load(gn_ptr + (bt * R + offs_r[:, None]) * C + offs_c[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0)
+        fT = tl.load(fbase + offs_c[:, None] * sC + ((p // W) * sH + (p % W) * sW)[None, :],
+                     mask=cmask[:, None] & pm[None, :], other=0.0).to(ACC)
+        acc += _mm(g, fT, USE_DOT)
+    tl.store(gfr_ptr + (bt * R + offs_r[:, None]) * HW + p[None, :], acc, mask=rmask[:, None] & pm[None, :])
+
+
+@triton.jit
+def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, NY, NX, ACC: tl.constexpr, BLOCK_Q: tl.constexpr):
+    # program = (mask, block of source pixels q): grad_mask[q] = sum over the resized pixels that
+    # read q of their tap weight * (GF - s). Gather form: every output written once, no atomics.
+    mi = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    HWm = Hm * Wm
+    qm = q < HWm
+    sy = q // Wm
+    sx = q % Wm
+    sh = Hm.to(ACC) / H.to(ACC)
+    sw = Wm.to(ACC) / W.to(ACC)
+    inv_h = 1.0 / sh
+    inv_w = 1.0 / sw
+    # resized pixel o reads source i when its source coordinate lies in [i - 1, i + 1): the
+    # candidates start one below floor((i - 0.5) / scale - 0.5); NY / NX of them cover the range.
+    y_first = tl.maximum(tl.floor((sy.to(ACC) - 0.5) * inv_h - 0.5).to(tl.int64) - 1, 0)
+    x_first = tl.maximum(tl.floor((sx.to(ACC) - 0.5) * inv_w - 0.5).to(tl.int64) - 1, 0)
+    s = tl.load(s_ptr + mi)
+    acc = tl.zeros([BLOCK_Q], dtype=ACC)
+    for dy in range(0, NY):
+        y = y_first + dy
+        ym = qm & (y < H)
+        ylo, yhi, wyl, wyh = _resize_tap(y, Hm, sh)
+        wy = tl.where(ylo == sy, wyl, 0.0) + tl.where(yhi == sy, wyh, 0.0)
+        for dx in range(0, NX):
+            x = x_first + dx
+            m = ym & (x < W)
+            xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
+            wx = tl.where(xlo == sx, wxl, 0.0) + tl.where(xhi == sx, wxh, 0.0)
+            v = tl.load(gfr_ptr + mi * H * W + y * W + x, mask=m & (wy * wx != 0.0), other=0.0)
+            acc += tl.where(m, wy * wx * (v - s), 0.0)
+    tl.store(gm_ptr + mi * HWm + q, acc, mask=qm)
+
+
+# ---- host wrappers ------------------------------------------------------------------------------
+
+def _acc(dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _empty_like_layout(sizes, device, dtype, channels_last):
+    """[..., C, H, W] contiguous, or channels-last (the pixel's channels contiguous)."""
+    if not channels_last:
+        return torch.empty(sizes, device=device, dtype=dtype)
+    d = len(sizes)
+    cl = list(sizes[:d - 3]) + [sizes[d - 2], sizes[d - 1], sizes[d - 3]]
+    return torch.empty(cl, device=device, dtype=dtype).permute(list(range(d - 3)) + [d - 1, d - 3, d - 2])
+
+
+def _pool_blocks(P, C):
+    BLOCK_P = triton.next_power_of_2(max(P, 1))
+    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(16, 4096 // BLOCK_P), 256))
+    return BLOCK_P, BLOCK_C
+
+
+def _roi_images_from_rois(rois, N):
+    idx = rois[:, 0]
+    ok = (idx > -1) & (idx < N)  # out of range (validate=False): skipped, never read
+    return torch.where(ok, idx.nan_to_num(0.0).clamp(-1, N).trunc(), torch.full_like(idx, -1)).to(torch.int64).contiguous()
+
+
+def _order_by_image(roi_img, images):
+    """RoIs grouped by image, in RoI order: (order [K], start [images + 1])."""
+    keep = roi_img >= 0
+    ids = torch.arange(roi_img.numel(), device=roi_img.device)[keep]
+    img = roi_img[keep]
+    order = ids[torch.sort(img, stable=True).indices]
+    counts = torch.bincount(img, minlength=images)
+    start = torch.zeros(images + 1, dtype=torch.int64, device=roi_img.device)
+    start[1:] = torch.cumsum(counts, 0)
+    return order.contiguous(), start
+
+
+def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inner, strides, spatial_scale, ph, pw,
+              sampling_ratio, aligned, base):
+    K = boxes.shape[0]
+    if K == 0 or C == 0:
+        return out
+    acc_tl, acc_torch = _acc(feat.dtype)
+    BLOCK_P, BLOCK_C = _pool_blocks(ph * pw, C)
+    ts, tab, has_table = enc
+    boxes = boxes.to(acc_torch).contiguous()
+    if ts is None:  # no TPE: any tensor for the unused pointers
+        ts = tab = boxes
+    sC, sH, sW = strides
+    _roi_pool_fwd_kernel[(K, triton.cdiv(C, BLOCK_C))](
+        feat, boxes, roi_img, ts, tab, out, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
+        spatial_scale, 0.5 if aligned else 0.0, ph, pw, sampling_ratio, math.log(base),
+        ALIGNED=bool(aligned), HAS_ENC=enc[0] is not None, HAS_TABLE=has_table, ACC=acc_tl, BLOCK_P=BLOCK_P,
+        BLOCK_C=BLOCK_C)
+    return out
+
+
+def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spatial_scale, ph, pw, sampling_ratio,
+              aligned, deterministic):
+    """Gradient [..., C, H, W] (grad's dtype, layout per channels_last) of the RoI pooling."""
+    C, H, W = sizes[-3:]
+    acc_tl, acc_torch = _acc(grad.dtype)
+    gbuf = _empty_like_layout(sizes, grad.device, acc_torch, channels_last).zero_()
+    K = boxes.shape[0]
+    if K == 0 or C == 0 or H * W == 0 or images == 0:
+        return gbuf.to(grad.dtype)
+    grad = grad.contiguous()
+    boxes = boxes.to(acc_torch).contiguous()
+    s_outer, s_inner = gbuf.stride(0), (gbuf.stride(1) if img_inner > 1 else 0)
+    sC, sH, sW = gbuf.stride(-3), gbuf.stride(-2), gbuf.stride(-1)
+    common = dict(ALIGNED=bool(aligned), ACC=acc_tl)
+    off = 0.5 if aligned else 0.0
+    if deterministic:
+        order, start = _order_by_image(roi_img, images)
+        BLOCK_C = max(1, min(triton.next_power_of_2(C), 256))
+        _roi_pool_bwd_ordered_kernel[(images, triton.cdiv(C, BLOCK_C))](
+            grad, boxes, order, start, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
+            ph, pw, sampling_ratio, BLOCK_C=BLOCK_C, **common)
+    else:
+        BLOCK_P, BLOCK_C = _pool_blocks(ph * pw, C)
+        _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
+            grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
+            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, **common)
+    return gbuf.to(grad.dtype)
+
+
+def roi_align_fwd(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):
+    N, C, H, W = input.shape
+    K = rois.shape[0]
+    out = torch.empty(K, C, ph, pw, device=input.device, dtype=input.dtype)
+    if K == 0 or C == 0:
+        return out
+    roi_img = _roi_images_from_rois(rois, N)
+    return _pool_fwd(input, rois[:, 1:], roi_img, (None, None, False), out, C, H, W, 1, input.stride(0), 0,
+                     (input.stride(1), input.stride(2), input.stride(3)), spatial_scale, ph, pw, sampling_ratio,
+                     aligned, 10000.0)
+
+
+def roi_align_bwd(grad, rois, spatial_scale, ph, pw, sampling_ratio, aligned, N, H, W, channels_last, deterministic):
+    C = grad.shape[1]
+    roi_img = _roi_images_from_rois(rois, N)
+    return _pool_bwd(grad, rois[:, 1:], roi_img, N, (N, C, H, W), 1, channels_last, spatial_scale, ph, pw,
+                     sampling_ratio, aligned, deterministic)
+
+
+def _region_images(boxes, valid):
+    B, T, R = boxes.shape[:3]
+    img = torch.arange(B * T, device=boxes.device).repeat_interleave(R)
+    if valid is not None:
+        img = torch.where(valid.reshape(-1), img, torch.full_like(img, -1))
+    return img.contiguous()
+
+
+def region_pool_fwd(features, boxes, valid, timestamps, table, spatial_scale, ph, pw, sampling_ratio, aligned,
+                    base=10000.0):
+    B, T, C, H, W = features.shape
+    R = boxes.shape[2]
+    out = torch.empty(B, T, R, C, ph, pw, device=features.device, dtype=features.dtype)
+    if B * T * R == 0 or C == 0:
+        return out
+    _, acc_torch = _acc(features.dtype)
+    enc = (None, None, False)
+    if timestamps is not None:
+        ts, tab = _encoder_inputs(timestamps, table, acc_torch)
+        enc = (ts, tab, table is not None)
+    return _pool_fwd(features, boxes.reshape(B * T * R, 4), _region_images(boxes, valid), enc, out, C, H, W, T,
+                     features.stride(0), features.stride(1),
+                     (features.stride(2), features.stride(3), features.stride(4)), spatial_scale, ph, pw,
+                     sampling_ratio, aligned, base)
+
+
+def region_pool_bwd(grad, boxes, valid, spatial_scale, ph, pw, sampling_ratio, aligned, H, W, channels_last,
+                    deterministic):
+    B, T, R, C = grad.shape[:4]
+    return _pool_bwd(grad.reshape(B * T * R, C, ph, pw), boxes.reshape(B * T * R, 4), _region_images(boxes, valid),
+                     B * T, (B, T, C, H, W), T, channels_last, spatial_scale, ph, pw, sampling_ratio, aligned,
+                     deterministic)
+
+
+def _resize(masks, H, W, eps, acc_tl, acc_torch):
+    """Resized masks [BT*R, H*W] and 1 / (sum + eps) [BT*R], in the accumulation dtype."""
+    B, T, R, Hm, Wm = masks.shape
+    n = B * T * R
+    mt = torch.empty(n, H * W, device=masks.device, dtype=acc_torch)
+    invz = torch.empty(n, device=masks.device, dtype=acc_torch)
+    if n:
+        _resize_masks_kernel[(n,)](masks, mt, invz, R, T, masks.stride(0), masks.stride(1), masks.stride(2),
+                                   masks.stride(3), masks.stride(4), Hm, Wm, H, W, eps,
+                                   ACC=acc_tl, BLOCK_P=min(triton.next_power_of_2(H * W), 1024))
+    return mt, invz
+
+
+def _mm_blocks(R, C, HW, acc_torch):
+    use_dot = acc_torch == torch.float32
+    lo = 16 if use_dot else 1
+    BLOCK_R = max(lo, min(triton.next_power_of_2(max(R, 1)), 64))
+    BLOCK_C = max(lo, min(triton.next_power_of_2(max(C, 1)), 64))
+    BLOCK_P = max(lo, min(triton.next_power_of_2(max(HW, 1)), 64))
+    return use_dot, BLOCK_R, BLOCK_P, BLOCK_C
+
+
+def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
+    B, T, C, H, W = features.shape
+    R = masks.shape[2]
+    out = torch.empty(B, T, R, C, device=features.device, dtype=features.dtype)
+    if B * T * R == 0 or C == 0:
+        return out
+    acc_tl, acc_torch = _acc(features.dtype)
+    mt, invz = _resize(masks, H, W, eps, acc_tl, acc_torch)
+    ts, tab = (mt, mt)  # no TPE: any tensor for the unused pointers
+    if timestamps is not None:
+        ts, tab = _encoder_inputs(timestamps, table, acc_torch)
+    use_dot, BLOCK_R, BLOCK_P, BLOCK_C = _mm_blocks(R, C, H * W, acc_torch)
+    _mask_pool_fwd_kernel[(B * T, triton.cdiv(C, BLOCK_C), triton.cdiv(R, BLOCK_R))](
+        features, mt, invz, ts, tab, out, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
+        features.stride(3), features.stride(4), math.log(base), HAS_ENC=timestamps is not None, HAS_TABLE=table is not None,
+        ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return out
+
+
+def mask_pool_bwd(grad, features, masks, eps, need_features_grad, need_masks_grad, channels_last):
+    B, T, C, H, W = features.shape
+    R, Hm, Wm = masks.shape[2:]
+    acc_tl, acc_torch = _acc(features.dtype)
+    gf = (_empty_like_layout((B, T, C, H, W), features.device, features.dtype, channels_last)
+          if need_features_grad else features.new_empty(0))
+    gm = torch.empty(masks.shape, device=masks.device, dtype=masks.dtype) if need_masks_grad else masks.new_empty(0)
+    if B * T * R == 0 or C == 0:
+        return gf.zero_(), gm.zero_()
+    mt, invz = _resize(masks, H, W, eps, acc_tl, acc_torch)
+    gn = (grad.to(acc_torch) * invz.view(B, T, R, 1)).contiguous()  # grad / Z
+    use_dot, BLOCK_R, BLOCK_P, BLOCK_C = _mm_blocks(R, C, H * W, acc_torch)
+    HW = H * W
+    if need_features_grad:
+        _mask_pool_dfeat_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(C, BLOCK_C))](
+            gn, mt, gf, R, C, H, W, T, gf.stride(0), gf.stride(1), gf.stride(2), gf.stride(3), gf.stride(4),
+            ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    if need_masks_grad:
+        gfr = torch.empty(B * T * R, HW, device=features.device, dtype=acc_torch)
+        _mask_pool_gf_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(R, BLOCK_R))](
+            gn, features, gfr, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
+            features.stride(3), features.stride(4), ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
+            BLOCK_C=BLOCK_C)
+        # d out / d m~_p = (f_p - out) / Z: the mean term s_r = sum_p (m~_p / Z) GF_p, GF carrying 1 / Z.
+        s = ((mt * gfr).sum(-1) * invz).contiguous()
+        gmb = torch.empty(B * T * R, Hm * Wm, device=masks.device, dtype=acc_torch)
+        NY, NX = math.ceil(2 * H / Hm) + 4, math.ceil(2 * W / Wm) + 4
+        BLOCK_Q = min(triton.next_power_of_2(Hm * Wm), 1024)
+        _resize_transpose_kernel[(B * T * R, triton.cdiv(Hm * Wm, BLOCK_Q))](
+            gfr, s, gmb, Hm, Wm, H, W, NY, NX, ACC=acc_tl, BLOCK_Q=BLOCK_Q)
+        gm.copy_(gmb.view(masks.shape))
+    return gf, gm
