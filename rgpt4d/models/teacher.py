@@ -210,7 +210,7 @@ def teacher_loss(out: TeacherOutput, tgt: dict[str, Tensor], frame_mask: Optiona
     terms = {"depth": d[fm].mean(), "flow": f[flow_frames].mean() if flow_frames.any() else f.sum() * 0,
              "motion": m[fm].mean()}
     total = terms["depth"] + 0.1 * terms["flow"] + terms["motion"]
-    return total, {k: float(v) for k, v in terms.items()}
+    return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
 class TeacherMetrics:
