@@ -144,8 +144,18 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
                                if config.region_mode in ("tokens", "both") else None)
         self.language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
         self.post_init()
-        if config.freeze_vision:
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """The paper trains projector + LLM; the vision encoder stays frozen (config.freeze_vision)."""
+        if self.config.freeze_vision:
             self.vision_tower.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.apply_freezing()  # loading replaces the parameters, and with them requires_grad
+        return model
 
     # -- helpers -------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
