@@ -93,7 +93,7 @@ def train_teacher(data_dir, out, *, preset: str = "tiny", config: Optional[Teach
             opt.step()
             sched.step()
             step += 1
-            last = {"loss": float(loss), **terms}
+            last = {"loss": float(loss.detach()), **terms}
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
