@@ -94,10 +94,20 @@ def letter_token_ids(tokenizer, n: int = 5) -> list[int]:
     return ids
 
 
+def _plain_preamble(prompt: str) -> str:
+    """The evaluation preamble names `<obj_1>, <obj_2>, ...` as an example, not as references: write
+    those without brackets so they do not become region tokens (only the question's do)."""
+    from rgpt4d.data.schema import PROMPT_PREAMBLE
+
+    if PROMPT_PREAMBLE in prompt:
+        prompt = prompt.replace(PROMPT_PREAMBLE, PROMPT_PREAMBLE.replace("<obj_1>", "obj_1").replace("<obj_2>", "obj_2"))
+    return prompt
+
+
 def chat_text(prompt: str, num_visual_tokens: int) -> str:
     """The student's conversation: user turn with the visual placeholders and the prompt, then the
     assistant marker; the answer (a letter and `</s>`) follows it."""
-    return f"{USER}{IMAGE * num_visual_tokens}\n{prompt}{ASSISTANT}"
+    return f"{USER}{IMAGE * num_visual_tokens}\n{_plain_preamble(prompt)}{ASSISTANT}"
 
 
 def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answers: Sequence[str] | None = None):

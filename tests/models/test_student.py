@@ -167,3 +167,12 @@ def test_som_mode_takes_the_som_image_first(tokenizer):
 def test_letters_are_single_tokens(tokenizer):
     ids = letter_token_ids(tokenizer, 5)
     assert [tokenizer.decode([i]) for i in ids] == list(LETTERS[:5])
+
+
+def test_the_prompt_preamble_is_not_a_region_reference(student, tokenizer):
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.tokenizer import encode_batch
+
+    enc = encode_batch(tokenizer, [format_prompt("How tall is <obj_1>?", ["1 m", "2 m"])], 1)
+    obj = torch.isin(enc["input_ids"], torch.tensor(student.config.obj_token_ids))
+    assert int(obj.sum()) == 1  # only the question's <obj_1>
