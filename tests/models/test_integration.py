@@ -116,3 +116,16 @@ def test_p4d_heads_attach_and_detach():
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
     detach_p4d(model)
     assert sorted(n for n, _ in model.named_parameters()) == names
+
+
+def test_the_example_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "llava_dropin.py"
+    spec = importlib.util.spec_from_file_location("llava_dropin", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main()
+    out = capsys.readouterr().out
+    assert "unchanged: True" in out and "removed before saving: True" in out

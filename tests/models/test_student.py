@@ -176,3 +176,21 @@ def test_the_prompt_preamble_is_not_a_region_reference(student, tokenizer):
     enc = encode_batch(tokenizer, [format_prompt("How tall is <obj_1>?", ["1 m", "2 m"])], 1)
     obj = torch.isin(enc["input_ids"], torch.tensor(student.config.obj_token_ids))
     assert int(obj.sum()) == 1  # only the question's <obj_1>
+
+
+def test_tokenizer_save_load_and_labels(tokenizer, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from rgpt4d.models.tokenizer import encode_batch, special_token_ids
+
+    text = "<|user|><image><image>\nHow tall is <obj_3>? (B) 1.25 m/s² 45°<|assistant|>"
+    tokenizer.save_pretrained(tmp_path)
+    loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level: lossless, no unknown token
+    ids = special_token_ids(tokenizer)
+    assert ids["obj"][2] in tokenizer.encode(text) and tokenizer.encode(text).count(ids["image"]) == 2
+    enc = encode_batch(tokenizer, ["short", "a longer prompt here"], 2, ["A", "B"])
+    lab = enc["labels"]
+    assert (lab != -100).sum(1).tolist() == [2, 2]  # the letter and </s>
+    assert enc["attention_mask"][0, 0] == 0  # left padding for batched generation
