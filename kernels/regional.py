@@ -87,12 +87,26 @@ def _image_base(img, IMG_INNER, s_outer, s_inner):
 # ---- RoI pooling: forward ----------------------------------------------------------------------
 
 @triton.jit
+def _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s, H, W, Hf, Wf):
+    """Taps of samples s (flat iy * gw + ix) of every bin: [bins, samples] each."""
+    gw1 = tl.maximum(gw, 1)
+    iy = s // gw1
+    ix = s % gw1
+    y = y0 + cell_i[:, None] * bin_h + (iy[None, :] + 0.5) * bin_h / gh
+    x = x0 + cell_j[:, None] * bin_w + (ix[None, :] + 0.5) * bin_w / gw
+    ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
+    xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
+    return ylo, yhi, wyl, wyh, xlo, xhi, wxl, wxh, yin & xin
+
+
+@triton.jit
 def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_ptr,
                          C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
                          spatial_scale, offset, ph, pw, sampling_ratio, log_base,
                          ALIGNED: tl.constexpr, HAS_ENC: tl.constexpr, HAS_TABLE: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # program = (RoI k, channel block); a [bins x channels] tile, one sample (iy, ix) at a time.
+                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (RoI k, channel block); tile = [bins, samples, channels], BLOCK_S samples of every
+    # bin at a time, summed over the sample axis.
     k = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -105,22 +119,21 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
     ok = img >= 0
     y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw,
                                                             sampling_ratio, ALIGNED, ACC)
-    base = feat_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c[None, :] * sC
+    base = feat_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + (offs_c * sC)[None, None, :]
     Hf = H.to(ACC)
     Wf = W.to(ACC)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for iy in range(0, gh):
-        y = y0 + cell_i * bin_h + (iy + 0.5) * bin_h / gh
-        ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
-        for ix in range(0, gw):
-            x = x0 + cell_j * bin_w + (ix + 0.5) * bin_w / gw
-            xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
-            m = (pmask & yin & xin)[:, None] & cmask[None, :]
-            v = (wyl * wxl)[:, None] * tl.load(base + (ylo * sH + xlo * sW)[:, None], mask=m, other=0.0).to(ACC)
-            v += (wyl * wxh)[:, None] * tl.load(base + (ylo * sH + xhi * sW)[:, None], mask=m, other=0.0).to(ACC)
-            v += (wyh * wxl)[:, None] * tl.load(base + (yhi * sH + xlo * sW)[:, None], mask=m, other=0.0).to(ACC)
-            v += (wyh * wxh)[:, None] * tl.load(base + (yhi * sH + xhi * sW)[:, None], mask=m, other=0.0).to(ACC)
-            acc += v
+    ns = gh * gw
+    for s0 in range(0, ns, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ylo, yhi, wyl, wyh, xlo, xhi, wxl, wxh, inside = _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s,
+                                                                      H, W, Hf, Wf)
+        m = (inside & pmask[:, None] & (s < ns)[None, :])[:, :, None] & cmask[None, None, :]
+        v = (wyl * wxl)[:, :, None] * tl.load(base + (ylo * sH + xlo * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        v += (wyl * wxh)[:, :, None] * tl.load(base + (ylo * sH + xhi * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        v += (wyh * wxl)[:, :, None] * tl.load(base + (yhi * sH + xlo * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        v += (wyh * wxh)[:, :, None] * tl.load(base + (yhi * sH + xhi * sW)[:, :, None], mask=m, other=0.0).to(ACC)
+        acc += tl.sum(v, axis=1)
     acc = acc * inv_count
     if HAS_ENC:
         enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, log_base, HAS_TABLE, ACC)
@@ -136,7 +149,7 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
                                 C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
                                 spatial_scale, offset, ph, pw, sampling_ratio,
                                 ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
+                                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -151,20 +164,20 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
                                                             sampling_ratio, ALIGNED, ACC)
     g = tl.load(grad_ptr + (k * C + offs_c[None, :]) * P + offs_p[:, None],
                 mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC) * inv_count
-    base = gbuf_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c[None, :] * sC
+    g = g[:, None, :]
+    base = gbuf_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + (offs_c * sC)[None, None, :]
     Hf = H.to(ACC)
     Wf = W.to(ACC)
-    for iy in range(0, gh):
-        y = y0 + cell_i * bin_h + (iy + 0.5) * bin_h / gh
-        ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
-        for ix in range(0, gw):
-            x = x0 + cell_j * bin_w + (ix + 0.5) * bin_w / gw
-            xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
-            m = (pmask & yin & xin)[:, None] & cmask[None, :]
-            tl.atomic_add(base + (ylo * sH + xlo * sW)[:, None], (wyl * wxl)[:, None] * g, mask=m)
-            tl.atomic_add(base + (ylo * sH + xhi * sW)[:, None], (wyl * wxh)[:, None] * g, mask=m)
-            tl.atomic_add(base + (yhi * sH + xlo * sW)[:, None], (wyh * wxl)[:, None] * g, mask=m)
-            tl.atomic_add(base + (yhi * sH + xhi * sW)[:, None], (wyh * wxh)[:, None] * g, mask=m)
+    ns = gh * gw
+    for s0 in range(0, ns, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ylo, yhi, wyl, wyh, xlo, xhi, wxl, wxh, inside = _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s,
+                                                                      H, W, Hf, Wf)
+        m = (inside & pmask[:, None] & (s < ns)[None, :])[:, :, None] & cmask[None, None, :]
+        tl.atomic_add(base + (ylo * sH + xlo * sW)[:, :, None], (wyl * wxl)[:, :, None] * g, mask=m)
+        tl.atomic_add(base + (ylo * sH + xhi * sW)[:, :, None], (wyl * wxh)[:, :, None] * g, mask=m)
+        tl.atomic_add(base + (yhi * sH + xlo * sW)[:, :, None], (wyh * wxl)[:, :, None] * g, mask=m)
+        tl.atomic_add(base + (yhi * sH + xhi * sW)[:, :, None], (wyh * wxh)[:, :, None] * g, mask=m)
 
 
 @triton.jit
@@ -333,7 +346,8 @@ def _mask_pool_gf_kernel(gn_ptr, feat_ptr, gfr_ptr, R, C, H, W, T, s0, s1, sC, s
 
 
 @triton.jit
-def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, NY, NX, ACC: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.constexpr, NY: tl.constexpr,
+                             NX: tl.constexpr, BLOCK_Q: tl.constexpr):
     # program = (mask, block of source pixels q): grad_mask[q] = sum over the resized pixels that
     # read q of their tap weight * (GF - s). Gather form: every output written once, no atomics.
     mi = tl.program_id(0).to(tl.int64)
@@ -344,26 +358,19 @@ def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, NY, NX, ACC: 
     sx = q % Wm
     sh = Hm.to(ACC) / H.to(ACC)
     sw = Wm.to(ACC) / W.to(ACC)
-    inv_h = 1.0 / sh
-    inv_w = 1.0 / sw
     # resized pixel o reads source i when its source coordinate lies in [i - 1, i + 1): the
     # candidates start one below floor((i - 0.5) / scale - 0.5); NY / NX of them cover the range.
-    y_first = tl.maximum(tl.floor((sy.to(ACC) - 0.5) * inv_h - 0.5).to(tl.int64) - 1, 0)
-    x_first = tl.maximum(tl.floor((sx.to(ACC) - 0.5) * inv_w - 0.5).to(tl.int64) - 1, 0)
+    y = tl.maximum(tl.floor((sy.to(ACC) - 0.5) / sh - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NY)[None, :]
+    x = tl.maximum(tl.floor((sx.to(ACC) - 0.5) / sw - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NX)[None, :]
+    ylo, yhi, wyl, wyh = _resize_tap(y, Hm, sh)
+    xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
+    wy = tl.where((ylo == sy[:, None]) & (y < H), wyl, 0.0) + tl.where((yhi == sy[:, None]) & (y < H), wyh, 0.0)
+    wx = tl.where((xlo == sx[:, None]) & (x < W), wxl, 0.0) + tl.where((xhi == sx[:, None]) & (x < W), wxh, 0.0)
+    w = wy[:, :, None] * wx[:, None, :]  # [q, candidate rows, candidate columns]
+    m = qm[:, None, None] & (w != 0.0)
+    v = tl.load(gfr_ptr + mi * H * W + y[:, :, None] * W + x[:, None, :], mask=m, other=0.0)
     s = tl.load(s_ptr + mi)
-    acc = tl.zeros([BLOCK_Q], dtype=ACC)
-    for dy in range(0, NY):
-        y = y_first + dy
-        ym = qm & (y < H)
-        ylo, yhi, wyl, wyh = _resize_tap(y, Hm, sh)
-        wy = tl.where(ylo == sy, wyl, 0.0) + tl.where(yhi == sy, wyh, 0.0)
-        for dx in range(0, NX):
-            x = x_first + dx
-            m = ym & (x < W)
-            xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
-            wx = tl.where(xlo == sx, wxl, 0.0) + tl.where(xhi == sx, wxh, 0.0)
-            v = tl.load(gfr_ptr + mi * H * W + y * W + x, mask=m & (wy * wx != 0.0), other=0.0)
-            acc += tl.where(m, wy * wx * (v - s), 0.0)
+    acc = tl.sum(tl.sum(tl.where(m, w * (v - s), 0.0), axis=2), axis=1)
     tl.store(gm_ptr + mi * HWm + q, acc, mask=qm)
 
 
@@ -382,10 +389,12 @@ def _empty_like_layout(sizes, device, dtype, channels_last):
     return torch.empty(cl, device=device, dtype=dtype).permute(list(range(d - 3)) + [d - 1, d - 3, d - 2])
 
 
-def _pool_blocks(P, C):
+def _pool_blocks(P, C, sampling_ratio):
+    """(BLOCK_P, BLOCK_S, BLOCK_C): all bins, a chunk of samples per bin, a channel block (<= 16K elements)."""
     BLOCK_P = triton.next_power_of_2(max(P, 1))
-    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(16, 4096 // BLOCK_P), 256))
-    return BLOCK_P, BLOCK_C
+    BLOCK_S = min(triton.next_power_of_2(sampling_ratio * sampling_ratio), 64) if sampling_ratio > 0 else 16
+    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(1, 16384 // (BLOCK_P * BLOCK_S)), 1024))
+    return BLOCK_P, BLOCK_S, BLOCK_C
 
 
 def _roi_images_from_rois(rois, N):
@@ -412,7 +421,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
     if K == 0 or C == 0:
         return out
     acc_tl, acc_torch = _acc(feat.dtype)
-    BLOCK_P, BLOCK_C = _pool_blocks(ph * pw, C)
+    BLOCK_P, BLOCK_S, BLOCK_C = _pool_blocks(ph * pw, C, sampling_ratio)
     ts, tab, has_table = enc
     boxes = boxes.to(acc_torch).contiguous()
     if ts is None:  # no TPE: any tensor for the unused pointers
@@ -422,7 +431,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
         feat, boxes, roi_img, ts, tab, out, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
         spatial_scale, 0.5 if aligned else 0.0, ph, pw, sampling_ratio, math.log(base),
         ALIGNED=bool(aligned), HAS_ENC=enc[0] is not None, HAS_TABLE=has_table, ACC=acc_tl, BLOCK_P=BLOCK_P,
-        BLOCK_C=BLOCK_C)
+        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -448,10 +457,10 @@ def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spa
             grad, boxes, order, start, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
             ph, pw, sampling_ratio, BLOCK_C=BLOCK_C, **common)
     else:
-        BLOCK_P, BLOCK_C = _pool_blocks(ph * pw, C)
+        BLOCK_P, BLOCK_S, BLOCK_C = _pool_blocks(ph * pw, C, sampling_ratio)
         _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
             grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
-            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, **common)
+            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, **common)
     return gbuf.to(grad.dtype)
 
 
@@ -575,9 +584,10 @@ def mask_pool_bwd(grad, features, masks, eps, need_features_grad, need_masks_gra
         # d out / d m~_p = (f_p - out) / Z: the mean term s_r = sum_p (m~_p / Z) GF_p, GF carrying 1 / Z.
         s = ((mt * gfr).sum(-1) * invz).contiguous()
         gmb = torch.empty(B * T * R, Hm * Wm, device=masks.device, dtype=acc_torch)
-        NY, NX = math.ceil(2 * H / Hm) + 4, math.ceil(2 * W / Wm) + 4
-        BLOCK_Q = min(triton.next_power_of_2(Hm * Wm), 1024)
+        NY = triton.next_power_of_2(math.ceil(2 * H / Hm) + 4)
+        NX = triton.next_power_of_2(math.ceil(2 * W / Wm) + 4)
+        BLOCK_Q = max(1, min(triton.next_power_of_2(Hm * Wm), 16384 // (NY * NX)))
         _resize_transpose_kernel[(B * T * R, triton.cdiv(Hm * Wm, BLOCK_Q))](
-            gfr, s, gmb, Hm, Wm, H, W, NY, NX, ACC=acc_tl, BLOCK_Q=BLOCK_Q)
+            gfr, s, gmb, Hm, Wm, H, W, ACC=acc_tl, NY=NY, NX=NX, BLOCK_Q=BLOCK_Q)
         gm.copy_(gmb.view(masks.shape))
     return gf, gm

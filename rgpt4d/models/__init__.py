@@ -3,7 +3,7 @@
 Modules: configs (dataclasses, RGPT4DConfig, presets tiny/small/paper), tokenizer (BPE trained
 offline), teacher (VideoMAE + DPT-like heads), teacher_train (train / evaluate / cache), student
 (SigLIP -> fused TPE prologue -> projector -> Qwen2, region tokens), p4d (D_4DP and the training
-model), attention (backend checks), cli (`rgpt4d teacher ...`, `rgpt4d infer`).
+model), attention (backend checks), regional_encoder (RegionalEncoder4D, issue 3), cli (`rgpt4d teacher ...`, `rgpt4d infer`).
 
 Names are imported lazily so that `import rgpt4d.models` does not import transformers.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "RegionalEncoder4D": "regional_encoder",
+    "RegionalEncoderConfig": "regional_encoder",
     "TeacherConfig": "configs",
     "P4DConfig": "configs",
     "RGPT4DConfig": "configs",

@@ -22,6 +22,18 @@ from rgpt4d.ops.p4d import (
     p4d_loss,
     p4d_term_eager,
 )
+from rgpt4d.ops.regional import (
+    MaskPool,
+    RegionPool,
+    RoIAlign,
+    boxes_to_rois,
+    mask_pool,
+    mask_pool_eager,
+    region_pool,
+    region_pool_eager,
+    roi_align,
+    roi_align_eager,
+)
 from rgpt4d.ops.tpe import (
     TimestampPositionalEncoding,
     TPEDownsampleLayerNorm,
@@ -56,4 +68,14 @@ __all__ = [
     "tpe_downsample_layernorm",
     "tpe_downsample_layernorm_eager",
     "tpe_sinusoid",
+    "MaskPool",
+    "RegionPool",
+    "RoIAlign",
+    "boxes_to_rois",
+    "mask_pool",
+    "mask_pool_eager",
+    "region_pool",
+    "region_pool_eager",
+    "roi_align",
+    "roi_align_eager",
 ]

@@ -144,7 +144,7 @@ def roi_align_eager(input: Tensor, rois: Union[Tensor, Sequence[Tensor]], output
         pooled = acc_k.sum(dim=(2, 4)) / count[sl].view(-1, 1, 1, 1)  # [k, ph, pw, C]
         chunks.append(pooled.permute(0, 3, 1, 2))
         k0 = k1
-    return torch.cat(chunks).to(input.dtype)
+    return torch.cat(chunks).to(input.dtype).contiguous()
 
 
 def _cl_to_bt_chw(features: Tensor) -> Tensor:
@@ -180,7 +180,7 @@ def resize_masks_eager(masks: Tensor, size: tuple[int, int], dtype: torch.dtype)
     B, T, R, Hm, Wm = masks.shape
     m = masks.reshape(B * T * R, 1, Hm, Wm).to(dtype)
     if B * T * R == 0:
-        return m.new_zeros((B, T, R) + tuple(size))
+        return m.new_zeros((B, T, R) + tuple(size)) + m.sum()  # stays connected to masks for autograd
     return F.interpolate(m, size=size, mode="bilinear", align_corners=False).view(B, T, R, *size)
 
 
