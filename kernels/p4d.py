@@ -167,7 +167,29 @@ def _term_block(device):
     return 1 << 15 if device.type == "cpu" else 4096
 
 
+def _check_terms(preds, targets, masks, mask_inner, kinds, betas, flags, weights):
+    """The checks that keep the kernel inside its tensors (callers may skip the friendlier ones)."""
+    n = len(preds)
+    if n < 1 or not all(len(x) == n for x in (targets, masks, mask_inner, kinds, betas, flags, weights)):
+        raise ValueError("p4d_loss: needs at least one term and one entry per term in every list")
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        if p.shape != t.shape or p.device != preds[0].device or t.device != p.device:
+            raise ValueError(f"p4d_loss: term {i}: prediction {tuple(p.shape)} and target {tuple(t.shape)} must have "
+                             f"the same shape, on one device")
+        if p.dtype not in _TL or t.dtype not in _TL:
+            raise TypeError(f"p4d_loss: term {i}: unsupported dtypes {p.dtype}, {t.dtype}")
+        if kinds[i] not in (0, 1, 2) or betas[i] < 0:
+            raise ValueError(f"p4d_loss: term {i}: unknown kind {kinds[i]} or negative beta {betas[i]}")
+        if flags[i] & _FLAG_MASK and p.numel() > 0:
+            m, inner = masks[i], mask_inner[i]
+            if m.dtype != torch.bool or m.device != p.device or inner < 1 or m.numel() < 1 or \
+                    p.numel() % (inner * m.numel()) != 0:
+                raise ValueError(f"p4d_loss: term {i}: a bool mask of {m.numel()} elements repeated every {inner} "
+                                 f"elements does not tile the prediction's {p.numel()} elements")
+
+
 def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, mean, log_eps):
+    _check_terms(preds, targets, masks, mask_inner, kinds, betas, flags, weights)
     n = len(preds)
     device = preds[0].device
     any_f64 = any(p.dtype == torch.float64 or t.dtype == torch.float64 for p, t in zip(preds, targets))
@@ -254,19 +276,34 @@ def _project(h, weight, bias):
 def _chunk_grads(h_c, gy, weight, c0, grad_h, grad_w, grad_b):
     if grad_h.numel() > 0:
         torch.mm(gy, weight, out=grad_h[c0:c0 + h_c.shape[0]])
+    if grad_w.numel() == 0 and grad_b.numel() == 0:
+        return
+    acc = grad_w.dtype if grad_w.numel() > 0 else grad_b.dtype
+    gy_acc = gy.to(acc)
     if grad_w.numel() > 0:
-        if gy.dtype == grad_w.dtype:
-            grad_w.addmm_(gy.t(), h_c)
-        else:
-            grad_w.addmm_(gy.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
-    if grad_b.numel() > 0:
-        grad_b.add_(gy.sum(0, dtype=grad_b.dtype))
+        grad_w.addmm_(gy_acc.t(), h_c.to(acc))
+    if grad_b.numel() > 0:  # gy^T 1 as a GEMV: no reduction kernel, deterministic
+        grad_b.addmv_(gy_acc.t(), torch.ones(gy.shape[0], dtype=acc, device=gy.device))
+
+
+def _check_linear(h, weight, bias, target, mask, chunk_size, grad_loss=None):
+    N = h.shape[0] if h.dim() == 2 else -1
+    ok = (h.dim() == 2 and weight.dim() == 2 and weight.shape[1] == h.shape[1] and weight.dtype == h.dtype
+          and tuple(target.shape) == (N, weight.shape[0]) and chunk_size >= 1
+          and (bias is None or tuple(bias.shape) == (weight.shape[0],))
+          and (mask is None or (mask.dtype == torch.bool and tuple(mask.shape) == (N,)))
+          and (grad_loss is None or tuple(grad_loss.shape) == (N,)))
+    if not ok:
+        raise ValueError(f"fused_linear_latent_loss: need h [N, D_in], weight [D_out, D_in] (h's dtype), bias [D_out], "
+                         f"target [N, D_out], bool mask [N], chunk_size >= 1; got h {tuple(h.shape)}, weight "
+                         f"{tuple(weight.shape)}, target {tuple(target.shape)}")
 
 
 def linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_size, need_h, need_w, need_b):
     """h [N, D_in], weight [D_out, D_in], bias [D_out]?, target [N, D_out], mask [N] bool?.
     reduction 0 none (per-token loss, no gradients), 1 mean, 2 sum (gradients computed here).
     Returns (loss, grad_h or [0], grad_w (fp32/fp64) or [0], grad_b or [0])."""
+    _check_linear(h, weight, bias, target, mask, chunk_size)
     kind = 2 if (kind == 0 and beta == 0) else kind
     N, Din = h.shape
     Dout = weight.shape[0]
@@ -305,6 +342,7 @@ def linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_
 def linear_loss_bwd(grad_loss, h, weight, bias, target, mask, kind, beta, chunk_size, need_h, need_w, need_b):
     """reduction none: recompute each chunk's projection and scale its loss gradient by the
     per-token grad_output. Returns (grad_h or [0], grad_w (acc) or [0], grad_b (acc) or [0])."""
+    _check_linear(h, weight, bias, target, mask, chunk_size, grad_loss)
     kind = 2 if (kind == 0 and beta == 0) else kind
     N, Din = h.shape
     Dout = weight.shape[0]

@@ -29,10 +29,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "p4d/p4d_common.h"
 #include "p4d/p4d_cpu_loops.h"
@@ -42,6 +47,31 @@ namespace rgpt4d {
 namespace {
 
 constexpr int64_t kBlock = 8192;
+
+// ---- output buffers -----------------------------------------------------------------------
+// The gradients are fresh outputs the size of the predictions (tens to hundreds of MB), each
+// page first touched by the kernel. With 4 KiB pages the page faults cost more than the loss
+// itself (measured: 4x the kernel's time on a 2-core VM). Large outputs are therefore allocated
+// 2 MiB-aligned and advised for transparent huge pages (what c10's THP_MEM_ALLOC_ENABLE does for
+// every allocation), so they fault in 2 MiB at a time. Freed with free(); ordinary CPU tensors
+// otherwise.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__)
+  constexpr size_t kHuge = size_t(2) << 20;
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (nbytes >= 2 * kHuge) {
+    const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* ptr = nullptr;
+    if (posix_memalign(&ptr, kHuge, rounded) == 0) {
+      madvise(ptr, rounded, MADV_HUGEPAGE);  // advisory: without THP support this changes nothing
+      return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
 
 // ---- loads / stores between any float dtype and the accumulation type ----------------------
 // Returns a pointer to len elements of x (flattened, contiguous) from e0 as A: x's own memory
@@ -208,6 +238,36 @@ double term_block(const P4DTerm& T, const at::Tensor& grad, int64_t e0, int64_t 
   return sum;
 }
 
+// ---- host hooks of the shared code (p4d_common.h): plain loops, no ATen reductions -------
+at::Tensor count_true_cpu(const at::Tensor& mask) {
+  const at::Tensor m = mask.contiguous();
+  const int64_t n = m.numel();
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+  // Fixed chunks counted in parallel, then added in order (integers: exact anyway).
+  constexpr int64_t kChunk = int64_t(1) << 18;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> part(std::max<int64_t>(nchunks, 1), 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) part[c] = cpu::p4d_count_u8(p + c * kChunk, std::min(kChunk, n - c * kChunk));
+  });
+  int64_t total = 0;
+  for (int64_t v : part) total += v;
+  return at::scalar_tensor(total, m.options().dtype(at::kLong));
+}
+
+at::Tensor sum_f64_cpu(const at::Tensor& v) {
+  const at::Tensor c = v.contiguous();
+  const double* p = c.data_ptr<double>();
+  double s = 0.0;
+  for (int64_t i = 0; i < c.numel(); ++i) s += p[i];  // in order
+  return at::scalar_tensor(s, c.options());
+}
+
+void linear_rows_cpu(at::Tensor y, const at::Tensor& target, const at::Tensor& mask, const at::Tensor& row_scale,
+                     const at::Tensor& scale, int kind, double beta, bool write_grad, at::Tensor row_loss);
+
+const P4DHostOps kCpuOps{&count_true_cpu, &sum_f64_cpu, &empty_output, &linear_rows_cpu};
+
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cpu(
     at::TensorList preds, at::TensorList targets, at::TensorList masks, at::IntArrayRef mask_inner,
     at::IntArrayRef kinds, at::ArrayRef<double> betas, at::IntArrayRef flags, at::ArrayRef<double> weights,
@@ -215,14 +275,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cpu(
   std::vector<P4DTerm> terms = p4d_check_terms(preds, targets, masks, mask_inner, kinds, betas, flags, weights);
   const int64_t n = static_cast<int64_t>(terms.size());
   const at::ScalarType out_acc = p4d_out_acc_type(terms);
-  const at::Tensor counts = p4d_counts(terms);  // CPU: plain reads below
+  const at::Tensor counts = p4d_counts(terms, kCpuOps);
   const int64_t* cnt = counts.data_ptr<int64_t>();
 
   std::vector<at::Tensor> grads(n);
   std::vector<int64_t> blk_begin(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     const P4DTerm& T = terms[i];
-    grads[i] = T.need_grad() ? at::empty(T.pred.sizes(), T.pred.options()) : at::empty({0}, T.pred.options());
+    grads[i] = T.need_grad() ? empty_output(T.pred.sizes(), T.pred.options()) : at::empty({0}, T.pred.options());
     blk_begin[i + 1] = blk_begin[i] + (T.numel + kBlock - 1) / kBlock;
   }
   const int64_t nblocks = blk_begin[n];
@@ -324,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_loss_cpu(
     const c10::optional<at::Tensor>& mask, int64_t kind, double beta, int64_t reduction, int64_t chunk_size,
     bool need_h_grad, bool need_w_grad, bool need_b_grad) {
   const P4DLinearArgs a = p4d_linear_args(h, weight, bias, target, mask, kind, beta, chunk_size);
-  return p4d_linear_forward_driver(a, reduction, need_h_grad, need_w_grad, need_b_grad, &linear_rows_cpu);
+  return p4d_linear_forward_driver(a, reduction, need_h_grad, need_w_grad, need_b_grad, kCpuOps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_loss_backward_cpu(
@@ -332,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_loss_backward_cpu(
     const at::Tensor& target, const c10::optional<at::Tensor>& mask, int64_t kind, double beta, int64_t chunk_size,
     bool need_h_grad, bool need_w_grad, bool need_b_grad) {
   const P4DLinearArgs a = p4d_linear_args(h, weight, bias, target, mask, kind, beta, chunk_size);
-  return p4d_linear_backward_driver(a, grad_loss, need_h_grad, need_w_grad, need_b_grad, &linear_rows_cpu);
+  return p4d_linear_backward_driver(a, grad_loss, need_h_grad, need_w_grad, need_b_grad, kCpuOps);
 }
 
 }  // namespace

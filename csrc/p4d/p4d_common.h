@@ -77,15 +77,31 @@ inline std::vector<P4DTerm> p4d_check_terms(at::TensorList preds, at::TensorList
   return terms;
 }
 
+// What the shared host code needs from a backend besides its kernels. ATen's CPU reductions
+// (sum, count_nonzero) stall for milliseconds when their OpenMP threads are contended (a shared
+// 2-core machine), so the CPU binding counts and sums with its own loops; CUDA uses ATen.
+struct P4DHostOps {
+  at::Tensor (*count_true)(const at::Tensor& mask);  // number of true elements: 0-dim int64, mask's device
+  at::Tensor (*sum_f64)(const at::Tensor& v);        // sum of a 1-D float64 tensor in a fixed order: 0-dim
+  at::Tensor (*empty)(at::IntArrayRef sizes, const at::TensorOptions& options);  // large gradient outputs
+  // The elementwise part of the fused linear loss over one chunk of projected rows:
+  //   rows(y [R, D_out] (in: projection, out: gradient when write_grad), target [R, D_out],
+  //        mask [R] or undefined, row_scale [R] (acc) or undefined, scale (0-dim acc tensor),
+  //        kind, beta, write_grad, row_loss [R] float64 (out: the loss summed over the row))
+  // The gradient written is scale * row_scale[r] * loss'(y - target); masked rows get 0.
+  void (*rows)(at::Tensor y, const at::Tensor& target, const at::Tensor& mask, const at::Tensor& row_scale,
+               const at::Tensor& scale, int kind, double beta, bool write_grad, at::Tensor row_loss);
+};
+
 // Number of valid elements per term (the mean's denominator), an int64 tensor [n] on the
 // terms' device: no host sync on CUDA.
-inline at::Tensor p4d_counts(const std::vector<P4DTerm>& terms) {
+inline at::Tensor p4d_counts(const std::vector<P4DTerm>& terms, const P4DHostOps& ops) {
   std::vector<at::Tensor> parts;
   parts.reserve(terms.size());
   const auto opts = terms[0].pred.options().dtype(at::kLong);
   for (const P4DTerm& T : terms) {
     if (T.has_mask() && T.numel > 0) {
-      parts.push_back(at::count_nonzero(T.mask).mul(T.numel / T.period).reshape({1}));  // no int64 copy of the mask
+      parts.push_back(ops.count_true(T.mask).mul(T.numel / T.period).reshape({1}));
     } else {
       parts.push_back(at::full({1}, T.has_mask() ? 0 : T.numel, opts));
     }
@@ -131,11 +147,6 @@ inline void p4d_check_linear(const at::Tensor& h, const at::Tensor& weight, cons
   TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
 }
 
-// The elementwise part over one chunk of projected rows, provided by each backend:
-//   rows(y [R, D_out] (in: projection, out: gradient when write_grad), target [R, D_out],
-//        mask [R] or undefined, row_scale [R] (acc) or undefined, scale (0-dim acc tensor),
-//        kind, beta, write_grad, row_loss [R] float64 (out: the loss summed over the row))
-// The gradient written is scale * row_scale[r] * loss'(y - target); masked rows get 0.
 struct P4DLinearArgs {
   at::Tensor h, weight, bias, target, mask;  // contiguous; bias/mask may be undefined
   int kind;
@@ -165,26 +176,23 @@ inline at::Tensor p4d_linear_project(const P4DLinearArgs& a, const at::Tensor& h
 }
 
 // Gradients of one chunk from its projection-gradient gy [R, D_out]: grad_h rows (h's dtype),
-// grad_w / grad_b accumulated in the accumulation dtype (fp32, or fp64 for fp64 inputs).
+// grad_w / grad_b accumulated in the accumulation dtype (fp32, or fp64 for fp64 inputs). All
+// three are GEMMs (grad_b = gy^T 1 as a GEMV): deterministic, no reduction kernels.
 inline void p4d_linear_chunk_grads(const P4DLinearArgs& a, const at::Tensor& hc, const at::Tensor& gy, int64_t c0,
                                    at::Tensor& grad_h, at::Tensor& grad_w, at::Tensor& grad_b) {
   if (grad_h.numel() > 0) {
     at::Tensor dst = grad_h.narrow(0, c0, hc.size(0));
     at::mm_out(dst, gy, a.weight);
   }
-  if (grad_w.numel() > 0) {
-    if (gy.scalar_type() == grad_w.scalar_type()) {
-      grad_w.addmm_(gy.t(), hc);
-    } else {
-      grad_w.addmm_(gy.t().to(grad_w.scalar_type()), hc.to(grad_w.scalar_type()));
-    }
-  }
-  if (grad_b.numel() > 0) grad_b.add_(at::sum(gy, {0}, false, grad_b.scalar_type()));
+  if (grad_w.numel() == 0 && grad_b.numel() == 0) return;
+  const at::ScalarType acc = grad_w.numel() > 0 ? grad_w.scalar_type() : grad_b.scalar_type();
+  const at::Tensor gy_acc = gy.scalar_type() == acc ? gy : gy.to(acc);
+  if (grad_w.numel() > 0) grad_w.addmm_(gy_acc.t(), hc.scalar_type() == acc ? hc : hc.to(acc));
+  if (grad_b.numel() > 0) grad_b.addmv_(gy_acc.t(), at::ones({gy.size(0)}, gy_acc.options()));
 }
 
-template <typename RowsFn>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_forward_driver(
-    const P4DLinearArgs& a, int64_t reduction, bool need_h, bool need_w, bool need_b, RowsFn rows) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_forward_driver(
+    const P4DLinearArgs& a, int64_t reduction, bool need_h, bool need_w, bool need_b, const P4DHostOps& ops) {
   const int64_t N = a.h.size(0), Dout = a.weight.size(0), Din = a.h.size(1);
   const at::ScalarType acc = p4d_acc_type(a.h.scalar_type());
   const auto acc_opts = a.h.options().dtype(acc);
@@ -196,20 +204,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_forward_dr
   need_h = need_h && grads_now;
   need_w = need_w && grads_now;
   need_b = need_b && grads_now && a.bias.defined();
-  at::Tensor grad_h = need_h ? at::empty({N, Din}, a.h.options()) : at::empty({0}, a.h.options());
-  at::Tensor grad_w = need_w ? at::zeros({Dout, Din}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor grad_h = need_h ? ops.empty({N, Din}, a.h.options()) : at::empty({0}, a.h.options());
+  at::Tensor grad_w = need_w ? ops.empty({Dout, Din}, acc_opts).zero_() : at::empty({0}, acc_opts);
   at::Tensor grad_b = need_b ? at::zeros({Dout}, acc_opts) : at::empty({0}, acc_opts);
   const bool write_grad = need_h || need_w || need_b;
   at::Tensor row_loss = at::empty({N}, a.h.options().dtype(at::kDouble));
   at::Tensor valid_tokens =
-      a.mask.defined() ? at::count_nonzero(a.mask) : at::full({}, N, a.h.options().dtype(at::kLong));
+      a.mask.defined() ? ops.count_true(a.mask) : at::full({}, N, a.h.options().dtype(at::kLong));
   at::Tensor count = valid_tokens.to(at::kDouble) * static_cast<double>(Dout);
   at::Tensor scale = reduction == kP4DMean ? at::reciprocal(count.clamp_min(1)).to(acc) : at::ones({}, acc_opts);
   for (int64_t c0 = 0; c0 < N; c0 += a.chunk) {
     const int64_t len = std::min(a.chunk, N - c0);
     const at::Tensor hc = a.h.narrow(0, c0, len);
     at::Tensor y = p4d_linear_project(a, hc).contiguous();
-    rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(), at::Tensor(),
+    ops.rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(), at::Tensor(),
          scale, a.kind, a.beta, write_grad, row_loss.narrow(0, c0, len));
     if (write_grad) p4d_linear_chunk_grads(a, hc, y, c0, grad_h, grad_w, grad_b);
   }
@@ -217,25 +225,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_forward_dr
   if (reduction == kP4DNone) {
     loss = row_loss.div(static_cast<double>(Dout > 0 ? Dout : 1)).to(acc);
   } else {
-    at::Tensor total = row_loss.sum();  // fixed order on CPU and CUDA
+    at::Tensor total = ops.sum_f64(row_loss);
     if (reduction == kP4DMean) total = total / count.clamp_min(1);
     loss = total.to(acc);
   }
   return {loss, grad_h, grad_w, grad_b};
 }
 
-template <typename RowsFn>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_backward_driver(const P4DLinearArgs& a,
-                                                                          const at::Tensor& grad_loss, bool need_h,
-                                                                          bool need_w, bool need_b, RowsFn rows) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_backward_driver(const P4DLinearArgs& a,
+                                                                                 const at::Tensor& grad_loss,
+                                                                                 bool need_h, bool need_w, bool need_b,
+                                                                                 const P4DHostOps& ops) {
   const int64_t N = a.h.size(0), Dout = a.weight.size(0), Din = a.h.size(1);
   const at::ScalarType acc = p4d_acc_type(a.h.scalar_type());
   const auto acc_opts = a.h.options().dtype(acc);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N,
               "fused_linear_latent_loss backward: grad_loss must be [N] = [", N, "], got ", grad_loss.sizes());
   need_b = need_b && a.bias.defined();
-  at::Tensor grad_h = need_h ? at::empty({N, Din}, a.h.options()) : at::empty({0}, a.h.options());
-  at::Tensor grad_w = need_w ? at::zeros({Dout, Din}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor grad_h = need_h ? ops.empty({N, Din}, a.h.options()) : at::empty({0}, a.h.options());
+  at::Tensor grad_w = need_w ? ops.empty({Dout, Din}, acc_opts).zero_() : at::empty({0}, acc_opts);
   at::Tensor grad_b = need_b ? at::zeros({Dout}, acc_opts) : at::empty({0}, acc_opts);
   if (!(need_h || need_w || need_b)) return {grad_h, grad_w, grad_b};
   // Per-token loss = row sum / D_out: d loss_t / d y = loss' / D_out, times grad_loss[t].
@@ -246,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_backward_driver(const 
     const int64_t len = std::min(a.chunk, N - c0);
     const at::Tensor hc = a.h.narrow(0, c0, len);
     at::Tensor y = p4d_linear_project(a, hc).contiguous();
-    rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(),
+    ops.rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(),
          row_scale.narrow(0, c0, len), scale, a.kind, a.beta, true, row_loss.narrow(0, 0, len));
     p4d_linear_chunk_grads(a, hc, y, c0, grad_h, grad_w, grad_b);
   }

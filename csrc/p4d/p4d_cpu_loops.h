@@ -3,6 +3,8 @@
 // clone chosen at load time and a baseline one); GCC vectorises the branch-free body.
 #pragma once
 
+#include <algorithm>
+
 #include "common/hd.h"
 #include "p4d/p4d_math.h"
 
@@ -77,6 +79,18 @@ RGPT4D_CPU_CLONES static float p4d_block_f32(int kind, const float* p, const flo
   if (kind == kP4DSmoothL1) return p4d_block_kind<kP4DSmoothL1>(p, t, m, chain, g, l, n, c, scale);
   if (kind == kP4DMSE) return p4d_block_kind<kP4DMSE>(p, t, m, chain, g, l, n, c, scale);
   return p4d_block_kind<kP4DL1>(p, t, m, chain, g, l, n, c, scale);
+}
+
+// Number of nonzero bytes (bool masks). 32-bit partial counts per 2^20 bytes, so no overflow.
+RGPT4D_CPU_CLONES static int64_t p4d_count_u8(const uint8_t* m, int64_t n) {
+  int64_t total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += (int64_t(1) << 20)) {
+    const int64_t i1 = std::min<int64_t>(n, i0 + (int64_t(1) << 20));
+    uint32_t c = 0;
+    for (int64_t i = i0; i < i1; ++i) c += m[i] != 0;
+    total += c;
+  }
+  return total;
 }
 
 // bf16 <-> float rows (the same conversions as the TPE loops, kept local to this family).

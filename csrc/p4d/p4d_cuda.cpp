@@ -47,6 +47,13 @@ at::Tensor pinned(at::IntArrayRef sizes, at::ScalarType t) {
 
 at::Tensor to_device(const at::Tensor& host, const at::Device& dev) { return host.to(dev, /*non_blocking=*/true); }
 
+at::Tensor count_true_cuda(const at::Tensor& mask) { return at::count_nonzero(mask); }
+at::Tensor sum_f64_cuda(const at::Tensor& v) { return v.sum(); }  // deterministic: no atomics in ATen's reduce
+void linear_rows_cuda(at::Tensor y, const at::Tensor& target, const at::Tensor& mask, const at::Tensor& row_scale,
+                      const at::Tensor& scale, int kind, double beta, bool write_grad, at::Tensor row_loss);
+at::Tensor empty_cuda(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+const P4DHostOps kCudaOps{&count_true_cuda, &sum_f64_cuda, &empty_cuda, &linear_rows_cuda};
+
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cuda(
     at::TensorList preds, at::TensorList targets, at::TensorList masks, at::IntArrayRef mask_inner,
     at::IntArrayRef kinds, at::ArrayRef<double> betas, at::IntArrayRef flags, at::ArrayRef<double> weights,
@@ -58,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cuda(
   const int n = static_cast<int>(terms.size());
   const at::ScalarType out_acc = p4d_out_acc_type(terms);
   for (P4DTerm& T : terms) T.target = paired_target(T.pred, T.target).contiguous();
-  const at::Tensor counts = p4d_counts(terms);
+  const at::Tensor counts = p4d_counts(terms, kCudaOps);
 
   std::vector<at::Tensor> grads(n);
   std::vector<int64_t> nblk(n);
@@ -148,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_loss_cuda(
     bool need_h_grad, bool need_w_grad, bool need_b_grad) {
   c10::cuda::CUDAGuard guard(h.device());
   const P4DLinearArgs a = p4d_linear_args(h, weight, bias, target, mask, kind, beta, chunk_size);
-  return p4d_linear_forward_driver(a, reduction, need_h_grad, need_w_grad, need_b_grad, &linear_rows_cuda);
+  return p4d_linear_forward_driver(a, reduction, need_h_grad, need_w_grad, need_b_grad, kCudaOps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_loss_backward_cuda(
@@ -157,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_loss_backward_cuda(
     bool need_h_grad, bool need_w_grad, bool need_b_grad) {
   c10::cuda::CUDAGuard guard(h.device());
   const P4DLinearArgs a = p4d_linear_args(h, weight, bias, target, mask, kind, beta, chunk_size);
-  return p4d_linear_backward_driver(a, grad_loss, need_h_grad, need_w_grad, need_b_grad, &linear_rows_cuda);
+  return p4d_linear_backward_driver(a, grad_loss, need_h_grad, need_w_grad, need_b_grad, kCudaOps);
 }
 
 }  // namespace

@@ -29,6 +29,7 @@ __global__ void __launch_bounds__(kThreads) p4d_terms_kernel(P4DTermTable table,
   const T* __restrict__ t = static_cast<const T*>(d.target);
   P* g = static_cast<P*>(d.grad);
   const bool has_mask = d.flags & kP4DFlagMask, log_space = d.flags & kP4DFlagLog;
+  const bool same_shape_mask = d.inner == 1 && d.period == d.numel;  // no 64-bit division per element
   const bool want_grad = (d.flags & kP4DFlagGrad) && g != nullptr;
   const int64_t base = (blk - d.first_block) * kP4DTile;
   A acc = 0;
@@ -37,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) p4d_terms_kernel(P4DTermTable table,
     const int64_t e = base + k * kThreads + threadIdx.x;  // consecutive threads, consecutive elements
     if (e >= d.numel) break;
     A pv = ld<A>(p + e), tv = ld<A>(t + e), chain = 1;
-    const bool ok = !has_mask || d.mask[p4d_mask_index(e, d.inner, d.period)] != 0;
+    const bool ok = !has_mask || d.mask[same_shape_mask ? e : p4d_mask_index(e, d.inner, d.period)] != 0;
     if (log_space) {
       const A pe = pv + log_eps;
       chain = A(1) / pe;

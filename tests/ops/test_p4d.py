@@ -356,6 +356,24 @@ def test_deterministic(backend):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
 
 
+def test_large_gradient_buffers_behave_like_ordinary_tensors():
+    # Gradients of >= 4 MiB come from a 2 MiB-aligned, huge-page-advised allocation on Linux.
+    g = torch.Generator().manual_seed(2)
+    p = torch.randn(2, 1024, 1024, generator=g, requires_grad=True)
+    t = torch.randn(2, 1024, 1024, generator=g)
+    for _ in range(2):  # .grad: stolen on the first backward, accumulated into on the second
+        p4d_loss(p, t, backend="cpu").total.backward()
+    ref = p.detach().clone().requires_grad_(True)
+    for _ in range(2):
+        p4d_loss(ref, t, backend="eager").total.backward()
+    torch.testing.assert_close(p.grad, ref.grad)
+    p.grad.zero_()
+    assert float(p.grad.abs().sum()) == 0.0
+    out = p4d_loss(p * 1.0, t, backend="cpu")
+    (gp,) = torch.autograd.grad(out.total * 0.5, p)
+    torch.testing.assert_close(gp, ref.grad / 4)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_non_contiguous_inputs(backend):
     lat, lat_t, preds, targets, mask = make_batch(heads=("depth", "flow"))
@@ -486,12 +504,19 @@ def test_errors_name_the_term(backend):
         p4d_loss(None, None, backend=backend)
 
 
-def test_compiled_op_checks_even_without_validation():
+@pytest.mark.parametrize("op_name", ["p4d_loss", "p4d_loss_triton"])
+def test_ops_check_shapes_even_without_validation(op_name):
+    # validate=False skips the Python checks; the ops still never read outside their tensors.
+    op = getattr(torch.ops.rgpt4d, op_name)
     p, t = torch.randn(4, 5), torch.randn(4, 6)
-    with pytest.raises(RuntimeError, match=r"term 0: prediction \[4, 5\] and target \[4, 6\] must have the same shape"):
-        torch.ops.rgpt4d.p4d_loss([p], [t], [torch.empty(0, dtype=torch.bool)], [1], [0], [1.0], [0], [1.0], True, 1e-8)
-    with pytest.raises(RuntimeError, match="does not tile"):
-        torch.ops.rgpt4d.p4d_loss([p], [p], [torch.ones(3, dtype=torch.bool)], [1], [0], [1.0], [4], [1.0], True, 1e-8)
+    none = torch.empty(0, dtype=torch.bool)
+    with pytest.raises((RuntimeError, ValueError), match=r"term 0: prediction .*4, 5.* and target .*4, 6.*"):
+        op([p], [t], [none], [1], [0], [1.0], [0], [1.0], True, 1e-8)
+    with pytest.raises((RuntimeError, ValueError), match="does not tile"):
+        op([p], [p], [torch.ones(3, dtype=torch.bool)], [1], [0], [1.0], [4], [1.0], True, 1e-8)
+    with pytest.raises((RuntimeError, ValueError), match="term 'depth'|term 0"):
+        p4d_loss(None, None, {"depth": p}, {"depth": t}, backend="cpu" if op_name == "p4d_loss" else "triton",
+                 validate=False)
 
 
 # ---- GPU ------------------------------------------------------------------------------------

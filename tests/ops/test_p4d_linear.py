@@ -293,6 +293,16 @@ def test_errors(backend):
         fused_linear_latent_loss(h, w, b, t, chunk_size=0, backend=backend)
 
 
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+def test_ops_check_shapes_even_without_validation(suffix):
+    op = getattr(torch.ops.rgpt4d, "p4d_linear_loss" + suffix)
+    h, w, t = torch.randn(6, 5), torch.randn(4, 5), torch.randn(6, 3)
+    with pytest.raises((RuntimeError, ValueError), match="target"):
+        op(h, w, None, t, None, 0, 1.0, 1, 4, False, False, False)
+    with pytest.raises((RuntimeError, ValueError), match="mask"):
+        op(h, w, None, torch.randn(6, 4), torch.ones(5, dtype=torch.bool), 0, 1.0, 1, 4, False, False, False)
+
+
 # ---- GPU ------------------------------------------------------------------------------------
 
 @requires_gpu
