@@ -12,8 +12,8 @@ What the patch does:
   (rgpt4d.ops.tpe_add) to that image's vision features on their way into the projector (a forward
   pre-hook on the projector). Without `timestamps` the model runs exactly as before.
 - Regions (optional, `obj_token_ids`): with `boxes` [B, R, 4] (first-frame pixels of the images),
-  region tokens (rgpt4d.ops.region_pool over every frame's feature grid, TPE fused, mean over frames,
-  MLP; new trainable parameters `rgpt4d_region_encoder`) replace the embeddings at the `<obj_N>`
+  region tokens (RegionalEncoder4D: rgpt4d.ops.region_pool over every frame's feature grid, TPE
+  fused; mean over frames, MLP; new trainable parameters `rgpt4d_region_encoder`) replace the embeddings at the `<obj_N>`
   tokens before the language model.
 - P4D: `attach_p4d(model, teacher_dim, teacher_grid)` adds a training-only D_4DP
   (`rgpt4d_p4d`), `p4d_latent_loss(...)` computes L_LD from the model's last hidden states, and
@@ -112,11 +112,11 @@ def _language_model_pre_hook(model: nn.Module, state: _State):
         T = N // B
         ts = state.timestamps.to(feats.device) if state.timestamps is not None else None
         enc = model.rgpt4d_region_encoder
-        enc.tpe = ts is not None
         grid = feats.reshape(B, T, g, g, D)
         valid = state.region_mask if state.region_mask is not None else torch.ones(state.boxes.shape[:2], dtype=torch.bool)
+        # without timestamps the region tokens get the encoding of t = 0 s
         tokens = enc(grid, state.boxes.to(feats.device, feats.dtype), valid.to(feats.device),
-                     ts if ts is not None else torch.zeros(B, T, device=feats.device), spatial_scale=g / state.image_size)
+                     ts if ts is not None else torch.zeros(B, T, device=feats.device))
         embeds = embeds.clone()
         obj = torch.tensor(state.obj_token_ids, device=ids.device)
         for b in range(B):
@@ -147,8 +147,9 @@ def apply_rgpt4d(model: nn.Module, *, tpe: bool = True, tpe_base: float = 10000.
 
         text_dim = int(model.config.text_config.hidden_size)
         state.obj_token_ids = [int(i) for i in obj_token_ids]
+        grid = state.image_size // int(model.config.vision_config.patch_size)
         model.rgpt4d_region_encoder = RegionTokenEncoder(_vision_dim(model), region_hidden_size or text_dim, text_dim,
-                                                         tpe=True, base=tpe_base)
+                                                         tpe=True, base=tpe_base, spatial_scale=grid / state.image_size)
         state.handles.append(_language_model(model).register_forward_pre_hook(
             _language_model_pre_hook(model, state), with_kwargs=True))
 

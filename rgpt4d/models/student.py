@@ -6,8 +6,8 @@
       -> Linear, GELU, Linear (the projector MLP)             visual tokens [B, T, M, D_llm]
       -> placed at the `<image>` placeholders of the prompt
     boxes [B, R, 4] (first frame, pixels)
-      -> rgpt4d.ops.region_pool on every frame's feature grid, TPE fused in, mean over frames,
-         MLP to D_llm                                          region tokens [B, R, D_llm]
+      -> RegionalEncoder4D (rgpt4d.ops.region_pool on every frame's feature grid, TPE fused in,
+         Linear), mean over frames, GELU, Linear to D_llm                                         region tokens [B, R, D_llm]
       -> placed at the `<obj_N>` tokens of the prompt
     -> Qwen2 causal LM -> the answer letter.
 
@@ -33,7 +33,6 @@ from rgpt4d.models.attention import resolve_attn_implementation
 from rgpt4d.models.configs import RGPT4DConfig
 from rgpt4d.models.teacher import normalize_frames
 from rgpt4d.ops import tpe_downsample_layernorm
-from rgpt4d.ops.regional import region_pool
 
 BOX_TOLERANCE = 1e-3  # pixels
 
@@ -72,28 +71,28 @@ class Projector(nn.Module):
 
 
 class RegionTokenEncoder(nn.Module):
-    """Region tokens from first-frame boxes: RoIAlign (1x1) of every frame's feature grid with the TPE
-    fused in (rgpt4d.ops.region_pool), averaged over frames, then an MLP to the LLM width."""
+    """Region tokens from first-frame boxes: RegionalEncoder4D (issue 3: RoIAlign 1x1 of every frame's
+    feature grid with the TPE fused in, rgpt4d.ops.region_pool, then a Linear), averaged over the
+    frames, GELU, Linear to the LLM width: one token per region for its `<obj_N>`."""
 
-    def __init__(self, dim: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0):
+    def __init__(self, dim: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0,
+                 spatial_scale: float = 1.0):
         super().__init__()
-        self.tpe, self.base = tpe, base
-        self.linear_1 = nn.Linear(dim, hidden)
+        from rgpt4d.models.regional_encoder import RegionalEncoder4D
+
+        self.tpe = tpe
+        self.encoder = RegionalEncoder4D(dim, hidden, mode="box", tpe="sinusoidal" if tpe else "none", tpe_base=base,
+                                         spatial_scale=spatial_scale, channels_last=True, aligned=True)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, out_dim)
 
-    def forward(self, features: Tensor, boxes: Tensor, valid: Tensor, timestamps: Tensor,
-                spatial_scale: float) -> Tensor:
-        """features [B, T, h, w, D] (channels-last grid), boxes [B, R, 4] in the features' image
-        pixels, valid [B, R] -> [B, R, out_dim]."""
-        B, T = features.shape[:2]
-        R = boxes.shape[1]
-        per_frame = boxes[:, None].expand(B, T, R, 4).to(features.dtype)
-        v = valid[:, None].expand(B, T, R)
-        tokens = region_pool(features, per_frame.contiguous(), output_size=(1, 1), spatial_scale=spatial_scale,
-                             aligned=True, valid=v.contiguous(), channels_last=True,
-                             timestamps=timestamps.to(features.dtype) if self.tpe else None, base=self.base)
-        return self.linear_2(self.act(self.linear_1(tokens.mean(1))))
+    def forward(self, features: Tensor, boxes: Tensor, valid: Tensor, timestamps: Tensor) -> Tensor:
+        """features [B, T, h, w, D] (channels-last grid), boxes [B, R, 4] in the pixels of the image the
+        grid was computed from (spatial_scale = grid / pixels), valid [B, R], timestamps [B, T]
+        seconds -> [B, R, out_dim]."""
+        tokens = self.encoder(features, boxes.to(features.dtype).contiguous(),
+                              timestamps.to(features.dtype) if self.tpe else None, valid.contiguous())
+        return self.linear_2(self.act(tokens.mean(1)))
 
 
 @dataclass
@@ -140,7 +139,8 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
         D, D_llm = vcfg.hidden_size, tcfg.hidden_size
         self.projector = Projector(D, config.downsample_window, config.projector_hidden_size, D_llm, config.tpe,
                                    config.tpe_base)
-        self.region_encoder = (RegionTokenEncoder(D, config.region_hidden_size, D_llm, config.tpe, config.tpe_base)
+        self.region_encoder = (RegionTokenEncoder(D, config.region_hidden_size, D_llm, config.tpe, config.tpe_base,
+                                                  spatial_scale=config.patch_grid / config.image_size)
                                if config.region_mode in ("tokens", "both") else None)
         self.language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
         self.post_init()
@@ -270,9 +270,8 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
             scale = torch.tensor([S / W, S / H, S / W, S / H], dtype=boxes.dtype, device=boxes.device)
             valid = (torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device) if region_mask is None
                      else region_mask.bool())
-            g = self.grid
-            region_tokens = self.region_encoder(feats.unflatten(2, g), boxes * scale, valid, timestamps,
-                                                spatial_scale=g[1] / S)  # [B, R, D_llm]
+            region_tokens = self.region_encoder(feats.unflatten(2, self.grid), boxes * scale, valid,
+                                                timestamps)  # [B, R, D_llm]
             embeds = embeds.clone()
             for b in range(B):
                 obj_ids = torch.tensor(cfg.obj_token_ids, device=input_ids.device)

@@ -93,7 +93,7 @@ def test_region_tokens_at_obj_positions():
     boxes = torch.tensor([[[1.0, 1.0, 20.0, 20.0]], [[4.0, 8.0, 30.0, 31.0]]])
     out = model(input_ids=ids, pixel_values=pv, timestamps=ts, boxes=boxes)
     out.logits.sum().backward()
-    assert model.rgpt4d_region_encoder.linear_1.weight.grad.abs().sum() > 0
+    assert model.rgpt4d_region_encoder.encoder.proj.weight.grad.abs().sum() > 0
     with torch.no_grad():
         moved = model(input_ids=ids, pixel_values=pv, timestamps=ts, boxes=boxes.flip(0)).logits
     assert not torch.allclose(moved, out.logits.detach())
