@@ -31,6 +31,7 @@ _EXPORTS = {
     "load_cached": "teacher_train",
     "RGPT4DForConditionalGeneration": "student",
     "build_student": "student",
+    "batch_to_inputs": "student",
     "P4DDecoder": "p4d",
     "RGPT4DForP4DTraining": "p4d",
     "resample_to_teacher_grid": "p4d",

@@ -334,3 +334,30 @@ def build_student(preset: str = "tiny", tokenizer=None, **overrides):
         p = get_preset(preset)
         tokenizer = train_tokenizer(vocab_size=p.tokenizer_vocab_size)
     return RGPT4DForConditionalGeneration(student_config(preset, tokenizer, **overrides)), tokenizer
+
+
+def batch_to_inputs(batch: dict, tokenizer, config: RGPT4DConfig, answers: bool = True) -> dict:
+    """Student inputs from a collated `Synth4DQuestions` / `R4DBench` batch (rgpt4d.data.collate):
+    the prompt tokens (with the answer letter and labels when `answers`), frames, timestamps,
+    first-frame boxes with their mask and <obj_N> numbers, and the SoM image when the model uses it."""
+    from rgpt4d.data.schema import LETTERS
+    from rgpt4d.models.tokenizer import encode_batch
+
+    letters = [LETTERS[int(i)] for i in batch["answer_index"]] if answers else None
+    inputs = encode_batch(tokenizer, batch["prompt"], config.num_visual_tokens, letters)
+    inputs.update(frames=batch["frames"], timestamps=batch["timestamps"], boxes=batch.get("boxes"),
+                  region_mask=batch.get("region_mask"), region_ids=batch.get("region_ids"))
+    if config.region_mode in ("som", "both"):
+        inputs["som_image"] = batch["som_image"]
+    return inputs
+
+
+def _register_auto_classes() -> None:
+    """So that AutoConfig / AutoModelForImageTextToText.from_pretrained(path) find the student."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    AutoConfig.register(RGPT4DConfig.model_type, RGPT4DConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(RGPT4DConfig, RGPT4DForConditionalGeneration, exist_ok=True)
+
+
+_register_auto_classes()

@@ -194,3 +194,32 @@ def test_tokenizer_save_load_and_labels(tokenizer, tmp_path):
     lab = enc["labels"]
     assert (lab != -100).sum(1).tolist() == [2, 2]  # the letter and </s>
     assert enc["attention_mask"][0, 0] == 0  # left padding for batched generation
+
+
+def test_auto_classes_find_the_student(student, tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    student.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "RGPT4DConfig"
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is type(student)
+
+
+def test_batch_to_inputs_from_a_collated_batch(student, tokenizer):
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.student import batch_to_inputs
+
+    raw = make_batch(tokenizer, student.config, answers=None)
+    batch = dict(prompt=[format_prompt("How tall is <obj_1>?", ["1 m", "2 m"]),
+                         format_prompt("Is <obj_2> left of <obj_1>?", ["yes", "no"])],
+                 answer_index=torch.tensor([1, 0]), frames=raw["frames"], timestamps=raw["timestamps"],
+                 boxes=raw["boxes"], region_mask=raw["region_mask"], region_ids=torch.tensor([[2, 1], [1, 2]]))
+    inputs = batch_to_inputs(batch, tokenizer, student.config)
+    assert tokenizer.decode(inputs["labels"][0][inputs["labels"][0] != -100]) == "B</s>"
+    out = student(**inputs)
+    assert torch.isfinite(out.loss)
+    # region_ids map <obj_N> to boxes: sample 0's <obj_1> is its second box
+    e = student.build_inputs_embeds(inputs["input_ids"], inputs["frames"], inputs["timestamps"], inputs["boxes"],
+                                    inputs["region_mask"], inputs["region_ids"])
+    swapped = student.build_inputs_embeds(inputs["input_ids"], inputs["frames"], inputs["timestamps"],
+                                          inputs["boxes"].flip(1), inputs["region_mask"], inputs["region_ids"].flip(1))
+    assert torch.allclose(e, swapped)
