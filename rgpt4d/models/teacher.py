@@ -198,7 +198,9 @@ def targets_at(batch: dict, size: int) -> dict[str, Tensor]:
 
 
 def teacher_loss(out: TeacherOutput, tgt: dict[str, Tensor], frame_mask: Optional[Tensor] = None) -> tuple[Tensor, dict]:
-    """Supervised loss: L1 on log depth, L1 on flow (frame 0 has no flow), BCE on motion."""
+    """Supervised loss: L1 on log depth; L1 on flow (pixels; frame 0 has no flow); for the sparse
+    motion mask, BCE with the positives up-weighted by their rarity in the batch (at most 20x) plus a
+    soft Dice term, so that "all static" is not a minimum."""
     T = tgt["depth"].shape[1]
     fm = torch.ones(tgt["depth"].shape[:2], dtype=torch.bool) if frame_mask is None else frame_mask[:, :T]
     fm = fm.to(out.depth.device)
@@ -206,10 +208,15 @@ def teacher_loss(out: TeacherOutput, tgt: dict[str, Tensor], frame_mask: Optiona
     flow_frames[:, 0] = False
     d = (torch.log(out.depth.clamp_min(1e-3)) - torch.log(tgt["depth"].clamp_min(1e-3))).abs().mean((-1, -2))
     f = (out.flow - tgt["flow"]).abs().mean((-1, -2, -3))
-    m = F.binary_cross_entropy_with_logits(out.motion, tgt["motion"].float(), reduction="none").mean((-1, -2))
+    gm = tgt["motion"].float()
+    pos = gm[fm].mean().clamp_min(1e-4)
+    pos_weight = ((1 - pos) / pos).clamp(max=20.0).detach()
+    m = F.binary_cross_entropy_with_logits(out.motion, gm, reduction="none", pos_weight=pos_weight).mean((-1, -2))
+    p = torch.sigmoid(out.motion)[fm]
+    dice = 1 - (2 * (p * gm[fm]).sum() + 1) / (p.sum() + gm[fm].sum() + 1)
     terms = {"depth": d[fm].mean(), "flow": f[flow_frames].mean() if flow_frames.any() else f.sum() * 0,
-             "motion": m[fm].mean()}
-    total = terms["depth"] + 0.1 * terms["flow"] + terms["motion"]
+             "motion": m[fm].mean(), "motion_dice": dice}
+    total = terms["depth"] + terms["flow"] + 0.5 * terms["motion"] + 0.5 * terms["motion_dice"]
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
