@@ -106,3 +106,20 @@ def test_infer_cli(saved, tmp_path, capsys):
     rc = main(["infer", "--model", str(saved), "--video", str(tmp_path / "v.npy"), "--fps", "4",
                "--boxes", "1,1,99,10", "--question", "q <obj_1>", "--options", "a", "b"])
     assert rc == 2 and "boxes: region 1 of sample 0" in capsys.readouterr().err
+
+
+def test_infer_cli_over_a_split(saved, tmp_path_factory, capsys):
+    import json
+
+    from rgpt4d.cli import main
+    from rgpt4d.data import MakeConfig, make_dataset
+
+    data = tmp_path_factory.mktemp("qs")
+    make_dataset(MakeConfig(out=str(data), num_videos=20, frames=T, size=32, workers=1, progress=False, overwrite=True))
+    out = tmp_path_factory.mktemp("preds") / "preds.jsonl"
+    assert main(["infer", "--model", str(saved), "--data", str(data), "--split", "train", "--limit", "5",
+                 "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(preds) == 5 and all(p["prediction"] in "ABCDE" for p in preds)
+    entries = {e["id"]: e for e in json.loads((data / "train.json").read_text())}
+    assert all(p["id"] in entries for p in preds)
