@@ -100,7 +100,6 @@ class RGPT4DOutput(ModelOutput):
     loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
     visual_hidden: Optional[Tensor] = None  # [B, T, Ho, Wo, D_llm]: last-layer states at the video tokens
-    past_key_values: Optional[object] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +118,8 @@ class RGPT4DPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (SiglipVisionModel, Qwen2ForCausalLM)):
-            return  # they initialise themselves
+        # Linear layers (ours and the towers') as Qwen2/SigLIP-style N(0, 0.02) with zero bias; norms and
+        # embeddings keep the initialisation their own modules gave them.
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
