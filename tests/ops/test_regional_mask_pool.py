@@ -181,7 +181,8 @@ def test_compile_fullgraph(backend):
 
 
 def test_cpu_backward_is_bitwise_independent_of_the_thread_count():
-    f, m, ts, table = make(2, 3, 24, 9, 9, 5, 20, 20, tpe="learned", rows=2)
+    # big enough for the parallel path (small problems run serially)
+    f, m, ts, table = make(2, 3, 64, 12, 12, 5, 20, 20, tpe="learned", rows=2)
     out = mask_pool(f, m, timestamps=ts, table=table, backend="cpu")
     g = torch.randn_like(out)
     threads = torch.get_num_threads()

@@ -211,7 +211,8 @@ def test_compile_fullgraph(backend):
 
 
 def test_cpu_backward_is_bitwise_independent_of_the_thread_count():
-    f, boxes, valid, ts, table = make(2, 3, 16, 9, 9, 12, tpe="learned", rows=2, max_size=9.0)
+    # big enough for the parallel path (small problems run serially)
+    f, boxes, valid, ts, table = make(2, 3, 48, 9, 9, 12, tpe="learned", rows=2, max_size=9.0)
     out = region_pool(f, boxes, output_size=(2, 2), timestamps=ts, table=table, backend="cpu")
     g = torch.randn_like(out)
     threads = torch.get_num_threads()

@@ -1,0 +1,250 @@
+"""Benchmark the regional pooling ops: roi_align, region_pool (fused TPE), mask_pool.
+
+    python benchmarks/bench_regional.py [--quick] [--device cpu|cuda] [--modes forward,backward,full]
+
+Providers (same inputs, same outputs):
+  torchvision          torchvision.ops.roi_align (roi_align), or per frame + tpe_add (region_pool)
+  eager                rgpt4d's plain-PyTorch references (*_eager): the composition the op replaces
+  compile              torch.compile of the eager reference
+  rgpt4d-<backend>     the op (cpu on CPU tensors; cuda and triton on GPU)
+  rgpt4d-per-frame     region_pool only: rgpt4d roi_align on each frame + rgpt4d tpe_add (unfused)
+  rgpt4d-flat          region_pool only: one rgpt4d roi_align over all B*T frames + tpe_add (unfused)
+
+Cases: the detector case (1, 256, 200, 200) with 512 boxes to 7x7 (sampling_ratio 2, and adaptive),
+and the 4D-RGPT case (B=2, T=16, C=1152, 27x27, R=8 regions, 1x1 and 2x2; masks at 384x384).
+Writes benchmarks/results/<device>/regional.csv and prints the tables and the issue's target ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import Bench, base_parser, mode_fn, results_dir  # noqa: E402
+from rgpt4d.ops import available_backends, mask_pool, region_pool, roi_align, tpe_add  # noqa: E402
+from rgpt4d.ops.regional import mask_pool_eager, region_pool_eager, roi_align_eager  # noqa: E402
+from rgpt4d.ops.tpe import tpe_add_eager  # noqa: E402
+
+try:
+    from torchvision.ops import roi_align as tv_roi_align
+except ImportError:  # the torchvision provider is optional
+    tv_roi_align = None
+
+
+def rgpt4d_backends(device):
+    bes = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
+    return [b for b in bes if b in available_backends()]
+
+
+def run(bench: Bench, kernel: str, mode: str, x: str, fns: dict, **kw) -> dict:
+    """Time the providers of one (kernel, mode, shape): interleaved when the harness can."""
+    if hasattr(bench, "compare"):
+        return bench.compare(kernel, mode, x, fns, **kw)
+    return {name: bench.measure(kernel, name, mode, x, fn, **kw) for name, fn in fns.items()}
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+def detector_case(device, quick):
+    N, C, H, W, K = (1, 64, 100, 100, 128) if quick else (1, 256, 200, 200, 512)
+    img = 4 * H  # boxes in image pixels, feature stride 4 (spatial_scale 0.25)
+    g = torch.Generator().manual_seed(0)
+    wh = 16 + torch.rand(K, 2, generator=g) * (img * 0.28)
+    xy = torch.rand(K, 2, generator=g) * (img - wh)
+    rois = torch.cat([torch.zeros(K, 1), xy, xy + wh], 1).to(device)
+    x = torch.randn(N, C, H, W, generator=g).to(device)
+    return x, rois, f"N{N}-C{C}-{H}x{W}-K{K}"
+
+
+def rgpt_case(device, quick):
+    B, T, C, S, R, img = (2, 4, 256, 27, 8, 384) if quick else (2, 16, 1152, 27, 8, 384)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(B, T, C, S, S, generator=g).to(device)
+    wh = 24 + torch.rand(B, T, R, 2, generator=g) * 232  # objects 24..256 px of a 384-px frame
+    xy = torch.rand(B, T, R, 2, generator=g) * (img - wh)
+    boxes = torch.cat([xy, xy + wh], -1).to(device)
+    table = (0.02 * torch.randn(500, C, generator=g)).to(device)
+    ts = torch.randint(0, 500, (B, T), generator=g).to(device)
+    return f, boxes, table, ts, img, f"B{B}-T{T}-C{C}-{S}x{S}-R{R}"
+
+
+def box_masks(boxes, size, device):
+    """Soft masks [B, T, R, size, size] of the boxes (1 inside, 0.5 on the border pixels)."""
+    yy = torch.arange(size, device=device, dtype=torch.float32).view(1, 1, 1, size, 1) + 0.5
+    xx = torch.arange(size, device=device, dtype=torch.float32).view(1, 1, 1, 1, size) + 0.5
+    b = boxes.unsqueeze(-1).unsqueeze(-1)
+    inside_y = ((yy >= b[..., 1, :, :]) & (yy <= b[..., 3, :, :])).float()
+    inside_x = ((xx >= b[..., 0, :, :]) & (xx <= b[..., 2, :, :])).float()
+    return inside_y * inside_x
+
+
+# ---- benchmarks --------------------------------------------------------------------------------
+
+def bench_roi_align(bench, device, modes, quick, use_compile):
+    x0, rois, shape = detector_case(device, quick)
+    for sr, aligned, tag in ((2, False, "sr2"), (0, True, "adaptive")):
+        x_desc = f"{shape}-{tag}"
+        args = ((7, 7), 0.25, sr, aligned)
+        fns = {}
+        if tv_roi_align is not None:
+            fns["torchvision"] = lambda x: tv_roi_align(x, rois, *args)
+        if tag == "sr2":  # the adaptive grids of large boxes make the eager gather impractically big
+            fns["eager"] = lambda x: roi_align_eager(x, rois, *args)
+            if use_compile:
+                fns["compile"] = torch.compile(lambda x: roi_align_eager(x, rois, *args), dynamic=False)
+        for be in rgpt4d_backends(device):
+            fns[f"rgpt4d-{be}"] = lambda x, _be=be: roi_align(x, rois, *args, backend=_be, validate=False)
+        for mode in modes:
+            x = x0.clone().requires_grad_(mode != "nograd")
+            calls = {name: mode_fn(mode, (lambda f=f: f(x)), [x]) for name, f in fns.items()}
+            run(bench, "roi_align", mode, x_desc, calls, config=f"sampling_ratio={sr} aligned={aligned}")
+
+
+def region_pool_per_frame(f, boxes, table, ts, output_size, scale, pool):
+    """The unfused composition: roi_align on each frame's boxes, then tpe_add (pool: an roi_align)."""
+    B, T, C, H, W = f.shape
+    R = boxes.shape[2]
+    ph, pw = output_size
+    idx = torch.arange(B, device=f.device, dtype=boxes.dtype).repeat_interleave(R)[:, None]
+    frames = [pool(f[:, t], torch.cat([idx, boxes[:, t].reshape(B * R, 4)], 1), output_size, scale, -1, True)
+              .view(B, R, C, ph * pw) for t in range(T)]
+    tokens = torch.stack(frames, 1).transpose(3, 4).reshape(B, T, R * ph * pw, C)
+    return tpe_add(tokens, ts, table, backend="cpu" if f.device.type == "cpu" else None, validate=False)
+
+
+def region_pool_flat(f, boxes, table, ts, output_size, scale, pool):
+    """The unfused composition with all B*T frames in one roi_align call."""
+    B, T, C, H, W = f.shape
+    R = boxes.shape[2]
+    ph, pw = output_size
+    idx = torch.arange(B * T, device=f.device, dtype=boxes.dtype).repeat_interleave(R)[:, None]
+    pooled = pool(f.reshape(B * T, C, H, W), torch.cat([idx, boxes.reshape(-1, 4)], 1), output_size, scale, -1, True)
+    tokens = pooled.view(B, T, R, C, ph * pw).transpose(3, 4).reshape(B, T, R * ph * pw, C)
+    return tpe_add(tokens, ts, table, backend="cpu" if f.device.type == "cpu" else None, validate=False)
+
+
+def bench_region_pool(bench, device, modes, quick, use_compile):
+    f0, boxes, table0, ts, img, shape = rgpt_case(device, quick)
+    scale = f0.shape[-1] / img
+    be0 = rgpt4d_backends(device)[0] if rgpt4d_backends(device) else None
+    for output_size in ((1, 1), (2, 2)):
+        x_desc = f"{shape}-{output_size[0]}x{output_size[1]}"
+
+        def eager(f, table, _os=output_size):
+            return region_pool_eager(f, boxes, output_size=_os, spatial_scale=scale, timestamps=ts, table=table)
+
+        fns = {"eager": eager}
+        if use_compile:
+            fns["compile"] = torch.compile(eager, dynamic=False)
+        if tv_roi_align is not None:
+            fns["torchvision-per-frame"] = lambda f, table, _os=output_size: region_pool_per_frame(
+                f, boxes, table, ts, _os, scale, tv_roi_align)
+        if be0 is not None:
+            def rg_pool(x, rois, os_, sc, sr, al, _be=be0):
+                return roi_align(x, rois, os_, sc, sr, al, backend=_be, validate=False)
+            fns["rgpt4d-per-frame"] = lambda f, table, _os=output_size: region_pool_per_frame(
+                f, boxes, table, ts, _os, scale, rg_pool)
+            fns["rgpt4d-flat"] = lambda f, table, _os=output_size: region_pool_flat(
+                f, boxes, table, ts, _os, scale, rg_pool)
+        for be in rgpt4d_backends(device):
+            fns[f"rgpt4d-{be}"] = lambda f, table, _os=output_size, _be=be: region_pool(
+                f, boxes, output_size=_os, spatial_scale=scale, timestamps=ts, table=table, backend=_be,
+                validate=False)
+        for mode in modes:
+            f = f0.clone().requires_grad_(mode != "nograd")
+            table = table0.clone().requires_grad_(mode != "nograd")
+            calls = {name: mode_fn(mode, (lambda fn=fn: fn(f, table)), [f, table]) for name, fn in fns.items()}
+            run(bench, "region_pool", mode, x_desc, calls, config="learned TPE, adaptive sampling, aligned")
+
+
+def bench_mask_pool(bench, device, modes, quick, use_compile):
+    f0, boxes, table0, ts, img, shape = rgpt_case(device, quick)
+    masks = box_masks(boxes, 96 if quick else img, device)
+    x_desc = f"{shape}-masks{masks.shape[-1]}"
+
+    def eager(f, table):
+        return mask_pool_eager(f, masks, timestamps=ts, table=table)
+
+    fns = {"eager": eager}
+    if use_compile:
+        fns["compile"] = torch.compile(eager, dynamic=False)
+    for be in rgpt4d_backends(device):
+        fns[f"rgpt4d-{be}"] = lambda f, table, _be=be: mask_pool(f, masks, timestamps=ts, table=table, backend=_be,
+                                                                 validate=False)
+    for mode in modes:
+        f = f0.clone().requires_grad_(mode != "nograd")
+        table = table0.clone().requires_grad_(mode != "nograd")
+        calls = {name: mode_fn(mode, (lambda fn=fn: fn(f, table)), [f, table]) for name, fn in fns.items()}
+        run(bench, "mask_pool", mode, x_desc, calls, config="learned TPE, masks frozen")
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+TARGETS = [  # kernel, mode, provider vs baseline, target ratio
+    ("roi_align", "forward", "torchvision", 3.0),
+    ("roi_align", "backward", "torchvision", 2.0),
+    ("region_pool", "forward", "rgpt4d-per-frame", 1.5),
+    ("region_pool", "backward", "rgpt4d-per-frame", 1.5),
+    ("region_pool", "full", "rgpt4d-per-frame", 1.5),
+    ("region_pool", "full", "rgpt4d-flat", None),
+    ("region_pool", "forward", "eager", 5.0),
+    ("region_pool", "full", "eager", 5.0),
+    ("mask_pool", "full", "eager", 1.5),
+    ("mask_pool", "forward", "eager", None),
+]
+
+
+def target_report(bench: Bench, device) -> str:
+    ours = f"rgpt4d-{rgpt4d_backends(device)[0]}" if rgpt4d_backends(device) else None
+    lines = ["| kernel | mode | x | rgpt4d ms | baseline | baseline ms | ratio | target |",
+             "|---|---|---|---:|---|---:|---:|---|"]
+    xs = sorted({(r["kernel"], r["x"]) for r in bench.rows})
+    for kernel, mode, base, target in TARGETS:
+        for k, x in xs:
+            if k != kernel:
+                continue
+            t = bench.value(kernel, ours, mode, x)
+            tb = bench.value(kernel, base, mode, x)
+            if t is None or tb is None:
+                continue
+            ratio = tb / t
+            verdict = "-" if target is None else (f">= {target}x: {'met' if ratio >= target else 'NOT met'}")
+            lines.append(f"| {kernel} | {mode} | {x} | {t:.4g} | {base} | {tb:.4g} | {ratio:.2f}x | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = base_parser(__doc__)
+    p.add_argument("--kernels", default="roi_align,region_pool,mask_pool")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    modes = args.modes.split(",") if args.modes else ["forward", "backward", "full"]
+    torch.manual_seed(0)
+    bench = Bench(device)
+    kernels = args.kernels.split(",")
+    use_compile = not args.no_compile
+    with torch.enable_grad():
+        if "roi_align" in kernels:
+            bench_roi_align(bench, device, modes, args.quick, use_compile)
+        if "region_pool" in kernels:
+            bench_region_pool(bench, device, modes, args.quick, use_compile)
+        if "mask_pool" in kernels:
+            bench_mask_pool(bench, device, modes, args.quick, use_compile)
+    out_dir = results_dir(args, device)
+    path = os.path.join(out_dir, "regional.csv" if not args.quick else "regional-quick.csv")
+    bench.write_csv(path)
+    print(bench.table("time"))
+    print()
+    print(bench.table("peak_memory"))
+    print()
+    print(target_report(bench, device))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
