@@ -86,10 +86,11 @@ int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 // thread pool takes tens of microseconds, and far more when the cores are shared).
 constexpr double kSerialWork = 1 << 17;
 
-// fn(begin, end) over [0, n) like at::parallel_for, but the tasks are handed out one at a time from
-// a shared counter (dynamic scheduling): RoIs of very different sizes, or a thread the OS
-// deschedules, do not hold the others up. Every task writes its own outputs in a fixed order, so
-// the result does not depend on which thread runs it. Serial when total_work is small.
+// fn(begin, end) over [0, n) like at::parallel_for, but the range is handed out in small pieces
+// (about 8 per thread) from a shared counter (dynamic scheduling): RoIs of very different sizes, or
+// a thread the OS deschedules, do not hold the others up. Every task writes its own outputs in a
+// fixed order, so the result does not depend on which thread runs it. Serial when total_work is
+// small. fn allocates its scratch once per piece.
 template <typename F>
 void parallel_tasks(int64_t n, double total_work, const F& fn) {
   if (n <= 0) return;
@@ -98,12 +99,13 @@ void parallel_tasks(int64_t n, double total_work, const F& fn) {
     fn(0, n);
     return;
   }
+  const int64_t step = std::max<int64_t>(1, (n + 8 * threads - 1) / (8 * threads));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w)
-      for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
-           t = next.fetch_add(1, std::memory_order_relaxed))
-        fn(t, t + 1);
+      for (int64_t t = next.fetch_add(step, std::memory_order_relaxed); t < n;
+           t = next.fetch_add(step, std::memory_order_relaxed))
+        fn(t, std::min(n, t + step));
   });
 }
 
@@ -199,7 +201,7 @@ struct RoiTaps {
   }
 };
 
-// Rough count of the taps a RoI needs (to choose between the planar and the channels-last loop).
+// Rough count of the taps a RoI needs (work estimates; the choice of the planar loop).
 template <typename A>
 double estimate_taps(const A* box, const PoolShape& ps) {
   const RoiGeom<A> g = roi_geometry<A>(box[0], box[1], box[2], box[3], static_cast<A>(ps.spatial_scale), ps.aligned,
@@ -230,14 +232,10 @@ struct RoiPlan {
   std::vector<RoiTaps<A>> taps;       // per RoI (empty for skipped RoIs)
   std::vector<int64_t> start, order;  // RoIs of image i: order[start[i] .. start[i+1])
 
-  // flat_sH >= 0: also flatten the taps for a planar map with that row stride.
-  RoiPlan(const RoiProblem<A>& pb, int64_t flat_sH) : taps(pb.K), start(pb.images + 1, 0), order(pb.K) {
+  explicit RoiPlan(const RoiProblem<A>& pb) : taps(pb.K), start(pb.images + 1, 0), order(pb.K) {
     parallel_tasks(pb.K, 50.0 * pb.K * (pb.ps.ph + pb.ps.pw), [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        if (pb.roi_img[k] < 0) continue;
-        taps[k].build(pb.boxes + 4 * k, pb.ps);
-        if (flat_sH >= 0) taps[k].flatten(pb.ps.ph, pb.ps.pw, flat_sH);
-      }
+      for (int64_t k = b; k < e; ++k)
+        if (pb.roi_img[k] >= 0) taps[k].build(pb.boxes + 4 * k, pb.ps);
     });
     for (int64_t k = 0; k < pb.K; ++k)
       if (pb.roi_img[k] >= 0) ++start[pb.roi_img[k] + 1];
@@ -246,18 +244,202 @@ struct RoiPlan {
     for (int64_t k = 0; k < pb.K; ++k)
       if (pb.roi_img[k] >= 0) order[fill[pb.roi_img[k]]++] = k;
   }
+
+  // The flattened 2D taps of every RoI, for the scalar planar loops (row stride sH).
+  void flatten(const RoiProblem<A>& pb, int64_t sH) {
+    parallel_tasks(pb.K, 4.0 * pb.taps, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k)
+        if (pb.roi_img[k] >= 0) taps[k].flatten(pb.ps.ph, pb.ps.pw, sH);
+    });
+  }
 };
 
+// ---- banded loops for planar maps ---------------------------------------------------------------
+// A planar map ([C, H, W], rows contiguous) gives one channel of a pixel per load, so every tap
+// would be a scalar gather. Instead, rows are taken a band at a time, a channel slice of the band
+// is transposed into a small channels-last buffer that stays in cache, and each y-tap that reads a
+// row of the band applies its x-taps as vectors over the channel slice. The map is read once, with
+// no full-size copy.
+template <typename A>
+struct RowJob {
+  int64_t row;   // map row the y-tap reads
+  int64_t slot;  // the RoI's position among its image's RoIs
+  int64_t k;     // the RoI
+  int64_t i;     // its output row
+  A wy;          // y weight / count
+};
+
+template <typename A>
+struct BandPlan {
+  int64_t chunk, band_rows, nbands;
+  std::vector<std::vector<RowJob<A>>> jobs;      // per image, by band (RoI order inside a band)
+  std::vector<std::vector<int64_t>> band_start;  // per image: jobs of band b in [band_start[b], band_start[b+1])
+  double touched_rows = 0;                       // rows in bands with jobs, over all images
+
+  BandPlan(const RoiProblem<A>& pb, const RoiPlan<A>& plan) {
+    const PoolShape& ps = pb.ps;
+    const int64_t C = ps.C, images = pb.images;
+    int64_t nchunks = std::max(channel_chunks(images, C, 8), (C + 63) / 64);  // slices of <= 64 channels
+    chunk = (C + nchunks - 1) / nchunks;
+    band_rows = std::max<int64_t>(1, std::min<int64_t>(ps.H, (192 << 10) / std::max<int64_t>(1, ps.W * chunk *
+                                                                                             sizeof(A))));
+    nbands = (ps.H + band_rows - 1) / band_rows;
+    jobs.resize(images);
+    band_start.resize(images);
+    std::vector<double> touched(images, 0.0);
+    parallel_tasks(images, 20.0 * pb.taps, [&](int64_t b0, int64_t b1) {
+      std::vector<RowJob<A>> all;
+      for (int64_t img = b0; img < b1; ++img) {
+        all.clear();
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          for (int64_t i = 0; i < ps.ph; ++i)
+            for (int64_t a = t.y.start[i]; a < t.y.start[i + 1]; ++a)
+              all.push_back({t.y.idx[a], n - plan.start[img], k, i, t.y.w[a] * t.inv_count});
+        }
+        std::vector<int64_t>& st = band_start[img];
+        st.assign(nbands + 1, 0);
+        for (const auto& j : all) ++st[j.row / band_rows + 1];
+        for (int64_t b = 0; b < nbands; ++b) {
+          if (st[b + 1] > 0) touched[img] += static_cast<double>(std::min(ps.H, (b + 1) * band_rows) - b * band_rows);
+          st[b + 1] += st[b];
+        }
+        std::vector<int64_t> fill(st.begin(), st.end() - 1);
+        jobs[img].resize(all.size());
+        for (const auto& j : all) jobs[img][fill[j.row / band_rows]++] = j;
+      }
+    });
+    for (double t : touched) touched_rows += t;
+  }
+};
+
+// The banded loops pay a transposed element per pixel of the touched rows (~3.4 ns per channel
+// here: the map is read from memory) plus a cheap vector lane per tap (~0.1 ns); the scalar planar
+// loop pays a scalar gather per tap (~1 ns). Forward break-even: ~4 taps per touched pixel (the
+// detector case has ~9, the 4D-RGPT case ~1.5-2). The backward writes every pixel either way (the
+// scalar loop zero-fills first), so bands win from ~1 tap per pixel. Measured with
+// benchmarks/bench_regional.py on the 2-core CPU.
+constexpr double kBandedTapsPerPixelForward = 4.0;
+constexpr double kBandedTapsPerPixelBackward = 1.0;
+
+template <typename A>
+bool prefer_banded(const RoiProblem<A>& pb, const BandPlan<A>& bp, double taps_per_pixel) {
+  return pb.taps > taps_per_pixel * bp.touched_rows * static_cast<double>(pb.ps.W);
+}
+
+template <typename S, typename A>
+void roi_pool_forward_banded(const S* feat, const FeatLayout& lay, const RoiProblem<A>& pb, const RoiPlan<A>& plan,
+                             const BandPlan<A>& bp, S* out) {
+  const PoolShape& ps = pb.ps;
+  const int64_t C = ps.C, P = ps.ph * ps.pw, W = ps.W, chunk = bp.chunk;
+  const int64_t nchunks = (C + chunk - 1) / chunk;
+  parallel_tasks(pb.images * nchunks, (pb.taps + bp.touched_rows * W) * C, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc, band(bp.band_rows * W * chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
+      const int64_t nk = plan.start[img + 1] - plan.start[img];
+      if (nk == 0 || len <= 0) continue;
+      acc.assign(nk * P * len, A(0));
+      const S* base = feat + pb.img_off[img] + c0 * lay.sC;
+      const std::vector<RowJob<A>>& jobs = bp.jobs[img];
+      const std::vector<int64_t>& st = bp.band_start[img];
+      for (int64_t b = 0; b < bp.nbands; ++b) {
+        if (st[b] == st[b + 1]) continue;
+        const int64_t r0 = b * bp.band_rows, r1 = std::min(ps.H, r0 + bp.band_rows);
+        for (int64_t r = r0; r < r1; ++r) {  // transpose the band's channel slice
+          A* dst = band.data() + (r - r0) * W * len;
+          for (int64_t c = 0; c < len; ++c) {
+            const S* src = base + c * lay.sC + r * lay.sH;
+            for (int64_t x = 0; x < W; ++x) dst[x * len + c] = static_cast<A>(src[x]);
+          }
+        }
+        for (int64_t u = st[b]; u < st[b + 1]; ++u) {
+          const RowJob<A>& job = jobs[u];
+          const RoiTaps<A>& t = plan.taps[job.k];
+          const A* brow = band.data() + (job.row - r0) * W * len;
+          A* ak = acc.data() + (job.slot * P + job.i * ps.pw) * len;
+          for (int64_t j = 0; j < ps.pw; ++j)
+            for (int64_t bx = t.x.start[j]; bx < t.x.start[j + 1]; ++bx)
+              axpy(job.wy * t.x.w[bx], brow + t.x.idx[bx] * len, ak + j * len, len);
+        }
+      }
+      for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+        const int64_t k = plan.order[n], slot = n - plan.start[img];
+        const A* e = pb.enc ? pb.enc + img * C + c0 : nullptr;
+        S* o = out + (k * C + c0) * P;
+        for (int64_t q = 0; q < P; ++q) {
+          const A* a = acc.data() + (slot * P + q) * len;
+          for (int64_t c = 0; c < len; ++c) o[c * P + q] = static_cast<S>(a[c] + (e ? e[c] : A(0)));
+        }
+      }
+    }
+  });
+}
+
+// grad_buf: planar [images, C, H, W] contiguous, uninitialised; every element is written.
+template <typename S, typename A>
+void roi_pool_backward_banded(const S* grad, const FeatLayout& lay, const RoiProblem<A>& pb, const RoiPlan<A>& plan,
+                              const BandPlan<A>& bp, A* grad_buf) {
+  const PoolShape& ps = pb.ps;
+  const int64_t C = ps.C, P = ps.ph * ps.pw, W = ps.W, chunk = bp.chunk;
+  const int64_t nchunks = (C + chunk - 1) / chunk;
+  parallel_tasks(pb.images * nchunks, (pb.taps + pb.images * ps.H * W) * C, [&](int64_t begin, int64_t end) {
+    std::vector<A> gacc, band(bp.band_rows * W * chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
+      if (len <= 0) continue;
+      const int64_t nk = plan.start[img + 1] - plan.start[img];
+      gacc.resize(nk * P * len);
+      for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {  // grad slice, channels innermost
+        const int64_t k = plan.order[n], slot = n - plan.start[img];
+        for (int64_t c = 0; c < len; ++c)
+          for (int64_t q = 0; q < P; ++q) gacc[(slot * P + q) * len + c] = static_cast<A>(grad[(k * C + c0 + c) * P + q]);
+      }
+      A* base = grad_buf + pb.img_off[img] + c0 * lay.sC;
+      const std::vector<RowJob<A>>& jobs = bp.jobs[img];
+      const std::vector<int64_t>& st = bp.band_start[img];
+      for (int64_t b = 0; b < bp.nbands; ++b) {
+        const int64_t r0 = b * bp.band_rows, r1 = std::min(ps.H, r0 + bp.band_rows);
+        if (st[b] == st[b + 1]) {
+          for (int64_t c = 0; c < len; ++c)
+            for (int64_t r = r0; r < r1; ++r) std::fill_n(base + c * lay.sC + r * lay.sH, W, A(0));
+          continue;
+        }
+        std::fill(band.begin(), band.begin() + (r1 - r0) * W * len, A(0));
+        for (int64_t u = st[b]; u < st[b + 1]; ++u) {
+          const RowJob<A>& job = jobs[u];
+          const RoiTaps<A>& t = plan.taps[job.k];
+          A* brow = band.data() + (job.row - r0) * W * len;
+          const A* gk = gacc.data() + (job.slot * P + job.i * ps.pw) * len;
+          for (int64_t j = 0; j < ps.pw; ++j)
+            for (int64_t bx = t.x.start[j]; bx < t.x.start[j + 1]; ++bx)
+              axpy(job.wy * t.x.w[bx], gk + j * len, brow + t.x.idx[bx] * len, len);
+        }
+        for (int64_t r = r0; r < r1; ++r) {  // transpose back into the planar gradient
+          const A* src = band.data() + (r - r0) * W * len;
+          for (int64_t c = 0; c < len; ++c) {
+            A* dst = base + c * lay.sC + r * lay.sH;
+            for (int64_t x = 0; x < W; ++x) dst[x] = src[x * len + c];
+          }
+        }
+      }
+    }
+  });
+}
+
+
 // out [K, C, ph, pw] (contiguous). lay: how the features are laid out (in place).
-// Planar maps: task = (image, channel range); channel outermost so that one channel plane stays
-// in cache while all the image's RoIs read it. Channels-last maps: task = (RoI, channel range);
-// every tap is a vector over the channel range.
+// Channels-last maps: task = (RoI, channel range); every tap is a vector over the channel range.
+// Planar maps: the banded loops above when the RoIs have enough taps per pixel, else a scalar
+// gather per tap with task = (image, channel range), channel outermost so that one channel plane
+// stays in cache while all the image's RoIs read it.
 template <typename S, typename A>
 void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>& pb, S* out) {
   const PoolShape& ps = pb.ps;
   const int64_t C = ps.C, P = ps.ph * ps.pw, K = pb.K;
   if (K == 0 || C == 0) return;
-  const RoiPlan<A> plan(pb, lay.channels_last ? -1 : lay.sH);
+  RoiPlan<A> plan(pb);
   for (int64_t k = 0; k < K; ++k)  // skipped RoIs (not valid): zero tokens
     if (pb.roi_img[k] < 0) std::fill(out + k * C * P, out + (k + 1) * C * P, static_cast<S>(0));
   if (lay.channels_last) {
@@ -293,6 +475,9 @@ void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>&
     });
     return;
   }
+  const BandPlan<A> bp(pb, plan);
+  if (prefer_banded(pb, bp, kBandedTapsPerPixelForward)) return roi_pool_forward_banded<S, A>(feat, lay, pb, plan, bp, out);
+  plan.flatten(pb, lay.sH);
   const int64_t nchunks = channel_chunks(pb.images, C, 1);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
   parallel_tasks(pb.images * nchunks, pb.taps * C, [&](int64_t begin, int64_t end) {
@@ -324,7 +509,13 @@ void roi_pool_backward(const S* grad, const FeatLayout& lay, const RoiProblem<A>
   const PoolShape& ps = pb.ps;
   const int64_t C = ps.C, P = ps.ph * ps.pw, images = pb.images, HW = ps.H * ps.W;
   if (C == 0 || images == 0 || HW == 0) return;
-  const RoiPlan<A> plan(pb, lay.channels_last ? -1 : lay.sH);
+  RoiPlan<A> plan(pb);
+  if (!lay.channels_last) {
+    const BandPlan<A> bp(pb, plan);
+    if (prefer_banded(pb, bp, kBandedTapsPerPixelBackward))
+      return roi_pool_backward_banded<S, A>(grad, lay, pb, plan, bp, grad_buf);
+    plan.flatten(pb, lay.sH);
+  }
   const int64_t nchunks = channel_chunks(images, C, lay.channels_last ? 16 : 1);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
   parallel_tasks(images * nchunks, (pb.taps + images * HW) * C, [&](int64_t begin, int64_t end) {
@@ -373,27 +564,6 @@ void roi_pool_backward(const S* grad, const FeatLayout& lay, const RoiProblem<A>
   });
 }
 
-// The planar loop reads one channel of a pixel at a time (a scalar gather per tap); the
-// channels-last loop reads a pixel's channels as one vector. When the RoIs need many taps per
-// pixel of the map, a channels-last copy of a planar map pays for itself. Thresholds measured with
-// benchmarks/bench_regional.py on a 2-core CPU (taps per pixel: ~10 for the detector case, ~1 for
-// the 4D-RGPT case); the backward's copy back to the planar layout raises its threshold.
-constexpr double kTransposeTapsPerPixelForward = 6.0;
-constexpr double kTransposeTapsPerPixelBackward = 20.0;
-
-template <typename A>
-double total_taps(const RoiProblem<A>& pb) {
-  double taps = 0;
-  for (int64_t k = 0; k < pb.K; ++k)
-    if (pb.roi_img[k] >= 0) taps += estimate_taps<A>(pb.boxes + 4 * k, pb.ps);
-  return taps;
-}
-
-template <typename A>
-bool prefer_channels_last(const RoiProblem<A>& pb, int64_t pixels, double threshold) {
-  return pb.taps > threshold * static_cast<double>(pixels);
-}
-
 // ---- host helpers -------------------------------------------------------------------------------
 // Per-image element offsets of a tensor whose leading dims (all but the last three) index images.
 std::vector<int64_t> image_offsets(const at::Tensor& t) {
@@ -412,22 +582,6 @@ std::vector<int64_t> image_offsets(const at::Tensor& t) {
   return off;
 }
 
-// A channels-last copy of t ([..., C, H, W] with the channels innermost in memory).
-at::Tensor channels_last_copy(const at::Tensor& t) {
-  const int64_t d = t.dim();
-  std::vector<int64_t> perm;
-  for (int64_t i = 0; i < d - 3; ++i) perm.push_back(i);
-  perm.push_back(d - 2);
-  perm.push_back(d - 1);
-  perm.push_back(d - 3);
-  std::vector<int64_t> back;  // inverse permutation
-  for (int64_t i = 0; i < d - 3; ++i) back.push_back(i);
-  back.push_back(d - 1);
-  back.push_back(d - 3);
-  back.push_back(d - 2);
-  return t.permute(perm).contiguous().permute(back);
-}
-
 // An empty gradient buffer [..., C, H, W] of `sizes`: contiguous, or channels-last.
 at::Tensor new_grad_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt, bool channels_last, bool zero = true) {
   if (!channels_last) return zero ? at::zeros(sizes, opt) : at::empty(sizes, opt);
@@ -444,12 +598,11 @@ at::Tensor new_grad_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt, 
   return (zero ? at::zeros(cl, opt) : at::empty(cl, opt)).permute(back);
 }
 
-// Features as the kernels read them: in place when possible, else a contiguous copy. With
-// allow_transpose, a planar map is copied to channels-last when `want_cl` says it pays.
-std::pair<at::Tensor, FeatLayout> readable_features(const at::Tensor& f, bool want_cl) {
+// Features as the kernels read them: in place when possible, else a contiguous copy.
+std::pair<at::Tensor, FeatLayout> readable_features(const at::Tensor& f) {
   auto lay = feature_layout(f);
-  if (lay && (lay->channels_last || !want_cl)) return {f, *lay};
-  at::Tensor g = want_cl ? channels_last_copy(f) : f.contiguous();
+  if (lay) return {f, *lay};
+  at::Tensor g = f.contiguous();
   return {g, *feature_layout(g)};
 }
 
@@ -501,6 +654,14 @@ RoiInputs roi_inputs_from_rois(const at::Tensor& rois, int64_t N, at::ScalarType
 }
 
 template <typename A>
+double total_taps(const RoiProblem<A>& pb) {
+  double taps = 0;
+  for (int64_t k = 0; k < pb.K; ++k)
+    if (pb.roi_img[k] >= 0) taps += estimate_taps<A>(pb.boxes + 4 * k, pb.ps);
+  return taps;
+}
+
+template <typename A>
 RoiProblem<A> make_problem(const PoolShape& ps, int64_t K, int64_t images, const at::Tensor& boxes,
                            const std::vector<int64_t>& roi_img, const std::vector<int64_t>& img_off, const A* enc) {
   RoiProblem<A> pb;
@@ -528,7 +689,7 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
     using A = at::opmath_type<scalar_t>;
     std::vector<int64_t> no_off(N, 0);
     RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
-    auto [f, lay] = readable_features(input, prefer_channels_last(pb, N * H * W, kTransposeTapsPerPixelForward));
+    auto [f, lay] = readable_features(input);
     const std::vector<int64_t> off = image_offsets(f);
     pb.img_off = off.data();
     roi_pool_forward<scalar_t, A>(f.data_ptr<scalar_t>(), lay, pb, out.data_ptr<scalar_t>());
@@ -556,13 +717,9 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
       using A = at::opmath_type<scalar_t>;
       std::vector<int64_t> no_off(N, 0);
       RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
-      // Scatter into a channels-last buffer when that is the faster loop, then transpose once.
-      const bool cl_loop = channels_last || prefer_channels_last(pb, N * H * W, kTransposeTapsPerPixelBackward);
-      at::Tensor work = cl_loop == channels_last ? buf : new_grad_buffer({N, C, H, W}, buf.options(), cl_loop, false);
-      const std::vector<int64_t> off = image_offsets(work);
+      const std::vector<int64_t> off = image_offsets(buf);
       pb.img_off = off.data();
-      roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(work), pb, work.data_ptr<A>());
-      if (!work.is_same(buf)) buf.copy_(work);
+      roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(buf), pb, buf.data_ptr<A>());
     });
   }
   return buf.scalar_type() == grad.scalar_type() ? buf : buf.to(grad.scalar_type());
@@ -604,7 +761,7 @@ at::Tensor region_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, 
     std::vector<int64_t> no_off(B * T, 0);
     RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off,
                                        enc.defined() ? enc.data_ptr<A>() : nullptr);
-    auto [f, lay] = readable_features(features, prefer_channels_last(pb, B * T * H * W, kTransposeTapsPerPixelForward));
+    auto [f, lay] = readable_features(features);
     const std::vector<int64_t> off = image_offsets(f);
     pb.img_off = off.data();
     roi_pool_forward<scalar_t, A>(f.data_ptr<scalar_t>(), lay, pb, out.data_ptr<scalar_t>());
@@ -636,13 +793,9 @@ at::Tensor region_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& bo
       using A = at::opmath_type<scalar_t>;
       std::vector<int64_t> no_off(B * T, 0);
       RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off, nullptr);
-      const bool cl_loop = channels_last || prefer_channels_last(pb, B * T * H * W, kTransposeTapsPerPixelBackward);
-      at::Tensor work =
-          cl_loop == channels_last ? buf : new_grad_buffer({B, T, C, H, W}, buf.options(), cl_loop, false);
-      const std::vector<int64_t> off = image_offsets(work);
+      const std::vector<int64_t> off = image_offsets(buf);
       pb.img_off = off.data();
-      roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(work), pb, work.data_ptr<A>());
-      if (!work.is_same(buf)) buf.copy_(work);
+      roi_pool_backward<scalar_t, A>(g.data_ptr<scalar_t>(), *feature_layout(buf), pb, buf.data_ptr<A>());
     });
   }
   return buf.scalar_type() == grad.scalar_type() ? buf : buf.to(grad.scalar_type());

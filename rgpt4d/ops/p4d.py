@@ -21,6 +21,14 @@ Ops (backends: eager here; cpu/cuda in csrc/p4d/; triton in kernels/p4d.py):
 - `fused_linear_latent_loss`: the last Linear of the training-only decoder D_4DP fused with the
   latent loss, chunked over tokens, so the projected [N, D_teacher] activation and its gradient
   never exist whole.
+
+Gradients computed in forward: the op returns, next to the losses, one buffer per prediction
+holding f_i * dL_i/dpred_i (pred's dtype; f_i the term's weight in the total, or 1 when that is
+0). They are saved for backward (and released after it) and never modified: the backward returns
+buf * (g_total * w_i + g_term_i) / f_i, or the buffer itself when that factor is exactly 1 on the
+CPU (the usual `loss.backward()`: no pass over it, no copy). So retain_graph and repeated
+backwards are correct; double backward (create_graph=True) raises, since the kernels produce
+first-order gradients only.
 """
 
 from __future__ import annotations

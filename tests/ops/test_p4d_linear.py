@@ -221,7 +221,7 @@ def test_retain_graph_and_double_backward(backend):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_fp64(backend, reduction):
-    h, w, b, t, m = make(B=1, N=5, D_in=4, D_out=3, dtype=torch.float64)
+    h, w, b, t, m = make(B=1, N=4, D_in=3, D_out=2, mask_p=0.2, dtype=torch.float64, seed=3)
     fn = lambda h, w, b: fused_linear_latent_loss(h, w, b, t, mask=m, reduction=reduction, chunk_size=2,  # noqa: E731
                                                   backend=backend)
     assert torch.autograd.gradcheck(fn, (h, w, b))

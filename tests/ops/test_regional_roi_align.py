@@ -75,6 +75,22 @@ def test_matches_torchvision(backend, aligned, case):
     check_vs_torchvision(backend, x, rois, os_, scale, sr, aligned)
 
 
+@pytest.mark.parametrize("case", ["sparse_scalar_loop", "dense_banded_loop", "many_bands"])
+def test_cpu_planar_loops(case):
+    # The CPU kernel reads planar maps with a scalar gather per tap (few taps per pixel) or in
+    # cache-sized bands of rows transposed on the fly (many taps per pixel); both against torchvision.
+    if case == "sparse_scalar_loop":
+        x, rois = torch.randn(2, 5, 30, 31), make_rois(2, 2, 30, 31, max_size=2.0)
+        args = ((2, 2), 1.0, -1, True)
+    elif case == "dense_banded_loop":
+        x, rois = torch.randn(2, 9, 6, 7), make_rois(40, 2, 6, 7, max_size=8.0)
+        args = ((4, 4), 1.0, 3, False)
+    else:  # wide rows: one row per band, many bands, RoIs crossing band edges
+        x, rois = torch.randn(1, 70, 24, 300), make_rois(80, 1, 24, 300, max_size=40.0)
+        args = ((3, 5), 1.0, 3, True)
+    check_vs_torchvision("cpu", x, rois, *args)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_channels_last_input_and_gradient_layout(backend):
     x = torch.randn(2, 6, 9, 10).to(memory_format=torch.channels_last)

@@ -1,0 +1,175 @@
+"""Inference with a saved 4D-RGPT student: one question, or many in batches with a progress bar.
+
+    from rgpt4d.infer import RGPT4D
+    model = RGPT4D.from_pretrained("runs/demo/students/p4d")
+    letter = model.answer(video, timestamps, regions, question, options)
+
+`video` is frames [T, 3, H, W] (torch, uint8 or float in [0, 1]) or [T, H, W, 3] (numpy/torch uint8);
+`timestamps` are the frames' times in seconds; `regions` are first-frame boxes (x0, y0, x1, y1,
+pixels), the i-th box being `<obj_{i+1}>` in the question; `options` the option values. The saved
+model is the bare student (no teacher, no D_4DP): `save_inference_model` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from rgpt4d.data.schema import LETTERS, format_prompt
+
+
+def save_inference_model(model, tokenizer, path: str | Path) -> Path:
+    """Save the deployed model: the bare student of `model` (a student or an RGPT4DForP4DTraining),
+    with its tokenizer, as safetensors. Returns the path."""
+    student = model.inference_model() if hasattr(model, "inference_model") else model
+    path = Path(path)
+    student.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _frames_tensor(video: Any) -> torch.Tensor:
+    v = torch.as_tensor(np.asarray(video)) if not isinstance(video, torch.Tensor) else video
+    if v.dim() != 4:
+        raise ValueError(f"video: expected frames [T, 3, H, W] or [T, H, W, 3], got shape {tuple(v.shape)}")
+    if v.shape[1] != 3 and v.shape[-1] == 3:
+        v = v.permute(0, 3, 1, 2)
+    if v.shape[1] != 3:
+        raise ValueError(f"video: expected 3 colour channels, got shape {tuple(v.shape)}")
+    return v.contiguous()
+
+
+class RGPT4D:
+    """A loaded student and its tokenizer, answering multiple-choice questions with a letter."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu"):
+        from rgpt4d.models.tokenizer import letter_token_ids
+
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.letter_ids = letter_token_ids(tokenizer, 10)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RGPT4D":
+        from transformers import PreTrainedTokenizerFast
+
+        from rgpt4d.models.student import RGPT4DForConditionalGeneration
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model: no config.json in {path} (save one with rgpt4d.infer.save_inference_model)")
+        model = RGPT4DForConditionalGeneration.from_pretrained(path)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        return cls(model, tokenizer, device)
+
+    # -- one question ---------------------------------------------------------------------------
+    def answer(self, video: Any, timestamps: Sequence[float], regions: Optional[Sequence[Sequence[float]]],
+               question: str, options: Sequence[Any], som_image: Any = None) -> str:
+        """The letter of the chosen option."""
+        return self.answer_batch([dict(video=video, timestamps=timestamps, regions=regions, question=question,
+                                       options=options, som_image=som_image)], progress=False)[0]
+
+    # -- many questions -------------------------------------------------------------------------
+    def _prepare(self, items: list[dict]) -> dict:
+        from rgpt4d.models.tokenizer import encode_batch
+
+        frames, times, boxes, somi, prompts = [], [], [], [], []
+        for it in items:
+            frames.append(_frames_tensor(it["video"]))
+            times.append(torch.as_tensor(it["timestamps"], dtype=torch.float32))
+            regions = it.get("regions")
+            b = torch.as_tensor(regions if regions is not None and len(regions) else np.zeros((0, 4)),
+                                dtype=torch.float32)
+            if b.dim() != 2 or b.shape[-1] != 4:
+                raise ValueError(f"regions: expected a list of (x0, y0, x1, y1) boxes, got shape {tuple(b.shape)}")
+            boxes.append(b)
+            prompts.append(it["prompt"] if "prompt" in it else format_prompt(it["question"], list(it["options"])))
+            if it.get("som_image") is not None:
+                s = _frames_tensor(torch.as_tensor(np.asarray(it["som_image"]))[None])[0]
+                somi.append(s)
+        shapes = {tuple(f.shape) for f in frames}
+        if len(shapes) > 1:
+            raise ValueError(f"video: all videos of a batch need one shape, got {sorted(shapes)}")
+        R = max(b.shape[0] for b in boxes)
+        box_t = torch.zeros(len(items), R, 4)
+        mask = torch.zeros(len(items), R, dtype=torch.bool)
+        for i, b in enumerate(boxes):
+            box_t[i, : b.shape[0]] = b
+            mask[i, : b.shape[0]] = True
+        for i, t in enumerate(times):
+            if t.shape[0] != frames[i].shape[0]:
+                raise ValueError(f"timestamps: {t.shape[0]} timestamps for {frames[i].shape[0]} frames")
+        enc = encode_batch(self.tokenizer, prompts, self.model.config.num_visual_tokens)
+        d = self.device
+        inputs = dict(input_ids=enc["input_ids"].to(d), attention_mask=enc["attention_mask"].to(d),
+                      frames=torch.stack(frames).to(d), timestamps=torch.stack(times).to(d),
+                      boxes=box_t.to(d), region_mask=mask.to(d))
+        if somi:
+            inputs["som_image"] = torch.stack(somi).to(d)
+        return inputs
+
+    @torch.no_grad()
+    def answer_batch(self, items: Iterable[dict], batch_size: int = 8, progress: bool = True) -> list[str]:
+        """Answer many questions (dicts with answer()'s arguments, or `prompt` instead of question
+        and options) in batches. A reply that is not a valid letter falls back to the most likely
+        valid letter of the first step (never an unparseable answer)."""
+        items = list(items)
+        out: list[str] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc="infer", unit="q")
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            res = self.model.generate(**self._prepare(chunk), max_new_tokens=1, output_scores=True,
+                                      return_dict_in_generate=True)
+            first = res.scores[0]
+            for i, it in enumerate(chunk):
+                n = len(it["options"]) if "options" in it else int(it.get("num_options", 5))
+                tok = int(res.sequences[i, -1])
+                valid = self.letter_ids[:n]
+                if tok in valid:
+                    out.append(LETTERS[valid.index(tok)])
+                else:
+                    out.append(LETTERS[int(first[i, valid].argmax())])
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return out
+
+    def answer_dataset(self, data_dir: str | Path, split: str = "test", out: Optional[str | Path] = None,
+                       batch_size: int = 8, limit: Optional[int] = None, progress: bool = True) -> list[dict]:
+        """Predictions for a synthetic split: [{"id", "prediction"}], optionally written as JSONL."""
+        from rgpt4d.data import Synth4DQuestions
+
+        ds = Synth4DQuestions(data_dir, split)
+        n = len(ds) if limit is None else min(limit, len(ds))
+        items = []
+        for i in range(n):
+            q = ds[i]
+            items.append(dict(video=q["frames"], timestamps=q["timestamps"], regions=_ordered_regions(q),
+                              prompt=q["prompt"], options=q["options"], som_image=q["som_image"], id=q["id"]))
+        letters = self.answer_batch(items, batch_size=batch_size, progress=progress)
+        preds = [{"id": it["id"], "prediction": letter} for it, letter in zip(items, letters)]
+        if out is not None:
+            Path(out).write_text("".join(json.dumps(p) + "\n" for p in preds))
+        return preds
+
+
+def _ordered_regions(q: dict) -> list:
+    """Boxes in <obj_N> order (box i is <obj_{i+1}>), from a Synth4DQuestions item."""
+    ids = q["region_ids"].tolist()
+    boxes = q["boxes"].tolist()
+    if not ids:
+        return []
+    out = [[0.0, 0.0, 0.0, 0.0]] * max(ids)
+    for n, b in zip(ids, boxes):
+        out[n - 1] = b
+    return out

@@ -1,0 +1,1 @@
+"""Drop-in helpers for other MLLM code bases."""

@@ -1,0 +1,165 @@
+"""Subcommands `teacher train|cache` and `infer` for the `rgpt4d` command.
+
+    rgpt4d teacher train --data DIR --out runs/teacher [--preset tiny] [--steps 300] [--batch-size 4]
+    rgpt4d teacher cache --teacher runs/teacher --data DIR --out runs/teacher_cache
+    rgpt4d infer --model PATH --video frames.npy --timestamps 0,0.5,... --boxes "x0,y0,x1,y1;..." \
+        --question "How tall is <obj_1>?" --options "0.5 m" "1.0 m" "1.5 m" "2.0 m"
+    rgpt4d infer --model PATH --data DIR --split test --out preds.jsonl     (batched, progress bar)
+
+`--video` is a .npy/.npz of frames [T, H, W, 3] uint8 (needs --timestamps or --fps), a video file
+(decoded with PyAV; timestamps from the stream), or DATA_DIR:VIDEO_ID of a synthetic set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _err(cmd: str, e: Exception) -> int:
+    print(f"rgpt4d {cmd}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _cmd_teacher_train(args) -> int:
+    from rgpt4d.models.teacher_train import train_teacher
+
+    try:
+        res = train_teacher(args.data, args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, seed=args.seed, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        return _err("teacher train", e)
+    print(json.dumps(res["metrics"], indent=2))
+    return 0
+
+
+def _cmd_teacher_cache(args) -> int:
+    from rgpt4d.models.teacher_train import cache_teacher
+
+    try:
+        n = cache_teacher(args.teacher, args.data, args.out, splits=tuple(args.splits), batch_size=args.batch_size,
+                          progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        return _err("teacher cache", e)
+    print(f"cached {n} videos in {args.out}")
+    return 0
+
+
+def _parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _load_video(args):
+    import numpy as np
+    import torch
+
+    spec = args.video
+    if ":" in spec and not Path(spec).exists():
+        root, vid = spec.rsplit(":", 1)
+        from rgpt4d.data import Synth4DVideos
+
+        ds = Synth4DVideos(root, None, fields=("rgb",))
+        for i, v in enumerate(ds.videos):
+            if v["id"] == vid:
+                item = ds[i]
+                return item["frames"], item["timestamps"]
+        raise ValueError(f"--video: no video {vid!r} in {root}")
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"--video: {spec} does not exist")
+    if path.suffix in (".npy", ".npz"):
+        arr = np.load(path)
+        if path.suffix == ".npz":
+            arr = arr[arr.files[0]]
+        frames = torch.from_numpy(np.ascontiguousarray(arr))
+        if args.timestamps:
+            ts = torch.tensor(_parse_floats(args.timestamps, "timestamps"))
+        elif args.fps:
+            ts = torch.arange(frames.shape[0], dtype=torch.float32) / args.fps
+        else:
+            raise ValueError("--timestamps (or --fps) is needed with a .npy/.npz video")
+        return frames, ts
+    from rgpt4d.data import decode_video
+
+    frames, ts = decode_video(path, num_frames=args.num_frames)
+    return frames, ts
+
+
+def _cmd_infer(args) -> int:
+    from rgpt4d.infer import RGPT4D
+
+    try:
+        model = RGPT4D.from_pretrained(args.model, device=args.device)
+        if args.data:
+            preds = model.answer_dataset(args.data, args.split, args.out, batch_size=args.batch_size,
+                                         limit=args.limit, progress=not args.quiet)
+            if args.out is None:
+                for p in preds:
+                    print(json.dumps(p))
+            else:
+                print(f"wrote {len(preds)} predictions to {args.out}")
+            return 0
+        if not (args.video and args.question and args.options):
+            raise ValueError("give --video, --question and --options (or --data DIR for a whole split)")
+        frames, ts = _load_video(args)
+        boxes = [_parse_floats(b, "boxes") for b in args.boxes.split(";") if b.strip()] if args.boxes else []
+        for b in boxes:
+            if len(b) != 4:
+                raise ValueError(f"--boxes: each box is x0,y0,x1,y1; got {b}")
+        print(model.answer(frames, ts, boxes, args.question, args.options))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        return _err("infer", e)
+    return 0
+
+
+def register(subparsers) -> None:
+    teacher = subparsers.add_parser("teacher", help="train the 4D teacher, or cache its outputs")
+    tsub = teacher.add_subparsers(dest="teacher_command", required=True)
+    tr = tsub.add_parser("train", help="train the teacher on a synthetic set; prints held-out quality")
+    tr.add_argument("--data", required=True, help="a `rgpt4d data make` directory")
+    tr.add_argument("--out", required=True, help="where to save the frozen teacher")
+    tr.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper"))
+    tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument("--batch-size", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_cmd_teacher_train)
+    ca = tsub.add_parser("cache", help="write the teacher's latents and explicit outputs per video")
+    ca.add_argument("--teacher", required=True)
+    ca.add_argument("--data", required=True)
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    ca.add_argument("--batch-size", type=int, default=4)
+    ca.add_argument("--quiet", action="store_true")
+    ca.set_defaults(func=_cmd_teacher_cache)
+
+    inf = subparsers.add_parser("infer", help="answer questions with a saved student")
+    inf.add_argument("--model", required=True)
+    inf.add_argument("--video", help=".npy/.npz frames [T,H,W,3], a video file, or DATA_DIR:VIDEO_ID")
+    inf.add_argument("--timestamps", help="comma-separated seconds, one per frame")
+    inf.add_argument("--fps", type=float)
+    inf.add_argument("--num-frames", type=int, default=16)
+    inf.add_argument("--boxes", help="first-frame boxes 'x0,y0,x1,y1;x0,y0,x1,y1' (<obj_1>, <obj_2>, ...)")
+    inf.add_argument("--question")
+    inf.add_argument("--options", nargs="+")
+    inf.add_argument("--data", help="answer a whole split of a synthetic set instead")
+    inf.add_argument("--split", default="test")
+    inf.add_argument("--limit", type=int)
+    inf.add_argument("--out", help="JSONL predictions (for rgpt4d eval-answers)")
+    inf.add_argument("--batch-size", type=int, default=8)
+    inf.add_argument("--device", default="cpu")
+    inf.add_argument("--quiet", action="store_true")
+    inf.set_defaults(func=_cmd_infer)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="rgpt4d")
+    register(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args()
+    sys.exit(int(a.func(a) or 0))

@@ -1,0 +1,235 @@
+"""Configurations of the 4D-RGPT models, and the presets `tiny`, `small` and `paper`.
+
+Every model is built from these configs: no weights are downloaded. `tiny` trains in minutes on
+2 CPU cores (64x64 videos of the synthetic set); `small` is a few times wider; `paper` has the
+paper's shapes (SigLIP so400m 1152 x 27x27 tokens, 3x3 downsample, projector hidden 4608, Qwen2
+3584; teacher VideoMAEv2 1408 wide, 40 layers, 8 x 16 x 16 latent, heads on layers 14/21/28/36).
+Building `paper` allocates ~8B parameters: only do it where that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+PRESETS = ("tiny", "small", "paper")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
+REGION_MODES = ("tokens", "som", "both", "none")
+DECODER_KINDS = ("mlp", "linear")
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher (frozen 4D perception model, L4P-like)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherConfig:
+    """VideoMAE encoder (tubelet 2) + DPT-like heads reading four encoder layers."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    num_frames: int = 16
+    tubelet_size: int = 2
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    head_layers: tuple = (1, 2, 3, 4)  # 1-based encoder layers the heads read (the latent is the last)
+    head_features: int = 32  # DPT fusion width
+    heads: tuple = ("depth", "flow", "motion")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """The latent grid (T', h, w) = (frames / tubelet, size / patch, size / patch)."""
+        g = self.image_size // self.patch_size
+        return (self.num_frames // self.tubelet_size, g, g)
+
+    def videomae_kwargs(self) -> dict[str, Any]:
+        return dict(image_size=self.image_size, patch_size=self.patch_size, num_frames=self.num_frames,
+                    tubelet_size=self.tubelet_size, hidden_size=self.hidden_size,
+                    num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                    intermediate_size=self.intermediate_size, use_mean_pooling=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TeacherConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TeacherConfig: unknown fields {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"TeacherConfig: image_size {self.image_size} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(f"TeacherConfig: num_frames {self.num_frames} is not a multiple of tubelet_size "
+                             f"{self.tubelet_size}")
+        if len(self.head_layers) != 4 or not all(1 <= i <= self.num_hidden_layers for i in self.head_layers):
+            raise ValueError(f"TeacherConfig: head_layers must be four layers in 1..{self.num_hidden_layers}, "
+                             f"got {self.head_layers}")
+
+
+# ---------------------------------------------------------------------------------------------
+# P4D (training-only decoder D_4DP and losses)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class P4DConfig:
+    """D_4DP and the loss. decoder="mlp": the paper's 3-layer MLP (GELU, Xavier, zero bias) to one
+    latent; decoder="linear": the released code's one Linear per teacher head layer."""
+
+    decoder: str = "mlp"
+    hidden_size: int = 256  # the paper: 2560
+    loss_preset: str = "paper"  # "paper" | "code" (rgpt4d.ops.P4DLoss)
+    latent: bool = True  # L_LD
+    explicit: bool = True  # L_ED through the teacher's frozen heads
+    linear_init_std: float = 0.1  # the released code's init of the per-layer Linear
+
+    def __post_init__(self):
+        if self.decoder not in DECODER_KINDS:
+            raise ValueError(f"P4DConfig: decoder must be one of {DECODER_KINDS}, got {self.decoder!r}")
+        if self.loss_preset not in ("paper", "code"):
+            raise ValueError(f"P4DConfig: loss_preset must be 'paper' or 'code', got {self.loss_preset!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Student (the deployed MLLM)
+# ---------------------------------------------------------------------------------------------
+
+
+class RGPT4DConfig(PreTrainedConfig):
+    """The student MLLM: SigLIP vision tower -> TPE + window downsample + LayerNorm (one fused op)
+    -> 2-layer MLP projector -> Qwen2 causal LM, with region tokens at `<obj_N>`.
+
+    vision_config / text_config are the kwargs of transformers' SiglipVisionConfig / Qwen2Config.
+    """
+
+    model_type = "rgpt4d"
+
+    vision_config: dict | None = None
+    text_config: dict | None = None
+    num_frames: int = 16
+    downsample_window: int = 3
+    projector_hidden_size: int = 256
+    tpe: bool = True  # the paper's sinusoidal TPE (seconds) before the projector
+    tpe_base: float = 10000.0
+    region_mode: str = "tokens"  # "tokens" (RegionalEncoder4D at <obj_N>) | "som" | "both" | "none"
+    max_regions: int = 8
+    region_hidden_size: int = 256
+    freeze_vision: bool = True
+    image_token_id: int = 0
+    obj_token_ids: list | None = None  # token id of <obj_1>, <obj_2>, ...
+    attn_implementation_name: str = "sdpa"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.region_mode not in REGION_MODES:
+            raise ValueError(f"RGPT4DConfig: region_mode must be one of {REGION_MODES}, got {self.region_mode!r}")
+        if self.attn_implementation_name not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"RGPT4DConfig: attn_implementation_name must be one of {ATTN_IMPLEMENTATIONS}, "
+                             f"got {self.attn_implementation_name!r}")
+
+    # the grids the model works on
+    @property
+    def image_size(self) -> int:
+        return int(self.vision_config["image_size"])
+
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // int(self.vision_config["patch_size"])
+
+    @property
+    def tokens_per_image(self) -> int:
+        g = -(-self.patch_grid // self.downsample_window)
+        return g * g
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """`<image>` placeholders in a prompt: all frames, plus the SoM image when it is used."""
+        extra = 1 if self.region_mode in ("som", "both") else 0
+        return (self.num_frames + extra) * self.tokens_per_image
+
+
+@dataclass
+class Preset:
+    name: str
+    student: dict = field(default_factory=dict)  # RGPT4DConfig kwargs (without token ids)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    p4d: P4DConfig = field(default_factory=P4DConfig)
+    tokenizer_vocab_size: int = 1000
+
+
+def _qwen2(hidden: int, layers: int, heads: int, kv: int, inter: int, max_pos: int = 4096) -> dict:
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=inter, max_position_embeddings=max_pos, tie_word_embeddings=False,
+                rms_norm_eps=1e-6)
+
+
+def _siglip(hidden: int, layers: int, heads: int, inter: int, image: int, patch: int) -> dict:
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+                image_size=image, patch_size=patch, vision_use_head=False)
+
+
+def get_preset(name: str) -> Preset:
+    """`tiny` | `small` | `paper`. Only configurations: nothing is allocated."""
+    if name == "tiny":
+        return Preset(
+            name,
+            student=dict(vision_config=_siglip(64, 2, 4, 128, 64, 8), text_config=_qwen2(128, 2, 4, 2, 256),
+                         projector_hidden_size=256, region_hidden_size=128),
+            teacher=TeacherConfig(),
+            p4d=P4DConfig(hidden_size=256),
+            tokenizer_vocab_size=1000,
+        )
+    if name == "small":
+        return Preset(
+            name,
+            student=dict(vision_config=_siglip(192, 4, 6, 512, 112, 14), text_config=_qwen2(384, 4, 6, 2, 1024),
+                         projector_hidden_size=768, region_hidden_size=384),
+            teacher=TeacherConfig(image_size=112, patch_size=14, hidden_size=192, num_hidden_layers=6,
+                                  num_attention_heads=6, intermediate_size=512, head_layers=(2, 3, 5, 6),
+                                  head_features=64),
+            p4d=P4DConfig(hidden_size=768),
+            tokenizer_vocab_size=2000,
+        )
+    if name == "paper":
+        return Preset(
+            name,
+            student=dict(vision_config=_siglip(1152, 27, 16, 4304, 384, 14),
+                         text_config=_qwen2(3584, 28, 28, 4, 18944, 32768),
+                         projector_hidden_size=4608, region_hidden_size=3584),
+            teacher=TeacherConfig(image_size=224, patch_size=14, hidden_size=1408, num_hidden_layers=40,
+                                  num_attention_heads=16, intermediate_size=6144, head_layers=(14, 21, 28, 36),
+                                  head_features=256),
+            p4d=P4DConfig(hidden_size=2560),
+            tokenizer_vocab_size=8000,
+        )
+    raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+
+
+def student_config(preset: str | Preset, tokenizer=None, **overrides) -> RGPT4DConfig:
+    """The student's config for a preset, with the tokenizer's vocabulary and special token ids."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in p.student.items()}
+    kwargs.update(overrides)
+    if tokenizer is not None:
+        from rgpt4d.models.tokenizer import special_token_ids
+
+        ids = special_token_ids(tokenizer)
+        text = dict(kwargs["text_config"])
+        text.update(vocab_size=len(tokenizer), pad_token_id=ids["pad"], eos_token_id=ids["eos"],
+                    bos_token_id=ids["bos"])
+        kwargs["text_config"] = text
+        kwargs.update(image_token_id=ids["image"], obj_token_ids=ids["obj"],
+                      pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+        kwargs.setdefault("max_regions", len(ids["obj"]))
+    return RGPT4DConfig(**kwargs)

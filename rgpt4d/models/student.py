@@ -1,0 +1,362 @@
+"""The 4D-RGPT student: an NVILA-like MLLM built from transformers parts and the project's ops.
+
+    frames [B, T, 3, H, W], timestamps [B, T] (seconds)
+      -> SigLIP vision tower (frozen)                         tokens [B, T, g*g, D]
+      -> TPE + 3x3 window downsample + LayerNorm (one fused op: rgpt4d.ops.tpe_downsample_layernorm)
+      -> Linear, GELU, Linear (the projector MLP)             visual tokens [B, T, M, D_llm]
+      -> placed at the `<image>` placeholders of the prompt
+    boxes [B, R, 4] (first frame, pixels)
+      -> RegionalEncoder4D (rgpt4d.ops.region_pool on every frame's feature grid, TPE fused in,
+         Linear), mean over frames, GELU, Linear to D_llm                                         region tokens [B, R, D_llm]
+      -> placed at the `<obj_N>` tokens of the prompt
+    -> Qwen2 causal LM -> the answer letter.
+
+Regions: region tokens at `<obj_N>` (region_mode="tokens", the default) and/or the SoM image as an
+extra first visual input ("som" / "both"). The default is "tokens": the `<obj_N>` embedding then *is*
+the region's features, so the reference needs no reading of the drawn digits (3x5-pixel tags that a
+patch-8 vision tower at 64 px barely resolves), and it costs R tokens instead of M extra visual
+tokens. The SoM path is kept for the R4D-Bench protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers.utils import ModelOutput
+
+from rgpt4d.models.attention import resolve_attn_implementation
+from rgpt4d.models.configs import RGPT4DConfig
+from rgpt4d.models.teacher import normalize_frames
+from rgpt4d.ops import tpe_downsample_layernorm
+
+BOX_TOLERANCE = 1e-3  # pixels
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class Projector(nn.Module):
+    """E_P with the TPE in front: fused (TPE + window downsample + LayerNorm), then Linear-GELU-Linear."""
+
+    def __init__(self, dim: int, window: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0):
+        super().__init__()
+        self.dim, self.window, self.tpe, self.base = dim, window, tpe, base
+        k = window * window * dim
+        self.norm_weight = nn.Parameter(torch.ones(k))
+        self.norm_bias = nn.Parameter(torch.zeros(k))
+        self.linear_1 = nn.Linear(k, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, out_dim)
+        # TPE off: the same fused op with an all-zero one-row table (adds nothing)
+        self.register_buffer("_no_tpe_table", torch.zeros(1, dim), persistent=False)
+
+    def prologue(self, x: Tensor, timestamps: Tensor, grid: tuple[int, int]) -> Tensor:
+        if self.tpe:
+            return tpe_downsample_layernorm(x, timestamps.to(x.dtype), None, self.norm_weight, self.norm_bias,
+                                            grid=grid, window=self.window, base=self.base)
+        zeros = torch.zeros(timestamps.shape, dtype=torch.long, device=x.device)
+        return tpe_downsample_layernorm(x, zeros, self._no_tpe_table.to(x.dtype), self.norm_weight, self.norm_bias,
+                                        grid=grid, window=self.window)
+
+    def forward(self, x: Tensor, timestamps: Tensor, grid: tuple[int, int]) -> Tensor:
+        """x [B, T, h*w, D], timestamps [B, T] seconds -> [B, T, M, out_dim]."""
+        return self.linear_2(self.act(self.linear_1(self.prologue(x, timestamps, grid))))
+
+
+class RegionTokenEncoder(nn.Module):
+    """Region tokens from first-frame boxes: RegionalEncoder4D (issue 3: RoIAlign 1x1 of every frame's
+    feature grid with the TPE fused in, rgpt4d.ops.region_pool, then a Linear), averaged over the
+    frames, GELU, Linear to the LLM width: one token per region for its `<obj_N>`."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0,
+                 spatial_scale: float = 1.0):
+        super().__init__()
+        from rgpt4d.models.regional_encoder import RegionalEncoder4D
+
+        self.tpe = tpe
+        self.encoder = RegionalEncoder4D(dim, hidden, mode="box", tpe="sinusoidal" if tpe else "none", tpe_base=base,
+                                         spatial_scale=spatial_scale, channels_last=True, aligned=True)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, features: Tensor, boxes: Tensor, valid: Tensor, timestamps: Tensor) -> Tensor:
+        """features [B, T, h, w, D] (channels-last grid), boxes [B, R, 4] in the pixels of the image the
+        grid was computed from (spatial_scale = grid / pixels), valid [B, R], timestamps [B, T]
+        seconds -> [B, R, out_dim]."""
+        tokens = self.encoder(features, boxes.to(features.dtype).contiguous(),
+                              timestamps.to(features.dtype) if self.tpe else None, valid.contiguous())
+        return self.linear_2(self.act(tokens.mean(1)))
+
+
+@dataclass
+class RGPT4DOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+    visual_hidden: Optional[Tensor] = None  # [B, T, Ho, Wo, D_llm]: last-layer states at the video tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class RGPT4DPreTrainedModel(PreTrainedModel):
+    config_class = RGPT4DConfig
+    base_model_prefix = "rgpt4d"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Linear layers (ours and the towers') as Qwen2/SigLIP-style N(0, 0.02) with zero bias; norms and
+        # embeddings keep the initialisation their own modules gave them.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
+    """The student (and the deployed inference model: it holds no teacher and no D_4DP)."""
+
+    def __init__(self, config: RGPT4DConfig):
+        super().__init__(config)
+        attn = resolve_attn_implementation(config.attn_implementation_name)
+        vcfg = SiglipVisionConfig(**config.vision_config)
+        tcfg = Qwen2Config(**config.text_config)
+        self.vision_tower = SiglipVisionModel._from_config(vcfg, attn_implementation=attn)
+        D, D_llm = vcfg.hidden_size, tcfg.hidden_size
+        self.projector = Projector(D, config.downsample_window, config.projector_hidden_size, D_llm, config.tpe,
+                                   config.tpe_base)
+        self.region_encoder = (RegionTokenEncoder(D, config.region_hidden_size, D_llm, config.tpe, config.tpe_base,
+                                                  spatial_scale=config.patch_grid / config.image_size)
+                               if config.region_mode in ("tokens", "both") else None)
+        self.language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
+        self.post_init()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """The paper trains projector + LLM; the vision encoder stays frozen (config.freeze_vision)."""
+        if self.config.freeze_vision:
+            self.vision_tower.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.apply_freezing()  # loading replaces the parameters, and with them requires_grad
+        return model
+
+    # -- helpers -------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.config.patch_grid
+        return (g, g)
+
+    @property
+    def downsampled_grid(self) -> tuple[int, int]:
+        g = -(-self.config.patch_grid // self.config.downsample_window)
+        return (g, g)
+
+    def vision_features(self, images: Tensor) -> Tensor:
+        """images [N, 3, S, S] normalised -> [N, g*g, D]."""
+        dtype = self.vision_tower.get_input_embeddings().weight.dtype
+        return self.vision_tower(pixel_values=images.to(dtype)).last_hidden_state
+
+    # -- validation ----------------------------------------------------------------------------
+    def _validate(self, input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image):
+        cfg = self.config
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames: expected [B, T, 3, H, W], got {tuple(frames.shape)}")
+        B, T = frames.shape[:2]
+        if T != cfg.num_frames:
+            raise ValueError(f"frames: the model takes {cfg.num_frames} frames per video, got {T}")
+        if tuple(timestamps.shape) != (B, T):
+            raise ValueError(f"timestamps: expected [B, T] = [{B}, {T}] (one time in seconds per frame), "
+                             f"got {tuple(timestamps.shape)}")
+        if not torch.isfinite(timestamps).all():
+            raise ValueError("timestamps: must be finite seconds")
+        if T > 1 and not (timestamps[:, 1:] > timestamps[:, :-1]).all():
+            b = int((timestamps[:, 1:] <= timestamps[:, :-1]).any(1).nonzero()[0])
+            raise ValueError(f"timestamps: must be strictly increasing (seconds of each frame); sample {b} has "
+                             f"{[round(float(t), 4) for t in timestamps[b]]}")
+        if input_ids.shape[0] != B:
+            raise ValueError(f"input_ids: batch {input_ids.shape[0]} but frames has batch {B}")
+        n_img = (input_ids == cfg.image_token_id).sum(1)
+        if (n_img != cfg.num_visual_tokens).any():
+            raise ValueError(f"input_ids: each prompt needs {cfg.num_visual_tokens} <image> tokens "
+                             f"(rgpt4d.models.encode_batch writes them), got {n_img.tolist()}")
+        if cfg.region_mode in ("som", "both") and som_image is None:
+            raise ValueError(f"som_image: region_mode={cfg.region_mode!r} needs the SoM image [B, 3, H, W]")
+        obj_ids = torch.tensor(cfg.obj_token_ids or [], dtype=input_ids.dtype, device=input_ids.device)
+        uses_obj = torch.isin(input_ids, obj_ids) if obj_ids.numel() else torch.zeros_like(input_ids, dtype=torch.bool)
+        if self.region_encoder is None or not uses_obj.any():
+            return
+        if boxes is None:
+            raise ValueError("boxes: the prompt refers to <obj_N> regions but no boxes were given")
+        if boxes.dim() != 3 or boxes.shape[0] != B or boxes.shape[2] != 4:
+            raise ValueError(f"boxes: expected [B, R, 4] first-frame boxes (x0, y0, x1, y1 pixels), got "
+                             f"{tuple(boxes.shape)}")
+        R = boxes.shape[1]
+        valid = torch.ones(B, R, dtype=torch.bool, device=boxes.device) if region_mask is None else region_mask.bool()
+        H, W = frames.shape[-2:]
+        bad = valid & ~(torch.isfinite(boxes).all(-1)
+                        & (boxes[..., 0] >= -BOX_TOLERANCE) & (boxes[..., 1] >= -BOX_TOLERANCE)
+                        & (boxes[..., 2] <= W + BOX_TOLERANCE) & (boxes[..., 3] <= H + BOX_TOLERANCE)
+                        & (boxes[..., 2] >= boxes[..., 0]) & (boxes[..., 3] >= boxes[..., 1]))
+        if bad.any():
+            b, r = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"boxes: region {r + 1} of sample {b} is {[round(float(v), 3) for v in boxes[b, r]]}, "
+                             f"not inside the {W}x{H} frame (x0 <= x1, y0 <= y1, pixels)")
+        for b in range(B):
+            refs = self._obj_numbers(input_ids[b])
+            for n in refs.tolist():
+                idx = self._region_index(n, b, region_ids, R)
+                if idx is None or not bool(valid[b, idx]):
+                    raise ValueError(f"input_ids: sample {b} refers to <obj_{n}> but only {int(valid[b].sum())} "
+                                     f"region(s) were given in boxes")
+
+    def _obj_numbers(self, ids: Tensor) -> Tensor:
+        obj_ids = torch.tensor(self.config.obj_token_ids, device=ids.device)
+        hit = ids[:, None] == obj_ids[None]
+        return hit.float().argmax(1)[hit.any(1)] + 1  # N of each <obj_N> in order
+
+    @staticmethod
+    def _region_index(n: int, b: int, region_ids: Optional[Tensor], R: int) -> Optional[int]:
+        if region_ids is None:
+            return n - 1 if n - 1 < R else None
+        hits = (region_ids[b] == n).nonzero()
+        return int(hits[0]) if len(hits) else None
+
+    # -- embedding the multimodal prompt -------------------------------------------------------
+    def build_inputs_embeds(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor,
+                            boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
+                            region_ids: Optional[Tensor] = None, som_image: Optional[Tensor] = None,
+                            validate: bool = True) -> Tensor:
+        """Text embeddings with the visual tokens at `<image>` and the region tokens at `<obj_N>`."""
+        cfg = self.config
+        if validate:
+            self._validate(input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image)
+        B, T = frames.shape[:2]
+        S = cfg.image_size
+        timestamps = timestamps.float()
+        feats = self.vision_features(normalize_frames(frames, S).flatten(0, 1)).unflatten(0, (B, T))  # [B,T,P,D]
+        visual = self.projector(feats, timestamps, self.grid)  # [B, T, M, D_llm]
+        chunks = []
+        if cfg.region_mode in ("som", "both"):
+            som = normalize_frames(som_image[:, None], S)[:, 0]
+            som_feats = self.vision_features(som)[:, None]
+            chunks.append(self.projector(som_feats, timestamps[:, :1], self.grid).flatten(1, 2))
+        chunks.append(visual.flatten(1, 2))
+        visual_seq = torch.cat(chunks, 1)
+        embeds = self.get_input_embeddings()(input_ids)
+        img_mask = input_ids == cfg.image_token_id
+        embeds = embeds.masked_scatter(img_mask[..., None], visual_seq.to(embeds.dtype))
+        if self.region_encoder is not None and boxes is not None and boxes.shape[1] > 0:
+            H, W = frames.shape[-2:]
+            scale = torch.tensor([S / W, S / H, S / W, S / H], dtype=boxes.dtype, device=boxes.device)
+            valid = (torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device) if region_mask is None
+                     else region_mask.bool())
+            region_tokens = self.region_encoder(feats.unflatten(2, self.grid), boxes * scale, valid,
+                                                timestamps)  # [B, R, D_llm]
+            embeds = embeds.clone()
+            for b in range(B):
+                obj_ids = torch.tensor(cfg.obj_token_ids, device=input_ids.device)
+                pos = torch.isin(input_ids[b], obj_ids).nonzero()[:, 0]
+                for p, n in zip(pos.tolist(), self._obj_numbers(input_ids[b]).tolist()):
+                    idx = self._region_index(n, b, region_ids, boxes.shape[1])
+                    if idx is not None:
+                        embeds[b, p] = region_tokens[b, idx].to(embeds.dtype)
+        return embeds
+
+    @staticmethod
+    def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+    # -- forward / generate --------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor, attention_mask: Optional[Tensor] = None,
+                boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
+                region_ids: Optional[Tensor] = None, som_image: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, output_visual_hidden: bool = False, **kwargs) -> RGPT4DOutput:
+        """input_ids/attention_mask/labels [B, L] (rgpt4d.models.encode_batch), frames [B, T, 3, H, W]
+        (uint8 or float in [0, 1]), timestamps [B, T] seconds, boxes [B, R, 4] first-frame pixels with
+        region_mask [B, R] (and optionally region_ids [B, R]: the N of each box's <obj_N>)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.build_inputs_embeds(input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=self.position_ids_from_mask(attention_mask), labels=labels,
+                                  output_hidden_states=output_visual_hidden, use_cache=False)
+        visual_hidden = None
+        if output_visual_hidden:
+            h = out.hidden_states[-1]
+            B, T = frames.shape[:2]
+            M = self.config.tokens_per_image
+            sel = h[input_ids == self.config.image_token_id].view(B, -1, h.shape[-1])[:, -T * M:]
+            visual_hidden = sel.view(B, T, *self.downsampled_grid, h.shape[-1])
+        return RGPT4DOutput(loss=out.loss, logits=out.logits, visual_hidden=visual_hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor, attention_mask: Optional[Tensor] = None,
+                 boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
+                 region_ids: Optional[Tensor] = None, som_image: Optional[Tensor] = None,
+                 max_new_tokens: int = 1, **generate_kwargs) -> Tensor:
+        """Greedy (by default) generation with the language model's KV cache. Returns [B, new] ids."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.build_inputs_embeds(input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            max_new_tokens=max_new_tokens, use_cache=True, **generate_kwargs)
+
+
+def build_student(preset: str = "tiny", tokenizer=None, **overrides):
+    """A freshly initialised student for a preset (and its tokenizer, trained offline if not given)."""
+    from rgpt4d.models.configs import get_preset, student_config
+    from rgpt4d.models.tokenizer import train_tokenizer
+
+    if tokenizer is None:
+        p = get_preset(preset)
+        tokenizer = train_tokenizer(vocab_size=p.tokenizer_vocab_size)
+    return RGPT4DForConditionalGeneration(student_config(preset, tokenizer, **overrides)), tokenizer
+
+
+def batch_to_inputs(batch: dict, tokenizer, config: RGPT4DConfig, answers: bool = True) -> dict:
+    """Student inputs from a collated `Synth4DQuestions` / `R4DBench` batch (rgpt4d.data.collate):
+    the prompt tokens (with the answer letter and labels when `answers`), frames, timestamps,
+    first-frame boxes with their mask and <obj_N> numbers, and the SoM image when the model uses it."""
+    from rgpt4d.data.schema import LETTERS
+    from rgpt4d.models.tokenizer import encode_batch
+
+    letters = [LETTERS[int(i)] for i in batch["answer_index"]] if answers else None
+    inputs = encode_batch(tokenizer, batch["prompt"], config.num_visual_tokens, letters)
+    inputs.update(frames=batch["frames"], timestamps=batch["timestamps"], boxes=batch.get("boxes"),
+                  region_mask=batch.get("region_mask"), region_ids=batch.get("region_ids"))
+    if config.region_mode in ("som", "both"):
+        inputs["som_image"] = batch["som_image"]
+    return inputs
+
+
+def _register_auto_classes() -> None:
+    """So that AutoConfig / AutoModelForImageTextToText.from_pretrained(path) find the student."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    AutoConfig.register(RGPT4DConfig.model_type, RGPT4DConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(RGPT4DConfig, RGPT4DForConditionalGeneration, exist_ok=True)
+
+
+_register_auto_classes()

@@ -1,0 +1,253 @@
+"""The frozen 4D teacher (L4P-like): a VideoMAE encoder (tubelet 2) with DPT-like heads.
+
+    frames [B, T, 3, H, W] --VideoMAE--> tokens of layers l1..l4, each a grid [B, T/2, h, w, C_t]
+    heads (each reads the four layers, fuses them coarse-to-fine, upsamples to pixels, and unfolds
+    the tubelet back into frames):
+        depth  [B, T, H, W]    1 channel, exp activation (metres)
+        flow   [B, T, 2, H, W] backward optical flow (pixels of the teacher's input)
+        motion [B, T, H, W]    logits of "this pixel moved since the previous frame"
+
+`latent()` is the grid of the last head layer, [B, T/2, h, w, C_t]: F_4D of the paper. The
+student's P4D decoder predicts it (and, for the released code's variant, all four head layers);
+explicit predictions pass the predicted grids through these same heads, frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rgpt4d.models.configs import TeacherConfig
+
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.5
+
+
+def normalize_frames(frames: Tensor, size: int) -> Tensor:
+    """uint8 (0..255) or float (0..1) frames [B, T, 3, H, W] -> float normalised, resized to size x size."""
+    if frames.dim() != 5 or frames.shape[2] != 3:
+        raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
+    x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
+    B, T = x.shape[:2]
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x.flatten(0, 1), size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True).unflatten(0, (B, T))
+    return (x - IMAGE_MEAN) / IMAGE_STD
+
+
+class _ResidualConvUnit(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class DPTHead(nn.Module):
+    """A DPT-like dense head over four token grids.
+
+    Reassemble: each layer's tokens -> Linear to `features` -> a map at the token grid, resampled to
+    the DPT pyramid (x4, x2, x1, x0.5 of the grid). Fuse: from the coarsest map up, each step adds
+    the next map and refines it with residual conv units. Output: upsampled to the pixel grid,
+    `out_channels * tubelet` channels, unfolded into the tubelet's frames.
+    """
+
+    def __init__(self, in_dim: int, features: int, out_channels: int, patch_size: int, tubelet: int,
+                 activation: str = "none"):
+        super().__init__()
+        self.out_channels, self.patch_size, self.tubelet, self.activation = out_channels, patch_size, tubelet, activation
+        self.project = nn.ModuleList(nn.Linear(in_dim, features) for _ in range(4))
+        self.scales = (4.0, 2.0, 1.0, 0.5)
+        self.refine = nn.ModuleList(_ResidualConvUnit(features) for _ in range(4))
+        self.out = nn.Sequential(
+            nn.Conv2d(features, features // 2, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(features // 2, out_channels * tubelet, 1),
+        )
+
+    def forward(self, layers: Sequence[Tensor]) -> Tensor:
+        """layers: four grids [B, T', h, w, C] -> [B, T' * tubelet, out_channels, h*patch, w*patch]."""
+        if len(layers) != 4:
+            raise ValueError(f"DPTHead: expected four layer grids, got {len(layers)}")
+        B, Tp, h, w, _ = layers[0].shape
+        maps = []
+        for proj, scale, grid in zip(self.project, self.scales, layers):
+            m = proj(grid).flatten(0, 1).permute(0, 3, 1, 2)  # [B*T', F, h, w]
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            maps.append(F.interpolate(m, size=size, mode="bilinear", align_corners=False))
+        x = self.refine[3](maps[3])
+        for i in (2, 1, 0):
+            x = F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
+            x = self.refine[i](x + maps[i])
+        x = F.interpolate(x, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=False)
+        x = self.out(x)  # [B*T', C*tubelet, H, W]
+        H, W = x.shape[-2:]
+        x = x.view(B, Tp, self.tubelet, self.out_channels, H, W).flatten(1, 2)
+        if self.activation == "exp":
+            x = torch.exp(x.clamp(max=20.0))
+        return x
+
+
+HEAD_SPECS = {"depth": (1, "exp"), "flow": (2, "none"), "motion": (1, "none"), "camray": (6, "none")}
+
+
+@dataclass
+class TeacherOutput:
+    latent: Tensor  # [B, T', h, w, C_t]
+    layers: list  # four [B, T', h, w, C_t]
+    depth: Optional[Tensor] = None  # [B, T, H, W] metres
+    flow: Optional[Tensor] = None  # [B, T, 2, H, W] pixels
+    motion: Optional[Tensor] = None  # [B, T, H, W] logits
+
+
+class Teacher4D(nn.Module):
+    """L4P-like teacher. Train it with `train_teacher`, then it is frozen (`freeze()`)."""
+
+    def __init__(self, config: TeacherConfig):
+        super().__init__()
+        from transformers import VideoMAEConfig, VideoMAEModel
+
+        self.config = config
+        self.encoder = VideoMAEModel(VideoMAEConfig(**config.videomae_kwargs()))
+        self.heads = nn.ModuleDict({
+            name: DPTHead(config.hidden_size, config.head_features, HEAD_SPECS[name][0], config.patch_size,
+                          config.tubelet_size, HEAD_SPECS[name][1])
+            for name in config.heads
+        })
+
+    # -- encoder -------------------------------------------------------------------------------
+    def encode(self, frames: Tensor) -> list[Tensor]:
+        """The four head layers, each a grid [B, T', h, w, C_t]."""
+        cfg = self.config
+        if frames.shape[1] != cfg.num_frames:
+            raise ValueError(f"frames: the teacher takes {cfg.num_frames} frames, got {frames.shape[1]}")
+        x = normalize_frames(frames, cfg.image_size).to(next(self.parameters()).dtype)
+        out = self.encoder(pixel_values=x, output_hidden_states=True)
+        Tp, h, w = cfg.grid
+        return [out.hidden_states[i].unflatten(1, (Tp, h, w)) for i in cfg.head_layers]
+
+    def latent(self, frames: Tensor) -> Tensor:
+        """F_4D: the teacher latent grid [B, T/2, h, w, C_t] (the last head layer)."""
+        return self.encode(frames)[-1]
+
+    # -- heads ---------------------------------------------------------------------------------
+    def predict_heads(self, layers: Tensor | Sequence[Tensor]) -> dict[str, Tensor]:
+        """Run the heads on four layer grids (or one grid, used for all four: the paper's single
+        decoded latent). Returns raw outputs: depth (metres), flow (pixels), motion (logits)."""
+        if isinstance(layers, Tensor):
+            layers = [layers] * 4
+        return {name: head(layers).squeeze(2) if HEAD_SPECS[name][0] == 1 else head(layers)
+                for name, head in self.heads.items()}
+
+    def forward(self, frames: Tensor) -> TeacherOutput:
+        layers = self.encode(frames)
+        return TeacherOutput(latent=layers[-1], layers=layers, **self.predict_heads(layers))
+
+    def freeze(self) -> "Teacher4D":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "teacher_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(path / "teacher.safetensors"))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str = "cpu") -> "Teacher4D":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "teacher_config.json").exists():
+            raise FileNotFoundError(f"{path}: no teacher_config.json (train one with `rgpt4d teacher train`)")
+        model = cls(TeacherConfig.from_dict(json.loads((path / "teacher_config.json").read_text())))
+        model.load_state_dict(load_file(str(path / "teacher.safetensors"), device=map_location))
+        return model.freeze()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth at the teacher's resolution, losses and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def targets_at(batch: dict, size: int) -> dict[str, Tensor]:
+    """depth [B,T,S,S], flow [B,T,2,S,S] (pixels rescaled), motion [B,T,S,S] bool, from a collated
+    Synth4DVideos batch; nearest resampling for masks, area for depth/flow."""
+    depth, flow, motion = batch["depth"].float(), batch["flow"].float(), batch["motion"]
+    B, T, H, W = depth.shape
+    if (H, W) == (size, size):
+        return {"depth": depth, "flow": flow.permute(0, 1, 4, 2, 3), "motion": motion.bool()}
+    d = F.interpolate(depth.flatten(0, 1)[:, None], size=(size, size), mode="area")[:, 0].unflatten(0, (B, T))
+    f = F.interpolate(flow.flatten(0, 1).permute(0, 3, 1, 2), size=(size, size), mode="area").unflatten(0, (B, T))
+    f = f * torch.tensor([size / W, size / H]).view(1, 1, 2, 1, 1)
+    m = F.interpolate(motion.flatten(0, 1)[:, None].float(), size=(size, size), mode="nearest")[:, 0]
+    return {"depth": d, "flow": f, "motion": m.unflatten(0, (B, T)) > 0.5}
+
+
+def teacher_loss(out: TeacherOutput, tgt: dict[str, Tensor], frame_mask: Optional[Tensor] = None) -> tuple[Tensor, dict]:
+    """Supervised loss: L1 on log depth; L1 on flow (pixels; frame 0 has no flow); for the sparse
+    motion mask, BCE with the positives up-weighted by their rarity in the batch (at most 20x) plus a
+    soft Dice term, so that "all static" is not a minimum."""
+    T = tgt["depth"].shape[1]
+    fm = torch.ones(tgt["depth"].shape[:2], dtype=torch.bool) if frame_mask is None else frame_mask[:, :T]
+    fm = fm.to(out.depth.device)
+    flow_frames = fm.clone()
+    flow_frames[:, 0] = False
+    d = (torch.log(out.depth.clamp_min(1e-3)) - torch.log(tgt["depth"].clamp_min(1e-3))).abs().mean((-1, -2))
+    f = (out.flow - tgt["flow"]).abs().mean((-1, -2, -3))
+    gm = tgt["motion"].float()
+    pos = gm[fm].mean().clamp_min(1e-4)
+    pos_weight = ((1 - pos) / pos).clamp(max=20.0).detach()
+    m = F.binary_cross_entropy_with_logits(out.motion, gm, reduction="none", pos_weight=pos_weight).mean((-1, -2))
+    p = torch.sigmoid(out.motion)[fm]
+    dice = 1 - (2 * (p * gm[fm]).sum() + 1) / (p.sum() + gm[fm].sum() + 1)
+    terms = {"depth": d[fm].mean(), "flow": f[flow_frames].mean() if flow_frames.any() else f.sum() * 0,
+             "motion": m[fm].mean(), "motion_dice": dice}
+    total = terms["depth"] + terms["flow"] + 0.5 * terms["motion"] + 0.5 * terms["motion_dice"]
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+class TeacherMetrics:
+    """Held-out quality beside trivial baselines: depth AbsRel (vs the training mean depth), flow EPE
+    (vs zero flow), motion IoU (vs all static, which scores 0 whenever something moves)."""
+
+    def __init__(self, mean_depth: float):
+        self.mean_depth = mean_depth
+        self.absrel = self.absrel_base = self.n_depth = 0.0
+        self.epe = self.epe_base = self.n_flow = 0.0
+        self.inter = self.union = 0.0
+
+    @torch.no_grad()
+    def update(self, out: TeacherOutput, tgt: dict[str, Tensor]) -> None:
+        d, gd = out.depth.float(), tgt["depth"].float()
+        valid = gd > 1e-3
+        self.absrel += float(((d - gd).abs() / gd.clamp_min(1e-3))[valid].sum())
+        self.absrel_base += float(((self.mean_depth - gd).abs() / gd.clamp_min(1e-3))[valid].sum())
+        self.n_depth += float(valid.sum())
+        f, gf = out.flow[:, 1:].float(), tgt["flow"][:, 1:].float()
+        self.epe += float(torch.linalg.vector_norm(f - gf, dim=2).sum())
+        self.epe_base += float(torch.linalg.vector_norm(gf, dim=2).sum())
+        self.n_flow += gf[:, :, 0].numel()
+        pm, gm = out.motion > 0, tgt["motion"].bool()
+        self.inter += float((pm & gm).sum())
+        self.union += float((pm | gm).sum())
+
+    def result(self) -> dict[str, float]:
+        return {
+            "depth_absrel": self.absrel / max(self.n_depth, 1), "depth_absrel_mean_baseline": self.absrel_base / max(self.n_depth, 1),
+            "flow_epe": self.epe / max(self.n_flow, 1), "flow_epe_zero_baseline": self.epe_base / max(self.n_flow, 1),
+            "motion_iou": self.inter / max(self.union, 1), "motion_iou_static_baseline": 0.0,
+        }

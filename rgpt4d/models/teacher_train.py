@@ -1,0 +1,164 @@
+"""Training, evaluation and caching of the 4D teacher (`rgpt4d teacher train|cache`).
+
+train_teacher: supervised on the synthetic ground truth (depth, backward flow, motion), AdamW, a
+cosine schedule; reports held-out quality beside trivial baselines; saves the frozen teacher.
+cache_teacher: runs the frozen teacher once over every video and writes, per video,
+`<out>/<video_id>.safetensors` with `latent` [T', h, w, C], `layers` [4, T', h, w, C] (fp16) and the
+explicit outputs `depth` [T, S, S], `flow` [T, 2, S, S], `motion` (logits) [T, S, S]; every student
+run reads them instead of running the teacher (`load_cached`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from rgpt4d.models.configs import TeacherConfig, get_preset
+from rgpt4d.models.teacher import Teacher4D, TeacherMetrics, targets_at, teacher_loss
+
+FIELDS = ("rgb", "depth", "flow", "motion")
+
+
+def _loader(data_dir, split, batch_size, shuffle, seed=0):
+    from rgpt4d.data import Synth4DVideos, collate
+
+    ds = Synth4DVideos(data_dir, split, fields=FIELDS)
+    if len(ds) == 0:
+        raise ValueError(f"data: no {split} videos in {data_dir}")
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=g)
+
+
+def _check_frames(cfg: TeacherConfig, batch) -> None:
+    if batch["frames"].shape[1] != cfg.num_frames:
+        raise ValueError(f"data: videos have {batch['frames'].shape[1]} frames but the teacher takes "
+                         f"{cfg.num_frames}; make the data with --frames {cfg.num_frames}")
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher: Teacher4D, data_dir, split: str = "val", batch_size: int = 4,
+                     mean_depth: Optional[float] = None, max_batches: Optional[int] = None) -> dict[str, float]:
+    """Depth AbsRel, flow EPE and motion IoU on `split`, each beside its trivial baseline."""
+    teacher.eval()
+    loader = _loader(data_dir, split, batch_size, False)
+    if mean_depth is None:
+        mean_depth = float(next(iter(loader))["depth"].mean())
+    metrics = TeacherMetrics(mean_depth)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        metrics.update(teacher(batch["frames"]), targets_at(batch, teacher.config.image_size))
+    return metrics.result()
+
+
+def train_teacher(data_dir, out, *, preset: str = "tiny", config: Optional[TeacherConfig] = None,
+                  steps: int = 200, batch_size: int = 4, lr: float = 1e-3, weight_decay: float = 0.01,
+                  seed: int = 0, progress: bool = True, log=print) -> dict:
+    """Train the teacher on the train split, evaluate on val, save it frozen to `out`.
+
+    Returns {"steps", "seconds", "loss" (last), "metrics" (held-out, with baselines)}; also written
+    to `<out>/teacher_metrics.json`.
+    """
+    torch.manual_seed(seed)
+    cfg = config or get_preset(preset).teacher
+    teacher = Teacher4D(cfg).train()
+    loader = _loader(data_dir, "train", batch_size, True, seed)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    depth_sum = depth_n = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="teacher", unit="step")
+    t0, step, last = time.time(), 0, {}
+    while step < steps:
+        for batch in loader:
+            _check_frames(cfg, batch)
+            tgt = targets_at(batch, cfg.image_size)
+            depth_sum += float(tgt["depth"].sum())
+            depth_n += tgt["depth"].numel()
+            loss, terms = teacher_loss(teacher(batch["frames"]), tgt, batch.get("frame_mask"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            last = {"loss": float(loss.detach()), **terms}
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
+            if step >= steps:
+                break
+    if bar is not None:
+        bar.close()
+    teacher.freeze()
+    metrics = evaluate_teacher(teacher, data_dir, "val", batch_size, mean_depth=depth_sum / max(depth_n, 1))
+    result = {"steps": steps, "seconds": time.time() - t0, **last, "metrics": metrics}
+    teacher.save(out)
+    Path(out, "teacher_metrics.json").write_text(json.dumps(result, indent=2))
+    if log is not None:
+        m = metrics
+        log(f"teacher: depth AbsRel {m['depth_absrel']:.3f} (mean-depth baseline {m['depth_absrel_mean_baseline']:.3f}), "
+            f"flow EPE {m['flow_epe']:.3f} px (zero-flow {m['flow_epe_zero_baseline']:.3f}), "
+            f"motion IoU {m['motion_iou']:.3f} (all-static 0.000)")
+    return result
+
+
+@torch.no_grad()
+def cache_teacher(teacher_dir, data_dir, out, *, splits=("train", "val", "test"), batch_size: int = 4,
+                  progress: bool = True) -> int:
+    """Write the frozen teacher's latents and explicit outputs per video. Returns videos written."""
+    from safetensors.torch import save_file
+
+    teacher = Teacher4D.load(teacher_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    index = {}
+    for split in splits:
+        try:
+            loader = _loader(data_dir, split, batch_size, False)
+        except ValueError:
+            continue
+        it = loader
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(loader, desc=f"cache {split}", unit="batch")
+        for batch in it:
+            _check_frames(teacher.config, batch)
+            o = teacher(batch["frames"])
+            for i, vid in enumerate(batch["video_id"]):
+                tensors = {
+                    "latent": o.latent[i].half(), "layers": torch.stack([l[i] for l in o.layers]).half(),
+                    "depth": o.depth[i].half(), "flow": o.flow[i].half(), "motion": o.motion[i].half(),
+                }
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{vid}.safetensors"))
+                index[vid] = split
+                written += 1
+    (out / "cache_index.json").write_text(json.dumps({"teacher": str(teacher_dir), "config": teacher.config.to_dict(),
+                                                      "videos": index}, indent=2))
+    return written
+
+
+def load_cached(cache_dir, video_ids, keys=("latent", "layers", "depth", "flow", "motion")) -> dict[str, torch.Tensor]:
+    """Stack the cached teacher outputs of `video_ids` (float32): {key: [B, ...]}."""
+    from safetensors.torch import load_file
+
+    items = []
+    for vid in video_ids:
+        path = Path(cache_dir) / f"{vid}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"teacher cache: no entry for video {vid!r} in {cache_dir} (run `rgpt4d teacher cache`)")
+        items.append(load_file(str(path)))
+    return {k: torch.stack([it[k].float() for it in items]) for k in keys}

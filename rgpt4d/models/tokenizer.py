@@ -1,0 +1,145 @@
+"""The student's tokenizer: a byte-level BPE trained offline with `tokenizers` on the question and
+answer vocabulary, wrapped as a `transformers.PreTrainedTokenizerFast` (save/from_pretrained).
+
+Special tokens: `<pad>`, `<s>`, `</s>` (end of answer), `<image>` (one placeholder per visual
+token), `<obj_1>` ... `<obj_K>` (region references; the student puts region tokens there),
+`<|user|>`, `<|assistant|>`. Byte-level BPE never produces an unknown token, so any question,
+number or unit can be written; digits are split one by one so numbers are compositional.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+PAD, BOS, EOS, IMAGE, USER, ASSISTANT = "<pad>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"
+LETTERS = "ABCDEFGHIJ"
+
+
+def obj_token(n: int) -> str:
+    return f"<obj_{n}>"
+
+
+def special_tokens(max_regions: int = 8) -> list[str]:
+    return [PAD, BOS, EOS, IMAGE, USER, ASSISTANT] + [obj_token(n) for n in range(1, max_regions + 1)]
+
+
+def default_corpus() -> list[str]:
+    """Texts covering the synthetic benchmark's vocabulary: every template, choice, unit and the
+    evaluation prompt, with numbers and letters; enough to train the tokenizer without data."""
+    from rgpt4d.data.questions import NEVER_STOPS, TEMPLATES
+    from rgpt4d.data.schema import PROMPT_PREAMBLE, PROMPT_SUFFIX
+
+    texts = [PROMPT_PREAMBLE, PROMPT_SUFFIX, NEVER_STOPS]
+    names = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black", "grey", "pink", "cyan",
+             "brown", "box", "cylinder", "ball", "the"]
+    for t in TEMPLATES.values():
+        for a in names:
+            texts.append(t.text.format(A=f"the {a} box", B=f"the {a} ball"))
+        texts.append(t.text.format(A="<obj_1>", B="<obj_2>"))
+        texts.extend(str(c) for c in t.choices)
+        texts.append(t.unit)
+    for i in range(200):
+        texts.append(f"({LETTERS[i % 5]}) {i / 10:.1f} m {i}°/s {i * 0.37:.2f} m/s² ({i % 7 - 3}, {i % 5 - 2}, {i % 9}) m")
+    return texts
+
+
+def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000, max_regions: int = 8):
+    """Train the BPE on `texts` (default: `default_corpus()`); returns a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(default_corpus() if texts is None else texts)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = special_tokens(max_regions)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   additional_special_tokens=specials[3:], padding_side="left")
+    return fast
+
+
+def special_token_ids(tokenizer) -> dict:
+    """Ids of the special tokens the student needs; a clear error if the tokenizer lacks one."""
+    vocab = tokenizer.get_vocab()
+    out = {}
+    for key, text in (("pad", PAD), ("bos", BOS), ("eos", EOS), ("image", IMAGE), ("user", USER),
+                      ("assistant", ASSISTANT)):
+        if text not in vocab:
+            raise ValueError(f"tokenizer: missing the special token {text!r}; train it with rgpt4d.models.train_tokenizer")
+        out[key] = vocab[text]
+    objs, n = [], 1
+    while obj_token(n) in vocab:
+        objs.append(vocab[obj_token(n)])
+        n += 1
+    if not objs:
+        raise ValueError("tokenizer: no <obj_N> tokens; train it with rgpt4d.models.train_tokenizer")
+    out["obj"] = objs
+    return out
+
+
+def letter_token_ids(tokenizer, n: int = 5) -> list[int]:
+    """Token id of each answer letter A, B, ... (each is a single byte-level token)."""
+    ids = []
+    for letter in LETTERS[:n]:
+        enc = tokenizer.encode(letter, add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(f"tokenizer: the letter {letter!r} is not one token ({enc})")
+        ids.append(enc[0])
+    return ids
+
+
+def _plain_preamble(prompt: str) -> str:
+    """The evaluation preamble names `<obj_1>, <obj_2>, ...` as an example, not as references: write
+    those without brackets so they do not become region tokens (only the question's do)."""
+    from rgpt4d.data.schema import PROMPT_PREAMBLE
+
+    if PROMPT_PREAMBLE in prompt:
+        prompt = prompt.replace(PROMPT_PREAMBLE, PROMPT_PREAMBLE.replace("<obj_1>", "obj_1").replace("<obj_2>", "obj_2"))
+    return prompt
+
+
+def chat_text(prompt: str, num_visual_tokens: int) -> str:
+    """The student's conversation: user turn with the visual placeholders and the prompt, then the
+    assistant marker; the answer (a letter and `</s>`) follows it."""
+    return f"{USER}{IMAGE * num_visual_tokens}\n{_plain_preamble(prompt)}{ASSISTANT}"
+
+
+def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answers: Sequence[str] | None = None):
+    """Token ids for a batch (left-padded). With `answers`, each answer plus `</s>` is appended and
+    `labels` mark only those tokens (-100 elsewhere): the SFT loss is on the answer only.
+
+    Returns dict(input_ids, attention_mask[, labels]) of int64 tensors [B, L].
+    """
+    import torch
+
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"answers: {len(answers)} answers for {len(prompts)} prompts")
+    ids = special_token_ids(tokenizer)
+    seqs, labels = [], []
+    for i, p in enumerate(prompts):
+        prompt_ids = tokenizer.encode(chat_text(p, num_visual_tokens), add_special_tokens=False)
+        if answers is None:
+            seqs.append(prompt_ids)
+            continue
+        ans = tokenizer.encode(answers[i], add_special_tokens=False) + [ids["eos"]]
+        seqs.append(prompt_ids + ans)
+        labels.append([-100] * len(prompt_ids) + ans)
+    L = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), L), ids["pad"], dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    lab = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, L - len(s):] = torch.tensor(s)
+        mask[i, L - len(s):] = 1
+        if answers is not None:
+            lab[i, L - len(s):] = torch.tensor(labels[i])
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if answers is not None:
+        out["labels"] = lab
+    return out

@@ -1,0 +1,225 @@
+"""The student: shapes, gradients, TPE, save/load, generate, bad inputs."""
+
+import pytest
+import torch
+
+from rgpt4d.models.tokenizer import LETTERS, letter_token_ids
+from tests.models.conftest import T, make_batch, make_student
+
+
+def test_shapes_and_dtypes_through_the_model(student, tokenizer):
+    batch = make_batch(tokenizer, student.config)
+    out = student(**batch, output_visual_hidden=True)
+    B, L = batch["input_ids"].shape
+    assert out.logits.shape == (B, L, len(tokenizer)) and out.logits.dtype == torch.float32
+    g = student.downsampled_grid
+    assert out.visual_hidden.shape == (B, T, *g, student.config.text_config["hidden_size"])
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert student.config.num_visual_tokens == T * g[0] * g[1]
+
+
+def test_gradients_reach_every_trainable_parameter_and_not_the_vision_tower(tokenizer):
+    model = make_student(tokenizer)
+    out = model(**make_batch(tokenizer, model.config))
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    # embeddings of tokens absent from the batch get zero rows, but the table itself gets a gradient
+    assert missing == [], missing
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert model.region_encoder.encoder.proj.weight.grad.abs().sum() > 0
+
+
+def test_timestamps_change_the_output_only_with_tpe(tokenizer):
+    batch = make_batch(tokenizer, None or make_student(tokenizer).config)
+    for tpe in (True, False):
+        model = make_student(tokenizer, tpe=tpe).eval()
+        a = model(**batch).logits
+        b = model(**dict(batch, timestamps=batch["timestamps"] * 3.0 + 1.0)).logits
+        assert (not torch.allclose(a, b, atol=1e-5)) == tpe
+
+
+def test_projector_uses_the_fused_prologue(student, monkeypatch):
+    import rgpt4d.models.student as mod
+
+    calls = []
+    real = mod.tpe_downsample_layernorm
+    monkeypatch.setattr(mod, "tpe_downsample_layernorm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, T, 16, 32)
+    student.projector(x, torch.arange(T, dtype=torch.float32)[None], (4, 4))
+    assert calls == [1]
+
+
+def test_region_tokens_sit_at_obj_positions(student, tokenizer):
+    batch = make_batch(tokenizer, student.config)
+    e1 = student.build_inputs_embeds(batch["input_ids"], batch["frames"], batch["timestamps"], batch["boxes"],
+                                     batch["region_mask"])
+    moved = dict(batch, boxes=batch["boxes"].flip(1))  # swap the regions
+    e2 = student.build_inputs_embeds(moved["input_ids"], moved["frames"], moved["timestamps"], moved["boxes"],
+                                     moved["region_mask"])
+    obj = torch.isin(batch["input_ids"], torch.tensor(student.config.obj_token_ids))
+    assert obj.sum() == 3
+    assert not torch.allclose(e1[obj], e2[obj])
+    assert torch.equal(e1[~obj], e2[~obj])
+
+
+def test_save_load_gives_identical_outputs(student, tokenizer, tmp_path):
+    from rgpt4d.models.student import RGPT4DForConditionalGeneration
+
+    student.eval()
+    student.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = RGPT4DForConditionalGeneration.from_pretrained(tmp_path).eval()
+    batch = make_batch(tokenizer, student.config)
+    with torch.no_grad():
+        assert torch.equal(student(**batch).logits, loaded(**batch).logits)
+    assert sorted(n for n, _ in student.named_parameters()) == sorted(n for n, _ in loaded.named_parameters())
+    assert not any(p.requires_grad for p in loaded.vision_tower.parameters())
+
+
+def test_generate_uses_the_cache_and_matches_forward(student, tokenizer):
+    batch = make_batch(tokenizer, student.config, answers=None)
+    student.eval()
+    with torch.no_grad():
+        logits = student(**batch).logits[:, -1]
+    gen = student.generate(**batch, max_new_tokens=3, min_new_tokens=3)
+    assert gen.shape == (2, 3)
+    assert torch.equal(gen[:, 0], logits.argmax(-1))
+
+
+def test_generate_returns_a_letter_after_a_few_steps(tokenizer):
+    model = make_student(tokenizer)
+    batch = make_batch(tokenizer, model.config, answers=("B", "D"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(25):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    gen_batch = {k: v for k, v in batch.items() if k != "labels"}
+    gen_batch.update(make_batch(tokenizer, model.config, answers=None))
+    out = model.generate(**gen_batch, max_new_tokens=2)
+    text = tokenizer.batch_decode(out, skip_special_tokens=True)
+    assert [t.strip() for t in text] == ["B", "D"]
+    assert int(out[0, 1]) == tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_more_obj_references_than_regions(student, tokenizer):
+    batch = make_batch(tokenizer, student.config)
+    batch["region_mask"][1, 1] = False  # sample 1 mentions <obj_2> but has one region
+    with pytest.raises(ValueError, match=r"input_ids: sample 1 refers to <obj_2> but only 1 region"):
+        student(**batch)
+    with pytest.raises(ValueError, match="boxes: the prompt refers"):
+        student(**dict(batch, boxes=None))
+
+
+def test_boxes_outside_the_frame(student, tokenizer):
+    batch = make_batch(tokenizer, student.config)
+    batch["boxes"][0, 1, 2] = 60.0  # frames are 48 wide
+    with pytest.raises(ValueError, match=r"boxes: region 2 of sample 0 .* not inside the 48x48 frame"):
+        student(**batch)
+    batch["boxes"][0, 1] = torch.tensor([30.0, 30.0, 20.0, 40.0])  # x1 < x0
+    with pytest.raises(ValueError, match="boxes:"):
+        student(**batch)
+
+
+def test_timestamps_not_increasing(student, tokenizer):
+    batch = make_batch(tokenizer, student.config)
+    batch["timestamps"][1, 2] = batch["timestamps"][1, 1]
+    with pytest.raises(ValueError, match="timestamps: must be strictly increasing .* sample 1"):
+        student(**batch)
+    with pytest.raises(ValueError, match=r"timestamps: expected \[B, T\]"):
+        student(**dict(batch, timestamps=batch["timestamps"][:, :2]))
+
+
+def test_wrong_frame_count(student, tokenizer):
+    batch = make_batch(tokenizer, student.config)
+    with pytest.raises(ValueError, match=f"frames: the model takes {T} frames per video, got {T - 1}"):
+        student(**dict(batch, frames=batch["frames"][:, : T - 1], timestamps=batch["timestamps"][:, : T - 1]))
+
+
+def test_wrong_number_of_image_tokens(student, tokenizer):
+    batch = make_batch(tokenizer, student.config)
+    ids = batch["input_ids"].clone()
+    ids[ids == student.config.image_token_id] = tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="input_ids: each prompt needs"):
+        student(**dict(batch, input_ids=ids))
+
+
+def test_som_mode_takes_the_som_image_first(tokenizer):
+    model = make_student(tokenizer, region_mode="som")
+    assert model.region_encoder is None
+    assert model.config.num_visual_tokens == (T + 1) * model.config.tokens_per_image
+    batch = make_batch(tokenizer, model.config)
+    with pytest.raises(ValueError, match="som_image"):
+        model(**batch)
+    som = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    out = model(**batch, som_image=som, output_visual_hidden=True)
+    assert out.visual_hidden.shape[1] == T and torch.isfinite(out.loss)
+
+
+def test_letters_are_single_tokens(tokenizer):
+    ids = letter_token_ids(tokenizer, 5)
+    assert [tokenizer.decode([i]) for i in ids] == list(LETTERS[:5])
+
+
+def test_the_prompt_preamble_is_not_a_region_reference(student, tokenizer):
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.tokenizer import encode_batch
+
+    enc = encode_batch(tokenizer, [format_prompt("How tall is <obj_1>?", ["1 m", "2 m"])], 1)
+    obj = torch.isin(enc["input_ids"], torch.tensor(student.config.obj_token_ids))
+    assert int(obj.sum()) == 1  # only the question's <obj_1>
+
+
+def test_tokenizer_save_load_and_labels(tokenizer, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from rgpt4d.models.tokenizer import encode_batch, special_token_ids
+
+    text = "<|user|><image><image>\nHow tall is <obj_3>? (B) 1.25 m/s² 45°<|assistant|>"
+    tokenizer.save_pretrained(tmp_path)
+    loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level: lossless, no unknown token
+    ids = special_token_ids(tokenizer)
+    assert ids["obj"][2] in tokenizer.encode(text) and tokenizer.encode(text).count(ids["image"]) == 2
+    enc = encode_batch(tokenizer, ["short", "a longer prompt here"], 2, ["A", "B"])
+    lab = enc["labels"]
+    assert (lab != -100).sum(1).tolist() == [2, 2]  # the letter and </s>
+    assert enc["attention_mask"][0, 0] == 0  # left padding for batched generation
+
+
+def test_auto_classes_find_the_student(student, tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    student.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "RGPT4DConfig"
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is type(student)
+
+
+def test_batch_to_inputs_from_a_collated_batch(student, tokenizer):
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.student import batch_to_inputs
+
+    raw = make_batch(tokenizer, student.config, answers=None)
+    batch = dict(prompt=[format_prompt("How tall is <obj_1>?", ["1 m", "2 m"]),
+                         format_prompt("Is <obj_2> left of <obj_1>?", ["yes", "no"])],
+                 answer_index=torch.tensor([1, 0]), frames=raw["frames"], timestamps=raw["timestamps"],
+                 boxes=raw["boxes"], region_mask=raw["region_mask"], region_ids=torch.tensor([[2, 1], [1, 2]]))
+    inputs = batch_to_inputs(batch, tokenizer, student.config)
+    assert tokenizer.decode(inputs["labels"][0][inputs["labels"][0] != -100]) == "B</s>"
+    out = student(**inputs)
+    assert torch.isfinite(out.loss)
+    # region_ids map <obj_N> to boxes: sample 0's <obj_1> is its second box
+    e = student.build_inputs_embeds(inputs["input_ids"], inputs["frames"], inputs["timestamps"], inputs["boxes"],
+                                    inputs["region_mask"], inputs["region_ids"])
+    swapped = student.build_inputs_embeds(inputs["input_ids"], inputs["frames"], inputs["timestamps"],
+                                          inputs["boxes"].flip(1), inputs["region_mask"], inputs["region_ids"].flip(1))
+    assert torch.allclose(e, swapped)
