@@ -99,7 +99,7 @@ def _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s, H, W, Hf, Wf):
     return ylo, yhi, wyl, wyh, xlo, xhi, wxl, wxh, yin & xin
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_ptr,
                          C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
                          spatial_scale, offset, ph, pw, sampling_ratio, log_base,
@@ -144,7 +144,7 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
 
 # ---- RoI pooling: backward ---------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
                                 C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
                                 spatial_scale, offset, ph, pw, sampling_ratio,
@@ -180,7 +180,7 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
         tl.atomic_add(base + (yhi * sH + xhi * sW)[:, :, None], (wyh * wxh)[:, :, None] * g, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_pool_bwd_ordered_kernel(grad_ptr, boxes_ptr, order_ptr, start_ptr, gbuf_ptr,
                                  C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
                                  spatial_scale, offset, ph, pw, sampling_ratio,
@@ -233,7 +233,7 @@ def _resize_tap(o, n_in, scale):
     return lo, hi, 1.0 - lam, lam
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hm", "Wm", "H", "W"])  # sizes of 1 would become constexprs
 def _resize_masks_kernel(m_ptr, mt_ptr, invz_ptr, R, T, s0, s1, s2, sy, sx, Hm, Wm, H, W, eps,
                          ACC: tl.constexpr, BLOCK_P: tl.constexpr):
     # program = one mask: its resized values [H*W] and 1 / (sum + eps).
@@ -345,7 +345,7 @@ def _mask_pool_gf_kernel(gn_ptr, feat_ptr, gfr_ptr, R, C, H, W, T, s0, s1, sC, s
     tl.store(gfr_ptr + (bt * R + offs_r[:, None]) * HW + p[None, :], acc, mask=rmask[:, None] & pm[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hm", "Wm", "H", "W"])  # sizes of 1 would become constexprs
 def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.constexpr, NY: tl.constexpr,
                              NX: tl.constexpr, BLOCK_Q: tl.constexpr):
     # program = (mask, block of source pixels q): grad_mask[q] = sum over the resized pixels that
@@ -389,12 +389,14 @@ def _empty_like_layout(sizes, device, dtype, channels_last):
     return torch.empty(cl, device=device, dtype=dtype).permute(list(range(d - 3)) + [d - 1, d - 3, d - 2])
 
 
-def _pool_blocks(P, C, sampling_ratio):
-    """(BLOCK_P, BLOCK_S, BLOCK_C): all bins, a chunk of samples per bin, a channel block (<= 16K elements)."""
+def _pool_blocks(P, C, sampling_ratio, device):
+    """(BLOCK_P, BLOCK_S, BLOCK_C, num_warps): all bins, a chunk of samples per bin, a channel block.
+    Tiles up to 8K elements on a GPU (registers), 16K under the interpreter (fewer, larger programs)."""
     BLOCK_P = triton.next_power_of_2(max(P, 1))
     BLOCK_S = min(triton.next_power_of_2(sampling_ratio * sampling_ratio), 64) if sampling_ratio > 0 else 16
-    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(1, 16384 // (BLOCK_P * BLOCK_S)), 1024))
-    return BLOCK_P, BLOCK_S, BLOCK_C
+    cap = 8192 if device.type == "cuda" else 16384
+    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(1, cap // (BLOCK_P * BLOCK_S)), 1024))
+    return BLOCK_P, BLOCK_S, BLOCK_C, (8 if BLOCK_P * BLOCK_S * BLOCK_C >= 4096 else 4)
 
 
 def _roi_images_from_rois(rois, N):
@@ -421,7 +423,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
     if K == 0 or C == 0:
         return out
     acc_tl, acc_torch = _acc(feat.dtype)
-    BLOCK_P, BLOCK_S, BLOCK_C = _pool_blocks(ph * pw, C, sampling_ratio)
+    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, feat.device)
     ts, tab, has_table = enc
     boxes = boxes.to(acc_torch).contiguous()
     if ts is None:  # no TPE: any tensor for the unused pointers
@@ -431,7 +433,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
         feat, boxes, roi_img, ts, tab, out, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
         spatial_scale, 0.5 if aligned else 0.0, ph, pw, sampling_ratio, math.log(base),
         ALIGNED=bool(aligned), HAS_ENC=enc[0] is not None, HAS_TABLE=has_table, ACC=acc_tl, BLOCK_P=BLOCK_P,
-        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C)
+        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return out
 
 
@@ -457,10 +459,10 @@ def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spa
             grad, boxes, order, start, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
             ph, pw, sampling_ratio, BLOCK_C=BLOCK_C, **common)
     else:
-        BLOCK_P, BLOCK_S, BLOCK_C = _pool_blocks(ph * pw, C, sampling_ratio)
+        BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, grad.device)
         _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
             grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
-            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, **common)
+            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps, **common)
     return gbuf.to(grad.dtype)
 
 
