@@ -84,6 +84,8 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_tpe.py
+	$(PY) benchmarks/bench_regional.py
+	$(PY) benchmarks/bench_p4d_loss.py
 
 env: setup
 	@$(VENV)/bin/rgpt4d env
