@@ -10,25 +10,12 @@
 #include <utility>
 #include <vector>
 
+#include "common/cuda_bind.h"
 #include "p4d/p4d_common.h"
 #include "p4d/p4d_cuda.h"
 
 namespace rgpt4d {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "rgpt4d CUDA kernels support float32/float64/bfloat16/float16, got ", t);
-  }
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 // The kernels pair float64 only with float64: a float64 prediction gets a float64 target, a
 // lower-precision prediction a non-float64 one (its accumulation is float32 anyway).

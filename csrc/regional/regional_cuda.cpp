@@ -9,26 +9,13 @@
 
 #include <cmath>
 
+#include "common/cuda_bind.h"
 #include "regional/regional_common.h"
 #include "regional/regional_cuda.h"
 #include "tpe/tpe_common.h"
 
 namespace rgpt4d {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "rgpt4d CUDA kernels support float32/float64/bfloat16/float16, got ", t);
-  }
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
 
 cuda::EncArgs no_encoding() {
   cuda::EncArgs a{};
