@@ -27,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_alloc.h"
 #include "regional/regional_common.h"
 #include "regional/regional_cpu_loops.h"
 #include "regional/regional_math.h"
@@ -68,6 +69,29 @@ inline float gather_dot(const float* base, const int64_t* off, const float* w, i
 }
 inline float gather_dot(const c10::BFloat16* base, const int64_t* off, const float* w, int64_t n) {
   return cpu::rg_gather_dot_bf16(reinterpret_cast<const uint16_t*>(base), off, w, n);
+}
+
+// out[r] = dot(rows[r], x) for 8 rows (generic, float, bf16).
+template <typename S, typename A>
+inline void dots8(const A* const* rows, const S* x, int64_t n, A* out) {
+  for (int r = 0; r < 8; ++r) out[r] = dot(rows[r], x, n);
+}
+inline void dots8(const float* const* rows, const float* x, int64_t n, float* out) { cpu::rg_dots8_f32(rows, x, n, out); }
+inline void dots8(const float* const* rows, const c10::BFloat16* x, int64_t n, float* out) {
+  cpu::rg_dots8_bf16(rows, reinterpret_cast<const uint16_t*>(x), n, out);
+}
+
+// y[p] = sum_r coef[r] * rows[r][p].
+template <typename A>
+inline void combine(const A* const* rows, const A* coef, int64_t nr, int64_t n, A* y) {
+  for (int64_t p = 0; p < n; ++p) {
+    A s = 0;
+    for (int64_t r = 0; r < nr; ++r) s += coef[r] * rows[r][p];
+    y[p] = s;
+  }
+}
+inline void combine(const float* const* rows, const float* coef, int64_t nr, int64_t n, float* y) {
+  cpu::rg_combine_f32(rows, coef, nr, n, y);
 }
 
 // y = v + e (e may be null), converted to the output dtype.
@@ -583,8 +607,12 @@ std::vector<int64_t> image_offsets(const at::Tensor& t) {
 }
 
 // An empty gradient buffer [..., C, H, W] of `sizes`: contiguous, or channels-last.
+// Large buffers get the huge-page advice before their first touch (common/cpu_alloc.h).
 at::Tensor new_grad_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt, bool channels_last, bool zero = true) {
-  if (!channels_last) return zero ? at::zeros(sizes, opt) : at::empty(sizes, opt);
+  if (!channels_last) {
+    at::Tensor t = empty_output(sizes, opt);
+    return zero ? t.zero_() : t;
+  }
   const int64_t d = static_cast<int64_t>(sizes.size());
   std::vector<int64_t> cl(sizes.begin(), sizes.end() - 3);
   cl.push_back(sizes[d - 2]);
@@ -595,7 +623,8 @@ at::Tensor new_grad_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt, 
   back.push_back(d - 1);
   back.push_back(d - 3);
   back.push_back(d - 2);
-  return (zero ? at::zeros(cl, opt) : at::empty(cl, opt)).permute(back);
+  at::Tensor t = empty_output(cl, opt);
+  return (zero ? t.zero_() : t).permute(back);
 }
 
 // Features as the kernels read them: in place when possible, else a contiguous copy.
@@ -680,7 +709,7 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
                          int64_t sampling_ratio, bool aligned) {
   check_roi_align(input, rois, ph, pw, sampling_ratio);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = rois.size(0);
-  at::Tensor out = at::empty({K, C, ph, pw}, input.options());
+  at::Tensor out = empty_output({K, C, ph, pw}, input.options());
   if (K == 0 || C == 0) return out;
   const at::ScalarType acc = regional_acc_type(input.scalar_type());
   RoiInputs ri = roi_inputs_from_rois(rois, N, acc);
@@ -750,7 +779,7 @@ at::Tensor region_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, 
   check_region_pool(features, boxes, valid, timestamps, table, ph, pw, sampling_ratio);
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
                 W = features.size(4), R = boxes.size(2), K = B * T * R;
-  at::Tensor out = at::empty({B, T, R, C, ph, pw}, features.options());
+  at::Tensor out = empty_output({B, T, R, C, ph, pw}, features.options());
   if (K == 0 || C == 0) return out;
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
   RegionInputs ri = region_inputs(boxes, valid, acc);
@@ -891,9 +920,16 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
             }
           }
         } else {
+          // eight regions per pass over a channel plane (rows past R repeat the last one; dropped)
+          const A* rows[8];
+          A d[8];
           for (int64_t c = 0; c < len; ++c) {
             const scalar_t* plane = base + (c0 + c) * lay.sC;
-            for (int64_t r = 0; r < R; ++r) acc_v[r * chunk + c] = dot(m + r * HW, plane, HW);
+            for (int64_t r0 = 0; r0 < R; r0 += 8) {
+              for (int i = 0; i < 8; ++i) rows[i] = m + std::min(r0 + i, R - 1) * HW;
+              dots8(rows, plane, HW, d);
+              for (int64_t i = 0; i < std::min<int64_t>(8, R - r0); ++i) acc_v[(r0 + i) * chunk + c] = d[i];
+            }
           }
         }
         for (int64_t r = 0; r < R; ++r) {
@@ -920,7 +956,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   auto lay0 = feature_layout(features);
   at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), channels_last, /*zero=*/false)
                                      : at::empty({0}, features.options());
-  at::Tensor gm = need_masks_grad ? at::empty(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
+  at::Tensor gm = need_masks_grad ? empty_output(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
   if (!(need_features_grad || need_masks_grad)) return {gf, gm};
   if (BT * R == 0 || C == 0) {
     if (need_features_grad) gf.zero_();
@@ -950,7 +986,8 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
       const int64_t nchunks = channel_chunks(BT, C);
       const int64_t chunk = (C + nchunks - 1) / nchunks;
       parallel_tasks(BT * nchunks, static_cast<double>(BT) * R * HW * C, [&](int64_t begin, int64_t end) {
-        std::vector<A> v(std::max(HW, chunk));
+        std::vector<A> v(std::max(HW, chunk)), coef(R);
+        std::vector<const A*> rows(R);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t bt = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
           if (len <= 0) continue;
@@ -967,12 +1004,10 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
               store(v.data(), static_cast<const A*>(nullptr), dst + (p / W) * gl.sH + (p % W) * gl.sW + c0, len);
             }
           } else {
+            for (int64_t r = 0; r < R; ++r) rows[r] = m + r * HW;
             for (int64_t c = c0; c < c0 + len; ++c) {
-              std::fill(v.begin(), v.begin() + HW, A(0));
-              for (int64_t r = 0; r < R; ++r) {
-                const A gr = g[r * C + c];
-                if (gr != A(0)) axpy(gr, m + r * HW, v.data(), HW);
-              }
+              for (int64_t r = 0; r < R; ++r) coef[r] = g[r * C + c];
+              combine(rows.data(), coef.data(), R, HW, v.data());
               store(v.data(), static_cast<const A*>(nullptr), dst + c * gl.sC, HW);
             }
           }
@@ -983,7 +1018,9 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
       // gm~[r, p] = (GF[r, p] - sum_q mn[r, q] GF[r, q]) / Z with GF = gn-weighted channel sums
       // (GF here already carries 1/Z through gn), then the resize's transpose into [Hm, Wm].
       const int64_t Hm = masks.size(3), Wm = masks.size(4);
-      at::Tensor gmb = at::zeros({BT * R, Hm, Wm}, masks.options().dtype(acc));
+      const bool direct = masks.scalar_type() == acc;  // accumulate straight into the result
+      at::Tensor gmb = direct ? gm.view({BT * R, Hm, Wm}).zero_()
+                              : empty_output({BT * R, Hm, Wm}, masks.options().dtype(acc)).zero_();
       const auto ty = resize_taps<A>(Hm, H), tx = resize_taps<A>(Wm, W);
       const scalar_t* fp = f.data_ptr<scalar_t>();
       const A* zp = inv_z.data_ptr<A>();
@@ -1027,7 +1064,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
           }
         }
       });
-      gm.copy_(gmb.view(masks.sizes()));
+      if (!direct) gm.copy_(gmb.view(masks.sizes()));
     }
   });
   return {gf, gm};

@@ -56,6 +56,53 @@ RGPT4D_CPU_CLONES static float rg_gather_dot_bf16(const uint16_t* base, const in
   return s;
 }
 
+// out[r] = sum_p rows[r][p] * x[p] for 8 rows at once: one pass over x and eight independent
+// accumulator chains (a lone dot product is bound by the FMA latency). Fixed summation order.
+RGPT4D_CPU_CLONES static void rg_dots8_f32(const float* const* rows, const float* x, int64_t n, float* out) {
+  float acc[8][8] = {};
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8)
+    for (int r = 0; r < 8; ++r)
+      for (int k = 0; k < 8; ++k) acc[r][k] += rows[r][p + k] * x[p + k];
+  for (int r = 0; r < 8; ++r) {
+    float s = ((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3])) + ((acc[r][4] + acc[r][5]) + (acc[r][6] + acc[r][7]));
+    for (int64_t q = p; q < n; ++q) s += rows[r][q] * x[q];
+    out[r] = s;
+  }
+}
+RGPT4D_CPU_CLONES static void rg_dots8_bf16(const float* const* rows, const uint16_t* x, int64_t n, float* out) {
+  float acc[8][8] = {};
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8) {
+    float xv[8];
+    for (int k = 0; k < 8; ++k) xv[k] = bf16_bits_to_float(x[p + k]);
+    for (int r = 0; r < 8; ++r)
+      for (int k = 0; k < 8; ++k) acc[r][k] += rows[r][p + k] * xv[k];
+  }
+  for (int r = 0; r < 8; ++r) {
+    float s = ((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3])) + ((acc[r][4] + acc[r][5]) + (acc[r][6] + acc[r][7]));
+    for (int64_t q = p; q < n; ++q) s += rows[r][q] * bf16_bits_to_float(x[q]);
+    out[r] = s;
+  }
+}
+
+// y[p] = sum_{r < nr} coef[r] * rows[r][p]: eight outputs per pass over the rows, kept in registers.
+RGPT4D_CPU_CLONES static void rg_combine_f32(const float* const* rows, const float* coef, int64_t nr, int64_t n,
+                                             float* y) {
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8) {
+    float s[8] = {};
+    for (int64_t r = 0; r < nr; ++r)
+      for (int k = 0; k < 8; ++k) s[k] += coef[r] * rows[r][p + k];
+    for (int k = 0; k < 8; ++k) y[p + k] = s[k];
+  }
+  for (; p < n; ++p) {
+    float s = 0;
+    for (int64_t r = 0; r < nr; ++r) s += coef[r] * rows[r][p];
+    y[p] = s;
+  }
+}
+
 // y = v (+ e), converting to the output dtype; e may be null.
 RGPT4D_CPU_CLONES static void rg_store_f32(const float* v, const float* e, float* y, int64_t n) {
   if (e) {
