@@ -872,6 +872,31 @@ void resize_masks(const at::Tensor& masks, int64_t H, int64_t W, double eps, A* 
   });
 }
 
+// Features [B, T, C, H, W] as one matrix per frame without a copy: [BT, C, HW] for planar maps or
+// [BT, HW, C] for channels-last ones, when the frame dims and the pixel dims each merge into one
+// stride. Undefined otherwise. Mask pooling is then a batched GEMM per frame (at::bmm / BLAS):
+// out[R, C] = mt[R, HW] @ f[HW, C], which reads the map at the memory's pace.
+at::Tensor frames_matrix(const at::Tensor& f, bool* channels_last) {
+  const int64_t B = f.size(0), T = f.size(1), C = f.size(2), H = f.size(3), W = f.size(4);
+  int64_t sF;
+  if (T == 1) {
+    sF = f.stride(0);
+  } else if (B == 1 || f.stride(0) == T * f.stride(1)) {
+    sF = f.stride(1);
+  } else {
+    return at::Tensor();
+  }
+  if (f.stride(4) == 1 && (H == 1 || f.stride(3) == W)) {
+    *channels_last = false;
+    return f.as_strided({B * T, C, H * W}, {sF, f.stride(2), 1});
+  }
+  if (f.stride(2) == 1 && (H == 1 || f.stride(3) == W * f.stride(4))) {
+    *channels_last = true;
+    return f.as_strided({B * T, H * W, C}, {sF, f.stride(4), 1});
+  }
+  return at::Tensor();
+}
+
 at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, const c10::optional<at::Tensor>& timestamps,
                          const c10::optional<at::Tensor>& table, double eps, double base) {
   check_mask_pool(features, masks, timestamps, table);
@@ -886,6 +911,17 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
   AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] {
     resize_masks<scalar_t, scalar_t>(masks.to(acc), H, W, eps, mt.data_ptr<scalar_t>(), inv_z.data_ptr<scalar_t>());
   });
+  bool cl = false;
+  const at::Tensor fm = features.scalar_type() == acc ? frames_matrix(features, &cl) : at::Tensor();
+  if (fm.defined()) {  // fp32 / fp64: one GEMM per frame, then the normaliser and the TPE
+    const at::Tensor m3 = mt.view({BT, R, HW});
+    at::Tensor pooled = cl ? at::bmm(m3, fm) : at::bmm(m3, fm.transpose(1, 2));  // [BT, R, C]
+    pooled.mul_(inv_z.view({BT, R, 1}));
+    if (enc.defined()) pooled.add_(enc.view({BT, 1, C}));
+    out.view({BT, R, C}).copy_(pooled);
+    return out;
+  }
+  // bf16 / fp16 (fp32 accumulation), or strides that do not merge: the loops below.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     auto lay0 = feature_layout(features);
@@ -970,6 +1006,22 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   });
   // gn[bt, r, c] = grad / Z (acc dtype)
   const at::Tensor gn = (grad.to(acc) * inv_z.view({B, T, R, 1})).contiguous();
+  bool cl = false;
+  const at::Tensor fm = features.scalar_type() == acc ? frames_matrix(features, &cl) : at::Tensor();
+  at::Tensor gfr;  // [BT * R, HW]: GF = sum_c gn[r, c] f[c, p], for the mask gradient
+  if (fm.defined()) {  // fp32 / fp64: batched GEMMs straight into the (huge-page) gradient buffers
+    const at::Tensor m3 = mt.view({BT, R, HW}), gn3 = gn.view({BT, R, C});
+    if (need_features_grad) {
+      bool gcl = false;
+      at::Tensor g3 = frames_matrix(gf, &gcl);  // a fresh contiguous or channels-last buffer: always merges
+      if (gcl) {
+        at::bmm_out(g3, m3.transpose(1, 2), gn3);  // [BT, HW, C]
+      } else {
+        at::bmm_out(g3, gn3.transpose(1, 2), m3);  // [BT, C, HW]
+      }
+    }
+    if (need_masks_grad) gfr = (cl ? at::bmm(gn3, fm.transpose(1, 2)) : at::bmm(gn3, fm)).view({BT * R, HW});
+  }
   const bool in_place = lay0 && (lay0->channels_last || lay0->sH == W);
   const at::Tensor f = in_place ? features : features.contiguous();
   const FeatLayout lay = *feature_layout(f);
@@ -978,7 +1030,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
     using A = at::opmath_type<scalar_t>;
     const A* mp = mt.data_ptr<A>();
     const A* gp = gn.data_ptr<A>();
-    if (need_features_grad) {
+    if (need_features_grad && !fm.defined()) {
       // grad_f[c, p] = sum_r gn[r, c] * mt[r, p]: task = (frame, channel range), each writes its slice.
       const FeatLayout gl = *feature_layout(gf);
       const std::vector<int64_t> goff = image_offsets(gf);
@@ -1025,26 +1077,30 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
       const scalar_t* fp = f.data_ptr<scalar_t>();
       const A* zp = inv_z.data_ptr<A>();
       A* gmp = gmb.data_ptr<A>();
-      parallel_tasks(BT, static_cast<double>(BT) * R * HW * C, [&](int64_t b0, int64_t b1) {
-        std::vector<A> gfr(R * HW);
+      const A* gfr_in = gfr.defined() ? gfr.data_ptr<A>() : nullptr;
+      parallel_tasks(BT, static_cast<double>(BT) * R * HW * (gfr_in ? 8 : C), [&](int64_t b0, int64_t b1) {
+        std::vector<A> gf_local(gfr_in ? 0 : R * HW);
         for (int64_t bt = b0; bt < b1; ++bt) {
-          const scalar_t* base = fp + off[bt];
-          const A* g = gp + bt * R * C;
-          std::fill(gfr.begin(), gfr.end(), A(0));
-          if (lay.channels_last) {
-            for (int64_t p = 0; p < HW; ++p) {
-              const scalar_t* pix = base + (p / W) * lay.sH + (p % W) * lay.sW;
-              for (int64_t r = 0; r < R; ++r) gfr[r * HW + p] = dot(g + r * C, pix, C);
-            }
-          } else {
-            for (int64_t c = 0; c < C; ++c) {
-              const scalar_t* plane = base + c * lay.sC;
-              for (int64_t r = 0; r < R; ++r) axpy(g[r * C + c], plane, gfr.data() + r * HW, HW);
+          const A* gframe = gfr_in ? gfr_in + bt * R * HW : gf_local.data();
+          if (!gfr_in) {
+            const scalar_t* base = fp + off[bt];
+            const A* g = gp + bt * R * C;
+            std::fill(gf_local.begin(), gf_local.end(), A(0));
+            if (lay.channels_last) {
+              for (int64_t p = 0; p < HW; ++p) {
+                const scalar_t* pix = base + (p / W) * lay.sH + (p % W) * lay.sW;
+                for (int64_t r = 0; r < R; ++r) gf_local[r * HW + p] = dot(g + r * C, pix, C);
+              }
+            } else {
+              for (int64_t c = 0; c < C; ++c) {
+                const scalar_t* plane = base + c * lay.sC;
+                for (int64_t r = 0; r < R; ++r) axpy(g[r * C + c], plane, gf_local.data() + r * HW, HW);
+              }
             }
           }
           for (int64_t r = 0; r < R; ++r) {
             const int64_t m = bt * R + r;
-            A* gr = gfr.data() + r * HW;
+            const A* gr = gframe + r * HW;
             // mean term: sum_q (mt/Z)[q] * GF[q]
             A s = 0;
             for (int64_t q = 0; q < HW; ++q) s += mp[m * HW + q] * gr[q];
