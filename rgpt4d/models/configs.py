@@ -18,6 +18,7 @@ from transformers import PreTrainedConfig
 PRESETS = ("tiny", "small", "paper")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
 REGION_MODES = ("tokens", "som", "both", "none")
+TPE_KINDS = ("sinusoidal", "learned")
 DECODER_KINDS = ("mlp", "linear")
 
 
@@ -120,7 +121,8 @@ class RGPT4DConfig(PreTrainedConfig):
     num_frames: int = 16
     downsample_window: int = 3
     projector_hidden_size: int = 256
-    tpe: bool = True  # the paper's sinusoidal TPE (seconds) before the projector
+    tpe: bool = True  # a TPE on the visual features before the projector (and in the region encoder)
+    tpe_kind: str = "sinusoidal"  # "sinusoidal": the paper's, of the seconds; "learned": a table row per frame index
     tpe_base: float = 10000.0
     region_mode: str = "tokens"  # "tokens" (RegionalEncoder4D at <obj_N>) | "som" | "both" | "none"
     max_regions: int = 8
@@ -132,6 +134,8 @@ class RGPT4DConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.tpe_kind not in TPE_KINDS:
+            raise ValueError(f"RGPT4DConfig: tpe_kind must be one of {TPE_KINDS}, got {self.tpe_kind!r}")
         if self.region_mode not in REGION_MODES:
             raise ValueError(f"RGPT4DConfig: region_mode must be one of {REGION_MODES}, got {self.region_mode!r}")
         if self.attn_implementation_name not in ATTN_IMPLEMENTATIONS:

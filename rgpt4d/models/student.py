@@ -43,27 +43,37 @@ BOX_TOLERANCE = 1e-3  # pixels
 
 
 class Projector(nn.Module):
-    """E_P with the TPE in front: fused (TPE + window downsample + LayerNorm), then Linear-GELU-Linear."""
+    """E_P with the TPE in front: fused (TPE + window downsample + LayerNorm), then Linear-GELU-Linear.
 
-    def __init__(self, dim: int, window: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0):
+    tpe_kind "sinusoidal": the paper's encoding of each frame's time in seconds; "learned": a table with
+    one row per frame index (zero-initialised), as in the released code."""
+
+    def __init__(self, dim: int, window: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0,
+                 tpe_kind: str = "sinusoidal", max_frames: int = 16):
         super().__init__()
-        self.dim, self.window, self.tpe, self.base = dim, window, tpe, base
+        self.dim, self.window, self.tpe, self.base, self.tpe_kind = dim, window, tpe, base, tpe_kind
         k = window * window * dim
         self.norm_weight = nn.Parameter(torch.ones(k))
         self.norm_bias = nn.Parameter(torch.zeros(k))
         self.linear_1 = nn.Linear(k, hidden)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, out_dim)
+        self.tpe_table = nn.Parameter(torch.zeros(max_frames, dim)) if tpe and tpe_kind == "learned" else None
         # TPE off: the same fused op with an all-zero one-row table (adds nothing)
         self.register_buffer("_no_tpe_table", torch.zeros(1, dim), persistent=False)
 
     def prologue(self, x: Tensor, timestamps: Tensor, grid: tuple[int, int]) -> Tensor:
-        if self.tpe:
+        if self.tpe and self.tpe_table is None:
             return tpe_downsample_layernorm(x, timestamps.to(x.dtype), None, self.norm_weight, self.norm_bias,
                                             grid=grid, window=self.window, base=self.base)
-        zeros = torch.zeros(timestamps.shape, dtype=torch.long, device=x.device)
-        return tpe_downsample_layernorm(x, zeros, self._no_tpe_table.to(x.dtype), self.norm_weight, self.norm_bias,
-                                        grid=grid, window=self.window)
+        if self.tpe:  # learned: row t of the table for frame t
+            index = torch.arange(x.shape[1], device=x.device).expand(timestamps.shape)
+            table = self.tpe_table.to(x.dtype)
+        else:
+            index = torch.zeros(timestamps.shape, dtype=torch.long, device=x.device)
+            table = self._no_tpe_table.to(x.dtype)
+        return tpe_downsample_layernorm(x, index, table, self.norm_weight, self.norm_bias, grid=grid,
+                                        window=self.window)
 
     def forward(self, x: Tensor, timestamps: Tensor, grid: tuple[int, int]) -> Tensor:
         """x [B, T, h*w, D], timestamps [B, T] seconds -> [B, T, M, out_dim]."""
@@ -76,13 +86,14 @@ class RegionTokenEncoder(nn.Module):
     frames, GELU, Linear to the LLM width: one token per region for its `<obj_N>`."""
 
     def __init__(self, dim: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0,
-                 spatial_scale: float = 1.0):
+                 spatial_scale: float = 1.0, tpe_kind: str = "sinusoidal", max_frames: int = 16):
         super().__init__()
         from rgpt4d.models.regional_encoder import RegionalEncoder4D
 
-        self.tpe = tpe
-        self.encoder = RegionalEncoder4D(dim, hidden, mode="box", tpe="sinusoidal" if tpe else "none", tpe_base=base,
-                                         spatial_scale=spatial_scale, channels_last=True, aligned=True)
+        self.tpe, self.tpe_kind = tpe, tpe_kind
+        self.encoder = RegionalEncoder4D(dim, hidden, mode="box", tpe=tpe_kind if tpe else "none", tpe_base=base,
+                                         max_frames=max_frames, spatial_scale=spatial_scale, channels_last=True,
+                                         aligned=True)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, out_dim)
 
@@ -90,8 +101,8 @@ class RegionTokenEncoder(nn.Module):
         """features [B, T, h, w, D] (channels-last grid), boxes [B, R, 4] in the pixels of the image the
         grid was computed from (spatial_scale = grid / pixels), valid [B, R], timestamps [B, T]
         seconds -> [B, R, out_dim]."""
-        tokens = self.encoder(features, boxes.to(features.dtype).contiguous(),
-                              timestamps.to(features.dtype) if self.tpe else None, valid.contiguous())
+        ts = timestamps.to(features.dtype) if self.tpe and self.tpe_kind == "sinusoidal" else None
+        tokens = self.encoder(features, boxes.to(features.dtype).contiguous(), ts, valid.contiguous())
         return self.linear_2(self.act(tokens.mean(1)))
 
 
@@ -137,9 +148,10 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
         self.vision_tower = SiglipVisionModel._from_config(vcfg, attn_implementation=attn)
         D, D_llm = vcfg.hidden_size, tcfg.hidden_size
         self.projector = Projector(D, config.downsample_window, config.projector_hidden_size, D_llm, config.tpe,
-                                   config.tpe_base)
+                                   config.tpe_base, config.tpe_kind, config.num_frames)
         self.region_encoder = (RegionTokenEncoder(D, config.region_hidden_size, D_llm, config.tpe, config.tpe_base,
-                                                  spatial_scale=config.patch_grid / config.image_size)
+                                                  spatial_scale=config.patch_grid / config.image_size,
+                                                  tpe_kind=config.tpe_kind, max_frames=config.num_frames)
                                if config.region_mode in ("tokens", "both") else None)
         self.language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
         self.post_init()
