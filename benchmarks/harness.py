@@ -9,7 +9,9 @@
 - Peak memory: on CUDA, torch.cuda.max_memory_allocated() above what was allocated before the
   call. On CPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
   above its resident set right before the call, with glibc's mmap threshold pinned at 64 KiB so
-  freed tensors go back to the OS at once: the extra memory the call touched at its peak.
+  freed tensors go back to the OS at once: the extra memory the call touched at its peak. The
+  rgpt4d kernels' CPU output cache (rgpt4d.ops.empty_cpu_cache) is emptied before the measured
+  call, so outputs it would reuse are counted as the fresh memory they are in a first call.
 - Bandwidth: bytes the op must move at minimum / median time, and that as a fraction of a
   same-size Tensor.copy_ into a preallocated tensor ("copy_fraction": the streaming floor) and of
   Tensor.clone() ("clone_fraction": the floor for an op that allocates its output, which on CPU
@@ -164,6 +166,11 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
     try:
         fn()  # once, so lazily created state (compiled graphs, caches) is not counted
         gc.collect()
+        # ... but the kernels' output cache is emptied, so the measured call pays for its outputs
+        # afresh (with blocks cached from the first call it would look free)
+        from rgpt4d.ops import empty_cpu_cache
+
+        empty_cpu_cache()
         before, _ = _rss_bytes()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -1,37 +1,29 @@
 // Output allocation for the CPU kernels.
 //
-// A fresh 100+ MB output on Linux is an mmap whose first touch page-faults every 4 KiB page;
-// on the machines we measured, those faults cost more than the kernel's own memory traffic
-// (Tensor.clone() runs ~3x slower than Tensor.copy_ into an existing tensor). With transparent
-// huge pages in "madvise" mode, advising the buffer before the first touch cuts the faults 512x.
-// The advice is only a hint: it never changes results, and it is skipped for small outputs.
+// A fresh 100+ MB output on Linux is an mmap whose first touch page-faults every page, and the
+// kernel zeroes each page before handing it over: on the machines we measured, that costs more
+// than the op's own memory traffic (Tensor.clone() runs 3-5x slower than Tensor.copy_ into an
+// existing tensor). Two remedies, both used by empty_output():
+//  - a small cache of freed large outputs (cpu_pool.cpp), reused for the next output of the same
+//    rounded size — the CPU analogue of the CUDA caching allocator: a training step allocates the
+//    same shapes every iteration, so steady-state outputs land in warm pages. Only blocks of at
+//    least 8 MiB are cached, at most RGPT4D_CPU_POOL_MB in all (default 1024; 0 turns it off);
+//    torch.ops.rgpt4d.cpu_pool_empty() gives the cached memory back (rgpt4d.ops.empty_cpu_cache()).
+//  - huge-page advice (transparent huge pages in "madvise" mode) on fresh blocks, which cuts the
+//    number of faults 512x. The advice is only a hint: it never changes results.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace rgpt4d {
 
-inline void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t n = t.nbytes();
-  if (!t.device().is_cpu() || n < 4 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + n) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
+// A CPU tensor of `sizes` (uninitialised), from the output cache when it is large.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  advise_huge_pages(t);
-  return t;
-}
+// Bytes currently held by the cache (not in use), and blocks in it.
+int64_t cpu_pool_cached_bytes();
+int64_t cpu_pool_cached_blocks();
+// Free every cached block; returns the bytes given back.
+int64_t cpu_pool_empty();
 
 }  // namespace rgpt4d

@@ -39,6 +39,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "common/cpu_alloc.h"
 #include "p4d/p4d_common.h"
 #include "p4d/p4d_cpu_loops.h"
 #include "p4d/p4d_math.h"
@@ -48,30 +49,8 @@ namespace {
 
 constexpr int64_t kBlock = 8192;
 
-// ---- output buffers -----------------------------------------------------------------------
-// The gradients are fresh outputs the size of the predictions (tens to hundreds of MB), each
-// page first touched by the kernel. With 4 KiB pages the page faults cost more than the loss
-// itself (measured: 4x the kernel's time on a 2-core VM). Large outputs are therefore allocated
-// 2 MiB-aligned and advised for transparent huge pages (what c10's THP_MEM_ALLOC_ENABLE does for
-// every allocation), so they fault in 2 MiB at a time. Freed with free(); ordinary CPU tensors
-// otherwise.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__)
-  constexpr size_t kHuge = size_t(2) << 20;
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  if (nbytes >= 2 * kHuge) {
-    const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* ptr = nullptr;
-    if (posix_memalign(&ptr, kHuge, rounded) == 0) {
-      madvise(ptr, rounded, MADV_HUGEPAGE);  // advisory: without THP support this changes nothing
-      return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
-    }
-  }
-#endif
-  return at::empty(sizes, options);
-}
+// Large outputs (the gradients) come from rgpt4d::empty_output (common/cpu_alloc.h): cached
+// blocks in warm pages, fresh ones advised for huge pages.
 
 // ---- loads / stores between any float dtype and the accumulation type ----------------------
 // Returns a pointer to len elements of x (flattened, contiguous) from e0 as A: x's own memory

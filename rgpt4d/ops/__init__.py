@@ -8,6 +8,8 @@ from rgpt4d.ops._backend import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,
+    cpu_cache_stats,
+    empty_cpu_cache,
     set_backend,
     unavailable_reasons,
 )
@@ -49,6 +51,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "cpu_cache_stats",
+    "empty_cpu_cache",
     "set_backend",
     "unavailable_reasons",
     "P4D_PRESETS",

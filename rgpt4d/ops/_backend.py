@@ -175,3 +175,25 @@ def resolve(op: str, family: str, device: torch.device, backend: str | None) -> 
         warnings.warn(f"rgpt4d: no compiled backend for {family} ops on {device.type} ({reasons}); using eager",
                       RuntimeWarning, stacklevel=3)
     return "eager"
+
+
+# ---- the CPU output cache of the compiled kernels (csrc/common/cpu_pool.cpp) ------------------
+
+def cpu_cache_stats() -> dict:
+    """Bytes and blocks held (not in use) by the compiled CPU kernels' cache of large outputs.
+
+    Outputs of at least 8 MiB are returned to this cache when freed and reused by the next output
+    of the same size, so a training loop's steady-state outputs land in warm pages instead of
+    page-faulting fresh memory every step (the CPU analogue of the CUDA caching allocator). It
+    holds at most RGPT4D_CPU_POOL_MB MiB (default 1024; 0 turns it off)."""
+    if not _load_extension():
+        return {"bytes": 0, "blocks": 0}
+    nbytes, blocks = torch.ops.rgpt4d.cpu_pool_stats()
+    return {"bytes": int(nbytes), "blocks": int(blocks)}
+
+
+def empty_cpu_cache() -> int:
+    """Give the CPU output cache's memory back to the system; returns the bytes released."""
+    if not _load_extension():
+        return 0
+    return int(torch.ops.rgpt4d.cpu_pool_empty())
