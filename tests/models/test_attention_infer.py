@@ -43,6 +43,18 @@ def test_gpu_backends_installed_on_cpu(name, package, monkeypatch, tokenizer):
         make_student(tokenizer, attn_implementation_name=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
+def test_real_xformers_on_cpu_has_no_kernel_and_we_say_so(tokenizer):
+    """xformers is installed by requirements.txt (a real install, not a stand-in): its own CPU call
+    fails, and asking the student for it fails earlier with our error."""
+    xops = pytest.importorskip("xformers.ops", reason="xformers is not installed (requirements.txt installs it)")
+    q = torch.randn(1, 8, 2, 32)
+    with pytest.raises(NotImplementedError, match="device=cpu"):
+        xops.memory_efficient_attention(q, q, q)
+    with pytest.raises(AttentionBackendError, match="xformers is installed but has no kernel on CPU"):
+        make_student(tokenizer, attn_implementation_name="xformers")
+
+
 def test_unknown_backend():
     with pytest.raises(AttentionBackendError, match="unknown 'flash3'"):
         check_attn_implementation("flash3")
