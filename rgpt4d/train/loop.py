@@ -84,6 +84,14 @@ def setup_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), started)
 
 
+def barrier(dist: Dist) -> None:
+    """Wait for every process (nothing in a single-process run)."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
 def resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -338,8 +346,5 @@ def _save(ckpts: CheckpointManager, model, optimizer, scheduler, step, epoch, in
             path = ckpts.save(model, optimizer, scheduler,
                               TrainState(step=step, data_position={"epoch": epoch, "step_in_epoch": in_epoch},
                                          metadata=meta))
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
+    barrier(dist)
     return path

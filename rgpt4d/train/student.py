@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rgpt4d.train.config import TrainConfig
-from rgpt4d.train.loop import add_nvtx_hooks, ops_backend, resolve_device, run_loop, setup_distributed
+from rgpt4d.train.loop import add_nvtx_hooks, barrier, ops_backend, resolve_device, run_loop, setup_distributed
 
 
 class SFTOnly(nn.Module):
@@ -83,20 +83,18 @@ class StudentLoss:
         return out.loss, terms, int(batch["attention_mask"].sum())
 
 
-def _tokenizer(out_dir: Path, vocab_size: int, main: bool):
-    """The run's tokenizer: trained once (offline, deterministic) and kept in <out>/tokenizer so a
-    resumed run uses the very same one."""
+def _tokenizer(out_dir: Path, vocab_size: int, dist):
+    """The run's tokenizer: trained once (offline) by rank 0 and kept in <out>/tokenizer, so every
+    process and a resumed run use the very same one."""
     from transformers import PreTrainedTokenizerFast
 
     from rgpt4d.models.tokenizer import train_tokenizer
 
     path = out_dir / "tokenizer"
-    if (path / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    tok = train_tokenizer(vocab_size=vocab_size)
-    if main:
-        tok.save_pretrained(path)
-    return tok
+    if dist.main and not (path / "tokenizer.json").exists():
+        train_tokenizer(vocab_size=vocab_size).save_pretrained(path)
+    barrier(dist)
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def _teacher_dir(teacher_cache: Path, teacher: Optional[str]) -> Path:
@@ -164,7 +162,7 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
     device = resolve_device(config)
     dist = setup_distributed(device)
     with ops_backend(config.ops):
-        tokenizer = _tokenizer(out_dir, get_preset(config.preset).tokenizer_vocab_size, dist.main)
+        tokenizer = _tokenizer(out_dir, get_preset(config.preset).tokenizer_vocab_size, dist)
         model = build_training_model(config, tokenizer, teacher_cache, teacher).to(device)
         dataset = Synth4DQuestions(data_dir, "train", fields=("rgb",))
         if config.p4d != "none":
