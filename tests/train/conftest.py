@@ -24,12 +24,13 @@ def _one_thread():  # session scope: it must come before the module-scoped runs,
 
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory):
-    """40 videos of 4 frames at 32 px: ~85 train, ~24 val and ~8 test questions."""
-    from rgpt4d.data import MakeConfig, make_dataset
+    """`rgpt4d data make`: 40 videos of 4 frames at 32 px, ~85 train, ~24 val and ~8 test questions."""
+    from rgpt4d.cli import main
 
     out = tmp_path_factory.mktemp("smoke_data")
-    make_dataset(MakeConfig(out=str(out), num_videos=40, frames=4, size=32, workers=1, min_objects=2, max_objects=4,
-                            val_fraction=0.25, test_fraction=0.25, progress=False, overwrite=True))
+    assert main(["data", "make", "--out", str(out), "--num-videos", "40", "--frames", "4", "--size", "32",
+                 "--workers", "1", "--min-objects", "2", "--max-objects", "4", "--val-fraction", "0.25",
+                 "--test-fraction", "0.25", "--overwrite", "--quiet"]) == 0
     return out
 
 
