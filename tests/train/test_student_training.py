@@ -161,3 +161,41 @@ def test_p4d_modes_and_tpe(smoke_data, smoke_teacher_cache, tmp_path):
     assert res["loss"] == pytest.approx(res["loss_sft"] + 0.5 * res["loss_ld"], rel=1e-5)
     with pytest.raises(ValueError, match="teacher_cache"):
         train_student(train_config("smoke", p4d="explicit"), smoke_data, None, tmp_path / "x", progress=False, log=None)
+
+
+def test_progress_bar_and_nvtx_ranges(smoke_data, smoke_teacher_cache, tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    import rgpt4d.train.loop as loop
+
+    events = []
+
+    class Recorder:
+        @staticmethod
+        @contextlib.contextmanager
+        def annotate(name, domain=None):
+            events.append(("push", name))
+            yield
+            events.append(("pop", name))
+
+        @staticmethod
+        def push_range(name, domain=None):
+            events.append(("push", name))
+
+        @staticmethod
+        def pop_range(domain=None):
+            events.append(("pop", None))
+
+    monkeypatch.setattr(loop, "_nvtx", Recorder)
+    cfg = train_config("smoke", steps=1, batch_size=4)
+    train_student(cfg, smoke_data, smoke_teacher_cache[1], tmp_path, progress=True, log=None)
+    names = {n for kind, n in events if kind == "push"}
+    assert {"data", "forward", "backward", "optimizer", "checkpoint", "vision", "projector", "llm", "p4d_decoder",
+            "p4d_loss"} <= names, names
+    depth = 0
+    for kind, _ in events:  # balanced
+        depth += 1 if kind == "push" else -1
+        assert depth >= 0
+    assert depth == 0
+    err = capsys.readouterr().err
+    assert "student" in err and "tok/s" in err and "loss_sft" in err
