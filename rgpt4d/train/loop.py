@@ -254,8 +254,7 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         config.save(out_dir / "config.json")
-        if not resume and metrics_path.exists():
-            metrics_path.unlink()
+        _trim_metrics(metrics_path, step)  # a fresh run starts a new log; a resumed one drops steps redone
     bar = None
     if progress and dist.main:
         from tqdm.auto import tqdm
@@ -337,6 +336,15 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
         bar.close()
     seconds = time.perf_counter() - t_start
     return LoopResult(step, seconds, tok_total / max(seconds, 1e-9), last, saved, resumed_from)
+
+
+def _trim_metrics(path: Path, keep_until: int) -> None:
+    """Keep the log lines of steps <= keep_until (all of a fresh run's old lines go)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_until]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _save(ckpts: CheckpointManager, model, optimizer, scheduler, step, epoch, in_epoch, meta, dist: Dist):

@@ -107,6 +107,15 @@ def _teacher_dir(teacher_cache: Path, teacher: Optional[str]) -> Path:
     return Path(json.loads(index.read_text())["teacher"])
 
 
+def _check_frames(dataset, num_frames: int, preset: str) -> None:
+    if len(dataset) == 0:
+        raise ValueError(f"data: no train questions in {dataset.root}")
+    frames = len(dataset.videos[dataset.entries[0]["video"]]["timestamps"])
+    if frames != num_frames:
+        raise ValueError(f"data: videos in {dataset.root} have {frames} frames but the {preset!r} student takes "
+                         f"{num_frames}; make the data with `rgpt4d data make --frames {num_frames}`")
+
+
 def _check_cache(teacher_cache: Path, video_ids: set[str]) -> None:
     missing = sorted(v for v in video_ids if not (teacher_cache / f"{v}.safetensors").exists())
     if missing:
@@ -155,16 +164,17 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
     "resumed_from"}.
     """
     from rgpt4d.data import Synth4DQuestions
-    from rgpt4d.models.configs import get_preset
+    from rgpt4d.models.configs import get_preset, student_config
 
     config = config.validate()
     out_dir = Path(out_dir)
     device = resolve_device(config)
     dist = setup_distributed(device)
     with ops_backend(config.ops):
+        dataset = Synth4DQuestions(data_dir, "train", fields=("rgb",))
+        _check_frames(dataset, student_config(config.preset).num_frames, config.preset)
         tokenizer = _tokenizer(out_dir, get_preset(config.preset).tokenizer_vocab_size, dist)
         model = build_training_model(config, tokenizer, teacher_cache, teacher).to(device)
-        dataset = Synth4DQuestions(data_dir, "train", fields=("rgb",))
         if config.p4d != "none":
             _check_cache(Path(teacher_cache), {e["video"] for e in dataset.entries})
         student = model.inference_model()

@@ -89,6 +89,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(reference, smoke_data, smoke_
     with pytest.warns(RuntimeWarning, match="step-00000003.*truncated"):
         res = _run(tmp_path, smoke_data, smoke_teacher_cache[1], resume=True, ckpt_every=1)
     assert res["resumed_from"] == 2 and res["steps"] == STEPS
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]  # step 3's old line was dropped
     ref = _final_state(reference[0])
     got = _final_state(tmp_path)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
@@ -161,6 +162,9 @@ def test_p4d_modes_and_tpe(smoke_data, smoke_teacher_cache, tmp_path):
     assert res["loss"] == pytest.approx(res["loss_sft"] + 0.5 * res["loss_ld"], rel=1e-5)
     with pytest.raises(ValueError, match="teacher_cache"):
         train_student(train_config("smoke", p4d="explicit"), smoke_data, None, tmp_path / "x", progress=False, log=None)
+    with pytest.raises(ValueError, match=r"have 4 frames but the 'tiny' student takes 16; make the data with "
+                                         r"`rgpt4d data make --frames 16`"):
+        train_student(train_config("tiny", p4d="none"), smoke_data, None, tmp_path / "y", progress=False, log=None)
 
 
 def test_progress_bar_and_nvtx_ranges(smoke_data, smoke_teacher_cache, tmp_path, monkeypatch, capsys):
