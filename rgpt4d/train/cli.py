@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from rgpt4d.train.checkpoint import CheckpointError
 from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
 
 # flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
@@ -75,7 +76,7 @@ def _cmd_train_teacher(args) -> int:
         cfg = resolve_config(args, _TEACHER)
         res = train_teacher(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet,
                             log=print if _is_main() else None)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         return _err("train teacher", e)
     if _is_main():
         print(json.dumps({k: res[k] for k in ("steps", "seconds", "loss", "metrics", "teacher_path")}, indent=2))
@@ -95,7 +96,7 @@ def _cmd_train_student(args) -> int:
                 report = evaluate_student(res["model_path"], args.data, args.eval_split, progress=not args.quiet)
                 Path(args.out, f"eval_{args.eval_split}.json").write_text(json.dumps(report, indent=2))
                 print(report["markdown"])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         return _err("train student", e)
     return 0
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from rgpt4d.train.checkpoint import CheckpointManager, TrainState
+from rgpt4d.train.checkpoint import CheckpointError, CheckpointManager, TrainState
 from rgpt4d.train.config import TrainConfig
 
 try:  # the `nvtx` package: a no-op unless a profiler (Nsight Systems) listens; works without CUDA
@@ -237,6 +237,9 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
             in_epoch = int(state.data_position.get("step_in_epoch", 0))
             if log and dist.main:
                 log(f"{name}: resumed from step {step} (epoch {epoch}, step {in_epoch} of it)")
+        elif ckpts.checkpoints():
+            raise CheckpointError(f"resume: no valid checkpoint in {ckpts.directory}: every one is corrupt or "
+                                  "incomplete (see the warnings above); remove them to start from scratch")
         elif log and dist.main:
             log(f"{name}: --resume given but no checkpoint in {ckpts.directory}; starting from scratch")
     end = total if stop_at_step is None else min(total, stop_at_step)
