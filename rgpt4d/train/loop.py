@@ -290,21 +290,21 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
                     with nvtx_range("backward"):
                         (loss / config.grad_accum).backward()
                 tok_window += int(ntok)
-                for k, v in {"loss": loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+                for k, v in {"loss": loss, **terms}.items():  # kept as tensors: no device sync per step
+                    sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v)
                 n_sum += 1
             with nvtx_range("optimizer"):
                 if config.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 else:
-                    grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 lr_now = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
             step += 1
             in_epoch += 1
             if step % config.log_every == 0 or step == end:
-                values = {k: v / n_sum for k, v in sums.items()}
+                values = {k: float(v) / n_sum for k, v in sums.items()}
                 tokens = tok_window
                 if dist.world > 1:  # average the terms and add the tokens over processes
                     import torch.distributed as tdist
@@ -318,7 +318,7 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
                 now = time.perf_counter()
                 tps = tokens / max(now - t_window, 1e-9)
                 tok_total += tokens
-                last = {"step": step, "epoch": epoch, "lr": lr_now, **values, "grad_norm": grad_norm,
+                last = {"step": step, "epoch": epoch, "lr": lr_now, **values, "grad_norm": float(grad_norm),
                         "tokens_per_s": tps, "seconds": now - t_start}
                 if dist.main:
                     with open(metrics_path, "a") as f:
