@@ -274,8 +274,11 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
     n_sum = 0
     while step < end:
         batches = _epoch_batches(n_items, config, dist, epoch)
+        # its own generator: making the loader's iterator then draws no number from the global RNG (it
+        # would, once per iterator, and a resumed run makes one more iterator than an uninterrupted one)
         loader = DataLoader(dataset, batch_sampler=batches[in_epoch * config.grad_accum:], collate_fn=collate_fn,
-                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
         it = iter(loader)
         while in_epoch < per_epoch and step < end:
             optimizer.zero_grad(set_to_none=True)
