@@ -359,6 +359,7 @@ def _save(ckpts: CheckpointManager, model, optimizer, scheduler, step, epoch, in
         with nvtx_range("checkpoint"):
             path = ckpts.save(model, optimizer, scheduler,
                               TrainState(step=step, data_position={"epoch": epoch, "step_in_epoch": in_epoch},
-                                         metadata=meta))
+                                         metadata=meta),
+                              extra_json={"config.json": meta["config"]})
     barrier(dist)
     return path

@@ -58,6 +58,8 @@ def test_outputs_and_loss_terms(reference):
     # the resolved config is saved with each checkpoint too
     ck = CheckpointManager(str(out / "checkpoints")).latest_valid()
     assert json.loads(open(os.path.join(ck, "trainer.json")).read())["metadata"]["config"] == cfg.to_dict()
+    assert TrainConfig.load(os.path.join(ck, "config.json")) == cfg
+    assert "config.json" in json.loads(open(os.path.join(ck, "manifest.json")).read())["files"]
     # the saved model is the bare student: no D_4DP, no teacher heads
     saved = load_file(str(out / "model" / "model.safetensors"))
     assert not any("decoder" in k or "teacher" in k for k in saved)
