@@ -4,7 +4,8 @@
 
 Kernels: tpe_add (sinusoidal seconds; learned table) and tpe_downsample_layernorm (the fused
 projector prologue). Shapes: the paper's (B in 1..4, T=16, 27x27 tokens, D=1152) and a small one.
-Writes benchmarks/results/<device>/tpe.csv and prints tables and ratio summaries.
+Writes benchmarks/results/<device>/tpe.{csv,md} and tpe_<kernel>.png; prints the summary (ratios,
+times, roofline lines).
 """
 
 from __future__ import annotations
@@ -114,18 +115,7 @@ def main(argv=None) -> int:
                           config=cfg, min_bytes=mb, copy_bytes=nbytes)
         del x
     out_dir = results_dir(args, device)
-    bench.write_csv(os.path.join(out_dir, "tpe.csv"))
-    print(bench.table("time"))
-    print()
-    print(bench.table("copy_fraction"))
-    print()
-    print(bench.table("clone_fraction"))
-    print()
-    for p in prov:
-        if p.startswith("rgpt4d"):
-            print(f"## {p}: speed-up (same run) and peak memory")
-            print(bench.ratios(p, baselines=tuple(b for b in ("eager", "compile") if b in prov)))
-    print(f"\nwrote {os.path.join(out_dir, 'tpe.csv')}")
+    bench.finish(out_dir, "tpe" if not args.quick else "tpe-quick", "TPE ops", plots=not args.no_plots)
     return 0
 
 
