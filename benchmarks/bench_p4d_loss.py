@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Bench, base_parser, grad_modes, mode_fn, results_dir  # noqa: E402
+from benchmarks.harness import Bench, base_parser, make_bench, grad_modes, mode_fn, results_dir  # noqa: E402
 from rgpt4d.ops import fused_linear_latent_loss, p4d_loss  # noqa: E402
 from rgpt4d.ops import _backend  # noqa: E402
 
@@ -196,7 +196,7 @@ def main(argv=None):
     providers = [("rgpt4d", None)]
     if device.type == "cuda":
         providers += [(f"rgpt4d-{b}", b) for b in ("triton", "cuda") if b in _backend.available_backends()]
-    bench = Bench(device)
+    bench = make_bench(args, device)
 
     p4d_cases = {"small": (2, 4 * 8 * 8, 384, 8, 112, 112)}
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",") if b]

@@ -1,6 +1,6 @@
 """Benchmark the regional pooling ops: roi_align, region_pool (fused TPE), mask_pool.
 
-    python benchmarks/bench_regional.py [--quick] [--device cpu|cuda] [--modes forward,backward,full]
+    python benchmarks/bench_regional.py [--quick] [--sizes small,full] [--device cpu|cuda] [--modes forward,full]
 
 Providers (same inputs, same outputs):
   torchvision          torchvision.ops.roi_align (roi_align), or per frame + tpe_add (region_pool)
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Bench, base_parser, mode_fn, results_dir  # noqa: E402
+from benchmarks.harness import Bench, base_parser, make_bench, mode_fn, results_dir  # noqa: E402
 from rgpt4d.ops import available_backends, mask_pool, region_pool, roi_align, tpe_add  # noqa: E402
 from rgpt4d.ops.regional import mask_pool_eager, region_pool_eager, roi_align_eager  # noqa: E402
 from rgpt4d.ops.tpe import tpe_add_eager  # noqa: E402
@@ -241,20 +241,26 @@ def target_report(bench: Bench, device) -> str:
 def main(argv=None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--kernels", default="roi_align,region_pool,mask_pool")
+    p.add_argument("--sizes", default="small,full",
+                   help="small: detector N1-C64-100x100-K128, 4D-RGPT B2-T4-C256 (masks 96); full: detector "
+                        "N1-C256-200x200-K512, 4D-RGPT B2-T16-C1152 (masks 384)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     modes = args.modes.split(",") if args.modes else ["forward", "backward", "full"]
     torch.manual_seed(0)
-    bench = Bench(device)
+    bench = make_bench(args, device)
     kernels = args.kernels.split(",")
     use_compile = not args.no_compile
+    sizes = ["small"] if args.quick else args.sizes.split(",")
     with torch.enable_grad():
-        if "roi_align" in kernels:
-            bench_roi_align(bench, device, modes, args.quick, use_compile)
-        if "region_pool" in kernels:
-            bench_region_pool(bench, device, modes, args.quick, use_compile)
-        if "mask_pool" in kernels:
-            bench_mask_pool(bench, device, modes, args.quick, use_compile)
+        for size in sizes:
+            small = size == "small"
+            if "roi_align" in kernels:
+                bench_roi_align(bench, device, modes, small, use_compile)
+            if "region_pool" in kernels:
+                bench_region_pool(bench, device, modes, small, use_compile)
+            if "mask_pool" in kernels:
+                bench_mask_pool(bench, device, modes, small, use_compile)
     out_dir = results_dir(args, device)
     bench.finish(out_dir, "regional" if not args.quick else "regional-quick", "Regional pooling ops",
                  plots=not args.no_plots,

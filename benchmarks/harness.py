@@ -16,7 +16,15 @@
   same-size Tensor.copy_ into a preallocated tensor ("copy_fraction": the streaming floor) and of
   Tensor.clone() ("clone_fraction": the floor for an op that allocates its output, which on CPU
   also pays the page faults of a fresh buffer), both measured in the same run.
-- Output: rows with stable columns (COLUMNS) to CSV, a markdown table, and ratio summaries.
+- Interleaving (Bench.compare, CPU): round after round, one call of each provider (the order
+  reversed every other round), so load changes hit all alike; speed-ups are also reported paired
+  (metric speedup_vs_<baseline>: the median over rounds of the per-round time ratio).
+- GFLOP/s for ops with a matmul part (flops=...); roofline lines (Bench.roofline_lines): the
+  minimum bytes and FLOPs, the floor time on an H100 (3.35 TB/s, 990 dense bf16 TFLOP/s) and the
+  achieved fraction on CUDA; on CPU the same model against the copy_ bandwidth of this run.
+- Output (Bench.finish): rows with stable columns (COLUMNS) to CSV, a markdown summary (ratios,
+  times, peak memory, roofline lines) and a PNG per kernel (time against size per provider, one
+  panel per mode; peak-memory bars).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ with contextlib.suppress(AttributeError):
 COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config", "device",
            "torch", "triton", "git_sha", "timestamp"]
 MODES = ("forward", "backward", "full", "nograd")
+PAIRED_BASELINES = ("eager", "compile")
 
 # H100 SXM roofline constants used for the GPU floor (issue 8): HBM3 bandwidth and dense bf16.
 H100_BYTES_PER_S = 3.35e12
@@ -211,6 +220,9 @@ class Bench:
     # (kernel, mode, x) -> {"bytes": minimum bytes moved, "flops": FLOPs, "copy_bw": copy_ bytes/s
     # measured in this run}: the work model behind the roofline lines
     work: dict = field(default_factory=dict)
+    # defaults of compare(): interleaved rounds at most, and seconds after which no new round starts
+    rounds: int = 15
+    max_seconds: float = 20.0
     load_before: tuple = field(default_factory=lambda: _loadavg())
 
     def __post_init__(self):
@@ -260,7 +272,8 @@ class Bench:
 
     def compare(self, kernel: str, mode: str, x: str, fns: dict, *, config: str = "",
                 min_bytes: Optional[int] = None, flops: Optional[float] = None, memory: bool = True,
-                copy_bytes: Optional[int] = None, rounds: int = 15, max_seconds: float = 20.0) -> dict:
+                copy_bytes: Optional[int] = None, rounds: Optional[int] = None,
+                max_seconds: Optional[float] = None) -> dict:
         """Time several providers of one (kernel, mode, x) *interleaved*: round after round, one
         call of each provider (and of the copy_/clone references when min_bytes is given), so a
         change in machine load hits all of them alike. Returns {provider: median ms}.
@@ -270,6 +283,8 @@ class Bench:
             return {name: self.measure(kernel, name, mode, x, fn, config=config, min_bytes=min_bytes,
                                        flops=flops, memory=memory, copy_bytes=copy_bytes)
                     for name, fn in fns.items()}
+        rounds = self.rounds if rounds is None else rounds
+        max_seconds = self.max_seconds if max_seconds is None else max_seconds
         refs = {}
         if min_bytes:
             n = max(1, (copy_bytes or min_bytes) // 4)
@@ -282,8 +297,10 @@ class Bench:
                 fn()
         times: dict = {name: [] for name in everything}
         start = time.perf_counter()
+        # the order is reversed every other round: no provider always runs after the same neighbour
+        order = list(everything.items())
         for r in range(rounds):
-            for name, fn in everything.items():
+            for name, fn in (order if r % 2 == 0 else order[::-1]):
                 t0 = time.perf_counter()
                 with nvtx_range(f"{kernel}/{name}/{mode}"):
                     fn()
@@ -316,6 +333,16 @@ class Bench:
                     self.add_row(kernel, name, mode, metric, "ratio", x, gbs * 1e9 / ref_bw, config=config)
             if flops:
                 self.add_row(kernel, name, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
+        # Paired speed-ups: the median over rounds of baseline time / provider time within a round
+        # (calls seconds apart), steadier than a ratio of medians when the machine's load drifts.
+        for base in PAIRED_BASELINES:
+            if base not in fns:
+                continue
+            for name in fns:
+                if name != base:
+                    pairs = [tb / tp for tb, tp in zip(times[base], times[name]) if tp > 0]
+                    self.add_row(kernel, name, mode, f"speedup_vs_{base}", "ratio", x, statistics.median(pairs),
+                                 q(pairs, 0.2), q(pairs, 0.8), config)
         return medians
 
     # ---- output ---------------------------------------------------------------------------
@@ -346,7 +373,8 @@ class Bench:
         return None
 
     def ratios(self, provider: str, baselines=("eager", "compile")) -> str:
-        """Speed-up of `provider` over each baseline, per (kernel, mode, x), from the same run."""
+        """Speed-up of `provider` over each baseline, per (kernel, mode, x), from the same run: the
+        paired (per-round) median ratio when the providers were interleaved, else the ratio of medians."""
         out = [f"| kernel | mode | x | {provider} ms | " + " | ".join(f"vs {b}" for b in baselines) +
                " | peak MB | peak vs eager |", "|---|---|---|---:|" + "---:|" * (len(baselines) + 2)]
         seen = set()
@@ -358,8 +386,9 @@ class Bench:
             t = r["p50"]
             cells = []
             for b in baselines:
+                paired = self.value(key[0], provider, key[1], key[2], f"speedup_vs_{b}")
                 tb = self.value(*key[:1], b, *key[1:])
-                cells.append(f"{tb / t:.2f}x" if tb else "-")
+                cells.append(f"{paired:.2f}x" if paired is not None else (f"{tb / t:.2f}x" if tb else "-"))
             mem = self.value(key[0], provider, key[1], key[2], "peak_memory")
             mem_e = self.value(key[0], "eager", key[1], key[2], "peak_memory")
             mem_ratio = f"{mem / mem_e:.2f}" if (mem is not None and mem_e) else "-"
@@ -522,7 +551,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (at most)")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="no new round of a case starts after this many seconds (at least 3 rounds run)")
     return p
+
+
+def make_bench(args, device: torch.device) -> "Bench":
+    """A Bench with the timing budget of the command line (--rounds, --max-seconds)."""
+    return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds)
 
 
 def results_dir(args, device: torch.device) -> str:

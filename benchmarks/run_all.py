@@ -20,14 +20,18 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-# (name, script, extra arguments): the full (non --quick) runs are sized for ~10 minutes in all
-# on a 2-core CPU machine
+# (name, script, arguments): sized so that `make bench` takes about 10 minutes on a 2-core CPU
+# machine; --full runs every size
 SCRIPTS = [
-    ("tpe", "bench_tpe.py", []),
-    ("regional", "bench_regional.py", []),
-    ("p4d_loss", "bench_p4d_loss.py", []),
-    ("e2e", "bench_e2e.py", []),
+    ("tpe", "bench_tpe.py", ["--batches", "1"]),  # small + the paper shape at B=1
+    ("regional", "bench_regional.py", ["--sizes", "small"]),
+    ("p4d_loss", "bench_p4d_loss.py", ["--batches", "1", "--linear-n", "4096"]),  # small + paper-B1
+    ("e2e", "bench_e2e.py", ["--batch", "2"]),
 ]
+# the timing budget of every case (interleaved rounds at most; no new round after this many seconds)
+BUDGET = ["--rounds", "11", "--max-seconds", "6"]
+FULL = {"tpe": ["--batches", "1,2,4"], "regional": ["--sizes", "small,full"],
+        "p4d_loss": ["--batches", "1,2,3,4", "--linear-n", "16384"]}
 
 
 def sections(md: str, keep=("## rgpt4d", "## Target")) -> str:
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(s[0] for s in SCRIPTS))
     p.add_argument("--out", default=None)
+    p.add_argument("--full", action="store_true",
+                   help="every size of every script (the paper's batch sweep; well over 10 minutes on 2 cores)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out_dir = args.out or os.path.join(HERE, "results", device_name(device))
@@ -68,7 +74,9 @@ def main(argv=None) -> int:
             continue
         print(f"\n===== {script} =====", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, os.path.join(HERE, script), *common, *extra])
+        if args.full:
+            extra = FULL.get(name, extra)
+        rc = subprocess.call([sys.executable, os.path.join(HERE, script), *common, *BUDGET, *extra])
         walls[name] = time.perf_counter() - t0
         if rc != 0:
             failed.append(name)
