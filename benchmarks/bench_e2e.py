@@ -45,7 +45,7 @@ PROMPT = ("Between the first and the last frame, how far did <obj_1> move relati
 TARGET_SPEEDUP = 1.15  # issue 8: fused >= 1.15x eager tokens/s, with lower peak memory
 
 
-def build(preset: str, batch: int, device: torch.device, seed: int = 0):
+def build(preset: str, batch: int, device: torch.device, seed: int = 0, regions: int = 6):
     """(P4D training model, tokenizer, student inputs with labels, prompt-only inputs, teacher targets)."""
     from rgpt4d.models.configs import get_preset, student_config
     from rgpt4d.models.p4d import RGPT4DForP4DTraining
@@ -61,7 +61,7 @@ def build(preset: str, batch: int, device: torch.device, seed: int = 0):
     model = RGPT4DForP4DTraining(student, teacher, p.p4d).to(device)
     cfg = student.config
     g = torch.Generator().manual_seed(seed + 1)
-    B, T, S, R = batch, cfg.num_frames, cfg.image_size, 2
+    B, T, S, R = batch, cfg.num_frames, cfg.image_size, regions
     frames = torch.randint(0, 256, (B, T, 3, S, S), dtype=torch.uint8, generator=g)
     ts = torch.cumsum(torch.rand(B, T, generator=g) + 0.05, 1)  # seconds, variable frame rate
     wh = 4 + torch.rand(B, R, 2, generator=g) * (S / 2)
@@ -79,14 +79,42 @@ def build(preset: str, batch: int, device: torch.device, seed: int = 0):
     return model, tok, train, prompt, targets
 
 
+def write_profile(path: str, steps: dict) -> None:
+    """torch.profiler (CPU) of two training steps per provider: where the time goes, and which
+    project ops (rgpt4d::*) are on the path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    parts = []
+    for name, step in steps.items():
+        step()
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                step()
+        ev = prof.key_averages()
+        ours = sorted((e for e in ev if "rgpt4d" in e.key), key=lambda e: -e.cpu_time_total)
+        parts += [f"===== {name}: two training steps, top ops by total CPU time =====",
+                  ev.table(sort_by="cpu_time_total", row_limit=30), "",
+                  f"project ops (rgpt4d::*) in {name}: " + (", ".join(
+                      f"{e.key} {e.cpu_time_total / 1e3:.1f} ms" for e in ours[:10]) or "none"), ""]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", help="model preset (tiny | small | paper)")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--regions", type=int, default=6,
+                   help="boxes per sample (all valid): the data generator's default max_objects is 6")
+    p.add_argument("--profile", action="store_true",
+                   help="also write e2e_profile.txt: torch.profiler tables of one training step per provider")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     batch = 1 if args.quick else args.batch
-    base, tok, train, prompt, targets = build(args.preset, batch, device)
+    base, tok, train, prompt, targets = build(args.preset, batch, device, regions=args.regions)
     tokens = int(train["attention_mask"].sum())
     backends = [b for b in (["cpu"] if device.type == "cpu" else ["cuda", "triton"]) if b in available_backends()]
     names = [f"rgpt4d-{b}" for b in backends] + ["eager"] + ([] if args.no_compile else ["compile"])
@@ -128,7 +156,7 @@ def main(argv=None) -> int:
 
     bench = make_bench(args, device)
     x = f"{args.preset}-B{batch}"
-    cfg = f"{args.preset} preset, batch {batch}, {tokens} tokens/step, fp32, AdamW"
+    cfg = f"{args.preset} preset, batch {batch}, {args.regions} regions, {tokens} tokens/step, fp32, AdamW"
     rounds = min(args.rounds, 4) if args.quick else args.rounds
     print(f"[bench_e2e] train_step {x}: {', '.join(names)} (the first calls compile) ...", flush=True)
     for m in models.values():
@@ -145,6 +173,10 @@ def main(argv=None) -> int:
     print(f"[bench_e2e] infer_generate {x} ...", flush=True)
     bench.compare("infer_generate", "nograd", x, {n: infer_generate(n) for n in names if n != "compile"},
                   config=cfg + ", 1 new token", rounds=rounds, max_seconds=args.max_seconds)
+
+    if args.profile:
+        write_profile(os.path.join(results_dir(args, device), "e2e_profile.txt"),
+                      {n: train_step(n) for n in names if n != "compile"})
     set_backend(None)
 
     ours = names[0] if backends else None
