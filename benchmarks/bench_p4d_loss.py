@@ -182,7 +182,6 @@ def main(argv=None):
     p.add_argument("--batches", default="1,2,3,4", help="paper teacher-grid batch sizes")
     p.add_argument("--linear-n", type=int, default=16384, help="tokens of the fused linear case")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inputs' dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--skip-linear", action="store_true", help="p4d_loss cases only")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)

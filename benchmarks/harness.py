@@ -551,6 +551,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's). On a shared CPU machine use 1: with two "
+                        "OpenMP threads every parallel region waits for a thread another process has "
+                        "descheduled (a 0.25 s training step measured 5 s on the 2-core VM)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (at most)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="no new round of a case starts after this many seconds (at least 3 rounds run)")
@@ -558,7 +562,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def make_bench(args, device: torch.device) -> "Bench":
-    """A Bench with the timing budget of the command line (--rounds, --max-seconds)."""
+    """A Bench with the command line's threads and timing budget (--threads, --rounds, --max-seconds)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds)
 
 

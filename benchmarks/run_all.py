@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every script (default on CPU: 1, see benchmarks/README.md; "
+                        "0: torch's default)")
     p.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(s[0] for s in SCRIPTS))
     p.add_argument("--out", default=None)
     p.add_argument("--full", action="store_true",
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
     common = ["--device", args.device, "--out", out_dir]
     common += [f for f, on in (("--quick", args.quick), ("--no-compile", args.no_compile),
                                ("--no-plots", args.no_plots)) if on]
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads:
+        common += ["--threads", str(threads)]
     only = set(args.only.split(",")) if args.only else None
     load0 = _loadavg()
     t_all = time.perf_counter()
@@ -87,7 +93,8 @@ def main(argv=None) -> int:
     parts = [f"# Benchmark summary: {device_name(device)}", "",
              f"torch {torch.__version__}, git {git_sha()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"load average (1/5/15 min) at start {_fmt_load(load0)}, at end {_fmt_load(_loadavg())}; "
-             f"wall time {total:.0f} s (" + ", ".join(f"{n} {w:.0f} s" for n, w in walls.items()) + ")", "",
+             f"wall time {total:.0f} s (" + ", ".join(f"{n} {w:.0f} s" for n, w in walls.items()) + "); "
+             f"torch threads: {threads or 'default'}", "",
              "Speed-ups are medians of interleaved rounds in one run (providers side by side); peak memory is "
              "the extra memory a call touches at its peak (benchmarks/README.md).", ""]
     for name in walls:
