@@ -27,6 +27,11 @@ from rgpt4d.ops import (available_backends, fused_linear_latent_loss, mask_pool,
                         roi_align, tpe_add, tpe_downsample_layernorm)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":  # as run_all.py: one thread on the shared CPU machines (benchmarks/README.md);
+    # RGPT4D_BENCH_THREADS=0 keeps torch's default
+    _threads = int(os.environ.get("RGPT4D_BENCH_THREADS", "1"))
+    if _threads > 0:
+        torch.set_num_threads(_threads)
 NATIVE = [b for b in (["cpu"] if DEVICE.type == "cpu" else ["cuda", "triton"]) if b in available_backends()]
 BACKENDS = ["eager", *NATIVE]
 
