@@ -263,9 +263,10 @@ class Bench:
             self.add_row(kernel, provider, mode, "copy_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
             floor = self.copy_floor(copy_bytes or min_bytes, allocate=True)
             self.add_row(kernel, provider, mode, "clone_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
-            if self.device.type == "cuda":
-                self.add_row(kernel, provider, mode, "h100_floor_fraction", "ratio", x,
-                          (min_bytes / H100_BYTES_PER_S) / (p50 * 1e-3), config=config)
+        if self.device.type == "cuda" and (min_bytes or flops):
+            floor = max((min_bytes or 0) / H100_BYTES_PER_S, (flops or 0) / H100_BF16_FLOPS)
+            self.add_row(kernel, provider, mode, "h100_floor_fraction", "ratio", x, floor / (p50 * 1e-3),
+                         config=config)
         if flops:
             self.add_row(kernel, provider, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
         return p50
