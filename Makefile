@@ -82,10 +82,10 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/rgpt4d demo
 
+# Every op family and the end-to-end student step; CSV, markdown and PNGs in
+# benchmarks/results/<device>/, then the summary. BENCH_ARGS (e.g. --quick, --no-compile) goes to each.
 bench: setup
-	$(PY) benchmarks/bench_tpe.py
-	$(PY) benchmarks/bench_regional.py
-	$(PY) benchmarks/bench_p4d_loss.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 env: setup
 	@$(VENV)/bin/rgpt4d env

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Bench, base_parser, device_name, grad_modes, mode_fn, results_dir  # noqa: E402
+from benchmarks.harness import Bench, base_parser, make_bench, grad_modes, mode_fn, results_dir  # noqa: E402
 from rgpt4d.ops import fused_linear_latent_loss, p4d_loss  # noqa: E402
 from rgpt4d.ops import _backend  # noqa: E402
 
@@ -73,7 +73,7 @@ def add_peak_beyond_grads(bench: Bench, kernel, x, providers, nbytes, config):
     for prov in providers:
         peak = bench.value(kernel, prov, "full", x, "peak_memory")
         if peak is not None:
-            bench._row(kernel, prov, "full", "peak_beyond_grads", "MB", x, max(0.0, peak - nbytes / 2**20),
+            bench.add_row(kernel, prov, "full", "peak_beyond_grads", "MB", x, max(0.0, peak - nbytes / 2**20),
                        config=config)
 
 
@@ -101,10 +101,9 @@ def bench_p4d(bench: Bench, args, device, name, shape, providers):
         fns[prov] = make(be)
     config = f"paper preset, masked depth, {str(args.dtype).replace('torch.', '')}"
     for mode in grad_modes(args):
-        for prov, fwd in fns.items():
-            fn = mode_fn(mode, fwd, inputs)
-            bench.measure("p4d_loss", prov, mode, name, fn, config=config,
-                          min_bytes=p4d_bytes(lat, lat_t, preds, targets, masks, mode in ("full", "backward")))
+        bench.compare("p4d_loss", mode, name, {prov: mode_fn(mode, fwd, inputs) for prov, fwd in fns.items()},
+                      config=config,
+                      min_bytes=p4d_bytes(lat, lat_t, preds, targets, masks, mode in ("full", "backward")))
     add_peak_beyond_grads(bench, "p4d_loss", name, fns, grad_bytes(inputs), config)
 
 
@@ -129,11 +128,14 @@ def bench_linear(bench: Bench, args, device, N, providers, D_in=2560, D_out=1408
         fns[prov] = make(be)
     flops_fwd = 2.0 * N * D_in * D_out
     config = f"D_in {D_in}, D_out {D_out}, smooth_l1 mean, {str(dt).replace('torch.', '')}"
+    # bytes: read h, W, b, target once (and write their gradients in full mode); the [N, D_out]
+    # projection need never exist whole
+    io = grad_bytes([h, w, b, t])
     for mode in grad_modes(args):
-        for prov, fwd in fns.items():
-            fn = mode_fn(mode, fwd, inputs)
-            bench.measure("fused_linear_latent_loss", prov, mode, f"linear-N{N}", fn, config=config,
-                          flops=flops_fwd * (3 if mode in ("full", "backward") else 1))
+        bench.compare("fused_linear_latent_loss", mode, f"linear-N{N}",
+                      {prov: mode_fn(mode, fwd, inputs) for prov, fwd in fns.items()}, config=config,
+                      min_bytes=io + (grad_bytes(inputs) if mode in ("full", "backward") else 0),
+                      flops=flops_fwd * (3 if mode in ("full", "backward") else 1))
     add_peak_beyond_grads(bench, "fused_linear_latent_loss", f"linear-N{N}", fns, grad_bytes(inputs), config)
 
 
@@ -180,7 +182,6 @@ def main(argv=None):
     p.add_argument("--batches", default="1,2,3,4", help="paper teacher-grid batch sizes")
     p.add_argument("--linear-n", type=int, default=16384, help="tokens of the fused linear case")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inputs' dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--skip-linear", action="store_true", help="p4d_loss cases only")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
@@ -194,7 +195,7 @@ def main(argv=None):
     providers = [("rgpt4d", None)]
     if device.type == "cuda":
         providers += [(f"rgpt4d-{b}", b) for b in ("triton", "cuda") if b in _backend.available_backends()]
-    bench = Bench(device)
+    bench = make_bench(args, device)
 
     p4d_cases = {"small": (2, 4 * 8 * 8, 384, 8, 112, 112)}
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",") if b]
@@ -209,19 +210,11 @@ def main(argv=None):
         bench_linear(bench, args, device, linear_n, providers)
 
     out_dir = results_dir(args, device)
-    csv_path = os.path.join(out_dir, "p4d_loss.csv")
-    bench.write_csv(csv_path)
-    print("\n## Time\n" + bench.table("time"))
-    print("\n## Peak memory\n" + bench.table("peak_memory"))
-    print("\n## Peak memory beyond the returned gradients (full)\n" + bench.table("peak_beyond_grads"))
-    print("\n## Copy-bandwidth fraction\n" + bench.table("copy_fraction"))
-    for prov, _ in providers:
-        print(f"\n## {prov} vs baselines\n" + bench.ratios(prov))
-    print(f"\n{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{str(args.dtype).replace('torch.', '')}")
-    print(summary(bench, [x for x in p4d_cases if x.startswith("paper")],
-                  [] if args.skip_linear else [f"linear-N{linear_n}"], modes))
-    print(f"\nwrote {csv_path}")
+    extra = ("## Peak memory beyond the returned gradients (full, MB)\n\n" + bench.table("peak_beyond_grads") + "\n"
+             + summary(bench, [x for x in p4d_cases if x.startswith("paper")],
+                       [] if args.skip_linear else [f"linear-N{linear_n}"], modes))
+    bench.finish(out_dir, "p4d_loss" if not args.quick else "p4d_loss-quick", "P4D loss ops",
+                 ours=[prov for prov, _ in providers], plots=not args.no_plots, extra=extra)
 
 
 if __name__ == "__main__":

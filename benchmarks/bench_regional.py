@@ -1,6 +1,6 @@
 """Benchmark the regional pooling ops: roi_align, region_pool (fused TPE), mask_pool.
 
-    python benchmarks/bench_regional.py [--quick] [--device cpu|cuda] [--modes forward,backward,full]
+    python benchmarks/bench_regional.py [--quick] [--sizes small,full] [--device cpu|cuda] [--modes forward,full]
 
 Providers (same inputs, same outputs):
   torchvision          torchvision.ops.roi_align (roi_align), or per frame + tpe_add (region_pool)
@@ -12,7 +12,8 @@ Providers (same inputs, same outputs):
 
 Cases: the detector case (1, 256, 200, 200) with 512 boxes to 7x7 (sampling_ratio 2, and adaptive),
 and the 4D-RGPT case (B=2, T=16, C=1152, 27x27, R=8 regions, 1x1 and 2x2; masks at 384x384).
-Writes benchmarks/results/<device>/regional.csv and prints the tables and the issue's target ratios.
+Writes benchmarks/results/<device>/regional.{csv,md} and regional_<kernel>.png; prints the summary
+(ratios, times, roofline lines) and the issue's target ratios.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Bench, base_parser, mode_fn, results_dir  # noqa: E402
+from benchmarks.harness import Bench, base_parser, make_bench, mode_fn, results_dir  # noqa: E402
 from rgpt4d.ops import available_backends, mask_pool, region_pool, roi_align, tpe_add  # noqa: E402
 from rgpt4d.ops.regional import mask_pool_eager, region_pool_eager, roi_align_eager  # noqa: E402
 from rgpt4d.ops.tpe import tpe_add_eager  # noqa: E402
@@ -41,10 +42,19 @@ def rgpt4d_backends(device):
 
 
 def run(bench: Bench, kernel: str, mode: str, x: str, fns: dict, **kw) -> dict:
-    """Time the providers of one (kernel, mode, shape): interleaved when the harness can."""
-    if hasattr(bench, "compare"):
-        return bench.compare(kernel, mode, x, fns, **kw)
-    return {name: bench.measure(kernel, name, mode, x, fn, **kw) for name, fn in fns.items()}
+    """Time the providers of one (kernel, mode, shape) side by side (Bench.compare: interleaved)."""
+    return bench.compare(kernel, mode, x, fns, **kw)
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def min_bytes(mode: str, read_fwd: int, out: int, grad_in: int) -> int:
+    """The byte model of a pooling op: forward reads its inputs once (read_fwd) and writes its
+    output (out); backward reads grad_out (out) and writes the input gradients (grad_in)."""
+    return {"forward": read_fwd + out, "nograd": read_fwd + out, "backward": out + grad_in,
+            "full": read_fwd + 2 * out + grad_in}[mode]
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -98,10 +108,12 @@ def bench_roi_align(bench, device, modes, quick, use_compile):
                 fns["compile"] = torch.compile(lambda x: roi_align_eager(x, rois, *args), dynamic=False)
         for be in rgpt4d_backends(device):
             fns[f"rgpt4d-{be}"] = lambda x, _be=be: roi_align(x, rois, *args, backend=_be, validate=False)
+        out = nbytes(x0) // (x0.shape[2] * x0.shape[3]) * rois.shape[0] * 49 // x0.shape[0]
         for mode in modes:
             x = x0.clone().requires_grad_(mode != "nograd")
             calls = {name: mode_fn(mode, (lambda f=f: f(x)), [x]) for name, f in fns.items()}
-            run(bench, "roi_align", mode, x_desc, calls, config=f"sampling_ratio={sr} aligned={aligned}")
+            run(bench, "roi_align", mode, x_desc, calls, config=f"sampling_ratio={sr} aligned={aligned}",
+                min_bytes=min_bytes(mode, nbytes(x0, rois), out, nbytes(x0)))
 
 
 def region_pool_per_frame(f, boxes, table, ts, output_size, scale, pool):
@@ -154,11 +166,14 @@ def bench_region_pool(bench, device, modes, quick, use_compile):
             fns[f"rgpt4d-{be}"] = lambda f, table, _os=output_size, _be=be: region_pool(
                 f, boxes, output_size=_os, spatial_scale=scale, timestamps=ts, table=table, backend=_be,
                 validate=False)
+        B, T, C = f0.shape[:3]
+        out = B * T * boxes.shape[2] * output_size[0] * output_size[1] * C * f0.element_size()
         for mode in modes:
             f = f0.clone().requires_grad_(mode != "nograd")
             table = table0.clone().requires_grad_(mode != "nograd")
             calls = {name: mode_fn(mode, (lambda fn=fn: fn(f, table)), [f, table]) for name, fn in fns.items()}
-            run(bench, "region_pool", mode, x_desc, calls, config="learned TPE, adaptive sampling, aligned")
+            run(bench, "region_pool", mode, x_desc, calls, config="learned TPE, adaptive sampling, aligned",
+                min_bytes=min_bytes(mode, nbytes(f0, boxes, ts) + B * T * C * 4, out, nbytes(f0, table0)))
 
 
 def bench_mask_pool(bench, device, modes, quick, use_compile):
@@ -175,11 +190,17 @@ def bench_mask_pool(bench, device, modes, quick, use_compile):
     for be in rgpt4d_backends(device):
         fns[f"rgpt4d-{be}"] = lambda f, table, _be=be: mask_pool(f, masks, timestamps=ts, table=table, backend=_be,
                                                                  validate=False)
+    B, T, C, H, W = f0.shape
+    R = masks.shape[2]
+    out = B * T * R * C * f0.element_size()
+    gemm = 2.0 * B * T * R * C * H * W  # the masked sums: [R, HW] x [HW, C] per frame
     for mode in modes:
         f = f0.clone().requires_grad_(mode != "nograd")
         table = table0.clone().requires_grad_(mode != "nograd")
         calls = {name: mode_fn(mode, (lambda fn=fn: fn(f, table)), [f, table]) for name, fn in fns.items()}
-        run(bench, "mask_pool", mode, x_desc, calls, config="learned TPE, masks frozen")
+        run(bench, "mask_pool", mode, x_desc, calls, config="learned TPE, masks frozen",
+            min_bytes=min_bytes(mode, nbytes(f0, masks) + B * T * C * 4, out, nbytes(f0, table0)),
+            flops=gemm * (2 if mode == "full" else 1))
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -220,29 +241,30 @@ def target_report(bench: Bench, device) -> str:
 def main(argv=None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--kernels", default="roi_align,region_pool,mask_pool")
+    p.add_argument("--sizes", default="small,full",
+                   help="small: detector N1-C64-100x100-K128, 4D-RGPT B2-T4-C256 (masks 96); full: detector "
+                        "N1-C256-200x200-K512, 4D-RGPT B2-T16-C1152 (masks 384)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     modes = args.modes.split(",") if args.modes else ["forward", "backward", "full"]
     torch.manual_seed(0)
-    bench = Bench(device)
+    bench = make_bench(args, device)
     kernels = args.kernels.split(",")
     use_compile = not args.no_compile
+    sizes = ["small"] if args.quick else args.sizes.split(",")
     with torch.enable_grad():
-        if "roi_align" in kernels:
-            bench_roi_align(bench, device, modes, args.quick, use_compile)
-        if "region_pool" in kernels:
-            bench_region_pool(bench, device, modes, args.quick, use_compile)
-        if "mask_pool" in kernels:
-            bench_mask_pool(bench, device, modes, args.quick, use_compile)
+        for size in sizes:
+            small = size == "small"
+            if "roi_align" in kernels:
+                bench_roi_align(bench, device, modes, small, use_compile)
+            if "region_pool" in kernels:
+                bench_region_pool(bench, device, modes, small, use_compile)
+            if "mask_pool" in kernels:
+                bench_mask_pool(bench, device, modes, small, use_compile)
     out_dir = results_dir(args, device)
-    path = os.path.join(out_dir, "regional.csv" if not args.quick else "regional-quick.csv")
-    bench.write_csv(path)
-    print(bench.table("time"))
-    print()
-    print(bench.table("peak_memory"))
-    print()
-    print(target_report(bench, device))
-    print(f"\nwrote {path}")
+    bench.finish(out_dir, "regional" if not args.quick else "regional-quick", "Regional pooling ops",
+                 plots=not args.no_plots,
+                 extra="## Targets (issue 3), measured in this run\n\n" + target_report(bench, device))
     return 0
 
 

@@ -4,7 +4,8 @@
 
 Kernels: tpe_add (sinusoidal seconds; learned table) and tpe_downsample_layernorm (the fused
 projector prologue). Shapes: the paper's (B in 1..4, T=16, 27x27 tokens, D=1152) and a small one.
-Writes benchmarks/results/<device>/tpe.csv and prints tables and ratio summaries.
+Writes benchmarks/results/<device>/tpe.{csv,md} and tpe_<kernel>.png; prints the summary (ratios,
+times, roofline lines).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Bench, base_parser, grad_modes, mode_fn, results_dir  # noqa: E402
+from benchmarks.harness import Bench, base_parser, make_bench, grad_modes, mode_fn, results_dir  # noqa: E402
 from rgpt4d.ops import available_backends, tpe_add, tpe_add_, tpe_downsample_layernorm  # noqa: E402
 from rgpt4d.ops.tpe import tpe_add_eager, tpe_downsample_layernorm_eager, tpe_sinusoid  # noqa: E402
 
@@ -50,20 +51,22 @@ def providers(device: torch.device, use_compile: bool):
     return prov
 
 
-def shapes(quick: bool):
+def shapes(quick: bool, batches=(1, 2, 4)):
     small = [("small", 2, 8, 8, 8, 64)]
-    paper = [(f"paper-B{b}", b, 16, 27, 27, 1152) for b in (1, 2, 4)]
+    paper = [(f"paper-B{b}", b, 16, 27, 27, 1152) for b in batches]
     return small if quick else small + paper
 
 
 def main(argv=None) -> int:
-    args = base_parser(__doc__).parse_args(argv)
+    p = base_parser(__doc__)
+    p.add_argument("--batches", default="1,2,4", help="batch sizes of the paper-shaped cases")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     modes = grad_modes(args)
-    bench = Bench(device)
+    bench = make_bench(args, device)
     prov = providers(device, not args.no_compile)
     dtype = torch.float32
-    for label, B, T, h, w, D in shapes(args.quick):
+    for label, B, T, h, w, D in shapes(args.quick, [int(b) for b in args.batches.split(",") if b]):
         esize = torch.finfo(dtype).bits // 8
         x = torch.randn(B, T, h * w, D, device=device, dtype=dtype)
         secs = torch.rand(B, T, device=device) * 30
@@ -114,18 +117,7 @@ def main(argv=None) -> int:
                           config=cfg, min_bytes=mb, copy_bytes=nbytes)
         del x
     out_dir = results_dir(args, device)
-    bench.write_csv(os.path.join(out_dir, "tpe.csv"))
-    print(bench.table("time"))
-    print()
-    print(bench.table("copy_fraction"))
-    print()
-    print(bench.table("clone_fraction"))
-    print()
-    for p in prov:
-        if p.startswith("rgpt4d"):
-            print(f"## {p}: speed-up (same run) and peak memory")
-            print(bench.ratios(p, baselines=tuple(b for b in ("eager", "compile") if b in prov)))
-    print(f"\nwrote {os.path.join(out_dir, 'tpe.csv')}")
+    bench.finish(out_dir, "tpe" if not args.quick else "tpe-quick", "TPE ops", plots=not args.no_plots)
     return 0
 
 

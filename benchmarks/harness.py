@@ -9,14 +9,24 @@
 - Peak memory: on CUDA, torch.cuda.max_memory_allocated() above what was allocated before the
   call. On CPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
   above its resident set right before the call, with glibc's mmap threshold pinned at 64 KiB so
-  freed tensors go back to the OS at once: the extra memory the call touched at its peak. The
-  rgpt4d kernels' CPU output cache (rgpt4d.ops.empty_cpu_cache) is emptied before the measured
-  call, so outputs it would reuse are counted as the fresh memory they are in a first call.
+  freed tensors go back to the OS at once, and glibc's free heap memory trimmed (malloc_trim)
+  before the call, so memory freed earlier (e.g. while timing) is not silently reused: the extra
+  memory the call touched at its peak. For the same reason the rgpt4d kernels' CPU output cache
+  (rgpt4d.ops.empty_cpu_cache) is emptied before the measured call: outputs it would reuse are
+  counted as the fresh memory they are in a first call.
 - Bandwidth: bytes the op must move at minimum / median time, and that as a fraction of a
   same-size Tensor.copy_ into a preallocated tensor ("copy_fraction": the streaming floor) and of
   Tensor.clone() ("clone_fraction": the floor for an op that allocates its output, which on CPU
   also pays the page faults of a fresh buffer), both measured in the same run.
-- Output: rows with stable columns (COLUMNS) to CSV, a markdown table, and ratio summaries.
+- Interleaving (Bench.compare, CPU): round after round, one call of each provider (the order
+  reversed every other round), so load changes hit all alike; speed-ups are also reported paired
+  (metric speedup_vs_<baseline>: the median over rounds of the per-round time ratio).
+- GFLOP/s for ops with a matmul part (flops=...); roofline lines (Bench.roofline_lines): the
+  minimum bytes and FLOPs, the floor time on an H100 (3.35 TB/s, 990 dense bf16 TFLOP/s) and the
+  achieved fraction on CUDA; on CPU the same model against the copy_ bandwidth of this run.
+- Output (Bench.finish): rows with stable columns (COLUMNS) to CSV, a markdown summary (ratios,
+  times, peak memory, roofline lines) and a PNG per kernel (time against size per provider, one
+  panel per mode; peak-memory bars).
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ with contextlib.suppress(AttributeError):
 COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config", "device",
            "torch", "triton", "git_sha", "timestamp"]
 MODES = ("forward", "backward", "full", "nograd")
+PAIRED_BASELINES = ("eager", "compile")
 
 # H100 SXM roofline constants used for the GPU floor (issue 8): HBM3 bandwidth and dense bf16.
 H100_BYTES_PER_S = 3.35e12
@@ -93,6 +104,15 @@ def _set_mmap_threshold(nbytes: int) -> None:
 # warmed-up process. While measuring peak memory: 64 KiB, so freed tensors leave the RSS at once.
 _TIMING_MMAP_THRESHOLD = 32 * 2**20
 _PEAK_MMAP_THRESHOLD = 64 * 2**10
+
+
+def _malloc_trim() -> None:
+    """Give the free memory of glibc's heaps back to the OS (so the next peak counts what a call
+    touches, not what it reuses of memory freed earlier, e.g. while timing)."""
+    if platform.system() != "Linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _rss_bytes() -> tuple[int, int]:
@@ -164,6 +184,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         return None
     _set_mmap_threshold(_PEAK_MMAP_THRESHOLD)
     try:
+        _malloc_trim()
         fn()  # once, so lazily created state (compiled graphs, caches) is not counted
         gc.collect()
         # ... but the kernels' output cache is emptied, so the measured call pays for its outputs
@@ -171,6 +192,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         from rgpt4d.ops import empty_cpu_cache
 
         empty_cpu_cache()
+        _malloc_trim()
         before, _ = _rss_bytes()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -202,12 +224,19 @@ class Bench:
     device: torch.device
     rows: list = field(default_factory=list)
     copy_bw: dict = field(default_factory=dict)
+    # (kernel, mode, x) -> {"bytes": minimum bytes moved, "flops": FLOPs, "copy_bw": copy_ bytes/s
+    # measured in this run}: the work model behind the roofline lines
+    work: dict = field(default_factory=dict)
+    # defaults of compare(): interleaved rounds at most, and seconds after which no new round starts
+    rounds: int = 15
+    max_seconds: float = 20.0
+    load_before: tuple = field(default_factory=lambda: _loadavg())
 
     def __post_init__(self):
         if self.device.type == "cpu":
             _set_mmap_threshold(_TIMING_MMAP_THRESHOLD)
 
-    def _row(self, kernel, provider, mode, metric, unit, x, p50, p20=None, p80=None, config=""):
+    def add_row(self, kernel, provider, mode, metric, unit, x, p50, p20=None, p80=None, config=""):
         self.rows.append(dict(kernel=kernel, provider=provider, mode=mode, metric=metric, unit=unit, x=x,
                               p50=p50, p20=p50 if p20 is None else p20, p80=p50 if p80 is None else p80,
                               config=config, device=device_name(self.device), torch=torch.__version__,
@@ -227,28 +256,32 @@ class Bench:
         at least (for GB/s and the fraction of copy bandwidth)."""
         label = f"{kernel}/{provider}/{mode}"
         p50, p20, p80 = time_fn(fn, self.device, label=label)
-        self._row(kernel, provider, mode, "time", "ms", x, p50, p20, p80, config)
+        self.add_row(kernel, provider, mode, "time", "ms", x, p50, p20, p80, config)
         if memory:
             peak = peak_memory(fn, self.device)
             if peak is not None:
-                self._row(kernel, provider, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+                self.add_row(kernel, provider, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+        self._record_work(kernel, mode, x, min_bytes, flops,
+                          self.copy_floor(copy_bytes or min_bytes) if min_bytes else None)
         if min_bytes:
             gbs = min_bytes / (p50 * 1e-3) / 1e9
-            self._row(kernel, provider, mode, "bandwidth", "GB/s", x, gbs, config=config)
+            self.add_row(kernel, provider, mode, "bandwidth", "GB/s", x, gbs, config=config)
             floor = self.copy_floor(copy_bytes or min_bytes)
-            self._row(kernel, provider, mode, "copy_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
+            self.add_row(kernel, provider, mode, "copy_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
             floor = self.copy_floor(copy_bytes or min_bytes, allocate=True)
-            self._row(kernel, provider, mode, "clone_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
-            if self.device.type == "cuda":
-                self._row(kernel, provider, mode, "h100_floor_fraction", "ratio", x,
-                          (min_bytes / H100_BYTES_PER_S) / (p50 * 1e-3), config=config)
+            self.add_row(kernel, provider, mode, "clone_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
+        if self.device.type == "cuda" and (min_bytes or flops):
+            floor = max((min_bytes or 0) / H100_BYTES_PER_S, (flops or 0) / H100_BF16_FLOPS)
+            self.add_row(kernel, provider, mode, "h100_floor_fraction", "ratio", x, floor / (p50 * 1e-3),
+                         config=config)
         if flops:
-            self._row(kernel, provider, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
+            self.add_row(kernel, provider, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
         return p50
 
     def compare(self, kernel: str, mode: str, x: str, fns: dict, *, config: str = "",
                 min_bytes: Optional[int] = None, flops: Optional[float] = None, memory: bool = True,
-                copy_bytes: Optional[int] = None, rounds: int = 15, max_seconds: float = 20.0) -> dict:
+                copy_bytes: Optional[int] = None, rounds: Optional[int] = None,
+                max_seconds: Optional[float] = None) -> dict:
         """Time several providers of one (kernel, mode, x) *interleaved*: round after round, one
         call of each provider (and of the copy_/clone references when min_bytes is given), so a
         change in machine load hits all of them alike. Returns {provider: median ms}.
@@ -258,6 +291,8 @@ class Bench:
             return {name: self.measure(kernel, name, mode, x, fn, config=config, min_bytes=min_bytes,
                                        flops=flops, memory=memory, copy_bytes=copy_bytes)
                     for name, fn in fns.items()}
+        rounds = self.rounds if rounds is None else rounds
+        max_seconds = self.max_seconds if max_seconds is None else max_seconds
         refs = {}
         if min_bytes:
             n = max(1, (copy_bytes or min_bytes) // 4)
@@ -270,8 +305,10 @@ class Bench:
                 fn()
         times: dict = {name: [] for name in everything}
         start = time.perf_counter()
+        # the order is reversed every other round: no provider always runs after the same neighbour
+        order = list(everything.items())
         for r in range(rounds):
-            for name, fn in everything.items():
+            for name, fn in (order if r % 2 == 0 else order[::-1]):
                 t0 = time.perf_counter()
                 with nvtx_range(f"{kernel}/{name}/{mode}"):
                     fn()
@@ -283,25 +320,37 @@ class Bench:
             v = sorted(v)
             return v[min(len(v) - 1, int(round(f * (len(v) - 1))))]
 
+        moved = 2 * ((copy_bytes or min_bytes or 0) // 4) * 4
+        self._record_work(kernel, mode, x, min_bytes, flops,
+                          moved / (statistics.median(times["__copy_"]) * 1e-3) if min_bytes else None)
         medians = {}
         for name, fn in fns.items():
             v = times[name]
             p50 = statistics.median(v)
             medians[name] = p50
-            self._row(kernel, name, mode, "time", "ms", x, p50, q(v, 0.2), q(v, 0.8), config)
+            self.add_row(kernel, name, mode, "time", "ms", x, p50, q(v, 0.2), q(v, 0.8), config)
             if memory:
                 peak = peak_memory(fn, self.device)
                 if peak is not None:
-                    self._row(kernel, name, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+                    self.add_row(kernel, name, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
             if min_bytes:
                 gbs = min_bytes / (p50 * 1e-3) / 1e9
-                self._row(kernel, name, mode, "bandwidth", "GB/s", x, gbs, config=config)
-                moved = 2 * ((copy_bytes or min_bytes) // 4) * 4
+                self.add_row(kernel, name, mode, "bandwidth", "GB/s", x, gbs, config=config)
                 for ref, metric in (("__copy_", "copy_fraction"), ("__clone", "clone_fraction")):
                     ref_bw = moved / (statistics.median(times[ref]) * 1e-3)
-                    self._row(kernel, name, mode, metric, "ratio", x, gbs * 1e9 / ref_bw, config=config)
+                    self.add_row(kernel, name, mode, metric, "ratio", x, gbs * 1e9 / ref_bw, config=config)
             if flops:
-                self._row(kernel, name, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
+                self.add_row(kernel, name, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
+        # Paired speed-ups: the median over rounds of baseline time / provider time within a round
+        # (calls seconds apart), steadier than a ratio of medians when the machine's load drifts.
+        for base in PAIRED_BASELINES:
+            if base not in fns:
+                continue
+            for name in fns:
+                if name != base:
+                    pairs = [tb / tp for tb, tp in zip(times[base], times[name]) if tp > 0]
+                    self.add_row(kernel, name, mode, f"speedup_vs_{base}", "ratio", x, statistics.median(pairs),
+                                 q(pairs, 0.2), q(pairs, 0.8), config)
         return medians
 
     # ---- output ---------------------------------------------------------------------------
@@ -332,7 +381,8 @@ class Bench:
         return None
 
     def ratios(self, provider: str, baselines=("eager", "compile")) -> str:
-        """Speed-up of `provider` over each baseline, per (kernel, mode, x), from the same run."""
+        """Speed-up of `provider` over each baseline, per (kernel, mode, x), from the same run: the
+        paired (per-round) median ratio when the providers were interleaved, else the ratio of medians."""
         out = [f"| kernel | mode | x | {provider} ms | " + " | ".join(f"vs {b}" for b in baselines) +
                " | peak MB | peak vs eager |", "|---|---|---|---:|" + "---:|" * (len(baselines) + 2)]
         seen = set()
@@ -344,14 +394,159 @@ class Bench:
             t = r["p50"]
             cells = []
             for b in baselines:
+                paired = self.value(key[0], provider, key[1], key[2], f"speedup_vs_{b}")
                 tb = self.value(*key[:1], b, *key[1:])
-                cells.append(f"{tb / t:.2f}x" if tb else "-")
+                cells.append(f"{paired:.2f}x" if paired is not None else (f"{tb / t:.2f}x" if tb else "-"))
             mem = self.value(key[0], provider, key[1], key[2], "peak_memory")
             mem_e = self.value(key[0], "eager", key[1], key[2], "peak_memory")
             mem_ratio = f"{mem / mem_e:.2f}" if (mem is not None and mem_e) else "-"
             out.append(f"| {key[0]} | {key[1]} | {key[2]} | {t:.4g} | " + " | ".join(cells) +
                        f" | {'-' if mem is None else f'{mem:.1f}'} | {mem_ratio} |")
         return "\n".join(out)
+
+
+    # ---- roofline, markdown, plots ----------------------------------------------------------
+
+    def _record_work(self, kernel, mode, x, min_bytes, flops, copy_bw) -> None:
+        if min_bytes or flops:
+            self.work[(kernel, mode, x)] = {"bytes": min_bytes or 0, "flops": flops or 0.0, "copy_bw": copy_bw}
+
+    def roofline_lines(self) -> list[str]:
+        """One line per (kernel, mode, x, provider) with a work model: the minimum bytes and FLOPs,
+        the floor time on an H100 (HBM 3.35 TB/s, dense bf16 990 TFLOP/s) and, on CUDA, the
+        fraction of it achieved; on CPU the same model against the copy_ bandwidth measured in
+        this run (the matmul part is reported as GFLOP/s: there is no CPU FLOP roof here)."""
+        out = []
+        for (kernel, mode, x), w in self.work.items():
+            h100 = max(w["bytes"] / H100_BYTES_PER_S, w["flops"] / H100_BF16_FLOPS)
+            for r in self.rows:
+                if (r["kernel"], r["mode"], r["x"], r["metric"]) != (kernel, mode, x, "time"):
+                    continue
+                t = r["p50"] * 1e-3
+                line = (f"roofline {kernel} {mode} {x} {r['provider']}: min {w['bytes'] / 1e6:.1f} MB, "
+                        f"{w['flops'] / 1e9:.2f} GFLOP; H100 floor {h100 * 1e3:.4g} ms")
+                if self.device.type == "cuda":
+                    line += f", measured {t * 1e3:.4g} ms = {h100 / t:.1%} of the H100 floor"
+                else:
+                    line += f"; measured {t * 1e3:.4g} ms"
+                    if w["copy_bw"] and w["bytes"]:
+                        floor = w["bytes"] / w["copy_bw"]
+                        line += (f"; floor at this run's copy_ bandwidth ({w['copy_bw'] / 1e9:.1f} GB/s) "
+                                 f"{floor * 1e3:.4g} ms = {floor / t:.1%} achieved")
+                    if w["flops"]:
+                        line += f"; {w['flops'] / t / 1e9:.1f} GFLOP/s"
+                out.append(line)
+        return out
+
+    def providers(self) -> list[str]:
+        seen: dict = {}
+        for r in self.rows:
+            seen.setdefault(r["provider"], None)
+        return list(seen)
+
+    def markdown(self, title: str, ours: Optional[list] = None, baselines=("eager", "compile")) -> str:
+        """The summary of a run: environment and load, ratio tables, times, roofline lines."""
+        ours = ours if ours is not None else [p for p in self.providers() if p.startswith("rgpt4d")]
+        present = tuple(b for b in baselines if b in self.providers())
+        after = _loadavg()
+        lines = [f"# {title}", "",
+                 f"{device_name(self.device)}, torch {torch.__version__}, triton {_triton_version()}, "
+                 f"{torch.get_num_threads()} threads, git {git_sha()}, "
+                 f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
+                 f"load average (1/5/15 min) at start {_fmt_load(self.load_before)}, at end {_fmt_load(after)}", ""]
+        for p in ours:
+            lines += [f"## {p}: speed-up over each baseline (same run) and peak memory", "",
+                      self.ratios(p, baselines=present), ""]
+        lines += ["## Time (ms)", "", self.table("time"), ""]
+        if any(r["metric"] == "peak_memory" for r in self.rows):
+            lines += ["## Peak memory (MB)", "", self.table("peak_memory"), ""]
+        roof = self.roofline_lines()
+        if roof:
+            lines += ["## Roofline", "", "```", *roof, "```", ""]
+        return "\n".join(lines)
+
+    def plot(self, path_prefix: str, kernels: Optional[list] = None) -> list[str]:
+        """One PNG per kernel: time against size per provider (one panel per mode, p20-p80 bars)
+        and peak-memory bars per provider (per mode, at the largest size). Returns the paths."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("[bench] matplotlib is not installed: no plots")
+            return []
+        paths = []
+        all_kernels = list(dict.fromkeys(r["kernel"] for r in self.rows))
+        for kernel in kernels or all_kernels:
+            rows = [r for r in self.rows if r["kernel"] == kernel]
+            modes = list(dict.fromkeys(r["mode"] for r in rows if r["metric"] == "time"))
+            if not modes:
+                continue
+            xs = list(dict.fromkeys(r["x"] for r in rows))
+            provs = list(dict.fromkeys(r["provider"] for r in rows))
+            has_mem = any(r["metric"] == "peak_memory" for r in rows)
+            ncol = len(modes) + (1 if has_mem else 0)
+            fig, axes = plt.subplots(1, ncol, figsize=(4.2 * ncol, 3.8), squeeze=False)
+            for ax, mode in zip(axes[0], modes):
+                for prov in provs:
+                    pts = [(xs.index(r["x"]), r["p50"], r["p20"], r["p80"]) for r in rows
+                           if r["metric"] == "time" and r["mode"] == mode and r["provider"] == prov]
+                    if not pts:
+                        continue
+                    i, p50, p20, p80 = zip(*pts)
+                    ax.errorbar(i, p50, yerr=[[a - b for a, b in zip(p50, p20)], [c - a for a, c in zip(p50, p80)]],
+                                marker="o", capsize=3, label=prov)
+                ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=7)
+                ax.set_yscale("log")
+                ax.set_ylabel("time per call (ms, median)")
+                ax.set_title(f"{kernel} - {mode}", fontsize=9)
+                ax.grid(alpha=0.3)
+            if has_mem:
+                ax = axes[0][-1]
+                width = 0.8 / max(1, len(provs))
+                for j, prov in enumerate(provs):
+                    vals = []
+                    for mode in modes:
+                        mem = [r for r in rows if r["metric"] == "peak_memory" and r["mode"] == mode
+                               and r["provider"] == prov]
+                        vals.append(mem[-1]["p50"] if mem else 0.0)
+                    ax.bar([k + j * width for k in range(len(modes))], vals, width, label=prov)
+                ax.set_xticks([k + 0.4 - width / 2 for k in range(len(modes))], modes, fontsize=8)
+                ax.set_ylabel("peak memory (MB)")
+                ax.set_title(f"{kernel} - peak memory at {xs[-1]}", fontsize=9)
+            axes[0][0].legend(fontsize=7)
+            fig.tight_layout()
+            path = f"{path_prefix}_{kernel.replace('[', '-').replace(']', '').replace('/', '-')}.png"
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            paths.append(path)
+        return paths
+
+    def finish(self, out_dir: str, name: str, title: str, *, ours: Optional[list] = None,
+               plots: bool = True, extra: str = "") -> str:
+        """Write <out_dir>/<name>.csv, <name>.md (markdown summary + `extra`) and <name>_<kernel>.png;
+        print the summary. Returns the markdown."""
+        os.makedirs(out_dir, exist_ok=True)
+        self.write_csv(os.path.join(out_dir, f"{name}.csv"))
+        md = self.markdown(title, ours=ours) + ("\n" + extra if extra else "")
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+            f.write(md + "\n")
+        pngs = self.plot(os.path.join(out_dir, name)) if plots else []
+        print(md)
+        print(f"wrote {os.path.join(out_dir, name)}.csv, .md" + (f" and {len(pngs)} PNG" if pngs else ""))
+        return md
+
+
+def _loadavg() -> tuple:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return ()
+
+
+def _fmt_load(load: tuple) -> str:
+    return "/".join(f"{v:.2f}" for v in load) if load else "n/a"
 
 
 # ---- CLI helpers ----------------------------------------------------------------------------
@@ -363,7 +558,22 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's). On a shared CPU machine use 1: with two "
+                        "OpenMP threads every parallel region waits for a thread another process has "
+                        "descheduled (a 0.25 s training step measured 5 s on the 2-core VM)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (at most)")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="no new round of a case starts after this many seconds (at least 3 rounds run)")
     return p
+
+
+def make_bench(args, device: torch.device) -> "Bench":
+    """A Bench with the command line's threads and timing budget (--threads, --rounds, --max-seconds)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds)
 
 
 def results_dir(args, device: torch.device) -> str:
