@@ -10,6 +10,21 @@ import sys
 _SUBCOMMAND_MODULES = ("rgpt4d.data.cli", "rgpt4d.models.cli", "rgpt4d.train.cli")
 
 
+def non_negative(kind, name: str):
+    """An argparse `type=` for a number >= 0 of `kind` (int or float), with errors naming `name`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rgpt4d", description="4D-RGPT kernels and training/inference stack")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from rgpt4d.cli import non_negative
+
 
 def _positive_int(name: str):
     def parse(text: str) -> int:
@@ -21,19 +23,6 @@ def _positive_int(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-
-    return parse
-
-
-def _non_negative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
         return value
 
     return parse
@@ -163,7 +152,7 @@ def register(subparsers) -> None:
     make = data_sub.add_parser("make", help="render videos and write R4D-style questions")
     make.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     make.add_argument("--num-videos", type=_positive_int("--num-videos"), required=True)
-    make.add_argument("--seed", type=_non_negative_int("--seed"), default=0)
+    make.add_argument("--seed", type=non_negative(int, "--seed"), default=0)
     make.add_argument(
         "--frames", type=_positive_int("--frames"), default=16, help="frames per video (default 16)"
     )
@@ -192,7 +181,7 @@ def register(subparsers) -> None:
     show = data_sub.add_parser("show", help="contact sheet of one video and its questions")
     show.add_argument("dir")
     show.add_argument(
-        "--index", type=_non_negative_int("--index"), default=0, help="video number in the manifest"
+        "--index", type=non_negative(int, "--index"), default=0, help="video number in the manifest"
     )
     show.add_argument("--out", required=True, help="PNG to write")
     show.add_argument("--frames", type=_positive_int("--frames"), default=6, help="frames to show")
@@ -228,7 +217,7 @@ def register(subparsers) -> None:
         help="score answers with no valid letter as wrong (default) or as a seeded random letter (official)",
     )
     ev.add_argument(
-        "--seed", type=_non_negative_int("--seed"), default=0, help="seed of the random-letter mode"
+        "--seed", type=non_negative(int, "--seed"), default=0, help="seed of the random-letter mode"
     )
     ev.add_argument("--json", help="also write the report as JSON here")
     ev.add_argument("--markdown", help="also write the report as markdown here")

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from rgpt4d.cli import non_negative
 from rgpt4d.train.checkpoint import CheckpointError
 from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
 
@@ -116,39 +117,26 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _non_negative(kind, name):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text}")
-        return v
-
-    return parse
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a `rgpt4d data make` directory")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, config.json, the model")
     p.add_argument("--preset", choices=TRAIN_PRESETS, help="model + optimisation preset (default smoke)")
     p.add_argument("--config", help="a saved config.json to start from instead of the preset")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
-    p.add_argument("--steps", type=_non_negative(int, "--steps"), help="optimizer steps")
-    p.add_argument("--batch-size", type=_non_negative(int, "--batch-size"), help="global batch per optimizer step")
-    p.add_argument("--lr", type=_non_negative(float, "--lr"))
-    p.add_argument("--weight-decay", type=_non_negative(float, "--weight-decay"))
-    p.add_argument("--warmup", type=_non_negative(float, "--warmup"), help="fraction of the steps (< 1) or steps")
+    p.add_argument("--steps", type=non_negative(int, "--steps"), help="optimizer steps")
+    p.add_argument("--batch-size", type=non_negative(int, "--batch-size"), help="global batch per optimizer step")
+    p.add_argument("--lr", type=non_negative(float, "--lr"))
+    p.add_argument("--weight-decay", type=non_negative(float, "--weight-decay"))
+    p.add_argument("--warmup", type=non_negative(float, "--warmup"), help="fraction of the steps (< 1) or steps")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (<= 0: off)")
-    p.add_argument("--seed", type=_non_negative(int, "--seed"))
+    p.add_argument("--seed", type=non_negative(int, "--seed"))
     p.add_argument("--ops", choices=OPS_MODES, help="fused: rgpt4d's kernels; eager: the PyTorch references")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--bf16", type=_on_off("--bf16"), help="bf16 autocast on GPU: on|off")
-    p.add_argument("--log-every", type=_non_negative(int, "--log-every"))
-    p.add_argument("--ckpt-every", type=_non_negative(int, "--ckpt-every"), help="checkpoint every N steps (0: at the end)")
-    p.add_argument("--keep-last", type=_non_negative(int, "--keep-last"))
-    p.add_argument("--num-workers", type=_non_negative(int, "--num-workers"))
+    p.add_argument("--log-every", type=non_negative(int, "--log-every"))
+    p.add_argument("--ckpt-every", type=non_negative(int, "--ckpt-every"), help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--keep-last", type=non_negative(int, "--keep-last"))
+    p.add_argument("--num-workers", type=non_negative(int, "--num-workers"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -166,9 +154,9 @@ def add_train_parsers(sub) -> None:
     st.add_argument("--tpe", type=_on_off("--tpe"), help="timestamp positional encoding: on|off (default on)")
     st.add_argument("--decoder", choices=("mlp", "linear"), help="D_4DP: the paper's mlp or the code's linear")
     st.add_argument("--loss-preset", choices=("paper", "code"), help="P4D weights (default paper)")
-    st.add_argument("--epochs", type=_non_negative(float, "--epochs"), help="with --steps 0: train this many epochs")
-    st.add_argument("--grad-accum", type=_non_negative(int, "--grad-accum"), help="micro-batches per step")
-    st.add_argument("--min-lr-ratio", type=_non_negative(float, "--min-lr-ratio"))
+    st.add_argument("--epochs", type=non_negative(float, "--epochs"), help="with --steps 0: train this many epochs")
+    st.add_argument("--grad-accum", type=non_negative(int, "--grad-accum"), help="micro-batches per step")
+    st.add_argument("--min-lr-ratio", type=non_negative(float, "--min-lr-ratio"))
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")
     st.set_defaults(func=_cmd_train_student)
 
