@@ -17,7 +17,9 @@
 - Bandwidth: bytes the op must move at minimum / median time, and that as a fraction of a
   same-size Tensor.copy_ into a preallocated tensor ("copy_fraction": the streaming floor) and of
   Tensor.clone() ("clone_fraction": the floor for an op that allocates its output, which on CPU
-  also pays the page faults of a fresh buffer), both measured in the same run.
+  also pays the page faults of a fresh buffer), and of Tensor.sum() over the same bytes
+  ("read_fraction": the floor of a reduction that reads its input once, e.g. a table gradient),
+  all measured in the same run.
 - Interleaving (Bench.compare, CPU): round after round, one call of each provider (the order
   reversed every other round), so load changes hit all alike; speed-ups are also reported paired
   (metric speedup_vs_<baseline>: the median over rounds of the per-round time ratio).
@@ -298,7 +300,7 @@ class Bench:
             n = max(1, (copy_bytes or min_bytes) // 4)
             src = torch.randn(n, device=self.device)
             dst = torch.empty_like(src)
-            refs = {"__copy_": lambda: dst.copy_(src), "__clone": src.clone}
+            refs = {"__copy_": lambda: dst.copy_(src), "__clone": src.clone, "__read": src.sum}
         everything = {**fns, **refs}
         for fn in everything.values():  # warm up (and compile) each once
             for _ in range(2):
@@ -339,6 +341,9 @@ class Bench:
                 for ref, metric in (("__copy_", "copy_fraction"), ("__clone", "clone_fraction")):
                     ref_bw = moved / (statistics.median(times[ref]) * 1e-3)
                     self.add_row(kernel, name, mode, metric, "ratio", x, gbs * 1e9 / ref_bw, config=config)
+                # against a pure read (Tensor.sum) of the same bytes: the floor of a reduction
+                read_bw = (moved // 2) / (statistics.median(times["__read"]) * 1e-3)
+                self.add_row(kernel, name, mode, "read_fraction", "ratio", x, gbs * 1e9 / read_bw, config=config)
             if flops:
                 self.add_row(kernel, name, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
         # Paired speed-ups: the median over rounds of baseline time / provider time within a round
