@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules with a `register(subparsers)` adding their subcommands; optional until they exist.
-_SUBCOMMAND_MODULES = ("rgpt4d.data.cli", "rgpt4d.models.cli")
+_SUBCOMMAND_MODULES = ("rgpt4d.data.cli", "rgpt4d.models.cli", "rgpt4d.train.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,7 +123,7 @@ def register(subparsers) -> None:
     tr = tsub.add_parser("train", help="train the teacher on a synthetic set; prints held-out quality")
     tr.add_argument("--data", required=True, help="a `rgpt4d data make` directory")
     tr.add_argument("--out", required=True, help="where to save the frozen teacher")
-    tr.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper"))
+    tr.add_argument("--preset", default="tiny", choices=("smoke", "tiny", "small", "paper"))
     tr.add_argument("--steps", type=int, default=300)
     tr.add_argument("--batch-size", type=int, default=4)
     tr.add_argument("--lr", type=float, default=1e-3)

@@ -11,8 +11,6 @@ run reads them instead of running the teacher (`load_cached`).
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rgpt4d.models.configs import TeacherConfig, get_preset
-from rgpt4d.models.teacher import Teacher4D, TeacherMetrics, targets_at, teacher_loss
+from rgpt4d.models.teacher import Teacher4D, TeacherMetrics, targets_at
 
 FIELDS = ("rgb", "depth", "flow", "motion")
 
@@ -62,56 +60,18 @@ def train_teacher(data_dir, out, *, preset: str = "tiny", config: Optional[Teach
                   seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train the teacher on the train split, evaluate on val, save it frozen to `out`.
 
-    Returns {"steps", "seconds", "loss" (last), "metrics" (held-out, with baselines)}; also written
-    to `<out>/teacher_metrics.json`.
+    A thin front of rgpt4d.train.train_teacher (the shared training loop: checkpoints in
+    `<out>/checkpoints`, `<out>/metrics.jsonl`). Returns {"steps", "seconds", "loss" (last), the
+    loss terms, "metrics" (held-out, with baselines)}; also written to `<out>/teacher_metrics.json`.
     """
-    torch.manual_seed(seed)
-    cfg = config or get_preset(preset).teacher
-    teacher = Teacher4D(cfg).train()
-    loader = _loader(data_dir, "train", batch_size, True, seed)
-    opt = torch.optim.AdamW(teacher.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
-    depth_sum = depth_n = 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from rgpt4d.train import train_config
+    from rgpt4d.train import train_teacher as _train
 
-        bar = tqdm(total=steps, desc="teacher", unit="step")
-    t0, step, last = time.time(), 0, {}
-    while step < steps:
-        for batch in loader:
-            _check_frames(cfg, batch)
-            tgt = targets_at(batch, cfg.image_size)
-            depth_sum += float(tgt["depth"].sum())
-            depth_n += tgt["depth"].numel()
-            loss, terms = teacher_loss(teacher(batch["frames"]), tgt, batch.get("frame_mask"))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            last = {"loss": float(loss.detach()), **terms}
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
-            if step >= steps:
-                break
-    if bar is not None:
-        bar.close()
-    teacher.freeze()
-    metrics = evaluate_teacher(teacher, data_dir, "val", batch_size, mean_depth=depth_sum / max(depth_n, 1))
-    result = {"steps": steps, "seconds": time.time() - t0, **last, "metrics": metrics}
-    teacher.save(out)
-    Path(out, "teacher_metrics.json").write_text(json.dumps(result, indent=2))
-    if log is not None:
-        m = metrics
-        log(f"teacher: depth AbsRel {m['depth_absrel']:.3f} (mean-depth baseline {m['depth_absrel_mean_baseline']:.3f}), "
-            f"flow EPE {m['flow_epe']:.3f} px (zero-flow {m['flow_epe_zero_baseline']:.3f}), "
-            f"motion IoU {m['motion_iou']:.3f} (all-static 0.000)")
-    return result
+    cfg = config or get_preset(preset).teacher
+    run = train_config(preset if preset in ("smoke", "tiny", "small", "paper") else "tiny", teacher_steps=steps,
+                       teacher_batch_size=batch_size, teacher_lr=lr, weight_decay=weight_decay, seed=seed,
+                       warmup=0.05, device="auto")
+    return _train(run, data_dir, out, progress=progress, teacher_config=cfg, log=log)
 
 
 @torch.no_grad()

@@ -1,0 +1,198 @@
+"""Subcommands `train teacher|student` and `eval` for the `rgpt4d` command (also `python -m rgpt4d.train`).
+
+    rgpt4d train teacher --data DIR --out runs/teacher --preset smoke
+    rgpt4d teacher cache --teacher runs/teacher --data DIR --out runs/cache
+    rgpt4d train student --data DIR --teacher-cache runs/cache --out runs/student --preset smoke \
+        [--p4d none|latent|explicit|both] [--tpe on|off] [--ops fused|eager] [--resume]
+    rgpt4d eval --model runs/student/model --data DIR [--split test]
+    torchrun --nproc_per_node=2 -m rgpt4d.train student ...        (DDP; docs/training.md)
+
+The run's configuration is the preset's (rgpt4d.train.config), then `--config FILE` (a saved
+config.json), then every flag given. With --resume and no --config, the run's own
+`<out>/config.json` is the base, so a resumed run continues with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
+
+# flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
+_COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "weight_decay", "warmup": "warmup",
+           "max_grad_norm": "max_grad_norm", "log_every": "log_every", "ckpt_every": "ckpt_every",
+           "keep_last": "keep_last", "num_workers": "num_workers", "bf16": "bf16"}
+_STUDENT = {"steps": "steps", "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
+            "p4d": "p4d", "tpe": "tpe", "decoder": "decoder", "loss_preset": "loss_preset",
+            "min_lr_ratio": "min_lr_ratio"}
+_TEACHER = {"steps": "teacher_steps", "batch_size": "teacher_batch_size", "lr": "teacher_lr"}
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _err(cmd: str, e: Exception) -> int:
+    print(f"rgpt4d {cmd}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _on_off(name: str):
+    def parse(text: str) -> bool:
+        if text not in ("on", "off"):
+            raise argparse.ArgumentTypeError(f"{name} must be 'on' or 'off', got {text!r}")
+        return text == "on"
+
+    return parse
+
+
+def resolve_config(args, fields: dict):
+    """The run's TrainConfig: preset (or --config, or the run's saved config on --resume) + flags."""
+    from rgpt4d.train.config import TrainConfig, train_config
+
+    saved = Path(args.out) / "config.json"
+    if args.config:
+        cfg = TrainConfig.load(args.config)
+    elif args.resume and saved.exists():
+        cfg = TrainConfig.load(saved)
+    else:
+        cfg = train_config(args.preset or "smoke")
+    changes = {field: getattr(args, flag) for flag, field in {**_COMMON, **fields}.items()
+               if getattr(args, flag, None) is not None}
+    if args.preset and args.preset != cfg.preset:
+        changes["preset"] = args.preset
+    return cfg.replace(**changes)
+
+
+def _cmd_train_teacher(args) -> int:
+    from rgpt4d.train import train_teacher
+
+    try:
+        cfg = resolve_config(args, _TEACHER)
+        res = train_teacher(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet,
+                            log=print if _is_main() else None)
+    except (ValueError, FileNotFoundError) as e:
+        return _err("train teacher", e)
+    if _is_main():
+        print(json.dumps({k: res[k] for k in ("steps", "seconds", "loss", "metrics", "teacher_path")}, indent=2))
+    return 0
+
+
+def _cmd_train_student(args) -> int:
+    from rgpt4d.train import evaluate_student, train_student
+
+    try:
+        cfg = resolve_config(args, _STUDENT)
+        res = train_student(cfg, args.data, args.teacher_cache, args.out, resume=args.resume, progress=not args.quiet,
+                            teacher=args.teacher, log=print if _is_main() else None)
+        if _is_main():
+            print(json.dumps(res, indent=2))
+            if args.eval_split and res["model_path"]:
+                report = evaluate_student(res["model_path"], args.data, args.eval_split, progress=not args.quiet)
+                Path(args.out, f"eval_{args.eval_split}.json").write_text(json.dumps(report, indent=2))
+                print(report["markdown"])
+    except (ValueError, FileNotFoundError) as e:
+        return _err("train student", e)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from rgpt4d.train import evaluate_student
+
+    try:
+        report = evaluate_student(args.model, args.data, args.split, batch_size=args.batch_size, limit=args.limit,
+                                  device=args.device, progress=not args.quiet, predictions_out=args.predictions,
+                                  unparseable=args.unparseable)
+    except (ValueError, FileNotFoundError) as e:
+        return _err("eval", e)
+    print(report["markdown"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _positive(kind, name):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text}")
+        return v
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a `rgpt4d data make` directory")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, config.json, the model")
+    p.add_argument("--preset", choices=TRAIN_PRESETS, help="model + optimisation preset (default smoke)")
+    p.add_argument("--config", help="a saved config.json to start from instead of the preset")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--steps", type=_positive(int, "--steps"), help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive(int, "--batch-size"), help="global batch per optimizer step")
+    p.add_argument("--lr", type=_positive(float, "--lr"))
+    p.add_argument("--weight-decay", type=_positive(float, "--weight-decay"))
+    p.add_argument("--warmup", type=_positive(float, "--warmup"), help="fraction of the steps (< 1) or steps")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (<= 0: off)")
+    p.add_argument("--seed", type=_positive(int, "--seed"))
+    p.add_argument("--ops", choices=OPS_MODES, help="fused: rgpt4d's kernels; eager: the PyTorch references")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--bf16", type=_on_off("--bf16"), help="bf16 autocast on GPU: on|off")
+    p.add_argument("--log-every", type=_positive(int, "--log-every"))
+    p.add_argument("--ckpt-every", type=_positive(int, "--ckpt-every"), help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--keep-last", type=_positive(int, "--keep-last"))
+    p.add_argument("--num-workers", type=_positive(int, "--num-workers"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_train_parsers(sub) -> None:
+    """`teacher` and `student` parsers on `sub` (used by `rgpt4d train` and `python -m rgpt4d.train`)."""
+    te = sub.add_parser("teacher", help="train the 4D teacher (then `rgpt4d teacher cache`)")
+    _add_common(te)
+    te.set_defaults(func=_cmd_train_teacher)
+
+    st = sub.add_parser("student", help="train the student: L_SFT + alpha L_LD + beta L_ED")
+    _add_common(st)
+    st.add_argument("--teacher-cache", help="`rgpt4d teacher cache` output (needed unless --p4d none)")
+    st.add_argument("--teacher", help="teacher folder (default: the one the cache names)")
+    st.add_argument("--p4d", choices=P4D_MODES, help="distillation terms (default both)")
+    st.add_argument("--tpe", type=_on_off("--tpe"), help="timestamp positional encoding: on|off (default on)")
+    st.add_argument("--decoder", choices=("mlp", "linear"), help="D_4DP: the paper's mlp or the code's linear")
+    st.add_argument("--loss-preset", choices=("paper", "code"), help="P4D weights (default paper)")
+    st.add_argument("--epochs", type=_positive(float, "--epochs"), help="with --steps 0: train this many epochs")
+    st.add_argument("--grad-accum", type=_positive(int, "--grad-accum"), help="micro-batches per step")
+    st.add_argument("--min-lr-ratio", type=_positive(float, "--min-lr-ratio"))
+    st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")
+    st.set_defaults(func=_cmd_train_student)
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train the teacher or the student (see docs/training.md)")
+    add_train_parsers(train.add_subparsers(dest="train_command", required=True))
+
+    ev = subparsers.add_parser("eval", help="evaluate a saved student on a split: the 12-column R4D report")
+    ev.add_argument("--model", required=True, help="a saved student (<run>/model)")
+    ev.add_argument("--data", required=True, help="a `rgpt4d data make` directory")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--limit", type=int, help="only the first N questions")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--predictions", help="also write the predictions as JSONL here")
+    ev.add_argument("--unparseable", choices=("wrong", "random"), default="wrong")
+    ev.add_argument("--json", help="also write the report as JSON here")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rgpt4d.train teacher|student ...` (what torchrun launches)."""
+    parser = argparse.ArgumentParser(prog="python -m rgpt4d.train")
+    add_train_parsers(parser.add_subparsers(dest="train_command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
