@@ -132,6 +132,7 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out_png: str | Path, keys: 
     `smooth` logged steps (the raw values faint behind it). Keys a run does not log are skipped."""
     plt = _agg()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per run in every panel
     for ax, key in zip(axes[0], keys):
         for name, path in runs.items():
             recs = [r for r in read_metrics(path) if isinstance(r.get(key), (int, float))]
@@ -139,8 +140,8 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out_png: str | Path, keys: 
                 continue
             steps = [r["step"] for r in recs]
             vals = [float(r[key]) for r in recs]
-            (line,) = ax.plot(steps, _smooth(vals, smooth), label=name, lw=1.5)
-            ax.plot(steps, vals, color=line.get_color(), alpha=0.2, lw=0.8)
+            ax.plot(steps, _smooth(vals, smooth), label=name, lw=1.5, color=colors[name])
+            ax.plot(steps, vals, color=colors[name], alpha=0.2, lw=0.8)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -227,8 +228,8 @@ def plot_teacher_predictions(teacher_dir: str | Path, data_dir: str | Path, spli
                 ax.set_title(f"frame {t} ({float(ts[t]):.2f} s)", fontsize=8)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.suptitle(f"teacher vs ground truth, {split} video {item['video_id']} "
-                 f"(flow: hue = direction, brightness = magnitude up to {fmax:.1f} px)", fontsize=8)
+    fig.suptitle(f"teacher vs ground truth, {split} video {item['video_id']}\n"
+                 f"flow: hue = direction, brightness = magnitude (up to {fmax:.1f} px)", fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
