@@ -10,7 +10,9 @@ and the paired differences to SFT only (same seed, same TPE setting).
     rgpt4d study --data runs/demo/data --teacher runs/demo/teacher --cache runs/demo/teacher_cache ...
 
 Results are appended to `<out>/results.jsonl` as runs finish; a second call with the same `--out`
-skips the runs already there (so an interrupted study continues) and rewrites the report.
+skips the runs already there and rewrites the report. Each run is claimed (`runs/<name>/.claimed`)
+before it starts, so two processes on one --out share the work (e.g. `--seeds 0 1 2` and
+`--seeds 2 1 0` side by side on two cores); an interrupted run's folder must be removed to redo it.
 """
 
 from __future__ import annotations
@@ -104,6 +106,18 @@ def _done(results_path: Path) -> dict[tuple, dict]:
     return {(r["p4d"], r["tpe"], r["seed"]): r for r in recs}
 
 
+def _claim(run_dir: Path) -> bool:
+    """Mark a run as taken (atomically), so several `rgpt4d study` processes can share one --out."""
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(run_dir / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def run_study(args, log: Callable[[str], None] = print) -> dict:
     """Run every (seed, TPE, p4d) condition not yet in <out>/results.jsonl; write the report."""
     from rgpt4d.data.evaluate import load_questions
@@ -122,6 +136,9 @@ def run_study(args, log: Callable[[str], None] = print) -> dict:
     log(f"[study] {len(plan)} runs ({len(plan) - len(todo)} already done), {args.steps} steps of {args.batch_size}")
     for i, (p4d, tpe, seed) in enumerate(todo, 1):
         name = f"{p4d}_tpe{'on' if tpe else 'off'}_seed{seed}"
+        if not _claim(out / "runs" / name):
+            log(f"[study] {i}/{len(todo)} {name}: taken by another process on this --out")
+            continue
         t_run = time.time()
         cfg = train_config(args.preset, p4d=p4d, tpe=tpe, seed=seed, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, loss_preset=args.loss_preset, log_every=5, device="cpu")
@@ -137,6 +154,8 @@ def run_study(args, log: Callable[[str], None] = print) -> dict:
         done[(p4d, tpe, seed)] = rec
         log(f"[study] {i}/{len(todo)} {name}: Avg {rep['scores']['Avg']:.1f} ({rec['seconds']:.0f} s, "
             f"{time.time() - t0:.0f} s so far)")
+    done = _done(results_path)  # also the runs other processes on this --out finished
+    plan = [c for c in plan if c in done]
     questions = load_questions(Path(data) / "test.json")
     if args.eval_limit is not None:
         questions = questions[: args.eval_limit]
