@@ -7,6 +7,7 @@ A checkpoint is a folder `step-00000123/` holding
                            (python, numpy, torch CPU, torch CUDA), the data position, and any
                            user metadata (e.g. the resolved config);
 - `rng.safetensors`        the torch RNG state tensors;
+- any extra JSON files the caller asks for (the training loop adds `config.json`, the resolved config);
 - `manifest.json`          size and sha256 of each file above. Written last: a folder without a
                            valid manifest is not a checkpoint.
 
@@ -150,7 +151,10 @@ class CheckpointManager:
 
     # ---- saving -----------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-             scheduler: Any = None, state: Optional[TrainState] = None) -> str:
+             scheduler: Any = None, state: Optional[TrainState] = None,
+             extra_json: Optional[dict[str, Any]] = None) -> str:
+        """Write checkpoint `step-<state.step>`; `extra_json` {file name: JSON-able value} adds
+        files to it (e.g. the resolved config as config.json), covered by the manifest too."""
         state = state or TrainState()
         os.makedirs(self.directory, exist_ok=True)
         self._remove_stale_temporaries()
@@ -179,6 +183,12 @@ class CheckpointManager:
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(trainer, f)
         files["trainer.json"] = None
+        for fname, value in (extra_json or {}).items():
+            if fname in files or fname == "manifest.json" or os.sep in fname:
+                raise ValueError(f"extra_json: {fname!r} is not a free file name in a checkpoint")
+            with open(os.path.join(tmp, fname), "w") as f:
+                json.dump(value, f, indent=1)
+            files[fname] = None
         manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": {}}
         for name in files:
             path = os.path.join(tmp, name)

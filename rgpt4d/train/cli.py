@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from rgpt4d.train.checkpoint import CheckpointError
 from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
 
 # flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
@@ -75,7 +76,7 @@ def _cmd_train_teacher(args) -> int:
         cfg = resolve_config(args, _TEACHER)
         res = train_teacher(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet,
                             log=print if _is_main() else None)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         return _err("train teacher", e)
     if _is_main():
         print(json.dumps({k: res[k] for k in ("steps", "seconds", "loss", "metrics", "teacher_path")}, indent=2))
@@ -95,7 +96,7 @@ def _cmd_train_student(args) -> int:
                 report = evaluate_student(res["model_path"], args.data, args.eval_split, progress=not args.quiet)
                 Path(args.out, f"eval_{args.eval_split}.json").write_text(json.dumps(report, indent=2))
                 print(report["markdown"])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         return _err("train student", e)
     return 0
 
@@ -115,7 +116,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _positive(kind, name):
+def _non_negative(kind, name):
     def parse(text):
         try:
             v = kind(text)
@@ -134,20 +135,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=TRAIN_PRESETS, help="model + optimisation preset (default smoke)")
     p.add_argument("--config", help="a saved config.json to start from instead of the preset")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
-    p.add_argument("--steps", type=_positive(int, "--steps"), help="optimizer steps")
-    p.add_argument("--batch-size", type=_positive(int, "--batch-size"), help="global batch per optimizer step")
-    p.add_argument("--lr", type=_positive(float, "--lr"))
-    p.add_argument("--weight-decay", type=_positive(float, "--weight-decay"))
-    p.add_argument("--warmup", type=_positive(float, "--warmup"), help="fraction of the steps (< 1) or steps")
+    p.add_argument("--steps", type=_non_negative(int, "--steps"), help="optimizer steps")
+    p.add_argument("--batch-size", type=_non_negative(int, "--batch-size"), help="global batch per optimizer step")
+    p.add_argument("--lr", type=_non_negative(float, "--lr"))
+    p.add_argument("--weight-decay", type=_non_negative(float, "--weight-decay"))
+    p.add_argument("--warmup", type=_non_negative(float, "--warmup"), help="fraction of the steps (< 1) or steps")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (<= 0: off)")
-    p.add_argument("--seed", type=_positive(int, "--seed"))
+    p.add_argument("--seed", type=_non_negative(int, "--seed"))
     p.add_argument("--ops", choices=OPS_MODES, help="fused: rgpt4d's kernels; eager: the PyTorch references")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--bf16", type=_on_off("--bf16"), help="bf16 autocast on GPU: on|off")
-    p.add_argument("--log-every", type=_positive(int, "--log-every"))
-    p.add_argument("--ckpt-every", type=_positive(int, "--ckpt-every"), help="checkpoint every N steps (0: at the end)")
-    p.add_argument("--keep-last", type=_positive(int, "--keep-last"))
-    p.add_argument("--num-workers", type=_positive(int, "--num-workers"))
+    p.add_argument("--log-every", type=_non_negative(int, "--log-every"))
+    p.add_argument("--ckpt-every", type=_non_negative(int, "--ckpt-every"), help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--keep-last", type=_non_negative(int, "--keep-last"))
+    p.add_argument("--num-workers", type=_non_negative(int, "--num-workers"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -165,9 +166,9 @@ def add_train_parsers(sub) -> None:
     st.add_argument("--tpe", type=_on_off("--tpe"), help="timestamp positional encoding: on|off (default on)")
     st.add_argument("--decoder", choices=("mlp", "linear"), help="D_4DP: the paper's mlp or the code's linear")
     st.add_argument("--loss-preset", choices=("paper", "code"), help="P4D weights (default paper)")
-    st.add_argument("--epochs", type=_positive(float, "--epochs"), help="with --steps 0: train this many epochs")
-    st.add_argument("--grad-accum", type=_positive(int, "--grad-accum"), help="micro-batches per step")
-    st.add_argument("--min-lr-ratio", type=_positive(float, "--min-lr-ratio"))
+    st.add_argument("--epochs", type=_non_negative(float, "--epochs"), help="with --steps 0: train this many epochs")
+    st.add_argument("--grad-accum", type=_non_negative(int, "--grad-accum"), help="micro-batches per step")
+    st.add_argument("--min-lr-ratio", type=_non_negative(float, "--min-lr-ratio"))
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")
     st.set_defaults(func=_cmd_train_student)
 

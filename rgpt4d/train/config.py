@@ -21,7 +21,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 TRAIN_PRESETS = ("smoke", "tiny", "small", "paper")
 P4D_MODES = ("none", "latent", "explicit", "both")

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from rgpt4d.train.checkpoint import CheckpointManager, TrainState
+from rgpt4d.train.checkpoint import CheckpointError, CheckpointManager, TrainState
 from rgpt4d.train.config import TrainConfig
 
 try:  # the `nvtx` package: a no-op unless a profiler (Nsight Systems) listens; works without CUDA
@@ -237,6 +237,9 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
             in_epoch = int(state.data_position.get("step_in_epoch", 0))
             if log and dist.main:
                 log(f"{name}: resumed from step {step} (epoch {epoch}, step {in_epoch} of it)")
+        elif ckpts.checkpoints():
+            raise CheckpointError(f"resume: no valid checkpoint in {ckpts.directory}: every one is corrupt or "
+                                  "incomplete (see the warnings above); remove them to start from scratch")
         elif log and dist.main:
             log(f"{name}: --resume given but no checkpoint in {ckpts.directory}; starting from scratch")
     end = total if stop_at_step is None else min(total, stop_at_step)
@@ -271,8 +274,11 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
     n_sum = 0
     while step < end:
         batches = _epoch_batches(n_items, config, dist, epoch)
+        # its own generator: making the loader's iterator then draws no number from the global RNG (it
+        # would, once per iterator, and a resumed run makes one more iterator than an uninterrupted one)
         loader = DataLoader(dataset, batch_sampler=batches[in_epoch * config.grad_accum:], collate_fn=collate_fn,
-                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
         it = iter(loader)
         while in_epoch < per_epoch and step < end:
             optimizer.zero_grad(set_to_none=True)
@@ -287,21 +293,21 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
                     with nvtx_range("backward"):
                         (loss / config.grad_accum).backward()
                 tok_window += int(ntok)
-                for k, v in {"loss": loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+                for k, v in {"loss": loss, **terms}.items():  # kept as tensors: no device sync per step
+                    sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v)
                 n_sum += 1
             with nvtx_range("optimizer"):
                 if config.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 else:
-                    grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 lr_now = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
             step += 1
             in_epoch += 1
             if step % config.log_every == 0 or step == end:
-                values = {k: v / n_sum for k, v in sums.items()}
+                values = {k: float(v) / n_sum for k, v in sums.items()}
                 tokens = tok_window
                 if dist.world > 1:  # average the terms and add the tokens over processes
                     import torch.distributed as tdist
@@ -315,7 +321,7 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
                 now = time.perf_counter()
                 tps = tokens / max(now - t_window, 1e-9)
                 tok_total += tokens
-                last = {"step": step, "epoch": epoch, "lr": lr_now, **values, "grad_norm": grad_norm,
+                last = {"step": step, "epoch": epoch, "lr": lr_now, **values, "grad_norm": float(grad_norm),
                         "tokens_per_s": tps, "seconds": now - t_start}
                 if dist.main:
                     with open(metrics_path, "a") as f:
@@ -353,6 +359,7 @@ def _save(ckpts: CheckpointManager, model, optimizer, scheduler, step, epoch, in
         with nvtx_range("checkpoint"):
             path = ckpts.save(model, optimizer, scheduler,
                               TrainState(step=step, data_position={"epoch": epoch, "step_in_epoch": in_epoch},
-                                         metadata=meta))
+                                         metadata=meta),
+                              extra_json={"config.json": meta["config"]})
     barrier(dist)
     return path

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from rgpt4d.train.config import TrainConfig
-from rgpt4d.train.loop import add_nvtx_hooks, barrier, ops_backend, resolve_device, run_loop, setup_distributed
+from rgpt4d.train.loop import (add_nvtx_hooks, barrier, ops_backend, resolve_device, run_loop, setup_distributed,
+                               total_steps)
 
 
 class SFTOnly(nn.Module):
@@ -168,43 +169,46 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
 
     config = config.validate()
     out_dir = Path(out_dir)
+    dataset = Synth4DQuestions(data_dir, "train", fields=("rgb",))
+    _check_frames(dataset, student_config(config.preset).num_frames, config.preset)
+    if config.p4d != "none":
+        if teacher_cache is None:
+            raise ValueError(f"teacher_cache: p4d={config.p4d!r} needs the teacher cache (`rgpt4d teacher cache`); "
+                             "use p4d='none' to train without distillation")
+        _check_cache(Path(teacher_cache), {e["video"] for e in dataset.entries})
     device = resolve_device(config)
     dist = setup_distributed(device)
-    with ops_backend(config.ops):
-        dataset = Synth4DQuestions(data_dir, "train", fields=("rgb",))
-        _check_frames(dataset, student_config(config.preset).num_frames, config.preset)
-        tokenizer = _tokenizer(out_dir, get_preset(config.preset).tokenizer_vocab_size, dist)
-        model = build_training_model(config, tokenizer, teacher_cache, teacher).to(device)
-        if config.p4d != "none":
-            _check_cache(Path(teacher_cache), {e["video"] for e in dataset.entries})
-        student = model.inference_model()
-        add_nvtx_hooks({"vision": student.vision_tower, "projector": student.projector,
-                        "regions": student.region_encoder, "llm": student.language_model,
-                        "p4d_decoder": getattr(model, "decoder", None), "p4d_loss": getattr(model, "loss_fn", None)})
-        collate = StudentCollate(tokenizer, student.config, None if teacher_cache is None else str(teacher_cache),
-                                 config.p4d != "none")
-        res = run_loop(model, dataset, collate, StudentLoss(config.loss_preset), config, out_dir, lr=config.lr,
-                       name="student", resume=resume, progress=progress, stop_at_step=stop_at_step,
-                       metadata={"data_dir": str(data_dir), "teacher_cache": str(teacher_cache)}, dist=dist,
-                       device=device, log=log)
-        from rgpt4d.train.loop import total_steps
+    try:
+        with ops_backend(config.ops):
+            tokenizer = _tokenizer(out_dir, get_preset(config.preset).tokenizer_vocab_size, dist)
+            model = build_training_model(config, tokenizer, teacher_cache, teacher).to(device)
+            student = model.inference_model()
+            add_nvtx_hooks({"vision": student.vision_tower, "projector": student.projector,
+                            "regions": student.region_encoder, "llm": student.language_model,
+                            "p4d_decoder": getattr(model, "decoder", None),
+                            "p4d_loss": getattr(model, "loss_fn", None)})
+            collate = StudentCollate(tokenizer, student.config, None if teacher_cache is None else str(teacher_cache),
+                                     config.p4d != "none")
+            res = run_loop(model, dataset, collate, StudentLoss(config.loss_preset), config, out_dir, lr=config.lr,
+                           name="student", resume=resume, progress=progress, stop_at_step=stop_at_step,
+                           metadata={"data_dir": str(data_dir), "teacher_cache": str(teacher_cache)}, dist=dist,
+                           device=device, log=log)
+            model_path = None
+            if res.steps >= total_steps(len(dataset), config, dist.world) and dist.main:
+                from rgpt4d.infer import save_inference_model
 
-        model_path = None
-        done = res.steps >= total_steps(len(dataset), config, dist.world)
-        if done and dist.main:
-            from rgpt4d.infer import save_inference_model
+                model_path = str(save_inference_model(model, tokenizer, out_dir / "model"))
+        result = {"steps": res.steps, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
+                  **{k: res.last.get(k) for k in ("loss", "loss_sft", "loss_ld", "loss_ed")},
+                  "model_path": model_path, "checkpoint": res.checkpoint,
+                  "metrics_path": str(out_dir / "metrics.jsonl"), "resumed_from": res.resumed_from}
+        if dist.main:
+            (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if dist.started_here:
+            import torch.distributed as tdist
 
-            model_path = str(save_inference_model(model, tokenizer, out_dir / "model"))
-    result = {"steps": res.steps, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
-              **{k: res.last.get(k) for k in ("loss", "loss_sft", "loss_ld", "loss_ed")},
-              "model_path": model_path, "checkpoint": res.checkpoint, "metrics_path": str(out_dir / "metrics.jsonl"),
-              "resumed_from": res.resumed_from}
-    if dist.main:
-        (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    if dist.started_here:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
+            tdist.destroy_process_group()
     return result
 
 

@@ -86,36 +86,38 @@ def train_teacher(config: TrainConfig, data_dir: str | Path, out_dir: str | Path
     device = resolve_device(config)
     dist = setup_distributed(device)
     cfg = teacher_config or get_preset(config.preset).teacher
-    with ops_backend(config.ops):
-        torch.manual_seed(config.seed)
-        teacher = Teacher4D(cfg).train().to(device)
-        add_nvtx_hooks({"teacher_encoder": teacher.encoder, "teacher_heads": teacher.heads})
-        dataset = Synth4DVideos(data_dir, "train", fields=FIELDS)
-        Tp, h, w = cfg.grid
-        res = run_loop(teacher, dataset, TeacherCollate(cfg.num_frames), TeacherLoss(cfg.image_size, Tp * h * w),
-                       run_cfg, out_dir, lr=run_cfg.lr, name="teacher", resume=resume, progress=progress,
-                       stop_at_step=stop_at_step, metadata={"data_dir": str(data_dir), "teacher": cfg.to_dict()},
-                       dist=dist, device=device, log=log)
-        metrics, path = None, None
-        if res.steps >= run_cfg.steps and dist.main:
-            teacher.freeze().cpu()
-            metrics = evaluate_teacher(teacher, data_dir, "val", run_cfg.batch_size,
-                                       mean_depth=_mean_depth(data_dir, cfg.image_size))
-            teacher.save(out_dir)
-            path = str(out_dir)
-    result = {"steps": res.steps, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
-              **{k: v for k, v in res.last.items() if k not in ("step", "epoch", "seconds", "tokens_per_s")},
-              "metrics": metrics, "teacher_path": path, "resumed_from": res.resumed_from}
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "teacher_metrics.json").write_text(json.dumps(result, indent=2))
-        if log is not None and metrics is not None:
-            m = metrics
-            log(f"teacher: depth AbsRel {m['depth_absrel']:.3f} (mean-depth baseline "
-                f"{m['depth_absrel_mean_baseline']:.3f}), flow EPE {m['flow_epe']:.3f} px (zero-flow "
-                f"{m['flow_epe_zero_baseline']:.3f}), motion IoU {m['motion_iou']:.3f} (all-static 0.000)")
-    if dist.started_here:
-        import torch.distributed as tdist
+    try:
+        with ops_backend(config.ops):
+            torch.manual_seed(config.seed)
+            teacher = Teacher4D(cfg).train().to(device)
+            add_nvtx_hooks({"teacher_encoder": teacher.encoder, "teacher_heads": teacher.heads})
+            dataset = Synth4DVideos(data_dir, "train", fields=FIELDS)
+            Tp, h, w = cfg.grid
+            res = run_loop(teacher, dataset, TeacherCollate(cfg.num_frames), TeacherLoss(cfg.image_size, Tp * h * w),
+                           run_cfg, out_dir, lr=run_cfg.lr, name="teacher", resume=resume, progress=progress,
+                           stop_at_step=stop_at_step, metadata={"data_dir": str(data_dir), "teacher": cfg.to_dict()},
+                           dist=dist, device=device, log=log)
+            metrics, path = None, None
+            if res.steps >= run_cfg.steps and dist.main:
+                teacher.freeze().cpu()
+                metrics = evaluate_teacher(teacher, data_dir, "val", run_cfg.batch_size,
+                                           mean_depth=_mean_depth(data_dir, cfg.image_size))
+                teacher.save(out_dir)
+                path = str(out_dir)
+        result = {"steps": res.steps, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
+                  **{k: v for k, v in res.last.items() if k not in ("step", "epoch", "seconds", "tokens_per_s")},
+                  "metrics": metrics, "teacher_path": path, "resumed_from": res.resumed_from}
+        if dist.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "teacher_metrics.json").write_text(json.dumps(result, indent=2))
+            if log is not None and metrics is not None:
+                m = metrics
+                log(f"teacher: depth AbsRel {m['depth_absrel']:.3f} (mean-depth baseline "
+                    f"{m['depth_absrel_mean_baseline']:.3f}), flow EPE {m['flow_epe']:.3f} px (zero-flow "
+                    f"{m['flow_epe_zero_baseline']:.3f}), motion IoU {m['motion_iou']:.3f} (all-static 0.000)")
+    finally:
+        if dist.started_here:
+            import torch.distributed as tdist
 
-        tdist.destroy_process_group()
+            tdist.destroy_process_group()
     return result

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rgpt4d.train import CheckpointManager, train_config, train_student
+from rgpt4d.train import CheckpointError, CheckpointManager, train_config, train_student
 
 STEPS = 4
 
@@ -58,6 +58,8 @@ def test_outputs_and_loss_terms(reference):
     # the resolved config is saved with each checkpoint too
     ck = CheckpointManager(str(out / "checkpoints")).latest_valid()
     assert json.loads(open(os.path.join(ck, "trainer.json")).read())["metadata"]["config"] == cfg.to_dict()
+    assert TrainConfig.load(os.path.join(ck, "config.json")) == cfg
+    assert "config.json" in json.loads(open(os.path.join(ck, "manifest.json")).read())["files"]
     # the saved model is the bare student: no D_4DP, no teacher heads
     saved = load_file(str(out / "model" / "model.safetensors"))
     assert not any("decoder" in k or "teacher" in k for k in saved)
@@ -93,6 +95,11 @@ def test_corrupt_checkpoint_falls_back_to_previous(reference, smoke_data, smoke_
     ref = _final_state(reference[0])
     got = _final_state(tmp_path)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # nothing valid left: a clear error, not a silent restart from scratch
+    for _, path in CheckpointManager(str(tmp_path / "checkpoints")).checkpoints():
+        os.remove(os.path.join(path, "manifest.json"))
+    with pytest.warns(RuntimeWarning, match="incomplete"), pytest.raises(CheckpointError, match="no valid checkpoint"):
+        _run(tmp_path, smoke_data, smoke_teacher_cache[1], resume=True)
 
 
 def test_gradient_accumulation_matches_full_batch(reference, smoke_data, smoke_teacher_cache, tmp_path):
@@ -104,6 +111,7 @@ def test_gradient_accumulation_matches_full_batch(reference, smoke_data, smoke_t
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     ref, got = _final_state(reference[0]), _final_state(tmp_path)
     worst = max(float((ref[k].float() - got[k].float()).abs().max()) for k in ref)
+    print(f"accumulation 2x2 vs 4: max |param diff| after {STEPS} steps {worst:.2e}")
     assert worst < 1e-4, worst
 
 
@@ -127,6 +135,8 @@ def test_ops_fused_and_eager_agree(reference, smoke_data, smoke_teacher_cache, t
     _run(tmp_path / "fused", smoke_data, smoke_teacher_cache[1], ops="fused", steps=1)
     assert {be for _, be in used} == {"cpu"}  # the compiled kernels on CPU tensors
     ref_rows, rows = _metrics(reference[0]), _metrics(tmp_path)
+    rel = max(abs(b[k] - a[k]) / abs(a[k]) for a, b in zip(ref_rows, rows) for k in ("loss", "loss_ld", "loss_ed"))
+    print(f"ops eager vs fused: max relative loss difference over {STEPS} steps {rel:.2e}")
     for a, b in zip(ref_rows, rows):
         for key in ("loss", "loss_sft", "loss_ld", "loss_ed"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
