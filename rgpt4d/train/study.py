@@ -208,6 +208,18 @@ def study_tables(records: list[dict], chance: dict) -> tuple[str, str]:
     return scores_table(rows, stds, counts), scores_table(diff_rows, diff_stds) if diff_rows else ""
 
 
+def runs_table(records: list[dict]) -> str:
+    """One line per run: condition, seed, Avg, and the last logged loss terms (unweighted)."""
+    labels = dict(P4D_CONDITIONS)
+    lines = ["| p4d | TPE | seed | Avg | L_SFT | L_LD | L_ED | seconds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        def f(v):
+            return "-" if not v else f"{v:.3f}"
+        lines.append(f"| {labels[r['p4d']]} | {'on' if r['tpe'] else 'off'} | {r['seed']} | {r['scores']['Avg']:.1f} | "
+                     f"{f(r['loss_sft'])} | {f(r['loss_ld'])} | {f(r['loss_ed'])} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def write_study_report(path: Path, summary: dict, args) -> Path:
     from rgpt4d.train.report import teacher_quality_table
 
@@ -226,7 +238,8 @@ Command (from the repository root):
 Preset `{args.preset}`: every student trains {args.steps} steps of {args.batch_size} questions (lr {args.lr},
 P4D loss weights `{args.loss_preset}`), seeds {args.seeds}, on one dataset with one frozen teacher and one
 cache shared by all runs; scored on {n_q} held-out test questions. Accuracy in percent, mean ± sample
-std over seeds. Wall time {summary['seconds'] / 60:.0f} min.
+std over seeds. {len(summary['records'])} runs, {sum(r['seconds'] for r in summary['records']) / 60:.0f} min of
+training + evaluation in all (each run's wall time, summed).
 
 ## Accuracy per condition
 
@@ -235,6 +248,10 @@ std over seeds. Wall time {summary['seconds'] / 60:.0f} min.
 ## Paired differences (same seed): each P4D variant minus SFT only, and TPE on minus off
 
 {diff_table}
+
+## Every run
+
+{runs_table(summary['records'])}
 
 ## The teacher (held-out val)
 

@@ -146,6 +146,7 @@ def test_study_on_the_demo_artifacts(demo, tmp_path):
     assert "rgpt4d study " in report and "--seeds 0 1" in report
     assert "| SFT only, TPE on (n=2) |" in report and "| latent + explicit, TPE on (n=2) |" in report
     assert "| latent + explicit - SFT only, TPE on (n=2) |" in report
+    assert "| latent + explicit | on | 1 |" in report  # the per-run table
     # a second call finds every run done and only rewrites the report
     assert main(argv) == 0
     assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == 4
