@@ -30,10 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="versions, build flags and available backends")
     env.set_defaults(func=lambda args: __import__("rgpt4d.env", fromlist=["main"]).main())
-    demo = sub.add_parser("demo", help="run the main job (see README)")
-    demo.add_argument("--preset", default="tiny")
+    demo = sub.add_parser("demo", help="run the main job: data -> teacher -> SFT and P4D students -> table (README)")
+    demo.add_argument("--preset", default="tiny", choices=("smoke", "tiny"),
+                      help="smoke: a 2-minute check of the pipeline; tiny: the real demo (default)")
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=lambda args: __import__("rgpt4d.demo", fromlist=["main"]).main(args))
+    study = sub.add_parser("study", help="the paper's P4D/TPE ablations at our scale, several seeds (docs/results/)")
+    __import__("rgpt4d.train.study", fromlist=["add_arguments"]).add_arguments(study)
+    study.set_defaults(func=lambda args: __import__("rgpt4d.train.study", fromlist=["main"]).main(args))
     for name in _SUBCOMMAND_MODULES:
         try:
             mod = importlib.import_module(name)

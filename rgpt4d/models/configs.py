@@ -43,6 +43,13 @@ class TeacherConfig:
     head_layers: tuple = (1, 2, 3, 4)  # 1-based encoder layers the heads read (the latent is the last)
     head_features: int = 32  # DPT fusion width
     heads: tuple = ("depth", "flow", "motion")
+    # DPT pyramid, in multiples of the token grid: fusion runs from the coarsest map up to the finest,
+    # whose output is unfolded to pixels by a learned pixel shuffle (patch_size / head_scales[0] pixels
+    # per side), so no convolution runs at full resolution
+    head_scales: tuple = (2.0, 1.0, 0.5, 0.25)
+    # the encoder also sees each frame's difference to the previous frame (3 more input channels):
+    # motion that crosses a tubelet boundary is then in the input, not only in attention across time
+    difference_channels: bool = True
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -54,7 +61,8 @@ class TeacherConfig:
         return dict(image_size=self.image_size, patch_size=self.patch_size, num_frames=self.num_frames,
                     tubelet_size=self.tubelet_size, hidden_size=self.hidden_size,
                     num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                    intermediate_size=self.intermediate_size, use_mean_pooling=False)
+                    intermediate_size=self.intermediate_size, use_mean_pooling=False,
+                    num_channels=6 if self.difference_channels else 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -74,6 +82,10 @@ class TeacherConfig:
         if self.num_frames % self.tubelet_size:
             raise ValueError(f"TeacherConfig: num_frames {self.num_frames} is not a multiple of tubelet_size "
                              f"{self.tubelet_size}")
+        up = self.patch_size / self.head_scales[0] if len(self.head_scales) == 4 and self.head_scales[0] > 0 else 0.5
+        if len(self.head_scales) != 4 or up < 1 or up != int(up):
+            raise ValueError(f"TeacherConfig: head_scales must be four scales whose first divides patch_size "
+                             f"{self.patch_size} into a whole number of pixels, got {self.head_scales}")
         if len(self.head_layers) != 4 or not all(1 <= i <= self.num_hidden_layers for i in self.head_layers):
             raise ValueError(f"TeacherConfig: head_layers must be four layers in 1..{self.num_hidden_layers}, "
                              f"got {self.head_layers}")

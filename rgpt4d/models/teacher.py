@@ -55,21 +55,27 @@ class DPTHead(nn.Module):
     """A DPT-like dense head over four token grids.
 
     Reassemble: each layer's tokens -> Linear to `features` -> a map at the token grid, resampled to
-    the DPT pyramid (x4, x2, x1, x0.5 of the grid). Fuse: from the coarsest map up, each step adds
-    the next map and refines it with residual conv units. Output: upsampled to the pixel grid,
-    `out_channels * tubelet` channels, unfolded into the tubelet's frames.
+    the pyramid `scales` (multiples of the grid, finest first). Fuse: from the coarsest map up, each
+    step adds the next map and refines it with a residual conv unit. Output: a conv at the finest
+    map, then a learned pixel shuffle to the pixel grid (`patch_size / scales[0]` pixels per side:
+    no convolution runs at full resolution, which is what makes the heads cheap enough to train and
+    to run inside P4D on a CPU), `out_channels * tubelet` channels unfolded into the tubelet's frames.
     """
 
     def __init__(self, in_dim: int, features: int, out_channels: int, patch_size: int, tubelet: int,
-                 activation: str = "none"):
+                 activation: str = "none", scales: Sequence[float] = (2.0, 1.0, 0.5, 0.25)):
         super().__init__()
         self.out_channels, self.patch_size, self.tubelet, self.activation = out_channels, patch_size, tubelet, activation
+        self.scales = tuple(float(s) for s in scales)
+        self.upscale = int(round(patch_size / self.scales[0]))
+        if len(self.scales) != 4 or self.upscale < 1 or abs(patch_size / self.scales[0] - self.upscale) > 1e-6:
+            raise ValueError(f"DPTHead: scales must be four, the first dividing patch_size {patch_size} into whole "
+                             f"pixels, got {scales}")
         self.project = nn.ModuleList(nn.Linear(in_dim, features) for _ in range(4))
-        self.scales = (4.0, 2.0, 1.0, 0.5)
         self.refine = nn.ModuleList(_ResidualConvUnit(features) for _ in range(4))
         self.out = nn.Sequential(
-            nn.Conv2d(features, features // 2, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(features // 2, out_channels * tubelet, 1),
+            nn.Conv2d(features, features, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(features, out_channels * tubelet * self.upscale ** 2, 1),
         )
 
     def forward(self, layers: Sequence[Tensor]) -> Tensor:
@@ -81,15 +87,16 @@ class DPTHead(nn.Module):
         for proj, scale, grid in zip(self.project, self.scales, layers):
             m = proj(grid).flatten(0, 1).permute(0, 3, 1, 2)  # [B*T', F, h, w]
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            maps.append(F.interpolate(m, size=size, mode="bilinear", align_corners=False))
+            maps.append(m if size == (h, w) else F.interpolate(m, size=size, mode="bilinear", align_corners=False))
         x = self.refine[3](maps[3])
         for i in (2, 1, 0):
             x = F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
             x = self.refine[i](x + maps[i])
-        x = F.interpolate(x, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=False)
-        x = self.out(x)  # [B*T', C*tubelet, H, W]
+        x = F.pixel_shuffle(self.out(x), self.upscale)  # [B*T', C*tubelet, h'*up, w'*up]
+        if x.shape[-2:] != (h * self.patch_size, w * self.patch_size):
+            x = F.interpolate(x, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=False)
         H, W = x.shape[-2:]
-        x = x.view(B, Tp, self.tubelet, self.out_channels, H, W).flatten(1, 2)
+        x = x.reshape(B, Tp, self.tubelet, self.out_channels, H, W).flatten(1, 2)
         if self.activation == "exp":
             x = torch.exp(x.clamp(max=20.0))
         return x
@@ -118,7 +125,7 @@ class Teacher4D(nn.Module):
         self.encoder = VideoMAEModel(VideoMAEConfig(**config.videomae_kwargs()))
         self.heads = nn.ModuleDict({
             name: DPTHead(config.hidden_size, config.head_features, HEAD_SPECS[name][0], config.patch_size,
-                          config.tubelet_size, HEAD_SPECS[name][1])
+                          config.tubelet_size, HEAD_SPECS[name][1], config.head_scales)
             for name in config.heads
         })
 
@@ -129,6 +136,9 @@ class Teacher4D(nn.Module):
         if frames.shape[1] != cfg.num_frames:
             raise ValueError(f"frames: the teacher takes {cfg.num_frames} frames, got {frames.shape[1]}")
         x = normalize_frames(frames, cfg.image_size).to(next(self.parameters()).dtype)
+        if cfg.difference_channels:  # [B, T, 6, S, S]: RGB and the change since the previous frame
+            diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)
+            x = torch.cat([x, diff], 2)
         out = self.encoder(pixel_values=x, output_hidden_states=True)
         Tp, h, w = cfg.grid
         return [out.hidden_states[i].unflatten(1, (Tp, h, w)) for i in cfg.head_layers]

@@ -95,3 +95,21 @@ def test_cli_teacher_train_and_cache(data_dir, tmp_path, monkeypatch):
     assert len(list((tmp_path / "c").glob("*.safetensors"))) >= 1
     assert main(["teacher", "cache", "--teacher", str(tmp_path / "missing"), "--data", str(data_dir), "--out",
                  str(tmp_path / "c2"), "--quiet"]) == 2
+
+
+def test_head_scales_and_difference_channels():
+    from dataclasses import replace
+
+    from rgpt4d.models.configs import TeacherConfig
+
+    with pytest.raises(ValueError, match="head_scales"):
+        TeacherConfig(patch_size=8, head_scales=(3.0, 1.0, 0.5, 0.25))  # 8 / 3 px per token side
+    frames = torch.randint(0, 256, (1, T, 3, S, S), dtype=torch.uint8)
+    for diff in (True, False):
+        for scales in ((2.0, 1.0, 0.5, 0.25), (4.0, 2.0, 1.0, 0.5)):
+            cfg = replace(teacher_config(), difference_channels=diff, head_scales=scales)
+            teacher = Teacher4D(cfg).freeze()
+            assert teacher.encoder.config.num_channels == (6 if diff else 3)
+            with torch.no_grad():
+                out = teacher(frames)
+            assert out.flow.shape == (1, T, 2, S, S) and out.depth.shape == (1, T, S, S)
