@@ -164,18 +164,16 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out_png: str | Path, keys: 
 
 def flow_to_rgb(flow, max_mag: Optional[float] = None):
     """Flow [2, H, W] (pixels) -> an RGB image [H, W, 3] in [0, 1]: hue = direction, brightness =
-    magnitude (saturating at `max_mag`, default the largest magnitude)."""
+    magnitude (saturating at `max_mag`, default the largest magnitude). rgpt4d.data.show's colouring,
+    for the channels-first layout the models use."""
     import numpy as np
-    from matplotlib.colors import hsv_to_rgb
+
+    from rgpt4d.data.show import flow_to_rgb as flow_hw2_to_rgb
 
     f = np.asarray(flow, dtype=np.float64)
     if f.ndim != 3 or f.shape[0] != 2:
         raise ValueError(f"flow: expected [2, H, W], got {f.shape}")
-    mag = np.hypot(f[0], f[1])
-    ang = (np.arctan2(f[1], f[0]) / (2 * np.pi)) % 1.0
-    top = max_mag if max_mag is not None else max(float(mag.max()), 1e-6)
-    hsv = np.stack([ang, np.ones_like(ang), np.clip(mag / top, 0, 1)], -1)
-    return hsv_to_rgb(hsv)
+    return flow_hw2_to_rgb(np.moveaxis(f, 0, -1), max_mag)
 
 
 def plot_teacher_predictions(teacher_dir: str | Path, data_dir: str | Path, split: str, out_png: str | Path,
