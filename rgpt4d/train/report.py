@@ -149,17 +149,23 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out_png: str | Path, keys: 
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save_figure(fig, out_png)
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's predictions on a held-out video
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_figure(fig, out_png: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
-
-
-# ---------------------------------------------------------------------------------------------
-# The teacher's predictions on a held-out video
-# ---------------------------------------------------------------------------------------------
 
 
 def flow_to_rgb(flow, max_mag: Optional[float] = None):
@@ -228,9 +234,4 @@ def plot_teacher_predictions(teacher_dir: str | Path, data_dir: str | Path, spli
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(f"teacher vs ground truth, {split} video {item['video_id']}\n"
                  f"flow: hue = direction, brightness = magnitude (up to {fmax:.1f} px)", fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save_figure(fig, out_png)
