@@ -69,10 +69,10 @@ class RGPT4D:
 
     # -- one question ---------------------------------------------------------------------------
     def answer(self, video: Any, timestamps: Sequence[float], regions: Optional[Sequence[Sequence[float]]],
-               question: str, options: Sequence[Any], som_image: Any = None) -> str:
-        """The letter of the chosen option."""
+               question: str, options: Sequence[Any], som_image: Any = None, scoring: str = "auto") -> str:
+        """The letter of the chosen option (`scoring`: see answer_batch)."""
         return self.answer_batch([dict(video=video, timestamps=timestamps, regions=regions, question=question,
-                                       options=options, som_image=som_image)], progress=False)[0]
+                                       options=options, som_image=som_image)], progress=False, scoring=scoring)[0]
 
     # -- many questions -------------------------------------------------------------------------
     def _prepare(self, items: list[dict]) -> dict:
@@ -113,12 +113,36 @@ class RGPT4D:
             inputs["som_image"] = torch.stack(somi).to(d)
         return inputs
 
+    SCORINGS = ("auto", "letter", "likelihood")
+
+    def default_scoring(self) -> str:
+        """How this model's answers are read: its config's answer_format "letter" -> "letter" (the
+        generated letter), "option" -> "likelihood" (the option whose text is most likely)."""
+        return "likelihood" if self.model.config.answer_format == "option" else "letter"
+
     @torch.no_grad()
-    def answer_batch(self, items: Iterable[dict], batch_size: int = 8, progress: bool = True) -> list[str]:
+    def answer_batch(self, items: Iterable[dict], batch_size: int = 8, progress: bool = True,
+                     scoring: str = "auto") -> list[str]:
         """Answer many questions (dicts with answer()'s arguments, or `prompt` instead of question
-        and options) in batches. A reply that is not a valid letter falls back to the most likely
-        valid letter of the first step (never an unparseable answer)."""
+        and options) in batches; returns one letter per question, never an unparseable answer.
+
+        scoring "letter": the model generates its answer; the letter it writes is the prediction (the
+        first token for the letter format; the "(X)" after the option text for the option format). A
+        reply without a valid letter falls back to the most likely valid letter of the first step
+        (letter format) or to likelihood scoring (option format). "likelihood": the option whose text
+        has the highest log-likelihood after the prompt (rgpt4d.models.tokenizer.answer_ids's text
+        tokens) is chosen; the model never has to bind a letter to an option. "auto": the model's
+        `default_scoring()`."""
+        if scoring not in self.SCORINGS:
+            raise ValueError(f"scoring: must be one of {self.SCORINGS}, got {scoring!r}")
+        if scoring == "auto":
+            scoring = self.default_scoring()
         items = list(items)
+        if scoring == "likelihood" or self.model.config.answer_format == "option":
+            for i, it in enumerate(items):
+                if "options" not in it or not len(it["options"]):
+                    raise ValueError(f"items: question {i} has no `options`; scoring {scoring!r} with an "
+                                     f"{self.model.config.answer_format!r}-format model needs the option texts")
         out: list[str] = []
         bar = None
         if progress:
@@ -127,25 +151,77 @@ class RGPT4D:
             bar = tqdm(total=len(items), desc="infer", unit="q")
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            res = self.model.generate(**self._prepare(chunk), max_new_tokens=1, output_scores=True,
-                                      return_dict_in_generate=True)
-            first = res.scores[0]
-            for i, it in enumerate(chunk):
-                n = len(it["options"]) if "options" in it else int(it.get("num_options", 5))
-                tok = int(res.sequences[i, -1])
-                valid = self.letter_ids[:n]
-                if tok in valid:
-                    out.append(LETTERS[valid.index(tok)])
-                else:
-                    out.append(LETTERS[int(first[i, valid].argmax())])
+            inputs = self._prepare(chunk)
+            if scoring == "likelihood":
+                out.extend(self._by_likelihood(chunk, inputs))
+            elif self.model.config.answer_format == "option":
+                out.extend(self._option_letters(chunk, inputs))
+            else:
+                out.extend(self._first_letters(chunk, inputs))
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
         return out
 
+    def _num_options(self, it: dict) -> int:
+        return len(it["options"]) if "options" in it else int(it.get("num_options", 5))
+
+    def _first_letters(self, chunk: list[dict], inputs: dict) -> list[str]:
+        res = self.model.generate(**inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True)
+        first = res.scores[0]
+        out = []
+        for i, it in enumerate(chunk):
+            tok = int(res.sequences[i, -1])
+            valid = self.letter_ids[:self._num_options(it)]
+            out.append(LETTERS[valid.index(tok)] if tok in valid else LETTERS[int(first[i, valid].argmax())])
+        return out
+
+    def option_scores(self, chunk: list[dict], inputs: Optional[dict] = None) -> torch.Tensor:
+        """[len(chunk), K] summed log-likelihood of each option's text after its prompt (-inf past a
+        question's last option)."""
+        from rgpt4d.data.schema import option_text
+        from rgpt4d.models.tokenizer import answer_ids
+
+        inputs = self._prepare(chunk) if inputs is None else inputs
+        fmt = "option"
+        opts = []
+        for it in chunk:
+            per = []
+            for k, v in enumerate(it["options"]):
+                ids, n = answer_ids(self.tokenizer, fmt, LETTERS[k], option_text(v))
+                per.append(ids[:n])
+            opts.append(per)
+        return self.model.option_log_likelihoods(options=opts, **inputs)
+
+    def _by_likelihood(self, chunk: list[dict], inputs: dict) -> list[str]:
+        return [LETTERS[int(k)] for k in self.option_scores(chunk, inputs).argmax(1)]
+
+    def _option_letters(self, chunk: list[dict], inputs: dict) -> list[str]:
+        """The letter the model writes after the option text: "... (X)</s>"."""
+        import re
+
+        longest = max(len(self.tokenizer.encode(str(v), add_special_tokens=False)) for it in chunk for v in it["options"])
+        seqs = self.model.generate(**inputs, max_new_tokens=longest + 4)
+        texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+        out, missing = [], []
+        for i, (it, text) in enumerate(zip(chunk, texts)):
+            found = re.findall(r"\(([A-J])\)", text)
+            if found and LETTERS.index(found[-1]) < self._num_options(it):
+                out.append(found[-1])
+            else:
+                out.append(None)
+                missing.append(i)
+        if missing:
+            sub = {k: (v[missing] if torch.is_tensor(v) else v) for k, v in inputs.items()}
+            fallback = self._by_likelihood([chunk[i] for i in missing], sub)
+            for i, letter in zip(missing, fallback):
+                out[i] = letter
+        return out
+
     def answer_dataset(self, data_dir: str | Path, split: str = "test", out: Optional[str | Path] = None,
-                       batch_size: int = 8, limit: Optional[int] = None, progress: bool = True) -> list[dict]:
+                       batch_size: int = 8, limit: Optional[int] = None, progress: bool = True,
+                       scoring: str = "auto") -> list[dict]:
         """Predictions for a synthetic split: [{"id", "prediction"}], optionally written as JSONL."""
         from rgpt4d.data import Synth4DQuestions
 
@@ -156,7 +232,7 @@ class RGPT4D:
             q = ds[i]
             items.append(dict(video=q["frames"], timestamps=q["timestamps"], regions=_ordered_regions(q),
                               prompt=q["prompt"], options=q["options"], som_image=q["som_image"], id=q["id"]))
-        letters = self.answer_batch(items, batch_size=batch_size, progress=progress)
+        letters = self.answer_batch(items, batch_size=batch_size, progress=progress, scoring=scoring)
         preds = [{"id": it["id"], "prediction": letter} for it, letter in zip(items, letters)]
         if out is not None:
             Path(out).write_text("".join(json.dumps(p) + "\n" for p in preds))

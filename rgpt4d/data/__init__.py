@@ -30,6 +30,7 @@ _EXPORTS = {
     "simulate_candidates": "generate",
     "Synth4DVideos": "dataset",
     "Synth4DQuestions": "dataset",
+    "QuestionsByVideo": "dataset",
     "collate": "dataset",
     "R4DBench": "r4d_bench",
     "decode_video": "r4d_bench",

@@ -128,6 +128,49 @@ class Synth4DQuestions(Dataset):
         return item
 
 
+class QuestionsByVideo(Dataset):
+    """The questions of a `Synth4DQuestions` grouped by video, for multi-turn training: one item per
+    chunk of at most `max_questions` questions of one video (each question is in exactly one chunk;
+    a video's questions are split into chunks of near-equal size, in an order fixed by `seed` and the
+    video id). The video is loaded once per item, with the keys of a question item, and the chunk's
+    questions as lists: `turn_prompts`, `turn_options` (option texts) and `turn_answers` (indices).
+    The questions of one video must mark the same regions (`<obj_N>` numbering is per video)."""
+
+    def __init__(self, questions: Synth4DQuestions, max_questions: int, seed: int = 0):
+        import random
+        import zlib
+
+        if not isinstance(max_questions, int) or isinstance(max_questions, bool) or max_questions < 1:
+            raise ValueError(f"max_questions: must be an integer >= 1, got {max_questions!r}")
+        self.questions, self.max_questions = questions, max_questions
+        self.root, self.entries, self.videos = questions.root, questions.entries, questions.videos
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(questions.entries):
+            groups.setdefault(e["video"], []).append(i)
+        self.chunks: list[list[int]] = []
+        for vid, idx in groups.items():
+            regions = questions.entries[idx[0]].get("regions", [])
+            for j in idx[1:]:
+                if questions.entries[j].get("regions", []) != regions:
+                    raise ValueError(f"questions: {questions.entries[j]['id']} marks other regions than "
+                                     f"{questions.entries[idx[0]]['id']} of the same video {vid}")
+            random.Random(zlib.crc32(f"{seed}:{vid}".encode())).shuffle(idx)
+            n = -(-len(idx) // max_questions)
+            self.chunks += [idx[k::n] for k in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        idx = self.chunks[i]
+        item = self.questions[idx[0]]
+        texts = [question_fields(self.entries[j]) for j in idx]
+        item["turn_prompts"] = [t["prompt"] for t in texts]
+        item["turn_options"] = [t["options"] for t in texts]
+        item["turn_answers"] = [t["answer_index"] for t in texts]
+        return item
+
+
 def question_fields(e: dict[str, Any]) -> dict[str, Any]:
     """The text side of a question item, shared by the synthetic and the release datasets."""
     options = list(e["options"])

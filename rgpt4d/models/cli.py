@@ -97,7 +97,7 @@ def _cmd_infer(args) -> int:
         model = RGPT4D.from_pretrained(args.model, device=args.device)
         if args.data:
             preds = model.answer_dataset(args.data, args.split, args.out, batch_size=args.batch_size,
-                                         limit=args.limit, progress=not args.quiet)
+                                         limit=args.limit, progress=not args.quiet, scoring=args.scoring)
             if args.out is None:
                 for p in preds:
                     print(json.dumps(p))
@@ -111,7 +111,7 @@ def _cmd_infer(args) -> int:
         for b in boxes:
             if len(b) != 4:
                 raise ValueError(f"--boxes: each box is x0,y0,x1,y1; got {b}")
-        print(model.answer(frames, ts, boxes, args.question, args.options))
+        print(model.answer(frames, ts, boxes, args.question, args.options, scoring=args.scoring))
     except (ValueError, FileNotFoundError, ImportError) as e:
         return _err("infer", e)
     return 0
@@ -154,6 +154,8 @@ def register(subparsers) -> None:
     inf.add_argument("--out", help="JSONL predictions (for rgpt4d eval-answers)")
     inf.add_argument("--batch-size", type=int, default=8)
     inf.add_argument("--device", default="cpu")
+    inf.add_argument("--scoring", choices=("auto", "letter", "likelihood"), default="auto",
+                     help="how the answer is read (default: the model's own; see rgpt4d.infer)")
     inf.add_argument("--quiet", action="store_true")
     inf.set_defaults(func=_cmd_infer)
 

@@ -21,6 +21,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
 REGION_MODES = ("tokens", "som", "both", "none")
 TPE_KINDS = ("sinusoidal", "learned")
 DECODER_KINDS = ("mlp", "linear")
+ANSWER_FORMATS = ("letter", "option")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,15 +141,27 @@ class RGPT4DConfig(PreTrainedConfig):
     region_mode: str = "tokens"  # "tokens" (RegionalEncoder4D at <obj_N>) | "som" | "both" | "none"
     max_regions: int = 8
     region_hidden_size: int = 256
+    # region tokens: add an embedding of the box geometry and of the region's change over time
+    # (RegionTokenEncoder); off in the paper's shapes, on in the from-scratch presets
+    region_geometry: bool = False
+    region_motion: bool = False
+    region_relative: bool = False  # pool relative to the frame mean, then LayerNorm (RegionTokenEncoder)
     freeze_vision: bool = True
     image_token_id: int = 0
     obj_token_ids: list | None = None  # token id of <obj_1>, <obj_2>, ...
     attn_implementation_name: str = "sdpa"
+    # what the student is fine-tuned to answer (rgpt4d.models.tokenizer.answer_ids): "letter" (the
+    # option's letter, as R4D-Bench asks), or "option" (the option's text, then its letter in
+    # parentheses). A small LLM trained from scratch cannot bind letters to options; with "option" it
+    # is scored by the likelihood of each option's text (rgpt4d.infer), see docs/results/README.md.
+    answer_format: str = "letter"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.tpe_kind not in TPE_KINDS:
             raise ValueError(f"RGPT4DConfig: tpe_kind must be one of {TPE_KINDS}, got {self.tpe_kind!r}")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"RGPT4DConfig: answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
         if self.region_mode not in REGION_MODES:
             raise ValueError(f"RGPT4DConfig: region_mode must be one of {REGION_MODES}, got {self.region_mode!r}")
         if self.attn_implementation_name not in ATTN_IMPLEMENTATIONS:
@@ -185,6 +198,12 @@ class Preset:
     tokenizer_vocab_size: int = 1000
 
 
+# students trained from scratch here (no pretrained LLM can be downloaded): they answer with the option's
+# text (read by likelihood: a small LLM trained from scratch does not learn to bind letters to options)
+# and their region tokens stand out from the frame, and carry the box geometry and the region's change over time
+_FROM_SCRATCH = dict(answer_format="option", region_geometry=True, region_motion=True, region_relative=True)
+
+
 def _qwen2(hidden: int, layers: int, heads: int, kv: int, inter: int, max_pos: int = 4096) -> dict:
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                 intermediate_size=inter, max_position_embeddings=max_pos, tie_word_embeddings=False,
@@ -202,7 +221,8 @@ def get_preset(name: str) -> Preset:
         return Preset(
             name,
             student=dict(vision_config=_siglip(32, 1, 2, 64, 32, 8), text_config=_qwen2(64, 2, 4, 2, 128, 1024),
-                         num_frames=4, projector_hidden_size=64, region_hidden_size=32),
+                         num_frames=4, projector_hidden_size=64, region_hidden_size=32,
+                         **_FROM_SCRATCH),
             teacher=TeacherConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=64, head_layers=(1, 1, 2, 2),
                                   head_features=16),
@@ -213,7 +233,8 @@ def get_preset(name: str) -> Preset:
         return Preset(
             name,
             student=dict(vision_config=_siglip(64, 2, 4, 128, 64, 8), text_config=_qwen2(128, 2, 4, 2, 256),
-                         projector_hidden_size=256, region_hidden_size=128),
+                         projector_hidden_size=256, region_hidden_size=128,
+                         **_FROM_SCRATCH),
             teacher=TeacherConfig(),
             p4d=P4DConfig(hidden_size=256),
             tokenizer_vocab_size=1000,
@@ -222,7 +243,8 @@ def get_preset(name: str) -> Preset:
         return Preset(
             name,
             student=dict(vision_config=_siglip(192, 4, 6, 512, 112, 14), text_config=_qwen2(384, 4, 6, 2, 1024),
-                         projector_hidden_size=768, region_hidden_size=384),
+                         projector_hidden_size=768, region_hidden_size=384,
+                         **_FROM_SCRATCH),
             teacher=TeacherConfig(image_size=112, patch_size=14, hidden_size=192, num_hidden_layers=6,
                                   num_attention_heads=6, intermediate_size=512, head_layers=(2, 3, 5, 6),
                                   head_features=64),

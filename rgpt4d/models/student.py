@@ -83,10 +83,20 @@ class Projector(nn.Module):
 class RegionTokenEncoder(nn.Module):
     """Region tokens from first-frame boxes: RegionalEncoder4D (issue 3: RoIAlign 1x1 of every frame's
     feature grid with the TPE fused in, rgpt4d.ops.region_pool, then a Linear), averaged over the
-    frames, GELU, Linear to the LLM width: one token per region for its `<obj_N>`."""
+    frames, GELU, Linear to the LLM width: one token per region for its `<obj_N>`.
+
+    Three optional additions, for students that must learn from scratch: `relative` pools the
+    features relative to each frame's mean and LayerNorms the result (a frozen, randomly initialised
+    vision tower gives every region nearly the same pooled vector: the part all regions share
+    swamps what tells them apart); `geometry` adds an embedding of the box's normalised corners and
+    size (pooling to 1x1 forgets where the box is and how big it is); `motion` adds a Linear of the
+    change of the pooled feature between the first and the second half of the frames (the time
+    average forgets it)."""
 
     def __init__(self, dim: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0,
-                 spatial_scale: float = 1.0, tpe_kind: str = "sinusoidal", max_frames: int = 16):
+                 spatial_scale: float = 1.0, tpe_kind: str = "sinusoidal", max_frames: int = 16,
+                 geometry: bool = False, motion: bool = False, image_size: Optional[int] = None,
+                 relative: bool = False):
         super().__init__()
         from rgpt4d.models.regional_encoder import RegionalEncoder4D
 
@@ -94,6 +104,14 @@ class RegionTokenEncoder(nn.Module):
         self.encoder = RegionalEncoder4D(dim, hidden, mode="box", tpe=tpe_kind if tpe else "none", tpe_base=base,
                                          max_frames=max_frames, spatial_scale=spatial_scale, channels_last=True,
                                          aligned=True)
+        if geometry and not image_size:
+            raise ValueError("RegionTokenEncoder: geometry=True needs image_size (the pixels the boxes are in)")
+        self.image_size = image_size
+        self.relative = relative
+        self.norm = nn.LayerNorm(hidden) if relative else None
+        self.box_embed = nn.Linear(6, hidden) if geometry else None
+        self.box_norm = nn.LayerNorm(hidden) if geometry and relative else None
+        self.motion_proj = nn.Linear(hidden, hidden) if motion else None
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, out_dim)
 
@@ -103,7 +121,22 @@ class RegionTokenEncoder(nn.Module):
         seconds -> [B, R, out_dim]."""
         ts = timestamps.to(features.dtype) if self.tpe and self.tpe_kind == "sinusoidal" else None
         tokens = self.encoder(features, boxes.to(features.dtype).contiguous(), ts, valid.contiguous())
-        return self.linear_2(self.act(tokens.mean(1)))
+        if self.relative:  # proj(pooled - frame mean): the projection is linear, so subtract W @ mean
+            frame_mean = F.linear(features.mean((2, 3)), self.encoder.proj.weight)  # [B, T, hidden]
+            tokens = tokens - frame_mean[:, :, None] * valid[:, None, :, None].to(tokens.dtype)
+        h = tokens.mean(1)
+        if self.motion_proj is not None:
+            half = tokens.shape[1] // 2
+            late = tokens[:, half:].mean(1)
+            h = h + self.motion_proj(late - tokens[:, :half].mean(1) if half else late - late)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.box_embed is not None:
+            b = boxes.to(h.dtype) / self.image_size
+            geo = torch.cat([b, b[..., 2:] - b[..., :2]], -1) * 2 - 1  # x0, y0, x1, y1, width, height in [-1, 1]
+            g = self.box_embed(geo)
+            h = h + (self.box_norm(g) if self.box_norm is not None else g) * valid[..., None].to(h.dtype)
+        return self.linear_2(self.act(h))
 
 
 @dataclass
@@ -151,7 +184,9 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
                                    config.tpe_base, config.tpe_kind, config.num_frames)
         self.region_encoder = (RegionTokenEncoder(D, config.region_hidden_size, D_llm, config.tpe, config.tpe_base,
                                                   spatial_scale=config.patch_grid / config.image_size,
-                                                  tpe_kind=config.tpe_kind, max_frames=config.num_frames)
+                                                  tpe_kind=config.tpe_kind, max_frames=config.num_frames,
+                                                  geometry=config.region_geometry, motion=config.region_motion,
+                                                  image_size=config.image_size, relative=config.region_relative)
                                if config.region_mode in ("tokens", "both") else None)
         self.language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
         self.post_init()
@@ -335,6 +370,50 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                             max_new_tokens=max_new_tokens, use_cache=True, **generate_kwargs)
 
+    @torch.no_grad()
+    def option_log_likelihoods(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor,
+                               options: list[list[list[int]]], attention_mask: Optional[Tensor] = None,
+                               boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
+                               region_ids: Optional[Tensor] = None, som_image: Optional[Tensor] = None) -> Tensor:
+        """log p(option's tokens | prompt), summed over the option's tokens, for every option of every
+        prompt: `options[b][k]` is the token ids of prompt b's option k. The prompt (vision, regions,
+        LLM) runs once; its KV cache is repeated for the options. Returns [B, K] float32, -inf where a
+        prompt has fewer than K options."""
+        B = input_ids.shape[0]
+        if len(options) != B:
+            raise ValueError(f"options: {len(options)} option lists for a batch of {B} prompts")
+        for b, opts in enumerate(options):
+            if not opts or any(len(o) == 0 for o in opts):
+                raise ValueError(f"options: prompt {b} needs at least one option, each with at least one token")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        K = max(len(o) for o in options)
+        Lc = max(len(c) for o in options for c in o)
+        dev = input_ids.device
+        cont = torch.full((B * K, Lc), self.config.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(B * K, Lc, dtype=torch.bool)
+        for b, opts in enumerate(options):
+            for k, ids in enumerate(opts):
+                cont[b * K + k, : len(ids)] = torch.tensor(ids)
+                valid[b * K + k, : len(ids)] = True
+        cont, valid = cont.to(dev), valid.to(dev)
+        embeds = self.build_inputs_embeds(input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image)
+        pos = self.position_ids_from_mask(attention_mask)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos,
+                                  use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(K, 0)  # [B*K, V]
+        cache = out.cache
+        cache.batch_repeat_interleave(K)
+        # the options continue each prompt: right-padded, so padding never precedes a real token
+        mask = torch.cat([attention_mask.repeat_interleave(K, 0), torch.ones_like(cont)], 1)
+        cpos = pos[:, -1:].repeat_interleave(K, 0) + 1 + torch.arange(Lc, device=dev)
+        logp = self.language_model(input_ids=cont, attention_mask=mask, position_ids=cpos, cache=cache,
+                                   use_cache=True).logits.float().log_softmax(-1)  # [B*K, Lc, V]
+        tok = torch.cat([first.gather(1, cont[:, :1]), logp[:, :-1].gather(2, cont[:, 1:, None])[..., 0]], 1)
+        score = tok.masked_fill(~valid, 0.0).sum(1).view(B, K)
+        present = torch.tensor([[k < len(o) for k in range(K)] for o in options], device=dev)
+        return score.masked_fill(~present, float("-inf"))
+
 
 def build_student(preset: str = "tiny", tokenizer=None, **overrides):
     """A freshly initialised student for a preset (and its tokenizer, trained offline if not given)."""
@@ -349,13 +428,22 @@ def build_student(preset: str = "tiny", tokenizer=None, **overrides):
 
 def batch_to_inputs(batch: dict, tokenizer, config: RGPT4DConfig, answers: bool = True) -> dict:
     """Student inputs from a collated `Synth4DQuestions` / `R4DBench` batch (rgpt4d.data.collate):
-    the prompt tokens (with the answer letter and labels when `answers`), frames, timestamps,
+    the prompt tokens (with the answer in `config.answer_format` and labels when `answers`; a batch of
+    `QuestionsByVideo` chunks becomes one multi-turn sequence per video), frames, timestamps,
     first-frame boxes with their mask and <obj_N> numbers, and the SoM image when the model uses it."""
     from rgpt4d.data.schema import LETTERS
-    from rgpt4d.models.tokenizer import encode_batch
+    from rgpt4d.models.tokenizer import answer_ids, encode_batch, encode_conversations
 
-    letters = [LETTERS[int(i)] for i in batch["answer_index"]] if answers else None
-    inputs = encode_batch(tokenizer, batch["prompt"], config.num_visual_tokens, letters)
+    def target(index, options):
+        return answer_ids(tokenizer, config.answer_format, LETTERS[int(index)], options[int(index)])[0]
+
+    if "turn_prompts" in batch and answers:  # rgpt4d.data.QuestionsByVideo: a video's questions in one sequence
+        targets = [[target(i, o) for i, o in zip(idx, opts)]
+                   for idx, opts in zip(batch["turn_answers"], batch["turn_options"])]
+        inputs = encode_conversations(tokenizer, batch["turn_prompts"], config.num_visual_tokens, targets)
+    else:
+        targets = [target(i, o) for i, o in zip(batch["answer_index"], batch["options"])] if answers else None
+        inputs = encode_batch(tokenizer, batch["prompt"], config.num_visual_tokens, targets)
     inputs.update(frames=batch["frames"], timestamps=batch["timestamps"], boxes=batch.get("boxes"),
                   region_mask=batch.get("region_mask"), region_ids=batch.get("region_ids"))
     if config.region_mode in ("som", "both"):

@@ -94,6 +94,29 @@ def letter_token_ids(tokenizer, n: int = 5) -> list[int]:
     return ids
 
 
+def answer_ids(tokenizer, answer_format: str, letter: str, option: str) -> tuple[list[int], int]:
+    """The SFT target of one question as token ids (ending with `</s>`), and how many leading ids
+    are the option's own text (what likelihood scoring reads; 0 for the letter format).
+
+    answer_format "letter": `B</s>`. "option": the option's text, then its letter: `0.81 m (B)</s>`.
+    The text and the letter are encoded separately, so the text's tokens are the same ones
+    `rgpt4d.infer` scores for that option.
+    """
+    from rgpt4d.models.configs import ANSWER_FORMATS
+
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format: must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    if letter not in LETTERS:
+        raise ValueError(f"letter: expected one of {LETTERS!r}, got {letter!r}")
+    eos = special_token_ids(tokenizer)["eos"]
+    if answer_format == "letter":
+        return tokenizer.encode(letter, add_special_tokens=False) + [eos], 0
+    text = tokenizer.encode(str(option), add_special_tokens=False)
+    if not text:
+        raise ValueError(f"option: the option text for ({letter}) is empty")
+    return text + tokenizer.encode(f" ({letter})", add_special_tokens=False) + [eos], len(text)
+
+
 def _plain_preamble(prompt: str) -> str:
     """The evaluation preamble names `<obj_1>, <obj_2>, ...` as an example, not as references: write
     those without brackets so they do not become region tokens (only the question's do)."""
@@ -110,14 +133,13 @@ def chat_text(prompt: str, num_visual_tokens: int) -> str:
     return f"{USER}{IMAGE * num_visual_tokens}\n{_plain_preamble(prompt)}{ASSISTANT}"
 
 
-def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answers: Sequence[str] | None = None):
-    """Token ids for a batch (left-padded). With `answers`, each answer plus `</s>` is appended and
-    `labels` mark only those tokens (-100 elsewhere): the SFT loss is on the answer only.
+def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answers: Sequence | None = None):
+    """Token ids for a batch (left-padded). With `answers`, each answer is appended and `labels`
+    mark only those tokens (-100 elsewhere): the SFT loss is on the answer only. An answer is a
+    string (encoded, then `</s>` appended) or a list of token ids used as they are (`answer_ids`).
 
     Returns dict(input_ids, attention_mask[, labels]) of int64 tensors [B, L].
     """
-    import torch
-
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"answers: {len(answers)} answers for {len(prompts)} prompts")
     ids = special_token_ids(tokenizer)
@@ -127,19 +149,58 @@ def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answ
         if answers is None:
             seqs.append(prompt_ids)
             continue
-        ans = tokenizer.encode(answers[i], add_special_tokens=False) + [ids["eos"]]
+        ans = (tokenizer.encode(answers[i], add_special_tokens=False) + [ids["eos"]] if isinstance(answers[i], str)
+               else [int(t) for t in answers[i]])
+        if not ans:
+            raise ValueError(f"answers: answer {i} has no tokens")
         seqs.append(prompt_ids + ans)
         labels.append([-100] * len(prompt_ids) + ans)
+    return _left_pad(seqs, labels if answers is not None else None, ids["pad"])
+
+
+def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_visual_tokens: int,
+                         answers: Sequence[Sequence[Sequence[int]]]):
+    """Multi-turn training sequences, one per video: the visual placeholders once, then each
+    question's prompt and its answer (token ids, `answer_ids`), with labels on every answer. The
+    first turn is `chat_text`; later turns are `<|user|>` + the prompt without the preamble (it is
+    the same for every question) + `<|assistant|>`. Left-padded like `encode_batch`."""
+    from rgpt4d.data.schema import PROMPT_PREAMBLE
+
+    if len(answers) != len(conversations):
+        raise ValueError(f"answers: {len(answers)} answer lists for {len(conversations)} conversations")
+    pad = special_token_ids(tokenizer)["pad"]
+    seqs, labels = [], []
+    for c, (prompts, ans) in enumerate(zip(conversations, answers)):
+        if not prompts or len(prompts) != len(ans):
+            raise ValueError(f"conversations: conversation {c} has {len(prompts)} prompts and {len(ans)} answers "
+                             "(needs at least one of each, as many of each)")
+        seq, lab = [], []
+        for k, (p, a) in enumerate(zip(prompts, ans)):
+            if not len(a):
+                raise ValueError(f"answers: answer {k} of conversation {c} has no tokens")
+            text = (chat_text(p, num_visual_tokens) if k == 0
+                    else f"{USER}{p.replace(PROMPT_PREAMBLE + chr(10), '')}{ASSISTANT}")
+            p_ids = tokenizer.encode(text, add_special_tokens=False)
+            seq += p_ids + [int(t) for t in a]
+            lab += [-100] * len(p_ids) + [int(t) for t in a]
+        seqs.append(seq)
+        labels.append(lab)
+    return _left_pad(seqs, labels, pad)
+
+
+def _left_pad(seqs: list[list[int]], labels: list[list[int]] | None, pad: int) -> dict:
+    import torch
+
     L = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), L), ids["pad"], dtype=torch.long)
+    input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     lab = torch.full((len(seqs), L), -100, dtype=torch.long)
     for i, s in enumerate(seqs):
         input_ids[i, L - len(s):] = torch.tensor(s)
         mask[i, L - len(s):] = 1
-        if answers is not None:
+        if labels is not None:
             lab[i, L - len(s):] = torch.tensor(labels[i])
     out = {"input_ids": input_ids, "attention_mask": mask}
-    if answers is not None:
+    if labels is not None:
         out["labels"] = lab
     return out

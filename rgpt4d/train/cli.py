@@ -30,7 +30,8 @@ _COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "we
            "keep_last": "keep_last", "num_workers": "num_workers", "bf16": "bf16"}
 _STUDENT = {"steps": "steps", "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
             "p4d": "p4d", "tpe": "tpe", "decoder": "decoder", "loss_preset": "loss_preset",
-            "min_lr_ratio": "min_lr_ratio"}
+            "min_lr_ratio": "min_lr_ratio", "answer_format": "answer_format",
+            "questions_per_sequence": "questions_per_sequence"}
 _TEACHER = {"steps": "teacher_steps", "batch_size": "teacher_batch_size", "lr": "teacher_lr"}
 
 
@@ -108,7 +109,7 @@ def _cmd_eval(args) -> int:
     try:
         report = evaluate_student(args.model, args.data, args.split, batch_size=args.batch_size, limit=args.limit,
                                   device=args.device, progress=not args.quiet, predictions_out=args.predictions,
-                                  unparseable=args.unparseable)
+                                  unparseable=args.unparseable, scoring=args.scoring)
     except (ValueError, FileNotFoundError) as e:
         return _err("eval", e)
     print(report["markdown"])
@@ -157,6 +158,10 @@ def add_train_parsers(sub) -> None:
     st.add_argument("--epochs", type=non_negative(float, "--epochs"), help="with --steps 0: train this many epochs")
     st.add_argument("--grad-accum", type=non_negative(int, "--grad-accum"), help="micro-batches per step")
     st.add_argument("--min-lr-ratio", type=non_negative(float, "--min-lr-ratio"))
+    st.add_argument("--answer-format", choices=("auto", "letter", "option"),
+                    help="the SFT target: the letter, or the option's text then its letter (default: the preset's)")
+    st.add_argument("--questions-per-sequence", type=non_negative(int, "--questions-per-sequence"),
+                    help="> 1: up to N questions of one video per multi-turn training sequence (default 1)")
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")
     st.set_defaults(func=_cmd_train_student)
 
@@ -174,6 +179,9 @@ def register(subparsers) -> None:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--predictions", help="also write the predictions as JSONL here")
     ev.add_argument("--unparseable", choices=("wrong", "random"), default="wrong")
+    ev.add_argument("--scoring", choices=("auto", "letter", "likelihood"), default="auto",
+                    help="letter: the letter the model writes; likelihood: the most likely option text; "
+                         "auto: the model's own (likelihood for the option answer format)")
     ev.add_argument("--json", help="also write the report as JSON here")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)

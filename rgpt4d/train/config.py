@@ -40,6 +40,8 @@ class TrainConfig:
     tpe: bool = True                 # the student's timestamp positional encoding
     ops: str = "fused"               # fused (best backend of our kernels) | eager (the references)
     decoder: str = "mlp"             # D_4DP: mlp (paper) | linear (released code)
+    answer_format: str = "auto"      # the SFT target: letter | option (text, then letter) | auto (the preset's)
+    questions_per_sequence: int = 1  # > 1: up to this many questions of one video per (multi-turn) sequence
     loss_preset: str = "paper"       # P4D weights: paper | code
     steps: int = 6                   # optimizer steps (0: derive from `epochs`)
     epochs: float = 0.0              # used when steps == 0: steps = ceil(epochs * len(train) / batch_size)
@@ -77,8 +79,10 @@ class TrainConfig:
         choice("ops", OPS_MODES)
         choice("device", DEVICES)
         choice("decoder", ("mlp", "linear"))
+        choice("answer_format", ("auto", "letter", "option"))
         choice("loss_preset", ("paper", "code"))
-        for name in ("batch_size", "grad_accum", "log_every", "keep_last", "teacher_steps", "teacher_batch_size"):
+        for name in ("batch_size", "grad_accum", "log_every", "keep_last", "teacher_steps", "teacher_batch_size",
+                     "questions_per_sequence"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TrainConfig.{name}: must be an integer >= 1, got {v!r}")

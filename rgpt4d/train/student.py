@@ -134,7 +134,8 @@ def build_training_model(config: TrainConfig, tokenizer, teacher_cache: Optional
 
     preset = get_preset(config.preset)
     torch.manual_seed(config.seed)
-    student = RGPT4DForConditionalGeneration(student_config(preset, tokenizer, tpe=config.tpe))
+    overrides = {} if config.answer_format == "auto" else {"answer_format": config.answer_format}
+    student = RGPT4DForConditionalGeneration(student_config(preset, tokenizer, tpe=config.tpe, **overrides))
     if config.p4d == "none":
         return SFTOnly(student)
     if teacher_cache is None:
@@ -170,6 +171,10 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
     config = config.validate()
     out_dir = Path(out_dir)
     dataset = Synth4DQuestions(data_dir, "train", fields=("rgb",))
+    if config.questions_per_sequence > 1:
+        from rgpt4d.data import QuestionsByVideo
+
+        dataset = QuestionsByVideo(dataset, config.questions_per_sequence, seed=config.seed)
     _check_frames(dataset, student_config(config.preset).num_frames, config.preset)
     if config.p4d != "none":
         if teacher_cache is None:
@@ -214,8 +219,10 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
 
 def evaluate_student(model_path: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 8,
                      limit: Optional[int] = None, device: str = "cpu", progress: bool = False,
-                     predictions_out: Optional[str | Path] = None, unparseable: str = "wrong") -> dict[str, Any]:
+                     predictions_out: Optional[str | Path] = None, unparseable: str = "wrong",
+                     scoring: str = "auto") -> dict[str, Any]:
     """Answer `split` of `data_dir` with the saved student and score it (rgpt4d.data.evaluate).
+    `scoring`: how answers are read (rgpt4d.infer.RGPT4D.answer_batch; "auto": the model's own).
 
     Returns {"scores": {Avg, Sta, Dyn, VG, DM, SR, R, C, T, FP, SA, DP} (percent, None for a
     category without questions), "counts", "unparseable", "missing", "markdown", "split"}.
@@ -230,6 +237,7 @@ def evaluate_student(model_path: str | Path, data_dir: str | Path, split: str = 
         raise ValueError(f"data: no {split} questions in {data_dir}")
     model = RGPT4D.from_pretrained(model_path, device=device)
     preds = model.answer_dataset(data_dir, split, predictions_out, batch_size=batch_size, limit=len(questions),
-                                 progress=progress)
+                                 progress=progress, scoring=scoring)
     report = evaluate(questions, {p["id"]: p["prediction"] for p in preds}, unparseable=unparseable)
-    return {**report.to_json(), "markdown": report.to_markdown(), "split": split}
+    return {**report.to_json(), "markdown": report.to_markdown(), "split": split,
+            "scoring": model.default_scoring() if scoring == "auto" else scoring}

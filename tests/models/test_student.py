@@ -211,10 +211,14 @@ def test_batch_to_inputs_from_a_collated_batch(student, tokenizer):
     raw = make_batch(tokenizer, student.config, answers=None)
     batch = dict(prompt=[format_prompt("How tall is <obj_1>?", ["1 m", "2 m"]),
                          format_prompt("Is <obj_2> left of <obj_1>?", ["yes", "no"])],
-                 answer_index=torch.tensor([1, 0]), frames=raw["frames"], timestamps=raw["timestamps"],
-                 boxes=raw["boxes"], region_mask=raw["region_mask"], region_ids=torch.tensor([[2, 1], [1, 2]]))
+                 answer_index=torch.tensor([1, 0]), options=[["1 m", "2 m"], ["yes", "no"]], frames=raw["frames"],
+                 timestamps=raw["timestamps"], boxes=raw["boxes"], region_mask=raw["region_mask"],
+                 region_ids=torch.tensor([[2, 1], [1, 2]]))
     inputs = batch_to_inputs(batch, tokenizer, student.config)
-    assert tokenizer.decode(inputs["labels"][0][inputs["labels"][0] != -100]) == "B</s>"
+    assert student.config.answer_format == "option"  # the from-scratch presets' default
+    assert tokenizer.decode(inputs["labels"][0][inputs["labels"][0] != -100]) == "2 m (B)</s>"
+    letter = batch_to_inputs(batch, tokenizer, make_student(tokenizer, answer_format="letter").config)
+    assert tokenizer.decode(letter["labels"][0][letter["labels"][0] != -100]) == "B</s>"
     out = student(**inputs)
     assert torch.isfinite(out.loss)
     # region_ids map <obj_N> to boxes: sample 0's <obj_1> is its second box
@@ -280,3 +284,40 @@ def test_bf16_through_the_whole_model(tokenizer):
     with torch.no_grad():
         got = model16.eval()(**batch).logits.float()
     assert (got - ref).abs().max() < 0.02 * ref.abs().max() + 0.01  # bf16 rounding; measured 0.006 of 0.66
+
+
+def test_region_geometry_and_motion_embeddings():
+    """Pooling to 1x1 and averaging over frames forget where a box is, how big it is and how the
+    region changes: the optional geometry and motion embeddings give those back."""
+    from rgpt4d.models.student import RegionTokenEncoder
+
+    torch.manual_seed(0)
+    B, T, g, D = 1, 4, 4, 8
+    flat = torch.ones(B, T, g, g, D)  # the same feature everywhere: pooling cannot tell boxes apart
+    boxes = torch.tensor([[[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 16.0, 12.0]]])
+    valid = torch.ones(B, 2, dtype=torch.bool)
+    ts = torch.arange(T, dtype=torch.float32)[None]
+    kw = dict(tpe=False, spatial_scale=g / 16, max_frames=T, image_size=16)
+    plain = RegionTokenEncoder(D, 16, 8, **kw)
+    out = plain(flat, boxes, valid, ts)
+    assert torch.allclose(out[0, 0], out[0, 1])
+    geo = RegionTokenEncoder(D, 16, 8, geometry=True, **kw)
+    out = geo(flat, boxes, valid, ts)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    # the motion embedding sees the change between the first and second half of the frames
+    changing = flat.clone()
+    changing[:, : T // 2] *= 0.5
+    changing[:, T // 2:] *= 1.5  # same time average as `flat`
+    assert torch.allclose(plain(changing, boxes, valid, ts), plain(flat, boxes, valid, ts), atol=1e-6)
+    mot = RegionTokenEncoder(D, 16, 8, motion=True, **kw)
+    assert not torch.allclose(mot(changing, boxes, valid, ts), mot(flat, boxes, valid, ts), atol=1e-4)
+    (geo(flat, boxes, valid, ts).sum() + mot(changing, boxes, valid, ts).sum()).backward()
+    assert geo.box_embed.weight.grad.abs().sum() > 0 and mot.motion_proj.weight.grad.abs().sum() > 0
+    # relative: what all regions of a frame share (a constant added everywhere) no longer reaches the token
+    rel = RegionTokenEncoder(D, 16, 8, relative=True, geometry=True, motion=True, **kw)
+    varied = torch.randn(B, T, g, g, D)
+    shift = torch.randn(D)
+    assert torch.allclose(rel(varied + shift, boxes, valid, ts), rel(varied, boxes, valid, ts), atol=1e-4)
+    assert not torch.allclose(plain(varied + shift, boxes, valid, ts), plain(varied, boxes, valid, ts), atol=1e-4)
+    with pytest.raises(ValueError, match="geometry=True needs image_size"):
+        RegionTokenEncoder(D, 16, 8, tpe=False, geometry=True)

@@ -213,3 +213,25 @@ def test_progress_bar_and_nvtx_ranges(smoke_data, smoke_teacher_cache, tmp_path,
     assert depth == 0
     err = capsys.readouterr().err
     assert "student" in err and "tok/s" in err and "loss_sft" in err
+
+
+def test_multi_turn_sequences_with_the_option_format(smoke_data, smoke_teacher_cache, tmp_path):
+    """questions_per_sequence > 1 trains on QuestionsByVideo chunks (several questions of one video in
+    one sequence); answer_format="option" is saved with the model and read by likelihood."""
+    from rgpt4d.data import QuestionsByVideo, Synth4DQuestions
+    from rgpt4d.models.configs import RGPT4DConfig
+    from rgpt4d.train import evaluate_student
+
+    res = _run(tmp_path / "mt", smoke_data, smoke_teacher_cache[1], steps=2, batch_size=2, answer_format="option",
+               questions_per_sequence=4)
+    rows = _metrics(tmp_path / "mt")
+    assert len(rows) == 2 and all(math.isfinite(r["loss_sft"]) and r["loss_ld"] > 0 for r in rows)
+    assert RGPT4DConfig.from_pretrained(res["model_path"]).answer_format == "option"
+    chunks = QuestionsByVideo(Synth4DQuestions(smoke_data, "train"), 4)
+    assert max(len(c) for c in chunks.chunks) > 1  # the run really packed several questions per sequence
+    rep = evaluate_student(res["model_path"], smoke_data, "test")
+    assert rep["scoring"] == "likelihood" and rep["counts"]["Avg"] > 0 and rep["unparseable"] == 0
+    with pytest.raises(ValueError, match="TrainConfig.questions_per_sequence: must be an integer >= 1"):
+        train_config("smoke", questions_per_sequence=0)
+    with pytest.raises(ValueError, match="TrainConfig.answer_format: must be one of"):
+        train_config("smoke", answer_format="value")

@@ -1,0 +1,189 @@
+"""Answer formats and how answers are read: the letter format, the option format (the option's text
+then its letter) and likelihood scoring of the options (one prompt pass, its KV cache repeated)."""
+
+import numpy as np
+import pytest
+import torch
+
+from rgpt4d.models.tokenizer import answer_ids, encode_batch, special_token_ids
+from tests.models.conftest import T, make_batch, make_student
+
+PROMPTS = ["How tall is <obj_1>?\n(A) 1 m\n(B) 2.5 m", "Is <obj_2> left of <obj_1>?\n(A) yes\n(B) no\n(C) It never stops."]
+OPTIONS = [["1 m", "2.5 m"], ["yes", "no", "It never stops."]]
+
+
+def _enc(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_answer_ids_per_format(tokenizer):
+    eos = special_token_ids(tokenizer)["eos"]
+    ids, n = answer_ids(tokenizer, "letter", "B", "2.5 m")
+    assert ids == _enc(tokenizer, "B") + [eos] and n == 0
+    ids, n = answer_ids(tokenizer, "option", "B", "2.5 m")
+    text = _enc(tokenizer, "2.5 m")
+    assert n == len(text) and ids[:n] == text and ids[-1] == eos
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "2.5 m (B)"
+    with pytest.raises(ValueError, match="answer_format: must be one of"):
+        answer_ids(tokenizer, "value", "B", "2.5 m")
+    with pytest.raises(ValueError, match="letter: expected one of"):
+        answer_ids(tokenizer, "option", "Z", "2.5 m")
+    with pytest.raises(ValueError, match="option: the option text for \\(A\\) is empty"):
+        answer_ids(tokenizer, "option", "A", "")
+
+
+def test_labels_cover_the_whole_option_answer(tokenizer):
+    targets = [answer_ids(tokenizer, "option", "B", "2.5 m")[0], answer_ids(tokenizer, "option", "C",
+                                                                            "It never stops.")[0]]
+    enc = encode_batch(tokenizer, PROMPTS, 4, targets)
+    for row, t in zip(enc["labels"], targets):
+        assert row[row != -100].tolist() == t
+    with pytest.raises(ValueError, match="answers: answer 0 has no tokens"):
+        encode_batch(tokenizer, PROMPTS[:1], 4, [[]])
+
+
+def test_batch_to_inputs_uses_the_config_format(tokenizer):
+    from rgpt4d.models.student import batch_to_inputs
+
+    batch = dict(prompt=PROMPTS, answer_index=torch.tensor([1, 2]), options=OPTIONS,
+                 frames=torch.zeros(2, T, 3, 32, 32, dtype=torch.uint8), timestamps=torch.arange(T).float()[None].repeat(2, 1))
+    for fmt, expected in (("letter", ["B", "C"]), ("option", ["2.5 m (B)", "It never stops. (C)"])):
+        cfg = make_student(tokenizer, answer_format=fmt).config
+        lab = batch_to_inputs(batch, tokenizer, cfg)["labels"]
+        got = [tokenizer.decode(r[r != -100].tolist(), skip_special_tokens=True) for r in lab]
+        assert got == expected
+    with pytest.raises(ValueError, match="answer_format must be one of"):
+        make_student(tokenizer, answer_format="value")
+
+
+def _brute_force(student, tokenizer, batch, b, option):
+    """log p(option | prompt b) from one teacher-forced forward over prompt + option."""
+    enc = encode_batch(tokenizer, [PROMPTS[b]], student.config.num_visual_tokens, [option])
+    rest = {k: v[b:b + 1] for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        logp = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **rest).logits[0]
+    logp = logp.double().log_softmax(-1)
+    ids, L, n = enc["input_ids"][0], enc["input_ids"].shape[1], len(option)
+    return sum(float(logp[L - n - 1 + t, ids[L - n + t]]) for t in range(n))
+
+
+def test_option_log_likelihoods_equal_teacher_forcing(tokenizer):
+    student = make_student(tokenizer).eval()
+    batch = make_batch(tokenizer, student.config, answers=None, prompts=PROMPTS)
+    options = [[_enc(tokenizer, o) for o in opts] for opts in OPTIONS]
+    scores = student.option_log_likelihoods(options=options, **batch)
+    assert scores.shape == (2, 3) and scores.dtype == torch.float32
+    assert scores[0, 2] == float("-inf")  # prompt 0 has two options
+    for b, opts in enumerate(options):
+        for k, o in enumerate(opts):
+            assert float(scores[b, k]) == pytest.approx(_brute_force(student, tokenizer, batch, b, o), abs=1e-4)
+    with pytest.raises(ValueError, match="options: 1 option lists for a batch of 2"):
+        student.option_log_likelihoods(options=options[:1], **batch)
+    with pytest.raises(ValueError, match="options: prompt 1 needs at least one option"):
+        student.option_log_likelihoods(options=[options[0], [[]]], **batch)
+
+
+def _train(student, batch, steps=30):
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        loss = student(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def option_model(tokenizer, tmp_path_factory):
+    """An option-format student fitted to answer (B) 2.5 m and (C) It never stops., saved and loaded."""
+    from rgpt4d.infer import RGPT4D, save_inference_model
+
+    student = make_student(tokenizer, answer_format="option")
+    targets = [answer_ids(tokenizer, "option", "B", "2.5 m")[0], answer_ids(tokenizer, "option", "C",
+                                                                            "It never stops.")[0]]
+    student = _train(student, make_batch(tokenizer, student.config, answers=targets, prompts=PROMPTS))
+    path = tmp_path_factory.mktemp("option_student")
+    save_inference_model(student, tokenizer, path)
+    return RGPT4D.from_pretrained(path)
+
+
+def _items():
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randint(0, 256, (2, T, 3, 48, 48), dtype=torch.uint8, generator=g)
+    ts = torch.cumsum(torch.rand(2, T, generator=g) + 0.05, 1)
+    boxes = [[[2.0, 3.0, 20.0, 30.0], [30.0, 30.0, 47.0, 47.0]], [[5.0, 5.0, 12.0, 40.0], [10.0, 1.0, 44.0, 22.0]]]
+    return [dict(video=frames[i], timestamps=ts[i].tolist(), regions=boxes[i], prompt=PROMPTS[i], options=OPTIONS[i])
+            for i in range(2)]
+
+
+def test_option_format_is_read_by_likelihood_and_by_its_written_letter(option_model):
+    assert option_model.model.config.answer_format == "option" and option_model.default_scoring() == "likelihood"
+    items = _items()
+    scores = option_model.option_scores(items)
+    assert scores[0].argmax() == 1 and scores[1].argmax() == 2
+    assert option_model.answer_batch(items, progress=False) == ["B", "C"]
+    assert option_model.answer_batch(items, progress=False, scoring="likelihood") == ["B", "C"]
+    # generation writes the option's text, then its letter; "letter" scoring reads that letter
+    seqs = option_model.model.generate(**option_model._prepare(items), max_new_tokens=12)
+    text = option_model.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+    assert [t.strip() for t in text] == ["2.5 m (B)", "It never stops. (C)"]
+    assert option_model.answer_batch(items, progress=False, scoring="letter") == ["B", "C"]
+
+
+def test_letter_scoring_falls_back_to_likelihood_when_no_letter_is_written(option_model, monkeypatch):
+    items = _items()
+    monkeypatch.setattr(option_model.model, "generate", lambda **kw: torch.full((2, 3), 5))
+    assert option_model.answer_batch(items, progress=False, scoring="letter") == ["B", "C"]
+
+
+def test_letter_model_scored_by_likelihood_too(tokenizer):
+    """Likelihood scoring works for any model: here a letter-format one, untrained (any valid letter)."""
+    from rgpt4d.infer import RGPT4D
+
+    model = RGPT4D(make_student(tokenizer, answer_format="letter"), tokenizer)
+    assert model.default_scoring() == "letter"
+    out = model.answer_batch(_items(), progress=False, scoring="likelihood")
+    assert out[0] in "AB" and out[1] in "ABC"
+
+
+def test_scoring_errors(option_model):
+    items = _items()
+    with pytest.raises(ValueError, match="scoring: must be one of"):
+        option_model.answer_batch(items, progress=False, scoring="vote")
+    no_options = [dict(items[0])]
+    del no_options[0]["options"]
+    with pytest.raises(ValueError, match="items: question 0 has no `options`"):
+        option_model.answer_batch(no_options, progress=False)
+    video = np.zeros((T, 32, 32, 3), dtype=np.uint8)
+    assert option_model.answer(video, [0.0, 0.5, 1.0, 2.0], [[1, 1, 20, 20]], "How tall is <obj_1>?",
+                               ["1 m", "2.5 m"]) in ("A", "B")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn training sequences (one video, several questions)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_encode_conversations(tokenizer):
+    from rgpt4d.data.schema import PROMPT_PREAMBLE, format_prompt
+    from rgpt4d.models.tokenizer import encode_conversations
+
+    ids = special_token_ids(tokenizer)
+    p1, p2 = format_prompt("How tall is <obj_1>?", ["1 m", "2 m"]), format_prompt("Is <obj_2> left?", ["yes", "no"])
+    a1, a2, a3 = (answer_ids(tokenizer, "option", "B", "2 m")[0], answer_ids(tokenizer, "option", "A", "yes")[0],
+                  answer_ids(tokenizer, "option", "A", "1 m")[0])
+    enc = encode_conversations(tokenizer, [[p1, p2], [p1]], 3, [[a1, a2], [a3]])
+    seq = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+    assert seq.count(ids["image"]) == 3 and seq.count(ids["user"]) == 2 and seq.count(ids["assistant"]) == 2
+    text = tokenizer.decode(seq)
+    assert text.count(PROMPT_PREAMBLE.split("<obj_1>")[0]) == 1  # the preamble in the first turn only
+    assert text.index("How tall") < text.index("2 m (B)") < text.index("Is <obj_2> left?") < text.index("yes (A)")
+    assert enc["labels"][0][enc["labels"][0] != -100].tolist() == a1 + a2
+    assert enc["labels"][1][enc["labels"][1] != -100].tolist() == a3
+    # a one-turn conversation is exactly encode_batch's sequence
+    single = encode_batch(tokenizer, [p1], 3, [a3])
+    assert single["input_ids"][0].tolist() == enc["input_ids"][1][enc["attention_mask"][1].bool()].tolist()
+    with pytest.raises(ValueError, match="conversation 0 has 2 prompts and 1 answers"):
+        encode_conversations(tokenizer, [[p1, p2]], 3, [[a1]])
+    with pytest.raises(ValueError, match="answers: answer 1 of conversation 0 has no tokens"):
+        encode_conversations(tokenizer, [[p1, p2]], 3, [[a1, []]])
