@@ -51,6 +51,13 @@ class TeacherConfig:
     # the encoder also sees each frame's difference to the previous frame (3 more input channels):
     # motion that crosses a tubelet boundary is then in the input, not only in attention across time
     difference_channels: bool = True
+    # the encoder also sees a Lucas-Kanade estimate of each frame's backward flow (2 more input
+    # channels, pixels; rgpt4d.models.teacher.flow_cue). Flow is a second-order function of the
+    # pixels (brightness constancy: dI/dt = grad I . u), which a small encoder trained from scratch
+    # for a few hundred steps does not discover: without this cue its flow head stays at zero flow.
+    # Saved configs without the field are read as False (the teachers trained before it existed).
+    flow_cue: bool = True
+    flow_cue_window: int = 9  # pixels: side of the box window the Lucas-Kanade sums run over
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -63,7 +70,12 @@ class TeacherConfig:
                     tubelet_size=self.tubelet_size, hidden_size=self.hidden_size,
                     num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                     intermediate_size=self.intermediate_size, use_mean_pooling=False,
-                    num_channels=6 if self.difference_channels else 3)
+                    num_channels=self.input_channels)
+
+    @property
+    def input_channels(self) -> int:
+        """RGB, plus the difference to the previous frame (3), plus the flow cue (2)."""
+        return 3 + 3 * bool(self.difference_channels) + 2 * bool(self.flow_cue)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -74,6 +86,7 @@ class TeacherConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"TeacherConfig: unknown fields {unknown}")
+        d = {"flow_cue": False, **d}  # saved before the flow cue existed: the weights expect no cue channels
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def __post_init__(self):
@@ -87,6 +100,9 @@ class TeacherConfig:
         if len(self.head_scales) != 4 or up < 1 or up != int(up):
             raise ValueError(f"TeacherConfig: head_scales must be four scales whose first divides patch_size "
                              f"{self.patch_size} into a whole number of pixels, got {self.head_scales}")
+        if self.flow_cue_window < 1 or self.flow_cue_window % 2 == 0:
+            raise ValueError(f"TeacherConfig: flow_cue_window must be an odd number of pixels, "
+                             f"got {self.flow_cue_window}")
         if len(self.head_layers) != 4 or not all(1 <= i <= self.num_hidden_layers for i in self.head_layers):
             raise ValueError(f"TeacherConfig: head_layers must be four layers in 1..{self.num_hidden_layers}, "
                              f"got {self.head_layers}")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rgpt4d.models.configs import TeacherConfig, get_preset
-from rgpt4d.models.teacher import Teacher4D, TeacherMetrics, targets_at
+from rgpt4d.models.teacher import Teacher4D, TeacherMetrics, flow_cue, normalize_frames, targets_at
 
 FIELDS = ("rgb", "depth", "flow", "motion")
 
@@ -42,7 +42,8 @@ def _check_frames(cfg: TeacherConfig, batch) -> None:
 @torch.no_grad()
 def evaluate_teacher(teacher: Teacher4D, data_dir, split: str = "val", batch_size: int = 4,
                      mean_depth: Optional[float] = None, max_batches: Optional[int] = None) -> dict[str, float]:
-    """Depth AbsRel, flow EPE and motion IoU on `split`, each beside its trivial baseline."""
+    """Depth AbsRel, flow EPE and motion IoU on `split`, each beside its trivial baseline (flow EPE
+    also beside the Lucas-Kanade estimate alone, rgpt4d.models.teacher.flow_cue)."""
     teacher.eval()
     loader = _loader(data_dir, split, batch_size, False)
     if mean_depth is None:
@@ -51,7 +52,9 @@ def evaluate_teacher(teacher: Teacher4D, data_dir, split: str = "val", batch_siz
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        metrics.update(teacher(batch["frames"]), targets_at(batch, teacher.config.image_size))
+        size = teacher.config.image_size
+        cue = flow_cue(normalize_frames(batch["frames"], size), teacher.config.flow_cue_window)
+        metrics.update(teacher(batch["frames"]), targets_at(batch, size), cue)
     return metrics.result()
 
 

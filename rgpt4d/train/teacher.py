@@ -114,7 +114,9 @@ def train_teacher(config: TrainConfig, data_dir: str | Path, out_dir: str | Path
                 m = metrics
                 log(f"teacher: depth AbsRel {m['depth_absrel']:.3f} (mean-depth baseline "
                     f"{m['depth_absrel_mean_baseline']:.3f}), flow EPE {m['flow_epe']:.3f} px (zero-flow "
-                    f"{m['flow_epe_zero_baseline']:.3f}), motion IoU {m['motion_iou']:.3f} (all-static 0.000)")
+                    f"{m['flow_epe_zero_baseline']:.3f}, Lucas-Kanade cue alone {m['flow_epe_cue_baseline']:.3f}; on "
+                    f"moving objects {m['flow_epe_moving']:.3f} vs {m['flow_epe_moving_zero_baseline']:.3f} and "
+                    f"{m['flow_epe_moving_cue_baseline']:.3f}), motion IoU {m['motion_iou']:.3f} (all-static 0.000)")
     finally:
         if dist.started_here:
             import torch.distributed as tdist
