@@ -102,14 +102,16 @@ def test_corrupt_checkpoint_falls_back_to_previous(reference, smoke_data, smoke_
         _run(tmp_path, smoke_data, smoke_teacher_cache[1], resume=True)
 
 
-def test_gradient_accumulation_matches_full_batch(reference, smoke_data, smoke_teacher_cache, tmp_path):
-    """2 micro-batches of 2 == 1 batch of 4 (same samples; every sample has the same number of
-    answer tokens and P4D elements, so the mean of the two means is the full mean)."""
-    _run(tmp_path, smoke_data, smoke_teacher_cache[1], grad_accum=2)
-    ref_rows, rows = _metrics(reference[0]), _metrics(tmp_path)
+def test_gradient_accumulation_matches_full_batch(smoke_data, smoke_teacher_cache, tmp_path):
+    """2 micro-batches of 2 == 1 batch of 4 (same samples; with the letter answer format every sample
+    has the same number of answer tokens and P4D elements, so the mean of the two means is the full
+    mean; with answers of different lengths it is the mean of the micro-batch token means)."""
+    _run(tmp_path / "full", smoke_data, smoke_teacher_cache[1], answer_format="letter")
+    _run(tmp_path / "accum", smoke_data, smoke_teacher_cache[1], answer_format="letter", grad_accum=2)
+    ref_rows, rows = _metrics(tmp_path / "full"), _metrics(tmp_path / "accum")
     for a, b in zip(ref_rows, rows):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    ref, got = _final_state(reference[0]), _final_state(tmp_path)
+    ref, got = _final_state(tmp_path / "full"), _final_state(tmp_path / "accum")
     worst = max(float((ref[k].float() - got[k].float()).abs().max()) for k in ref)
     print(f"accumulation 2x2 vs 4: max |param diff| after {STEPS} steps {worst:.2e}")
     assert worst < 1e-4, worst
