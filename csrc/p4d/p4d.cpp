@@ -188,9 +188,15 @@ double block_loss(int kind, const float* p, const float* t, const uint8_t* m, co
 
 template <typename A>
 struct Scratch {
-  std::vector<A> p, t, chain, g, l;
-  std::vector<uint8_t> m;
-  Scratch() : p(kBlock), t(kBlock), chain(kBlock), g(kBlock), l(kBlock), m(kBlock) {}
+  // Uninitialised (every use writes before it reads): no zero-filling per parallel chunk.
+  template <typename E>
+  struct Buf {
+    std::unique_ptr<E[]> v;
+    explicit Buf(int64_t n) : v(new E[n]) {}
+    E* data() { return v.get(); }
+  };
+  Buf<A> p{kBlock}, t{kBlock}, chain{kBlock}, g{kBlock}, l{cpu::kP4DSub};
+  Buf<uint8_t> m{kBlock};
 };
 
 // Loss sum over elements [e0, e0 + len) of a term; writes their gradient when grad is defined.
@@ -226,7 +232,8 @@ at::Tensor count_true_cpu(const at::Tensor& mask) {
   constexpr int64_t kChunk = int64_t(1) << 18;
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<int64_t> part(std::max<int64_t>(nchunks, 1), 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  // Grain 16 chunks (4 MiB): a smaller mask is counted on this thread, without a parallel region.
+  at::parallel_for(0, nchunks, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) part[c] = cpu::p4d_count_u8(p + c * kChunk, std::min(kChunk, n - c * kChunk));
   });
   int64_t total = 0;

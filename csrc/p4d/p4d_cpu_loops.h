@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 
 #include "common/hd.h"
 #include "p4d/p4d_math.h"
@@ -20,8 +21,8 @@ namespace cpu {
 // Sum of the loss over n elements and, when g is given, g[i] = scale * chain[i] * loss'(d[i]).
 // Masked-out elements (m[i] == 0) contribute 0 to both, even where p or t is NaN/inf.
 // g may alias p (the fused linear loss writes the gradient over the projection).
-// Two loops: an elementwise one without a reduction, which GCC vectorises (the selects are
-// bitwise, p4d_select), writing the per-element loss to `l`; then a fixed-order sum over
+// The elementwise loop has no reduction, so GCC vectorises it (the selects are bitwise,
+// p4d_select); it writes the per-element loss to `l`, summed afterwards in a fixed order over
 // eight lanes.
 template <int KIND, bool MASK, bool CHAIN, bool GRAD>
 RGPT4D_ALWAYS_INLINE void p4d_elem_loop(const float* p, const float* t, const uint8_t* m, const float* chain,
@@ -38,41 +39,52 @@ RGPT4D_ALWAYS_INLINE void p4d_elem_loop(const float* p, const float* t, const ui
   }
 }
 
-RGPT4D_ALWAYS_INLINE float p4d_sum8(const float* v, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) acc[k] += v[i + k];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += v[i];
-  return s;
-}
+// Elements per pass of the elementwise loop: its scratch `l` stays in L1 while p, t and g
+// stream through. A multiple of 8.
+constexpr int64_t kP4DSub = 1024;
 
+// The loss of a block in passes of kP4DSub elements. Eight lane sums run across the passes (lane
+// k adds the losses of elements 8j + k in order), then the lanes are added pairwise and the
+// last few elements in order: a fixed order, the same in every clone and on any thread count.
 template <int KIND, bool MASK, bool CHAIN, bool GRAD>
 RGPT4D_ALWAYS_INLINE float p4d_block_body(const float* p, const float* t, const uint8_t* m, const float* chain,
-                                          float* g, float* l, int64_t n, P4DConsts<float> c, float scale) {
-  p4d_elem_loop<KIND, MASK, CHAIN, GRAD>(p, t, m, chain, g, l, n, c, scale);
-  return p4d_sum8(l, n);
+                                          float* g, float* l, int64_t n,
+                                          P4DConsts<float> c, float scale) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i0 = 0, len = 0;
+  for (; i0 < n; i0 += kP4DSub) {
+    len = std::min(kP4DSub, n - i0);
+    p4d_elem_loop<KIND, MASK, CHAIN, GRAD>(p + i0, t + i0, MASK ? m + i0 : m, CHAIN ? chain + i0 : chain,
+                                           GRAD ? g + i0 : g, l, len, c, scale);
+    for (int64_t i = 0; i + 8 <= len; i += 8)
+      for (int k = 0; k < 8; ++k) acc[k] += l[i + k];
+  }
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (int64_t i = len & ~int64_t(7); i < len; ++i) s += l[i];  // the last pass's remainder
+  return s;
 }
 
 template <int KIND>
 RGPT4D_ALWAYS_INLINE float p4d_block_kind(const float* p, const float* t, const uint8_t* m, const float* chain,
-                                          float* g, float* l, int64_t n, P4DConsts<float> c, float scale) {
+                                          float* g, float* l, int64_t n,
+                                          P4DConsts<float> c, float scale) {
   const int sel = (m ? 4 : 0) | (chain ? 2 : 0) | (g ? 1 : 0);
+#define RGPT4D_P4D_BODY(M, C, G) p4d_block_body<KIND, M, C, G>(p, t, m, chain, g, l, n, c, scale)
   switch (sel) {
-    case 0: return p4d_block_body<KIND, false, false, false>(p, t, m, chain, g, l, n, c, scale);
-    case 1: return p4d_block_body<KIND, false, false, true>(p, t, m, chain, g, l, n, c, scale);
-    case 2: return p4d_block_body<KIND, false, true, false>(p, t, m, chain, g, l, n, c, scale);
-    case 3: return p4d_block_body<KIND, false, true, true>(p, t, m, chain, g, l, n, c, scale);
-    case 4: return p4d_block_body<KIND, true, false, false>(p, t, m, chain, g, l, n, c, scale);
-    case 5: return p4d_block_body<KIND, true, false, true>(p, t, m, chain, g, l, n, c, scale);
-    case 6: return p4d_block_body<KIND, true, true, false>(p, t, m, chain, g, l, n, c, scale);
-    default: return p4d_block_body<KIND, true, true, true>(p, t, m, chain, g, l, n, c, scale);
+    case 0: return RGPT4D_P4D_BODY(false, false, false);
+    case 1: return RGPT4D_P4D_BODY(false, false, true);
+    case 2: return RGPT4D_P4D_BODY(false, true, false);
+    case 3: return RGPT4D_P4D_BODY(false, true, true);
+    case 4: return RGPT4D_P4D_BODY(true, false, false);
+    case 5: return RGPT4D_P4D_BODY(true, false, true);
+    case 6: return RGPT4D_P4D_BODY(true, true, false);
+    default: return RGPT4D_P4D_BODY(true, true, true);
   }
+#undef RGPT4D_P4D_BODY
 }
 
 // m, chain, g may each be null (no mask / not in log space / no gradient wanted); l is scratch
-// for n per-element losses.
+// for kP4DSub floats.
 RGPT4D_CPU_CLONES static float p4d_block_f32(int kind, const float* p, const float* t, const uint8_t* m,
                                              const float* chain, float* g, float* l, int64_t n,
                                              P4DConsts<float> c, float scale) {
