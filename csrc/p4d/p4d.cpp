@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -304,22 +305,33 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cpu(
   const int64_t nblocks = blk_begin[n];
   std::vector<double> partial(nblocks, 0.0);
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  // Threads take runs of kGrab blocks from a shared counter instead of a fixed half each: on a
+  // loaded machine, blocks that a descheduled thread has not reached are run by the other one.
+  // Every block's sum has its own slot, so the result does not depend on which thread ran it.
+  constexpr int64_t kGrab = 4;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nblocks + kGrab - 1) / kGrab));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch<float> sf;
     std::unique_ptr<Scratch<double>> sd;
-    int64_t i = std::upper_bound(blk_begin.begin(), blk_begin.end(), b_begin) - blk_begin.begin() - 1;
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      while (b >= blk_begin[i + 1]) ++i;
-      const P4DTerm& T = terms[i];
-      const int64_t e0 = (b - blk_begin[i]) * kBlock, len = std::min(kBlock, T.numel - e0);
-      const at::Tensor& g = T.need_grad() ? grads[i] : at::Tensor();
-      if (T.acc_double()) {
-        if (!sd) sd.reset(new Scratch<double>());
-        partial[b] = term_block<double>(T, g, e0, len, p4d_grad_scale<double>(T.grad_factor, cnt[i], mean),
-                                        log_eps, *sd);
-      } else {
-        partial[b] = term_block<float>(T, g, e0, len, p4d_grad_scale<float>(T.grad_factor, cnt[i], mean),
-                                       static_cast<float>(log_eps), sf, stream);
+    for (;;) {
+      const int64_t b_begin = next.fetch_add(kGrab, std::memory_order_relaxed);
+      if (b_begin >= nblocks) break;
+      const int64_t b_end = std::min(nblocks, b_begin + kGrab);
+      int64_t i = std::upper_bound(blk_begin.begin(), blk_begin.end(), b_begin) - blk_begin.begin() - 1;
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        while (b >= blk_begin[i + 1]) ++i;
+        const P4DTerm& T = terms[i];
+        const int64_t e0 = (b - blk_begin[i]) * kBlock, len = std::min(kBlock, T.numel - e0);
+        const at::Tensor& g = T.need_grad() ? grads[i] : at::Tensor();
+        if (T.acc_double()) {
+          if (!sd) sd.reset(new Scratch<double>());
+          partial[b] = term_block<double>(T, g, e0, len, p4d_grad_scale<double>(T.grad_factor, cnt[i], mean),
+                                          log_eps, *sd);
+        } else {
+          partial[b] = term_block<float>(T, g, e0, len, p4d_grad_scale<float>(T.grad_factor, cnt[i], mean),
+                                         static_cast<float>(log_eps), sf, stream);
+        }
       }
     }
     stream_fence(stream);
