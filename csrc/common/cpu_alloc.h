@@ -7,10 +7,10 @@
 //  - a small cache of freed large outputs (cpu_pool.cpp), reused for the next output of the same
 //    rounded size — the CPU analogue of the CUDA caching allocator: a training step allocates the
 //    same shapes every iteration, so steady-state outputs land in warm pages. Only blocks of at
-//    least 8 MiB are cached, at most RGPT4D_CPU_POOL_MB in all (default 1024; 0 turns it off);
+//    least 1 MiB are cached, at most RGPT4D_CPU_POOL_MB in all (default 1024; 0 turns it off);
 //    torch.ops.rgpt4d.cpu_pool_empty() gives the cached memory back (rgpt4d.ops.empty_cpu_cache()).
-//  - huge-page advice (transparent huge pages in "madvise" mode) on fresh blocks, which cuts the
-//    number of faults 512x. The advice is only a hint: it never changes results.
+//  - huge-page advice (transparent huge pages in "madvise" mode) on fresh blocks of 8 MiB or more,
+//    which cuts their number of faults 512x. The advice is only a hint: it never changes results.
 #pragma once
 
 #include <ATen/ATen.h>

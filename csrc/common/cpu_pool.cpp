@@ -18,7 +18,11 @@ namespace rgpt4d {
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
-constexpr size_t kMinCached = size_t(8) << 20;
+constexpr size_t kMinCached = size_t(1) << 20;
+// Blocks from this size on are rounded to whole huge pages and advised for them; smaller ones
+// are rounded to 64 KiB (a huge page would make a 3 MiB output touch 4 MiB).
+constexpr size_t kHugeFrom = size_t(8) << 20;
+constexpr size_t kSmallUnit = size_t(64) << 10;
 
 size_t cap_from_env() {
   const char* s = std::getenv("RGPT4D_CPU_POOL_MB");
@@ -43,7 +47,9 @@ class OutputPool final : public c10::Allocator {
     if (n < kMinCached || cap_ == 0) {  // small or disabled: torch's own CPU allocator
       return c10::GetDefaultCPUAllocator()->allocate(n);
     }
-    const size_t size = (n + kHuge - 1) / kHuge * kHuge;
+    const bool huge = n >= kHugeFrom;
+    const size_t unit = huge ? kHuge : kSmallUnit;
+    const size_t size = (n + unit - 1) / unit * unit;
     void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> g(mu_);
@@ -55,10 +61,10 @@ class OutputPool final : public c10::Allocator {
       }
     }
     if (ptr == nullptr) {
-      ptr = std::aligned_alloc(kHuge, size);
+      ptr = std::aligned_alloc(huge ? kHuge : size_t(4096), size);
       TORCH_CHECK(ptr != nullptr, "rgpt4d: out of memory allocating ", size, " bytes for a CPU output");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      (void)madvise(ptr, size, MADV_HUGEPAGE);
+      if (huge) (void)madvise(ptr, size, MADV_HUGEPAGE);
 #endif
     }
     return {ptr, new Block{ptr, size}, &OutputPool::release, c10::Device(c10::DeviceType::CPU)};

@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -175,28 +176,61 @@ double block_f64_kind(const double* p, const double* t, const uint8_t* m, const 
 }
 
 double block_loss(int kind, const double* p, const double* t, const uint8_t* m, const double* chain, double* g,
-                  double* /*l*/, int64_t n, const P4DConsts<double>& c, double scale) {
+                  double* /*l*/, int64_t n, const P4DConsts<double>& c, double scale, bool /*stream*/) {
   if (kind == kP4DSmoothL1) return block_f64_kind<kP4DSmoothL1>(p, t, m, chain, g, n, c, scale);
   if (kind == kP4DMSE) return block_f64_kind<kP4DMSE>(p, t, m, chain, g, n, c, scale);
   return block_f64_kind<kP4DL1>(p, t, m, chain, g, n, c, scale);
 }
 
+// The AVX2 loop where the CPU has it (RGPT4D_P4D_NO_AVX2=1 forces the generic one: tests
+// compare the two).
+bool use_avx2() {
+#if defined(RGPT4D_P4D_AVX2)
+  static const bool v = __builtin_cpu_supports("avx2") && std::getenv("RGPT4D_P4D_NO_AVX2") == nullptr;
+  return v;
+#else
+  return false;
+#endif
+}
+
 double block_loss(int kind, const float* p, const float* t, const uint8_t* m, const float* chain, float* g, float* l,
-                  int64_t n, const P4DConsts<float>& c, float scale) {
+                  int64_t n, const P4DConsts<float>& c, float scale, bool stream) {
+#if defined(RGPT4D_P4D_AVX2)
+  if (use_avx2()) return cpu::p4d_block_f32_avx2(kind, p, t, m, chain, g, l, n, c, scale, stream);
+#endif
   return cpu::p4d_block_f32(kind, p, t, m, chain, g, l, n, c, scale);
+}
+
+// Whether a call writes its gradients with non-temporal stores (AVX2 loop, float gradients):
+// when the bytes it reads and writes are well beyond a last-level cache (32 MiB), the gradients
+// would be evicted before anyone reads them anyway.
+constexpr int64_t kStreamFootprint = int64_t(32) << 20;
+
+void stream_fence(bool stream) {
+#if defined(RGPT4D_P4D_AVX2)
+  if (stream) cpu::p4d_stream_fence();
+#else
+  (void)stream;
+#endif
 }
 
 template <typename A>
 struct Scratch {
-  std::vector<A> p, t, chain, g, l;
-  std::vector<uint8_t> m;
-  Scratch() : p(kBlock), t(kBlock), chain(kBlock), g(kBlock), l(kBlock), m(kBlock) {}
+  // Uninitialised (every use writes before it reads): no zero-filling per parallel chunk.
+  template <typename E>
+  struct Buf {
+    std::unique_ptr<E[]> v;
+    explicit Buf(int64_t n) : v(new E[n]) {}
+    E* data() { return v.get(); }
+  };
+  Buf<A> p{kBlock}, t{kBlock}, chain{kBlock}, g{kBlock}, l{cpu::kP4DSub};
+  Buf<uint8_t> m{kBlock};
 };
 
 // Loss sum over elements [e0, e0 + len) of a term; writes their gradient when grad is defined.
 template <typename A>
 double term_block(const P4DTerm& T, const at::Tensor& grad, int64_t e0, int64_t len, A scale, A log_eps,
-                  Scratch<A>& s) {
+                  Scratch<A>& s, bool stream = false) {
   const P4DConsts<A> c = p4d_consts<A>(T.kind, T.beta);
   const bool log = T.log();
   const A* p = load_as<A>(T.pred, e0, len, s.p.data(), log);
@@ -212,7 +246,7 @@ double term_block(const P4DTerm& T, const at::Tensor& grad, int64_t e0, int64_t 
     m = fill_mask(flat, T.inner, T.period, T.numel, e0, len, s.m.data());
   }
   A* g = grad.defined() ? grad_dst<A>(grad, e0, s.g.data()) : nullptr;
-  const double sum = block_loss(T.kind, p, t, m, chain, g, s.l.data(), len, c, scale);
+  const double sum = block_loss(T.kind, p, t, m, chain, g, s.l.data(), len, c, scale, stream && g != s.g.data());
   if (g == s.g.data()) store_grad<A>(g, grad, e0, len);
   return sum;
 }
@@ -226,7 +260,8 @@ at::Tensor count_true_cpu(const at::Tensor& mask) {
   constexpr int64_t kChunk = int64_t(1) << 18;
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<int64_t> part(std::max<int64_t>(nchunks, 1), 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  // Grain 16 chunks (4 MiB): a smaller mask is counted on this thread, without a parallel region.
+  at::parallel_for(0, nchunks, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) part[c] = cpu::p4d_count_u8(p + c * kChunk, std::min(kChunk, n - c * kChunk));
   });
   int64_t total = 0;
@@ -259,32 +294,47 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cpu(
 
   std::vector<at::Tensor> grads(n);
   std::vector<int64_t> blk_begin(n + 1, 0);
+  int64_t footprint = 0;
   for (int64_t i = 0; i < n; ++i) {
     const P4DTerm& T = terms[i];
     grads[i] = T.need_grad() ? empty_output(T.pred.sizes(), T.pred.options()) : at::empty({0}, T.pred.options());
     blk_begin[i + 1] = blk_begin[i] + (T.numel + kBlock - 1) / kBlock;
+    footprint += T.numel * (T.pred.element_size() * (T.need_grad() ? 2 : 1) + T.target.element_size());
   }
+  const bool stream = footprint >= kStreamFootprint;
   const int64_t nblocks = blk_begin[n];
   std::vector<double> partial(nblocks, 0.0);
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  // Threads take runs of kGrab blocks from a shared counter instead of a fixed half each: on a
+  // loaded machine, blocks that a descheduled thread has not reached are run by the other one.
+  // Every block's sum has its own slot, so the result does not depend on which thread ran it.
+  constexpr int64_t kGrab = 4;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nblocks + kGrab - 1) / kGrab));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch<float> sf;
     std::unique_ptr<Scratch<double>> sd;
-    int64_t i = std::upper_bound(blk_begin.begin(), blk_begin.end(), b_begin) - blk_begin.begin() - 1;
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      while (b >= blk_begin[i + 1]) ++i;
-      const P4DTerm& T = terms[i];
-      const int64_t e0 = (b - blk_begin[i]) * kBlock, len = std::min(kBlock, T.numel - e0);
-      const at::Tensor& g = T.need_grad() ? grads[i] : at::Tensor();
-      if (T.acc_double()) {
-        if (!sd) sd.reset(new Scratch<double>());
-        partial[b] = term_block<double>(T, g, e0, len, p4d_grad_scale<double>(T.grad_factor, cnt[i], mean),
-                                        log_eps, *sd);
-      } else {
-        partial[b] = term_block<float>(T, g, e0, len, p4d_grad_scale<float>(T.grad_factor, cnt[i], mean),
-                                       static_cast<float>(log_eps), sf);
+    for (;;) {
+      const int64_t b_begin = next.fetch_add(kGrab, std::memory_order_relaxed);
+      if (b_begin >= nblocks) break;
+      const int64_t b_end = std::min(nblocks, b_begin + kGrab);
+      int64_t i = std::upper_bound(blk_begin.begin(), blk_begin.end(), b_begin) - blk_begin.begin() - 1;
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        while (b >= blk_begin[i + 1]) ++i;
+        const P4DTerm& T = terms[i];
+        const int64_t e0 = (b - blk_begin[i]) * kBlock, len = std::min(kBlock, T.numel - e0);
+        const at::Tensor& g = T.need_grad() ? grads[i] : at::Tensor();
+        if (T.acc_double()) {
+          if (!sd) sd.reset(new Scratch<double>());
+          partial[b] = term_block<double>(T, g, e0, len, p4d_grad_scale<double>(T.grad_factor, cnt[i], mean),
+                                          log_eps, *sd);
+        } else {
+          partial[b] = term_block<float>(T, g, e0, len, p4d_grad_scale<float>(T.grad_factor, cnt[i], mean),
+                                         static_cast<float>(log_eps), sf, stream);
+        }
       }
     }
+    stream_fence(stream);
   });
 
   at::Tensor losses = at::empty({n}, counts.options().dtype(out_acc));

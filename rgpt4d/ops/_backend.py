@@ -182,7 +182,7 @@ def resolve(op: str, family: str, device: torch.device, backend: str | None) -> 
 def cpu_cache_stats() -> dict:
     """Bytes and blocks held (not in use) by the compiled CPU kernels' cache of large outputs.
 
-    Outputs of at least 8 MiB are returned to this cache when freed and reused by the next output
+    Outputs of at least 1 MiB are returned to this cache when freed and reused by the next output
     of the same size, so a training loop's steady-state outputs land in warm pages instead of
     page-faulting fresh memory every step (the CPU analogue of the CUDA caching allocator). It
     holds at most RGPT4D_CPU_POOL_MB MiB (default 1024; 0 turns it off)."""
