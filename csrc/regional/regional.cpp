@@ -232,6 +232,37 @@ struct RoiTaps {
       }
     }
   }
+
+  // Dense weight patches of every output cell, for the planar patch loop: cell q reads the window
+  // pwin[q] (widened to whole vectors) with the weights patch[pstart[q] ...] (row stride: the
+  // window's width), w including 1 / count. A cell without taps has an empty window.
+  std::vector<A> patch;
+  std::vector<int64_t> pstart;
+  std::vector<cpu::RgWindow> pwin;
+  double build_patches(int64_t ph, int64_t pw, int64_t W) {  // returns the patches' size
+    patch.clear();
+    pstart.clear();
+    pwin.clear();
+    for (int64_t i = 0; i < ph; ++i) {
+      for (int64_t j = 0; j < pw; ++j) {
+        pstart.push_back(static_cast<int64_t>(patch.size()));
+        if (y.start[i] == y.start[i + 1] || x.start[j] == x.start[j + 1]) {
+          pwin.push_back(cpu::RgWindow{0, 0, 0, 0});
+          continue;
+        }
+        const cpu::RgWindow w = cpu::rg_vector_window(
+            {y.idx[y.start[i]], y.idx[y.start[i + 1] - 1] + 1, x.idx[x.start[j]], x.idx[x.start[j + 1] - 1] + 1}, W);
+        pwin.push_back(w);
+        const int64_t cols = w.x1 - w.x0;
+        patch.resize(patch.size() + (w.y1 - w.y0) * cols, A(0));
+        A* p = patch.data() + pstart.back();
+        for (int64_t a = y.start[i]; a < y.start[i + 1]; ++a)
+          for (int64_t b = x.start[j]; b < x.start[j + 1]; ++b)
+            p[(y.idx[a] - w.y0) * cols + (x.idx[b] - w.x0)] = y.w[a] * x.w[b] * inv_count;
+      }
+    }
+    return static_cast<double>(patch.size());
+  }
 };
 
 // Rough count of the taps a RoI needs (work estimates; the choice of the planar loop).
@@ -462,6 +493,52 @@ void roi_pool_backward_banded(const S* grad, const FeatLayout& lay, const RoiPro
 }
 
 
+// Planar maps, few taps per pixel: each output cell as a dense weight patch over the window its
+// taps span, summed against four channel planes at a time in whole vectors along the rows
+// (patch_dots4). Task = (image, channel range), channel groups outermost so that the planes stay
+// in cache while all the image's RoIs read them. Returns false (nothing done) when the patches
+// hold more vector steps than the scalar gather loop has taps (big sparse cells).
+template <typename S, typename A>
+bool roi_pool_forward_patches(const S* feat, const FeatLayout& lay, const RoiProblem<A>& pb, RoiPlan<A>& plan, S* out) {
+  const PoolShape& ps = pb.ps;
+  const int64_t C = ps.C, P = ps.ph * ps.pw, K = pb.K;
+  std::vector<double> size(K, 0.0);
+  parallel_tasks(K, 4.0 * pb.taps, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k)
+      if (pb.roi_img[k] >= 0) size[k] = plan.taps[k].build_patches(ps.ph, ps.pw, ps.W);
+  });
+  double steps = 0;  // vector steps per channel
+  for (double v : size) steps += v / 8.0;
+  if (steps > pb.taps) return false;
+  const int64_t nchunks = channel_chunks(pb.images, C, 4);
+  const int64_t chunk = (C + nchunks - 1) / nchunks;
+  parallel_tasks(pb.images * nchunks, steps * 8.0 * C, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, c1 = std::min(C, c0 + chunk);
+      const S* base = feat + pb.img_off[img];
+      for (int64_t c = c0; c < c1; c += 4) {
+        const int64_t nc = std::min<int64_t>(4, c1 - c);
+        const S* planes[4];
+        for (int64_t j = 0; j < 4; ++j) planes[j] = base + (c + std::min(j, nc - 1)) * lay.sC;
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          for (int64_t q = 0; q < P; ++q) {
+            const cpu::RgWindow& w = t.pwin[q];
+            const S* corner[4];
+            for (int j = 0; j < 4; ++j) corner[j] = planes[j] + w.y0 * lay.sH + w.x0;
+            A d[4];
+            patch_dots4(t.patch.data() + t.pstart[q], w.x1 - w.x0, corner, lay.sH, w.y1 - w.y0, w.x1 - w.x0, d);
+            for (int64_t j = 0; j < nc; ++j)
+              out[(k * C + c + j) * P + q] = static_cast<S>(d[j] + (pb.enc ? pb.enc[img * C + c + j] : A(0)));
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
+
 // out [K, C, ph, pw] (contiguous). lay: how the features are laid out (in place).
 // Channels-last maps: task = (RoI, channel range); every tap is a vector over the channel range.
 // Planar maps: the banded loops above when the RoIs have enough taps per pixel, else a scalar
@@ -510,6 +587,7 @@ void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>&
   }
   const BandPlan<A> bp(pb, plan);
   if (prefer_banded(pb, bp, kBandedTapsPerPixelForward)) return roi_pool_forward_banded<S, A>(feat, lay, pb, plan, bp, out);
+  if (roi_pool_forward_patches<S, A>(feat, lay, pb, plan, out)) return;
   plan.flatten(pb, lay.sH);
   const int64_t nchunks = channel_chunks(pb.images, C, 1);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
