@@ -239,7 +239,7 @@ struct RoiTaps {
   std::vector<A> patch;
   std::vector<int64_t> pstart;
   std::vector<cpu::RgWindow> pwin;
-  double build_patches(int64_t ph, int64_t pw, int64_t W) {  // returns the patches' size
+  void build_patches(int64_t ph, int64_t pw, int64_t W) {
     patch.clear();
     pstart.clear();
     pwin.clear();
@@ -261,7 +261,6 @@ struct RoiTaps {
             p[(y.idx[a] - w.y0) * cols + (x.idx[b] - w.x0)] = y.w[a] * x.w[b] * inv_count;
       }
     }
-    return static_cast<double>(patch.size());
   }
 };
 
@@ -506,14 +505,22 @@ template <typename S, typename A>
 bool roi_pool_forward_patches(const S* feat, const FeatLayout& lay, const RoiProblem<A>& pb, RoiPlan<A>& plan, S* out) {
   const PoolShape& ps = pb.ps;
   const int64_t C = ps.C, P = ps.ph * ps.pw, K = pb.K;
-  std::vector<double> size(K, 0.0);
+  double steps = 0;  // vector steps per channel: the patches' size / 8, from the tap spans
+  for (int64_t k = 0; k < K; ++k) {
+    if (pb.roi_img[k] < 0) continue;
+    const RoiTaps<A>& t = plan.taps[k];
+    double rows = 0, cols = 0;
+    for (int64_t i = 0; i < ps.ph; ++i)
+      if (t.y.start[i + 1] > t.y.start[i]) rows += t.y.idx[t.y.start[i + 1] - 1] - t.y.idx[t.y.start[i]] + 1;
+    for (int64_t j = 0; j < ps.pw; ++j)
+      if (t.x.start[j + 1] > t.x.start[j]) cols += (t.x.idx[t.x.start[j + 1] - 1] - t.x.idx[t.x.start[j]] + 8) / 8;
+    steps += rows * cols;
+  }
+  if (steps > pb.taps) return false;
   parallel_tasks(K, 4.0 * pb.taps, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k)
-      if (pb.roi_img[k] >= 0) size[k] = plan.taps[k].build_patches(ps.ph, ps.pw, ps.W);
+      if (pb.roi_img[k] >= 0) plan.taps[k].build_patches(ps.ph, ps.pw, ps.W);
   });
-  double steps = 0;  // vector steps per channel
-  for (double v : size) steps += v / 8.0;
-  if (steps > pb.taps) return false;
   const int64_t nchunks = channel_chunks(pb.images, C, 4);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
   parallel_tasks(pb.images * nchunks, steps * 8.0 * C, [&](int64_t begin, int64_t end) {
