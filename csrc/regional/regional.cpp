@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_alloc.h"
@@ -71,27 +72,35 @@ inline float gather_dot(const c10::BFloat16* base, const int64_t* off, const flo
   return cpu::rg_gather_dot_bf16(reinterpret_cast<const uint16_t*>(base), off, w, n);
 }
 
-// out[r] = dot(rows[r], x) for 8 rows (generic, float, bf16).
+// out[j] = sum over a rows x cols window of p[y * sP + x] * planes[j][y * sH + x], j < 4 (generic,
+// float, bf16); see rg_patch_dots4.
 template <typename S, typename A>
-inline void dots8(const A* const* rows, const S* x, int64_t n, A* out) {
-  for (int r = 0; r < 8; ++r) out[r] = dot(rows[r], x, n);
-}
-inline void dots8(const float* const* rows, const float* x, int64_t n, float* out) { cpu::rg_dots8_f32(rows, x, n, out); }
-inline void dots8(const float* const* rows, const c10::BFloat16* x, int64_t n, float* out) {
-  cpu::rg_dots8_bf16(rows, reinterpret_cast<const uint16_t*>(x), n, out);
-}
-
-// y[p] = sum_r coef[r] * rows[r][p].
-template <typename A>
-inline void combine(const A* const* rows, const A* coef, int64_t nr, int64_t n, A* y) {
-  for (int64_t p = 0; p < n; ++p) {
+inline void patch_dots4(const A* p, int64_t sP, const S* const* planes, int64_t sH, int64_t rows, int64_t cols,
+                        A* out) {
+  for (int j = 0; j < 4; ++j) {
     A s = 0;
-    for (int64_t r = 0; r < nr; ++r) s += coef[r] * rows[r][p];
-    y[p] = s;
+    for (int64_t y = 0; y < rows; ++y)
+      for (int64_t x = 0; x < cols; ++x) s += p[y * sP + x] * static_cast<A>(planes[j][y * sH + x]);
+    out[j] = s;
   }
 }
-inline void combine(const float* const* rows, const float* coef, int64_t nr, int64_t n, float* y) {
-  cpu::rg_combine_f32(rows, coef, nr, n, y);
+inline void patch_dots4(const float* p, int64_t sP, const float* const* planes, int64_t sH, int64_t rows,
+                        int64_t cols, float* out) {
+  cpu::rg_patch_dots4_f32(p, sP, planes, sH, rows, cols, out);
+}
+inline void patch_dots4(const float* p, int64_t sP, const c10::BFloat16* const* planes, int64_t sH, int64_t rows,
+                        int64_t cols, float* out) {
+  cpu::rg_patch_dots4_bf16(p, sP, reinterpret_cast<const uint16_t* const*>(planes), sH, rows, cols, out);
+}
+
+// plane[y, x] += coef * m[y, x] over the window w (both with row stride W).
+template <typename A>
+inline void window_axpy(A coef, const A* m, A* plane, int64_t W, const cpu::RgWindow& w) {
+  for (int64_t y = w.y0; y < w.y1; ++y)
+    for (int64_t x = w.x0; x < w.x1; ++x) plane[y * W + x] += coef * m[y * W + x];
+}
+inline void window_axpy(float coef, const float* m, float* plane, int64_t W, const cpu::RgWindow& w) {
+  cpu::rg_window_axpy_f32(coef, m, plane, W, w);
 }
 
 // y = v + e (e may be null), converted to the output dtype.
@@ -220,6 +229,36 @@ struct RoiTaps {
             w2.push_back(y.w[a] * x.w[b] * inv_count);
           }
         cell.push_back(static_cast<int64_t>(off.size()));
+      }
+    }
+  }
+
+  // Dense weight patches of every output cell, for the planar patch loop: cell q reads the window
+  // pwin[q] (widened to whole vectors) with the weights patch[pstart[q] ...] (row stride: the
+  // window's width), w including 1 / count. A cell without taps has an empty window.
+  std::vector<A> patch;
+  std::vector<int64_t> pstart;
+  std::vector<cpu::RgWindow> pwin;
+  void build_patches(int64_t ph, int64_t pw, int64_t W) {
+    patch.clear();
+    pstart.clear();
+    pwin.clear();
+    for (int64_t i = 0; i < ph; ++i) {
+      for (int64_t j = 0; j < pw; ++j) {
+        pstart.push_back(static_cast<int64_t>(patch.size()));
+        if (y.start[i] == y.start[i + 1] || x.start[j] == x.start[j + 1]) {
+          pwin.push_back(cpu::RgWindow{0, 0, 0, 0});
+          continue;
+        }
+        const cpu::RgWindow w = cpu::rg_vector_window(
+            {y.idx[y.start[i]], y.idx[y.start[i + 1] - 1] + 1, x.idx[x.start[j]], x.idx[x.start[j + 1] - 1] + 1}, W);
+        pwin.push_back(w);
+        const int64_t cols = w.x1 - w.x0;
+        patch.resize(patch.size() + (w.y1 - w.y0) * cols, A(0));
+        A* p = patch.data() + pstart.back();
+        for (int64_t a = y.start[i]; a < y.start[i + 1]; ++a)
+          for (int64_t b = x.start[j]; b < x.start[j + 1]; ++b)
+            p[(y.idx[a] - w.y0) * cols + (x.idx[b] - w.x0)] = y.w[a] * x.w[b] * inv_count;
       }
     }
   }
@@ -373,9 +412,14 @@ void roi_pool_forward_banded(const S* feat, const FeatLayout& lay, const RoiProb
         const int64_t r0 = b * bp.band_rows, r1 = std::min(ps.H, r0 + bp.band_rows);
         for (int64_t r = r0; r < r1; ++r) {  // transpose the band's channel slice
           A* dst = band.data() + (r - r0) * W * len;
-          for (int64_t c = 0; c < len; ++c) {
-            const S* src = base + c * lay.sC + r * lay.sH;
-            for (int64_t x = 0; x < W; ++x) dst[x * len + c] = static_cast<A>(src[x]);
+          // eight channels at a time: each pixel gets eight neighbouring stores (one cache line)
+          // instead of one store per line of the whole row
+          for (int64_t cb = 0; cb < len; cb += 8) {
+            const int64_t nb = std::min<int64_t>(8, len - cb);
+            const S* src[8];
+            for (int64_t j = 0; j < 8; ++j) src[j] = base + (cb + std::min(j, nb - 1)) * lay.sC + r * lay.sH;
+            for (int64_t x = 0; x < W; ++x)
+              for (int64_t j = 0; j < nb; ++j) dst[x * len + cb + j] = static_cast<A>(src[j][x]);
           }
         }
         for (int64_t u = st[b]; u < st[b + 1]; ++u) {
@@ -392,10 +436,9 @@ void roi_pool_forward_banded(const S* feat, const FeatLayout& lay, const RoiProb
         const int64_t k = plan.order[n], slot = n - plan.start[img];
         const A* e = pb.enc ? pb.enc + img * C + c0 : nullptr;
         S* o = out + (k * C + c0) * P;
-        for (int64_t q = 0; q < P; ++q) {
-          const A* a = acc.data() + (slot * P + q) * len;
-          for (int64_t c = 0; c < len; ++c) o[c * P + q] = static_cast<S>(a[c] + (e ? e[c] : A(0)));
-        }
+        const A* a = acc.data() + slot * P * len;
+        for (int64_t c = 0; c < len; ++c)  // contiguous stores; the strided reads stay in cache
+          for (int64_t q = 0; q < P; ++q) o[c * P + q] = static_cast<S>(a[q * len + c] + (e ? e[c] : A(0)));
       }
     }
   });
@@ -453,6 +496,60 @@ void roi_pool_backward_banded(const S* grad, const FeatLayout& lay, const RoiPro
 }
 
 
+// Planar maps, few taps per pixel: each output cell as a dense weight patch over the window its
+// taps span, summed against four channel planes at a time in whole vectors along the rows
+// (patch_dots4). Task = (image, channel range), channel groups outermost so that the planes stay
+// in cache while all the image's RoIs read them. Returns false (nothing done) when the patches
+// hold more vector steps than the scalar gather loop has taps (big sparse cells).
+template <typename S, typename A>
+bool roi_pool_forward_patches(const S* feat, const FeatLayout& lay, const RoiProblem<A>& pb, RoiPlan<A>& plan, S* out) {
+  const PoolShape& ps = pb.ps;
+  const int64_t C = ps.C, P = ps.ph * ps.pw, K = pb.K;
+  double steps = 0;  // vector steps per channel: the patches' size / 8, from the tap spans
+  for (int64_t k = 0; k < K; ++k) {
+    if (pb.roi_img[k] < 0) continue;
+    const RoiTaps<A>& t = plan.taps[k];
+    double rows = 0, cols = 0;
+    for (int64_t i = 0; i < ps.ph; ++i)
+      if (t.y.start[i + 1] > t.y.start[i]) rows += t.y.idx[t.y.start[i + 1] - 1] - t.y.idx[t.y.start[i]] + 1;
+    for (int64_t j = 0; j < ps.pw; ++j)
+      if (t.x.start[j + 1] > t.x.start[j]) cols += (t.x.idx[t.x.start[j + 1] - 1] - t.x.idx[t.x.start[j]] + 8) / 8;
+    steps += rows * cols;
+  }
+  if (steps > pb.taps) return false;
+  parallel_tasks(K, 4.0 * pb.taps, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k)
+      if (pb.roi_img[k] >= 0) plan.taps[k].build_patches(ps.ph, ps.pw, ps.W);
+  });
+  const int64_t nchunks = channel_chunks(pb.images, C, 4);
+  const int64_t chunk = (C + nchunks - 1) / nchunks;
+  parallel_tasks(pb.images * nchunks, steps * 8.0 * C, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / nchunks, c0 = (task % nchunks) * chunk, c1 = std::min(C, c0 + chunk);
+      const S* base = feat + pb.img_off[img];
+      for (int64_t c = c0; c < c1; c += 4) {
+        const int64_t nc = std::min<int64_t>(4, c1 - c);
+        const S* planes[4];
+        for (int64_t j = 0; j < 4; ++j) planes[j] = base + (c + std::min(j, nc - 1)) * lay.sC;
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
+          const int64_t k = plan.order[n];
+          const RoiTaps<A>& t = plan.taps[k];
+          for (int64_t q = 0; q < P; ++q) {
+            const cpu::RgWindow& w = t.pwin[q];
+            const S* corner[4];
+            for (int j = 0; j < 4; ++j) corner[j] = planes[j] + w.y0 * lay.sH + w.x0;
+            A d[4];
+            patch_dots4(t.patch.data() + t.pstart[q], w.x1 - w.x0, corner, lay.sH, w.y1 - w.y0, w.x1 - w.x0, d);
+            for (int64_t j = 0; j < nc; ++j)
+              out[(k * C + c + j) * P + q] = static_cast<S>(d[j] + (pb.enc ? pb.enc[img * C + c + j] : A(0)));
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
+
 // out [K, C, ph, pw] (contiguous). lay: how the features are laid out (in place).
 // Channels-last maps: task = (RoI, channel range); every tap is a vector over the channel range.
 // Planar maps: the banded loops above when the RoIs have enough taps per pixel, else a scalar
@@ -501,6 +598,7 @@ void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>&
   }
   const BandPlan<A> bp(pb, plan);
   if (prefer_banded(pb, bp, kBandedTapsPerPixelForward)) return roi_pool_forward_banded<S, A>(feat, lay, pb, plan, bp, out);
+  if (roi_pool_forward_patches<S, A>(feat, lay, pb, plan, out)) return;
   plan.flatten(pb, lay.sH);
   const int64_t nchunks = channel_chunks(pb.images, C, 1);
   const int64_t chunk = (C + nchunks - 1) / nchunks;
@@ -639,11 +737,30 @@ std::pair<at::Tensor, FeatLayout> readable_features(const at::Tensor& f) {
 at::Tensor frame_encodings(const c10::optional<at::Tensor>& timestamps, const c10::optional<at::Tensor>& table,
                            int64_t C, double base, at::ScalarType acc_type, const char* op) {
   if (!(timestamps.has_value() && timestamps->defined())) return at::Tensor();
-  const EncoderInputs in = prepare_encoder(*timestamps, table, acc_type, op, /*check_range=*/true);
   const int64_t BT = timestamps->numel();
   at::Tensor enc = at::empty({BT, C}, timestamps->options().dtype(acc_type));
+  if (table.has_value() && table->defined()) {
+    // Learned table: check the rows and copy them in one host loop (a handful of rows: the
+    // aminmax / item / index_select ops of prepare_encoder cost more than the whole copy).
+    const at::Tensor tab = table->to(acc_type).contiguous();
+    const at::Tensor rows = timestamps->to(at::kLong).contiguous();
+    const int64_t L = tab.size(0);
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    if (BT > 0) {
+      const auto [lo, hi] = std::minmax_element(rp, rp + BT);
+      TORCH_CHECK(*lo >= 0 && *hi < L, op, ": timestamps must index rows of table in [0, ", L, "), got values in [", *lo,
+                  ", ", *hi, "]");
+    }
+    if (C == 0) return enc;
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "regional_frame_encodings", [&] {
+      const scalar_t* tp = tab.data_ptr<scalar_t>();
+      scalar_t* e = enc.data_ptr<scalar_t>();
+      for (int64_t bt = 0; bt < BT; ++bt) std::copy_n(tp + rp[bt] * C, C, e + bt * C);
+    });
+    return enc;
+  }
+  const EncoderInputs in = prepare_encoder(*timestamps, table, acc_type, op, /*check_range=*/true);
   if (BT == 0 || C == 0) return enc;
-  if (in.table.defined()) return in.table.index_select(0, in.rows.reshape({BT})).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc_type, "regional_frame_encodings", [&] {
     using A = scalar_t;
     const A* sec = in.seconds.data_ptr<A>();
@@ -839,37 +956,100 @@ std::vector<ResizeTap<A>> resize_taps(int64_t n_in, int64_t n_out) {
   return t;
 }
 
-// Resized masks [BT*R, H*W] and their normalisers 1 / (sum + eps), in A.
-template <typename M, typename A>
-void resize_masks(const at::Tensor& masks, int64_t H, int64_t W, double eps, A* mt, A* inv_z) {
+using cpu::RgWindow;
+
+// One resized row (generic, float).
+template <typename A>
+void resize_row(const A* r0, const A* r1, A wy0, A wy1, const int64_t* lo, const int64_t* hi, const A* wlo,
+                const A* whi, int64_t W, A* d) {
+  for (int64_t x = 0; x < W; ++x)
+    d[x] = wy0 * (wlo[x] * r0[lo[x]] + whi[x] * r0[hi[x]]) + wy1 * (wlo[x] * r1[lo[x]] + whi[x] * r1[hi[x]]);
+}
+void resize_row(const float* r0, const float* r1, float wy0, float wy1, const int64_t* lo, const int64_t* hi,
+                const float* wlo, const float* whi, int64_t W, float* d) {
+  cpu::rg_resize_row_f32(r0, r1, wy0, wy1, lo, hi, wlo, whi, W, d);
+}
+
+// The masks resized to the feature grid, once per call: a small buffer ([BT*R, H*W], about R
+// times a channel plane per frame) that every channel then reads from cache.
+struct ResizedMasks {
+  at::Tensor mt;                // [BT * R, H * W] resized masks (accumulation dtype)
+  at::Tensor inv_z;             // [BT * R] 1 / (sum + eps)
+  std::vector<RgWindow> win;    // per mask: the rectangle that holds its non-zeros (empty: all zero),
+                                // widened to whole vectors (rg_vector_window)
+  double window_work = 0;       // sum of window rows x columns rounded up to 8 (multiply-adds per channel)
+};
+
+template <typename A>
+ResizedMasks resize_masks(const at::Tensor& masks_in, int64_t H, int64_t W, double eps) {
+  const at::Tensor masks = masks_in.to(c10::CppTypeToScalarType<A>::value);
   const int64_t B = masks.size(0), T = masks.size(1), R = masks.size(2), Hm = masks.size(3), Wm = masks.size(4);
   const int64_t n = B * T * R, HW = H * W;
-  const auto ty = resize_taps<A>(Hm, H), tx = resize_taps<A>(Wm, W);
-  const M* mp = masks.data_ptr<M>();
+  ResizedMasks rm;
+  rm.mt = at::empty({n, HW}, masks.options());
+  rm.inv_z = at::empty({n}, masks.options());
+  rm.win.assign(n, RgWindow{0, 0, 0, 0});
+  if (n == 0) return rm;
+  const auto ty = resize_taps<A>(Hm, H);
+  // x taps as flat arrays of element offsets and weights (the inner loop has no struct loads)
   const int64_t s0 = masks.stride(0), s1 = masks.stride(1), s2 = masks.stride(2), sy = masks.stride(3),
                 sx = masks.stride(4);
+  std::vector<int64_t> xlo(W), xhi(W);
+  std::vector<A> wlo(W), whi(W);
+  for (int64_t x = 0; x < W; ++x) {
+    const ResizeTap<A> t = resize_axis_tap<A>(x, Wm, W);
+    xlo[x] = t.lo * sx;
+    xhi[x] = t.hi * sx;
+    wlo[x] = t.w_lo;
+    whi[x] = t.w_hi;
+  }
+  const A* mp = masks.data_ptr<A>();
+  A* mt = rm.mt.data_ptr<A>();
+  A* inv_z = rm.inv_z.data_ptr<A>();
   parallel_tasks(n, 8.0 * n * HW, [&](int64_t b0, int64_t b1) {
     for (int64_t m = b0; m < b1; ++m) {
       const int64_t r = m % R, t = (m / R) % T, b = m / (R * T);
-      const M* src = mp + b * s0 + t * s1 + r * s2;
+      const A* src = mp + b * s0 + t * s1 + r * s2;
       A* dst = mt + m * HW;
-      A sum = 0;
+      int64_t y0 = H, y1 = 0, x0 = W, x1 = 0;
       for (int64_t y = 0; y < H; ++y) {
         const ResizeTap<A>& a = ty[y];
-        const M* r0 = src + a.lo * sy;
-        const M* r1 = src + a.hi * sy;
-        for (int64_t x = 0; x < W; ++x) {
-          const ResizeTap<A>& c = tx[x];
-          const A top = c.w_lo * static_cast<A>(r0[c.lo * sx]) + c.w_hi * static_cast<A>(r0[c.hi * sx]);
-          const A bot = c.w_lo * static_cast<A>(r1[c.lo * sx]) + c.w_hi * static_cast<A>(r1[c.hi * sx]);
-          const A v = a.w_lo * top + a.w_hi * bot;
-          dst[y * W + x] = v;
-          sum += v;
+        const A* r0 = src + a.lo * sy;
+        const A* r1 = src + a.hi * sy;
+        if (sx == 1 && y + 2 < H) {
+          // Downsampling reads two rows here, then jumps rows: too short a stream for the hardware
+          // prefetcher, so the loads would wait on memory one row at a time. Fetch two rows ahead.
+          const ResizeTap<A>& a2 = ty[y + 2];
+          for (int64_t q = xlo[0]; q <= xhi[W - 1]; q += 64 / static_cast<int64_t>(sizeof(A))) {
+            __builtin_prefetch(src + a2.lo * sy + q);
+            __builtin_prefetch(src + a2.hi * sy + q);
+          }
         }
+        A* d = dst + y * W;
+        resize_row(r0, r1, a.w_lo, a.w_hi, xlo.data(), xhi.data(), wlo.data(), whi.data(), W, d);
+        int64_t first = 0, last = W;
+        while (first < W && d[first] == A(0)) ++first;
+        if (first == W) continue;  // an all-zero row
+        while (d[last - 1] == A(0)) --last;
+        y0 = std::min(y0, y);
+        y1 = y + 1;
+        x0 = std::min(x0, first);
+        x1 = std::max(x1, last);
       }
+      // sum in eight fixed partial sums (vectorisable, independent of the thread count)
+      A p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t q = 0;
+      for (; q + 8 <= HW; q += 8)
+        for (int k = 0; k < 8; ++k) p[k] += dst[q + k];
+      A sum = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+      for (; q < HW; ++q) sum += dst[q];
       inv_z[m] = A(1) / (sum + static_cast<A>(eps));
+      if (y1 > y0) rm.win[m] = cpu::rg_vector_window(RgWindow{y0, y1, x0, x1}, W);
     }
   });
+  for (const RgWindow& w : rm.win)
+    rm.window_work += static_cast<double>(w.y1 - w.y0) * static_cast<double>((w.x1 - w.x0 + 7) / 8 * 8);
+  return rm;
 }
 
 // Features [B, T, C, H, W] as one matrix per frame without a copy: [BT, C, HW] for planar maps or
@@ -897,6 +1077,59 @@ at::Tensor frames_matrix(const at::Tensor& f, bool* channels_last) {
   return at::Tensor();
 }
 
+// The windowed loops below do about window_work multiply-adds per channel where the GEMM does
+// R * H * W (every mask over every pixel), but BLAS runs each multiply-add several times faster.
+// Windows below this fraction of the full grid go to the windowed loops (measured with
+// benchmarks/bench_regional.py on the 2-core CPU, box masks and dense random masks).
+constexpr double kWindowedFraction = 0.35;
+
+bool prefer_windowed(const ResizedMasks& rm, int64_t HW) {
+  return rm.window_work < kWindowedFraction * static_cast<double>(rm.win.size()) * static_cast<double>(HW);
+}
+
+// out[r, c] = sum over mask r's window of m[r, p] * f[c, p] for one frame and a channel range
+// [c0, c0 + len): acc[r * stride + c - c0]. Planar maps: four channel planes at a time, all the
+// frame's masks per plane group (the planes stay in cache); channels-last maps: every non-zero
+// pixel of a window is a vector over the channel range.
+template <typename S, typename A>
+void windowed_pool_frame(const S* base, const FeatLayout& lay, int64_t W, const A* m, const RgWindow* win, int64_t R,
+                         int64_t HW, int64_t c0, int64_t len, A* acc, int64_t stride) {
+  if (lay.channels_last) {
+    for (int64_t r = 0; r < R; ++r) {
+      A* a = acc + r * stride;
+      std::fill(a, a + len, A(0));
+      const RgWindow& w = win[r];
+      for (int64_t y = w.y0; y < w.y1; ++y)
+        for (int64_t x = w.x0; x < w.x1; ++x) {
+          const A wgt = m[r * HW + y * W + x];
+          if (wgt != A(0)) axpy(wgt, base + y * lay.sH + x * lay.sW + c0, a, len);
+        }
+    }
+    return;
+  }
+  // The rows any window reads; prefetched for the next plane group while this one is summed (the
+  // window rows of a plane are short runs the hardware prefetcher does not follow).
+  int64_t ys = std::numeric_limits<int64_t>::max(), ye = 0;
+  for (int64_t r = 0; r < R; ++r)
+    if (win[r].y1 > win[r].y0) ys = std::min(ys, win[r].y0), ye = std::max(ye, win[r].y1);
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(S));
+  for (int64_t c = 0; c < len; c += 4) {
+    const S* planes[4];
+    for (int j = 0; j < 4; ++j) planes[j] = base + (c0 + std::min<int64_t>(c + j, len - 1)) * lay.sC;
+    for (int64_t j = c + 4; j < std::min(c + 8, len); ++j)
+      for (int64_t y = ys; y < ye; ++y)
+        for (int64_t x = 0; x < W; x += line) __builtin_prefetch(base + (c0 + j) * lay.sC + y * lay.sH + x);
+    for (int64_t r = 0; r < R; ++r) {
+      A d[4];
+      const RgWindow& w = win[r];
+      const S* corner[4];
+      for (int j = 0; j < 4; ++j) corner[j] = planes[j] + w.y0 * lay.sH + w.x0;
+      patch_dots4(m + r * HW + w.y0 * W + w.x0, W, corner, lay.sH, w.y1 - w.y0, w.x1 - w.x0, d);
+      for (int64_t j = 0; j < std::min<int64_t>(4, len - c); ++j) acc[r * stride + c + j] = d[j];
+    }
+  }
+}
+
 at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, const c10::optional<at::Tensor>& timestamps,
                          const c10::optional<at::Tensor>& table, double eps, double base) {
   check_mask_pool(features, masks, timestamps, table);
@@ -906,68 +1139,37 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
   if (BT * R == 0 || C == 0) return out;
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
   const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "mask_pool");
-  at::Tensor mt = at::empty({BT * R, HW}, features.options().dtype(acc));
-  at::Tensor inv_z = at::empty({BT * R}, features.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] {
-    resize_masks<scalar_t, scalar_t>(masks.to(acc), H, W, eps, mt.data_ptr<scalar_t>(), inv_z.data_ptr<scalar_t>());
-  });
+  ResizedMasks rm;
+  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] { rm = resize_masks<scalar_t>(masks, H, W, eps); });
   bool cl = false;
   const at::Tensor fm = features.scalar_type() == acc ? frames_matrix(features, &cl) : at::Tensor();
-  if (fm.defined()) {  // fp32 / fp64: one GEMM per frame, then the normaliser and the TPE
-    const at::Tensor m3 = mt.view({BT, R, HW});
+  if (fm.defined() && !prefer_windowed(rm, HW)) {  // dense masks, fp32 / fp64: one GEMM per frame
+    const at::Tensor m3 = rm.mt.view({BT, R, HW});
     at::Tensor pooled = cl ? at::bmm(m3, fm) : at::bmm(m3, fm.transpose(1, 2));  // [BT, R, C]
-    pooled.mul_(inv_z.view({BT, R, 1}));
+    pooled.mul_(rm.inv_z.view({BT, R, 1}));
     if (enc.defined()) pooled.add_(enc.view({BT, 1, C}));
     out.view({BT, R, C}).copy_(pooled);
     return out;
   }
-  // bf16 / fp16 (fp32 accumulation), or strides that do not merge: the loops below.
+  // Sparse masks, bf16 / fp16 (fp32 accumulation), or strides that do not merge: the windowed loops.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    auto lay0 = feature_layout(features);
-    // The planar loop wants each channel's H x W plane contiguous.
-    const bool in_place = lay0 && (lay0->channels_last || lay0->sH == W);
-    const at::Tensor f = in_place ? features : features.contiguous();
-    const FeatLayout lay = *feature_layout(f);
+    const auto [f, lay] = readable_features(features);
     const std::vector<int64_t> off = image_offsets(f);
     const scalar_t* fp = f.data_ptr<scalar_t>();
-    const A* mp = mt.data_ptr<A>();
-    const A* zp = inv_z.data_ptr<A>();
+    const A* mp = rm.mt.data_ptr<A>();
+    const A* zp = rm.inv_z.data_ptr<A>();
     const A* ep = enc.defined() ? enc.data_ptr<A>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t nchunks = channel_chunks(BT, C);
     const int64_t chunk = (C + nchunks - 1) / nchunks;
-    parallel_tasks(BT * nchunks, static_cast<double>(BT) * R * HW * C, [&](int64_t begin, int64_t end) {
+    parallel_tasks(BT * nchunks, (rm.window_work + BT * R) * C, [&](int64_t begin, int64_t end) {
       std::vector<A> acc_v(R * chunk);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bt = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
         if (len <= 0) continue;
-        const scalar_t* base = fp + off[bt];
-        const A* m = mp + bt * R * HW;
-        std::fill(acc_v.begin(), acc_v.end(), A(0));
-        if (lay.channels_last) {
-          for (int64_t y = 0; y < H; ++y) {
-            for (int64_t x = 0; x < W; ++x) {
-              const scalar_t* pix = base + y * lay.sH + x * lay.sW + c0;
-              for (int64_t r = 0; r < R; ++r) {
-                const A wgt = m[r * HW + y * W + x];
-                if (wgt != A(0)) axpy(wgt, pix, acc_v.data() + r * chunk, len);
-              }
-            }
-          }
-        } else {
-          // eight regions per pass over a channel plane (rows past R repeat the last one; dropped)
-          const A* rows[8];
-          A d[8];
-          for (int64_t c = 0; c < len; ++c) {
-            const scalar_t* plane = base + (c0 + c) * lay.sC;
-            for (int64_t r0 = 0; r0 < R; r0 += 8) {
-              for (int i = 0; i < 8; ++i) rows[i] = m + std::min(r0 + i, R - 1) * HW;
-              dots8(rows, plane, HW, d);
-              for (int64_t i = 0; i < std::min<int64_t>(8, R - r0); ++i) acc_v[(r0 + i) * chunk + c] = d[i];
-            }
-          }
-        }
+        windowed_pool_frame<scalar_t, A>(fp + off[bt], lay, W, mp + bt * R * HW, rm.win.data() + bt * R, R, HW, c0, len,
+                                         acc_v.data(), chunk);
         for (int64_t r = 0; r < R; ++r) {
           A* v = acc_v.data() + r * chunk;
           const A iz = zp[bt * R + r];
@@ -989,7 +1191,6 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == R && grad.size(3) == C,
               "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
-  auto lay0 = feature_layout(features);
   at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), channels_last, /*zero=*/false)
                                      : at::empty({0}, features.options());
   at::Tensor gm = need_masks_grad ? empty_output(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
@@ -999,51 +1200,45 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
     if (need_masks_grad) gm.zero_();
     return {gf, gm};
   }
-  at::Tensor mt = at::empty({BT * R, HW}, features.options().dtype(acc));
-  at::Tensor inv_z = at::empty({BT * R}, features.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] {
-    resize_masks<scalar_t, scalar_t>(masks.to(acc), H, W, eps, mt.data_ptr<scalar_t>(), inv_z.data_ptr<scalar_t>());
-  });
+  ResizedMasks rm;
+  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] { rm = resize_masks<scalar_t>(masks, H, W, eps); });
   // gn[bt, r, c] = grad / Z (acc dtype)
-  const at::Tensor gn = (grad.to(acc) * inv_z.view({B, T, R, 1})).contiguous();
+  const at::Tensor gn = (grad.to(acc) * rm.inv_z.view({B, T, R, 1})).contiguous();
   bool cl = false;
   const at::Tensor fm = features.scalar_type() == acc ? frames_matrix(features, &cl) : at::Tensor();
-  at::Tensor gfr;  // [BT * R, HW]: GF = sum_c gn[r, c] f[c, p], for the mask gradient
-  if (fm.defined()) {  // fp32 / fp64: batched GEMMs straight into the (huge-page) gradient buffers
-    const at::Tensor m3 = mt.view({BT, R, HW}), gn3 = gn.view({BT, R, C});
-    if (need_features_grad) {
-      bool gcl = false;
-      at::Tensor g3 = frames_matrix(gf, &gcl);  // a fresh contiguous or channels-last buffer: always merges
-      if (gcl) {
-        at::bmm_out(g3, m3.transpose(1, 2), gn3);  // [BT, HW, C]
-      } else {
-        at::bmm_out(g3, gn3.transpose(1, 2), m3);  // [BT, C, HW]
-      }
+  const bool windowed = !fm.defined() || prefer_windowed(rm, HW);
+  const at::Tensor m3 = rm.mt.view({BT, R, HW}), gn3 = gn.view({BT, R, C});
+  if (need_features_grad && !windowed) {  // dense masks, fp32 / fp64: batched GEMMs straight into the gradient
+    bool gcl = false;
+    at::Tensor g3 = frames_matrix(gf, &gcl);  // a fresh contiguous or channels-last buffer: always merges
+    if (gcl) {
+      at::bmm_out(g3, m3.transpose(1, 2), gn3);  // [BT, HW, C]
+    } else {
+      at::bmm_out(g3, gn3.transpose(1, 2), m3);  // [BT, C, HW]
     }
-    if (need_masks_grad) gfr = (cl ? at::bmm(gn3, fm.transpose(1, 2)) : at::bmm(gn3, fm)).view({BT * R, HW});
   }
-  const bool in_place = lay0 && (lay0->channels_last || lay0->sH == W);
-  const at::Tensor f = in_place ? features : features.contiguous();
-  const FeatLayout lay = *feature_layout(f);
-  const std::vector<int64_t> off = image_offsets(f);
+  at::Tensor gfr;  // [BT * R, HW]: GF = sum_c gn[r, c] f[c, p], for the mask gradient
+  if (need_masks_grad && fm.defined())
+    gfr = (cl ? at::bmm(gn3, fm.transpose(1, 2)) : at::bmm(gn3, fm)).view({BT * R, HW});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    const A* mp = mt.data_ptr<A>();
+    const A* mp = rm.mt.data_ptr<A>();
     const A* gp = gn.data_ptr<A>();
-    if (need_features_grad && !fm.defined()) {
-      // grad_f[c, p] = sum_r gn[r, c] * mt[r, p]: task = (frame, channel range), each writes its slice.
+    if (need_features_grad && windowed) {
+      // grad_f[c, p] = sum_r gn[r, c] * mt[r, p]: task = (frame, channel range), each writes its
+      // slice; every mask adds over its window only, in mask order.
       const FeatLayout gl = *feature_layout(gf);
       const std::vector<int64_t> goff = image_offsets(gf);
       scalar_t* gfp = gf.data_ptr<scalar_t>();
       const int64_t nchunks = channel_chunks(BT, C);
       const int64_t chunk = (C + nchunks - 1) / nchunks;
-      parallel_tasks(BT * nchunks, static_cast<double>(BT) * R * HW * C, [&](int64_t begin, int64_t end) {
-        std::vector<A> v(std::max(HW, chunk)), coef(R);
-        std::vector<const A*> rows(R);
+      parallel_tasks(BT * nchunks, (rm.window_work + BT * HW) * C, [&](int64_t begin, int64_t end) {
+        std::vector<A> v(std::max(HW, chunk));
         for (int64_t task = begin; task < end; ++task) {
           const int64_t bt = task / nchunks, c0 = (task % nchunks) * chunk, len = std::min(chunk, C - c0);
           if (len <= 0) continue;
           const A* m = mp + bt * R * HW;
+          const RgWindow* win = rm.win.data() + bt * R;
           const A* g = gp + bt * R * C;
           scalar_t* dst = gfp + goff[bt];
           if (gl.channels_last) {
@@ -1056,11 +1251,12 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
               store(v.data(), static_cast<const A*>(nullptr), dst + (p / W) * gl.sH + (p % W) * gl.sW + c0, len);
             }
           } else {
-            for (int64_t r = 0; r < R; ++r) rows[r] = m + r * HW;
             for (int64_t c = c0; c < c0 + len; ++c) {
-              for (int64_t r = 0; r < R; ++r) coef[r] = g[r * C + c];
-              combine(rows.data(), coef.data(), R, HW, v.data());
-              store(v.data(), static_cast<const A*>(nullptr), dst + c * gl.sC, HW);
+              // fp32 / fp64: straight into the gradient plane; else via an fp32 plane
+              A* plane = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(dst + c * gl.sC) : v.data();
+              std::fill(plane, plane + HW, A(0));
+              for (int64_t r = 0; r < R; ++r) window_axpy(g[r * C + c], m + r * HW, plane, W, win[r]);
+              if (!std::is_same_v<scalar_t, A>) store(v.data(), static_cast<const A*>(nullptr), dst + c * gl.sC, HW);
             }
           }
         }
@@ -1074,8 +1270,14 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
       at::Tensor gmb = direct ? gm.view({BT * R, Hm, Wm}).zero_()
                               : empty_output({BT * R, Hm, Wm}, masks.options().dtype(acc)).zero_();
       const auto ty = resize_taps<A>(Hm, H), tx = resize_taps<A>(Wm, W);
+      // the loops below want each channel's H x W plane contiguous (or channels-last pixels)
+      auto lay0 = feature_layout(features);
+      const bool in_place = lay0 && (lay0->channels_last || lay0->sH == W);
+      const at::Tensor f = in_place ? features : features.contiguous();
+      const FeatLayout lay = *feature_layout(f);
+      const std::vector<int64_t> off = image_offsets(f);
       const scalar_t* fp = f.data_ptr<scalar_t>();
-      const A* zp = inv_z.data_ptr<A>();
+      const A* zp = rm.inv_z.data_ptr<A>();
       A* gmp = gmb.data_ptr<A>();
       const A* gfr_in = gfr.defined() ? gfr.data_ptr<A>() : nullptr;
       parallel_tasks(BT, static_cast<double>(BT) * R * HW * (gfr_in ? 8 : C), [&](int64_t b0, int64_t b1) {

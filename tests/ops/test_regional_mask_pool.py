@@ -180,6 +180,39 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(t.grad, r.grad, atol=2e-5, rtol=1e-5)
 
 
+def box_masks(B, T, R, Hm, Wm, dtype=torch.float32, empty=False):
+    """Object-like soft masks: random values inside a random rectangle per mask, zero elsewhere (the
+    CPU kernel then sums over each mask's non-zero window instead of the whole grid)."""
+    m = torch.zeros(B, T, R, Hm, Wm)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in (B, T, R))).tolist():
+        # 4 source pixels (a 3x downsampling then still reads some: no accidental empty mask) to half the grid
+        h, w = torch.randint(4, max(5, Hm // 2), (1,)).item(), torch.randint(4, max(5, Wm // 2), (1,)).item()
+        y0, x0 = torch.randint(0, Hm - h + 1, (1,)).item(), torch.randint(0, Wm - w + 1, (1,)).item()
+        y1, x1 = y0 + h, x0 + w
+        m[tuple(idx)][y0:y1, x0:x1] = torch.rand(y1 - y0, x1 - x0) + 0.1
+    if empty:
+        m[0, 0, 0] = 0
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("layout", ["planar", "channels_last", "row_strided"])
+@pytest.mark.parametrize("W", [5, 13, 27])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_windowed_loops_on_object_masks(layout, W, dtype):
+    # windows narrower and wider than a vector, at the grid's edges, empty; features read in place
+    torch.manual_seed(W)
+    B, T, C, H, R = 2, 2, 9, 11, 5
+    f, _, ts, table = make(B, T, C, H, W, R, 1, 1, tpe="learned", dtype=dtype)
+    if layout == "row_strided":  # planar rows with a gap after each: row stride > W
+        f = torch.randn(B, T, C, H, W + 3)[..., :W].to(dtype).detach().requires_grad_(True)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    cl = layout == "channels_last"
+    check("cpu", f, box_masks(B, T, R, 3 * H, 3 * W, dtype).requires_grad_(True), ts, table, channels_last=cl, tol=tol)
+    f.grad = table.grad = None
+    # frozen masks (the usual case), one of them empty: 0 / (0 + eps) -> the TPE alone
+    check("cpu", f, box_masks(B, T, R, 3 * H, 3 * W, dtype, empty=True), ts, table, channels_last=cl, tol=tol)
+
+
 def test_cpu_backward_is_bitwise_independent_of_the_thread_count():
     # big enough for the parallel path (small problems run serially)
     f, m, ts, table = make(2, 3, 64, 12, 12, 5, 20, 20, tpe="learned", rows=2)

@@ -75,13 +75,18 @@ def test_matches_torchvision(backend, aligned, case):
     check_vs_torchvision(backend, x, rois, os_, scale, sr, aligned)
 
 
-@pytest.mark.parametrize("case", ["sparse_scalar_loop", "dense_banded_loop", "many_bands"])
+@pytest.mark.parametrize("case", ["patch_loop", "sparse_scalar_loop", "dense_banded_loop", "many_bands"])
 def test_cpu_planar_loops(case):
-    # The CPU kernel reads planar maps with a scalar gather per tap (few taps per pixel) or in
-    # cache-sized bands of rows transposed on the fly (many taps per pixel); both against torchvision.
-    if case == "sparse_scalar_loop":
+    # The CPU kernel reads planar maps with a dense weight patch per output cell (few taps per
+    # pixel), a scalar gather per tap (few taps spread over big cells), or in cache-sized bands of
+    # rows transposed on the fly (many taps per pixel); all against torchvision.
+    if case == "patch_loop":
         x, rois = torch.randn(2, 5, 30, 31), make_rois(2, 2, 30, 31, max_size=2.0)
         args = ((2, 2), 1.0, -1, True)
+    elif case == "sparse_scalar_loop":  # 2 x 2 samples per big cell: 16 taps over a ~25 x 25 patch
+        x = torch.randn(2, 7, 30, 31)
+        rois = torch.tensor([[0, 2.0, 3.0, 27.5, 26.0], [1, 0.5, 1.0, 30.0, 29.0], [1, 4.0, 2.0, 20.0, 27.0]])
+        args = ((1, 1), 1.0, 2, False)
     elif case == "dense_banded_loop":
         x, rois = torch.randn(2, 9, 6, 7), make_rois(40, 2, 6, 7, max_size=8.0)
         args = ((4, 4), 1.0, 3, False)
