@@ -178,7 +178,8 @@ def bench_region_pool(bench, device, modes, quick, use_compile):
 
 def bench_mask_pool(bench, device, modes, quick, use_compile):
     f0, boxes, table0, ts, img, shape = rgpt_case(device, quick)
-    masks = box_masks(boxes, 96 if quick else img, device)
+    size = 96 if quick else img
+    masks = box_masks(boxes * (size / img), size, device)  # the boxes are in img pixels: scale them to the masks
     x_desc = f"{shape}-masks{masks.shape[-1]}"
 
     def eager(f, table):
