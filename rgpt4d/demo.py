@@ -148,6 +148,7 @@ def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: b
     result = {
         "preset": asdict(p), "scores": {name: evals[name]["scores"] for name in evals}, "chance": chance,
         "counts": evals[STUDENTS[0][0]]["counts"], "teacher": teacher["metrics"], "students": students,
+        "scoring": {name: evals[name]["scoring"] for name in evals},
         "data": summary["splits"],
     }
     result["stage_seconds"] = stage.times  # the report's own time is filled in after it is written
@@ -176,6 +177,17 @@ def margin_sentence(result: dict) -> str:
     ch = result["chance"]["Avg"]
     parts = [f"{labels[n]} {s['Avg']:.1f} ({s['Avg'] - ch:+.1f} points)" for n, s in result["scores"].items()]
     return f"Test accuracy (Avg) vs chance {ch:.1f}: " + "; ".join(parts) + "."
+
+
+def scoring_sentence(result: dict) -> str:
+    """How the students' answers were read (rgpt4d.infer.RGPT4D.answer_batch)."""
+    ways = set(result.get("scoring", {}).values())
+    if ways == {"likelihood"}:
+        return ("The students answer with the option's text (the option answer format) and are scored by the "
+                "likelihood of each option's text after the prompt (docs/models.md).")
+    if ways == {"letter"}:
+        return "The students' answers are the letters they generate."
+    return f"Answers read by: {', '.join(sorted(ways)) or 'unknown'}."
 
 
 def write_demo_report(out: Path, result: dict) -> Path:
@@ -209,7 +221,7 @@ Teacher: {p['teacher_steps']} steps of {p['teacher_batch_size']} videos. Student
 {results_table(result)}
 
 {margin_sentence(result)} Chance is the expected accuracy of a uniformly random letter (1 / number
-of options, averaged over the questions of each column).
+of options, averaged over the questions of each column). {scoring_sentence(result)}
 
 ## Loss curves
 

@@ -47,6 +47,9 @@ def test_demo_report_and_table(demo):
         scores = res["scores"][name]
         assert set(scores) == set(REPORT_COLUMNS) and 0 <= scores["Avg"] <= 100
     assert res["seconds"] <= seconds
+    # the smoke students answer in the option format, read by likelihood, and the report says so
+    assert res["scoring"] == {"sft": "likelihood", "p4d": "likelihood"}
+    assert "scored by the likelihood of each option's text" in report
 
 
 def test_demo_students_trained_as_named(demo):
