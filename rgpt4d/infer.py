@@ -184,12 +184,11 @@ class RGPT4D:
         from rgpt4d.models.tokenizer import answer_ids
 
         inputs = self._prepare(chunk) if inputs is None else inputs
-        fmt = "option"
         opts = []
         for it in chunk:
             per = []
-            for k, v in enumerate(it["options"]):
-                ids, n = answer_ids(self.tokenizer, fmt, LETTERS[k], option_text(v))
+            for k, v in enumerate(it["options"]):  # the text tokens the option format trains on
+                ids, n = answer_ids(self.tokenizer, "option", LETTERS[k], option_text(v))
                 per.append(ids[:n])
             opts.append(per)
         return self.model.option_log_likelihoods(options=opts, **inputs)

@@ -33,6 +33,18 @@ def flow_to_rgb(flow: np.ndarray, max_mag: float | None = None) -> np.ndarray:
     return mcolors.hsv_to_rgb(hsv)
 
 
+def save_figure(fig, out: str | Path) -> Path:
+    """tight_layout, write the PNG (creating its folder), close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _load_questions(root: Path) -> list[dict[str, Any]]:
     out = []
     for split in ("train", "val", "test"):
@@ -149,12 +161,7 @@ def show_sample(root: str | Path, index: int, out: str | Path, frames: int = 6) 
         fontsize=7,
         family="monospace",
     )
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def dataset_stats(root: str | Path) -> dict[str, Any]:

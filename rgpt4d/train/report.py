@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from rgpt4d.data.schema import REPORT_COLUMNS, STATIC_CATEGORIES, category_of
+from rgpt4d.data.show import save_figure
 
 
 def _agg():
@@ -161,23 +162,12 @@ def plot_loss_curves(runs: Mapping[str, str | Path], out_png: str | Path, keys: 
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------
 # The teacher's predictions on a held-out video
 # ---------------------------------------------------------------------------------------------
-
-
-def _save_figure(fig, out_png: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
 
 
 def flow_to_rgb(flow, max_mag: Optional[float] = None):
@@ -246,4 +236,4 @@ def plot_teacher_predictions(teacher_dir: str | Path, data_dir: str | Path, spli
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(f"teacher vs ground truth, {split} video {item['video_id']}\n"
                  f"flow: hue = direction, brightness = magnitude (up to {fmax:.1f} px)", fontsize=8)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)

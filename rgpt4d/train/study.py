@@ -167,6 +167,13 @@ def run_study(args, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
+def _difference(a: dict, b: dict) -> dict:
+    """Column-wise a - b of two score rows (None where either has no questions)."""
+    from rgpt4d.data.schema import REPORT_COLUMNS
+
+    return {c: None if a[c] is None or b[c] is None else a[c] - b[c] for c in REPORT_COLUMNS}
+
+
 def study_tables(records: list[dict], chance: dict) -> tuple[str, str]:
     """(mean ± std table per condition, paired-difference-to-SFT table)."""
     from rgpt4d.data.schema import REPORT_COLUMNS
@@ -188,8 +195,7 @@ def study_tables(records: list[dict], chance: dict) -> tuple[str, str]:
             for r in runs:
                 base = by.get(("none", tpe, r["seed"]))
                 if base is not None:
-                    diffs.append({c: (None if r["scores"][c] is None or base["scores"][c] is None
-                                      else r["scores"][c] - base["scores"][c]) for c in REPORT_COLUMNS})
+                    diffs.append(_difference(r["scores"], base["scores"]))
             if diffs:
                 dname = f"{labels[p4d]} - SFT only, TPE {'on' if tpe else 'off'} (n={len(diffs)})"
                 diff_rows[dname], diff_stds[dname] = mean_std(diffs)
@@ -199,8 +205,7 @@ def study_tables(records: list[dict], chance: dict) -> tuple[str, str]:
             if r["p4d"] == p4d and r["tpe"]:
                 off = by.get((p4d, False, r["seed"]))
                 if off is not None:
-                    diffs.append({c: (None if r["scores"][c] is None or off["scores"][c] is None
-                                      else r["scores"][c] - off["scores"][c]) for c in REPORT_COLUMNS})
+                    diffs.append(_difference(r["scores"], off["scores"]))
         if diffs:
             dname = f"TPE on - off, {label} (n={len(diffs)})"
             diff_rows[dname], diff_stds[dname] = mean_std(diffs)
