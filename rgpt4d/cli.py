@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="smoke: a 2-minute check of the pipeline; tiny: the real demo (default)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    how = demo.add_mutually_exclusive_group()
+    how.add_argument("--parallel", dest="parallel", action="store_const", const=True, default=None,
+                     help="train and evaluate the two students at the same time, in two processes (the default "
+                          "on a CPU with >= 2 threads)")
+    how.add_argument("--sequential", dest="parallel", action="store_const", const=False,
+                     help="train and evaluate the two students one after the other")
     demo.set_defaults(func=lambda args: __import__("rgpt4d.demo", fromlist=["main"]).main(args))
     study = sub.add_parser("study", help="the paper's P4D/TPE ablations at our scale, several seeds (docs/results/)")
     __import__("rgpt4d.train.study", fromlist=["add_arguments"]).add_arguments(study)

@@ -6,9 +6,12 @@
     4. train two students, same steps and seed: SFT only, and P4D  <out>/train/<name>/ (metrics.jsonl, ...)
        (L_SFT + 0.5 L_LD + 0.1 L_ED); each inference model (no teacher, no D_4DP) is saved with
        save_pretrained in                                          <out>/students/<name>/
-    5. evaluate both on the held-out test split, beside chance     <out>/eval/<name>.json
-    6. print the 12-column table; write <out>/report.md with the table, the loss curves, the
-       teacher's held-out quality beside trivial baselines and a figure of its predictions.
+       then evaluate each on the held-out test split               <out>/eval/<name>.json
+       On a CPU with >= 2 cores the two students train and evaluate at the same time, in two
+       processes with half the threads each (a single training step does not scale past one
+       core on these tiny models); `parallel=False` / `--sequential` runs them one after the other.
+    5. print the 12-column table beside chance; write <out>/report.md with the table, the loss
+       curves, the teacher's held-out quality beside trivial baselines and a figure of its predictions.
 
 Presets: `smoke` (4 frames of 32 px, a few steps: under 2 minutes, used by the tests) and `tiny`
 (16 frames of 64 px: the README's `make demo`, sized for <= 15 minutes on 2 CPU cores).
@@ -79,14 +82,102 @@ class _Stages:
         return time.time() - self._start
 
 
+def _student_job(job: dict) -> dict:
+    """Train one student, save its inference model, evaluate it on the test split. Runs in the
+    demo's process or in a worker process (then with `job["threads"]` threads)."""
+    import torch
+
+    from rgpt4d.train import TrainConfig, evaluate_student, train_student
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    if job.get("quiet_hf"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    name, out, data = job["name"], Path(job["out"]), Path(job["data"])
+    t0 = time.time()
+    res = train_student(TrainConfig.from_dict(job["config"]), data, out / "teacher_cache", out / "train" / name,
+                        progress=job["progress"], log=None)
+    if res["model_path"] is None:
+        raise RuntimeError(f"student {name}: training stopped before its last step")
+    dest = out / "students" / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(res["model_path"], dest)
+    t1 = time.time()
+    (out / "eval").mkdir(exist_ok=True)
+    rep = evaluate_student(dest, data, "test", batch_size=job["eval_batch_size"], progress=job["progress"],
+                           predictions_out=out / "eval" / f"{name}_predictions.jsonl")
+    (out / "eval" / f"{name}.json").write_text(json.dumps(rep, indent=2))
+    return {"name": name, "model": str(dest), "eval": rep, "train_seconds": t1 - t0, "eval_seconds": time.time() - t1}
+
+
+def _default_parallel() -> bool:
+    import torch
+
+    return not torch.cuda.is_available() and torch.get_num_threads() >= 2
+
+
+def _run_students(jobs: list[dict], parallel: bool, steps: int, progress: bool,
+                  log: Optional[Callable[[str], None]]) -> dict[str, dict]:
+    """The student jobs, one after the other or in worker processes (spawned: no forked OpenMP
+    state) with a progress bar fed from their metrics.jsonl."""
+    import torch
+
+    if not parallel:
+        return {job["name"]: _student_job(dict(job, progress=progress)) for job in jobs}
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // len(jobs))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps * len(jobs), desc="students", unit="step", dynamic_ncols=True)
+    results: dict[str, dict] = {}
+    with cf.ProcessPoolExecutor(max_workers=len(jobs), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_student_job, dict(job, progress=False, threads=threads, quiet_hf=True)): job["name"]
+                   for job in jobs}
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=1.0)
+            for f in done:
+                r = f.result()  # a worker's exception is raised here
+                results[r["name"]] = r
+                if log:
+                    log(f"    {r['name']}: trained in {r['train_seconds']:.0f} s, evaluated in {r['eval_seconds']:.0f} s")
+            if bar is not None:
+                counts = {job["name"]: _logged_steps(Path(job["out"]) / "train" / job["name"] / "metrics.jsonl")
+                          for job in jobs}
+                bar.n = sum(counts.values())
+                bar.set_postfix({n: ("evaluated" if n in results else "evaluating" if c >= steps else f"{c}/{steps}")
+                                 for n, c in counts.items()})
+                bar.refresh()
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _logged_steps(metrics: Path) -> int:
+    try:
+        with open(metrics) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
 def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: bool = True,
-             log: Optional[Callable[[str], None]] = print) -> dict:
+             log: Optional[Callable[[str], None]] = print, parallel: Optional[bool] = None) -> dict:
     """Run the whole pipeline; returns {"preset", "scores" {name: 12 columns}, "chance", "counts",
-    "teacher" (held-out metrics), "stage_seconds", "seconds", "report", "students" {name: path}}."""
+    "teacher" (held-out metrics), "stage_seconds", "student_seconds" {name: {train, eval}}, "seconds",
+    "report", "students" {name: path}, "parallel"}. `parallel`: train and evaluate the two students in
+    two processes at once (default: on a CPU with >= 2 threads)."""
     from rgpt4d.data import MakeConfig, make_dataset
     from rgpt4d.data.evaluate import load_questions
     from rgpt4d.models.teacher_train import cache_teacher
-    from rgpt4d.train import evaluate_student, train_config, train_student, train_teacher
+    from rgpt4d.train import train_config, train_teacher
     from rgpt4d.train.report import chance_scores
 
     if preset not in DEMO_PRESETS:
@@ -98,7 +189,8 @@ def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: b
         hf_logging.disable_progress_bar()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = _Stages(6, log)
+    parallel = _default_parallel() if parallel is None else bool(parallel)
+    stage = _Stages(5, log)
     data = out / "data"
 
     stage(f"synthetic data: {p.num_videos} videos of {p.frames} frames at {p.size}x{p.size}")
@@ -118,38 +210,27 @@ def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: b
     stage("teacher cache: latents and explicit outputs of every video")
     cache_teacher(out / "teacher", data, out / "teacher_cache", progress=progress)
 
-    stage(f"students: {p.student_steps} steps of {p.student_batch_size} questions each, seed {p.seed}")
-    students = {}
-    for name, label, p4d in STUDENTS:
-        if log:
-            log(f"    {label} (--p4d {p4d})")
-        res = train_student(cfg.replace(p4d=p4d), data, out / "teacher_cache", out / "train" / name,
-                            progress=progress, log=None)
-        if res["model_path"] is None:
-            raise RuntimeError(f"student {name}: training stopped before its last step")
-        dest = out / "students" / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(res["model_path"], dest)
-        students[name] = str(dest)
-
-    stage("evaluation on the held-out test split")
+    how = "two processes at once" if parallel else "one after the other"
+    stage(f"students: {p.student_steps} steps of {p.student_batch_size} questions each, seed {p.seed}, then the "
+          f"held-out test split ({how})")
+    if log:
+        log("    " + "; ".join(f"{label} (--p4d {p4d})" for _, label, p4d in STUDENTS))
+    jobs = [dict(name=name, config=cfg.replace(p4d=p4d).to_dict(), out=str(out), data=str(data),
+                 eval_batch_size=p.eval_batch_size) for name, _, p4d in STUDENTS]
+    done = _run_students(jobs, parallel, p.student_steps, progress, log)
+    students = {name: done[name]["model"] for name, _, _ in STUDENTS}
+    evals = {name: done[name]["eval"] for name, _, _ in STUDENTS}
     questions = load_questions(data / "test.json")
     chance = chance_scores(questions)
-    evals = {}
-    (out / "eval").mkdir(exist_ok=True)
-    for name, label, _ in STUDENTS:
-        rep = evaluate_student(students[name], data, "test", batch_size=p.eval_batch_size, progress=progress,
-                               predictions_out=out / "eval" / f"{name}_predictions.jsonl")
-        (out / "eval" / f"{name}.json").write_text(json.dumps(rep, indent=2))
-        evals[name] = rep
 
     stage("report")
     result = {
         "preset": asdict(p), "scores": {name: evals[name]["scores"] for name in evals}, "chance": chance,
         "counts": evals[STUDENTS[0][0]]["counts"], "teacher": teacher["metrics"], "students": students,
         "scoring": {name: evals[name]["scoring"] for name in evals},
-        "data": summary["splits"],
+        "data": summary["splits"], "parallel": parallel,
+        "student_seconds": {name: {"train": done[name]["train_seconds"], "eval": done[name]["eval_seconds"]}
+                            for name in evals},
     }
     result["stage_seconds"] = stage.times  # the report's own time is filled in after it is written
     result["seconds"] = stage.elapsed
@@ -205,6 +286,9 @@ def write_demo_report(out: Path, result: dict) -> Path:
     plot_teacher_predictions(out / "teacher", out / "data", "test", fig / "teacher_test_video.png")
     p = result["preset"]
     stages = "\n".join(f"| {k} | {v:.0f} |" for k, v in result["stage_seconds"].items())
+    per = result.get("student_seconds", {})
+    stages += "".join(f"\n| {labels[n]}: training / evaluation | {t['train']:.0f} / {t['eval']:.0f} |"
+                      for n, t in per.items())
     text = f"""# rgpt4d demo ({p['name']})
 
 `rgpt4d demo --preset {p['name']} --out {out}`: a synthetic 4D set, a 4D teacher trained on its ground
@@ -244,6 +328,9 @@ Teacher predictions vs ground truth on a test video:
 {stages}
 | total (before writing this report) | {result["seconds"]:.0f} |
 
+{"The two students trained and were evaluated at the same time, in two processes." if result.get("parallel")
+ else "The two students trained and were evaluated one after the other."}
+
 The inference students are in `students/sft/` and `students/p4d/` (save_pretrained: the bare
 student, no teacher and no D_4DP); load one with `rgpt4d.infer.RGPT4D.from_pretrained(path)`.
 """
@@ -258,7 +345,8 @@ def main(args=None) -> int:
     preset = getattr(args, "preset", "tiny")
     out = getattr(args, "out", "runs/demo")
     try:
-        run_demo(preset, out, progress=not getattr(args, "quiet", False))
+        run_demo(preset, out, progress=not getattr(args, "quiet", False),
+                 parallel=getattr(args, "parallel", None))
     except (ValueError, FileNotFoundError) as e:
         print(f"rgpt4d demo: error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,9 @@ def demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     t0 = time.time()
-    assert main(["demo", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
+    # --parallel: the two students train and evaluate in two spawned worker processes (the default on
+    # a CPU with >= 2 threads; the test session runs with one thread, which would pick --sequential)
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--quiet", "--parallel"]) == 0
     seconds = time.time() - t0
     print(f"\nrgpt4d demo --preset smoke: {seconds:.0f} s")
     return out, json.loads((out / "results.json").read_text()), seconds
@@ -47,6 +49,14 @@ def test_demo_report_and_table(demo):
         scores = res["scores"][name]
         assert set(scores) == set(REPORT_COLUMNS) and 0 <= scores["Avg"] <= 100
     assert res["seconds"] <= seconds
+    # both students ran in worker processes, and the report gives each one's training and evaluation time
+    assert res["parallel"] is True
+    for name, label in (("sft", "SFT only"), ("p4d", "P4D (latent + explicit)")):
+        t = res["student_seconds"][name]
+        assert 0 < t["train"] and 0 < t["eval"] and t["train"] + t["eval"] <= res["seconds"]
+        assert f"| {label}: training / evaluation | {t['train']:.0f} / {t['eval']:.0f} |" in report
+        assert (out / "eval" / f"{name}.json").exists() and (out / "eval" / f"{name}_predictions.jsonl").exists()
+    assert "at the same time, in two processes" in report
     # the smoke students answer in the option format, read by likelihood, and the report says so
     assert res["scoring"] == {"sft": "likelihood", "p4d": "likelihood"}
     assert "scored by the likelihood of each option's text" in report
@@ -85,6 +95,19 @@ def test_demo_inference_students_hold_no_teacher_and_no_p4d(demo):
         assert not any(hasattr(model.model, a) for a in ("decoder", "teacher_heads", "loss_fn"))
     # and they are two different trained models
     assert any(not torch.equal(weights["sft"][k], weights["p4d"][k]) for k in weights["sft"])
+
+
+def test_demo_cli_picks_parallel_or_sequential(monkeypatch):
+    import rgpt4d.demo
+    from rgpt4d.cli import main
+
+    seen = []
+    monkeypatch.setattr(rgpt4d.demo, "run_demo", lambda preset, out, **kw: seen.append(kw["parallel"]))
+    for flags in ([], ["--parallel"], ["--sequential"]):
+        assert main(["demo", "--preset", "smoke", "--quiet", *flags]) == 0
+    assert seen == [None, True, False]  # None: the default (parallel on a CPU with >= 2 threads)
+    with pytest.raises(SystemExit):
+        main(["demo", "--parallel", "--sequential"])
 
 
 def test_demo_bad_arguments(tmp_path, capsys):
