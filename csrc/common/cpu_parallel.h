@@ -6,9 +6,9 @@
 // measured a tpe_add forward at 2 threads slower than at 1 thread for that reason, and the TPE
 // table gradient 2-4x slower (it had three parallel regions per call).
 //
-// elastic_for(n, fn) runs fn(chunk, worker) for every chunk in [0, n): the calling thread
-// (worker 0) and up to get_num_threads() - 1 helpers, started through at::launch (torch's
-// inter-op pool), claim chunks from one atomic counter. The caller waits only for chunks a helper
+// elastic_for(n, max_workers, fn) runs fn(chunk, worker) for every chunk in [0, n): the caller
+// (worker 0) and up to max_workers - 1 helpers (max_workers: torch.get_num_threads()), started
+// through at::launch (torch's inter-op pool), claim chunks from one atomic counter. The caller waits only for chunks a helper
 // has actually claimed, never for a helper that has not started: when the other core is busy,
 // the caller simply runs every chunk itself (the 1-thread speed), and when it is free the helper
 // takes half or more. Chunks must be independent; results must not depend on which worker ran a
@@ -19,6 +19,10 @@
 // claim and the matching `done` increment, and the caller returns only once every claimed chunk
 // is done; the shared counters live on the heap (shared_ptr), so a late helper that finds nothing
 // left to claim only touches those.
+//
+// Side effect of at::launch: once an op has run with more than one thread, torch's inter-op pool
+// exists, so torch.set_num_interop_threads() must be called before (as torch requires anyway
+// after any inter-op work).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -64,12 +68,12 @@ inline void elastic_work(ElasticState& s, int worker) {
 // Workers elastic_for may use: the caller plus the helpers (torch.get_num_threads() in all).
 inline int elastic_max_workers() { return std::max(1, at::get_num_threads()); }
 
-// fn(chunk, worker): worker in [0, elastic_max_workers()) — an index for per-worker scratch
-// (each worker only ever touches its own slot). Serial when n < 2, at 1 thread, or when called
-// from inside a parallel region.
-inline void elastic_for(int64_t n, const std::function<void(int64_t, int)>& fn) {
+// fn(chunk, worker): worker in [0, max_workers) — an index for per-worker scratch (each worker
+// only ever touches its own slot); max_workers is usually elastic_max_workers(), read once by the
+// caller to size its scratch. Serial when n < 2, at 1 thread, or inside a parallel region.
+inline void elastic_for(int64_t n, int max_workers, const std::function<void(int64_t, int)>& fn) {
   if (n <= 0) return;
-  const int workers = static_cast<int>(std::min<int64_t>(elastic_max_workers(), n));
+  const int workers = static_cast<int>(std::min<int64_t>(std::max(1, max_workers), n));
   if (workers <= 1 || at::in_parallel_region()) {
     for (int64_t c = 0; c < n; ++c) fn(c, 0);
     return;

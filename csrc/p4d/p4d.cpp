@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cpu(
     std::unique_ptr<Scratch<double>> d;
   };
   std::vector<WorkerScratch> scratch(elastic_max_workers());
-  elastic_for(nruns, [&](int64_t run, int worker) {
+  elastic_for(nruns, static_cast<int>(scratch.size()), [&](int64_t run, int worker) {
     WorkerScratch& ws = scratch[worker];
     const int64_t b_begin = run * kGrab, b_end = std::min(nblocks, b_begin + kGrab);
     int64_t i = std::upper_bound(blk_begin.begin(), blk_begin.end(), b_begin) - blk_begin.begin() - 1;

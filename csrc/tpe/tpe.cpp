@@ -200,7 +200,7 @@ void tpe_add_into(const at::Tensor& x, const at::Tensor& timestamps, const c10::
       int64_t cur = -1;
     };
     std::vector<WorkerEnc> wenc(elastic_max_workers());
-    elastic_for(nchunks, [&](int64_t c, int worker) {
+    elastic_for(nchunks, static_cast<int>(wenc.size()), [&](int64_t c, int worker) {
       WorkerEnc& we = wenc[worker];
       if (we.enc.empty()) we.enc.resize(D);
       const int64_t r1 = std::min(rows_total, (c + 1) * rows_per_chunk);
@@ -269,7 +269,7 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
     const int64_t out_numel = num_rows * D;
     constexpr int64_t kZeroChunk = int64_t(1) << 16;  // elements of the output zeroed per chunk
     const int64_t nzero = (out_numel + kZeroChunk - 1) / kZeroChunk;
-    elastic_for(nzero + ntasks, [&](int64_t c, int) {
+    elastic_for(nzero + ntasks, elastic_max_workers(), [&](int64_t c, int) {
       if (c < nzero) {
         const int64_t e0 = c * kZeroChunk;
         std::fill(op + e0, op + std::min(out_numel, e0 + kZeroChunk), A(0));
