@@ -21,10 +21,9 @@ Shapes:
                  SmoothL1, mean (the issue's N = 16384).
 --quick: small, paper-B1 and linear-N2048 only.
 
-Time: median of per-call wall times (p20/p80 in the CSV). Peak memory on CPU: the process's peak
-resident set (VmHWM, reset through /proc/self/clear_refs) above its resident set just before the
-call, with glibc's mmap threshold pinned so freed tensors go back to the OS at once: the extra
-memory the call touched at its peak, gradients returned by the call included (benchmarks/harness.py).
+Time: median of per-call wall times (p20/p80 in the CSV). Peak memory on CPU: the tensor memory
+the call holds at once, from the torch profiler's memory events (benchmarks/harness.py), returned
+gradients included; the process's peak resident set is reported too, as peak_rss.
 Bandwidth: the bytes p4d_loss must move at least (read every prediction, target and mask once;
 write each prediction's gradient in full mode) over the median time, as a fraction of a
 same-size Tensor.copy_ measured in the same run.

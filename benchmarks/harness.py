@@ -7,13 +7,19 @@
   warm-up); on CUDA, triton.testing.do_bench (CUDA events, L2 flushed). Each call is wrapped in
   an NVTX range "<kernel>/<provider>/<mode>" (nvtx package) for Nsight Systems.
 - Peak memory: on CUDA, torch.cuda.max_memory_allocated() above what was allocated before the
-  call. On CPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
-  above its resident set right before the call, with glibc's mmap threshold pinned at 64 KiB so
-  freed tensors go back to the OS at once, and glibc's free heap memory trimmed (malloc_trim)
-  before the call, so memory freed earlier (e.g. while timing) is not silently reused: the extra
-  memory the call touched at its peak. For the same reason the rgpt4d kernels' CPU output cache
-  (rgpt4d.ops.empty_cpu_cache) is emptied before the measured call: outputs it would reuse are
-  counted as the fresh memory they are in a first call.
+  call. On CPU, the same quantity from the torch profiler's memory events (profile_memory=True):
+  every CPU tensor allocation and free reports the running total of bytes allocated while the
+  profiler is on, through torch's CPU allocator and rgpt4d's CPU output cache alike
+  (csrc/common/cpu_pool.cpp reports its blocks); the peak of that total during the call, minus
+  its value before the call, is the tensor memory the call held at once (gradients it returns
+  included), independent of glibc, page faults and other processes. Measured on a second call
+  (the first creates lazy state: compiled graphs, caches). Allocations made inside another
+  library's worker threads (none in these ops' hot paths) are not seen.
+  Also reported, as metric "peak_rss": the process's peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) above its resident set right before the call, with glibc's mmap
+  threshold pinned at 64 KiB and its heaps trimmed first. It counts pages rather than tensors and
+  varies from run to run (by about 2x for the eager P4D loss: glibc, transparent huge pages and
+  the kernel's lazily synced RSS counters), so the ratios use the profiler's number.
 - Bandwidth: bytes the op must move at minimum / median time, and that as a fraction of a
   same-size Tensor.copy_ into a preallocated tensor ("copy_fraction": the streaming floor) and of
   Tensor.clone() ("clone_fraction": the floor for an op that allocates its output, which on CPU
@@ -173,7 +179,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Extra bytes the call needs at its peak (see the module docstring); None if unmeasurable."""
+    """Extra bytes of tensor memory the call holds at its peak (see the module docstring)."""
     gc.collect()
     if device.type == "cuda":
         sync(device)
@@ -182,8 +188,52 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not cpu_peak_memory_supported():
+    return cpu_tensor_peak(fn)
+
+
+def cpu_tensor_peak(fn: Callable[[], object]) -> Optional[int]:
+    """Peak bytes of CPU tensor memory allocated by fn() and live at once, from the profiler's
+    memory events (the running total each allocation and free reports); None if unavailable."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
         return None
+    fn()  # once, so lazily created state (compiled graphs, caches) is not counted
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    try:
+        events = _allocation_events(prof.profiler.kineto_results.experimental_event_tree())
+    except AttributeError:
+        return None
+    if not events:
+        return 0
+    events.sort()
+    # total_allocated is the reporter's running total after each event; before the first event
+    # it was the first total minus the first event's size
+    base = events[0][2] - events[0][1]
+    return max(0, max(total for _, _, total in events) - base)
+
+
+def _allocation_events(nodes) -> list:
+    """(time ns, bytes (+alloc / -free), running total) of the CPU allocation events in a profiler
+    event tree."""
+    out, stack = [], list(nodes)
+    while stack:
+        node = stack.pop()
+        ef = node.extra_fields
+        if type(ef).__name__ == "_ExtraFields_Allocation" and ef.device.type == "cpu":
+            out.append((node.start_time_ns, int(ef.alloc_size), int(ef.total_allocated)))
+        stack.extend(node.children)
+    return out
+
+
+def peak_rss(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Extra resident memory the call touched at its peak (VmHWM; see the module docstring)."""
+    if device.type != "cpu" or not cpu_peak_memory_supported():
+        return None
+    gc.collect()
     _set_mmap_threshold(_PEAK_MMAP_THRESHOLD)
     try:
         _malloc_trim()
@@ -260,9 +310,7 @@ class Bench:
         p50, p20, p80 = time_fn(fn, self.device, label=label)
         self.add_row(kernel, provider, mode, "time", "ms", x, p50, p20, p80, config)
         if memory:
-            peak = peak_memory(fn, self.device)
-            if peak is not None:
-                self.add_row(kernel, provider, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+            self._add_peaks(kernel, provider, mode, x, fn, config)
         self._record_work(kernel, mode, x, min_bytes, flops,
                           self.copy_floor(copy_bytes or min_bytes) if min_bytes else None)
         if min_bytes:
@@ -279,6 +327,14 @@ class Bench:
         if flops:
             self.add_row(kernel, provider, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
         return p50
+
+    def _add_peaks(self, kernel, provider, mode, x, fn, config) -> None:
+        peak = peak_memory(fn, self.device)
+        if peak is not None:
+            self.add_row(kernel, provider, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+        rss = peak_rss(fn, self.device)
+        if rss is not None:
+            self.add_row(kernel, provider, mode, "peak_rss", "MB", x, rss / 2**20, config=config)
 
     def compare(self, kernel: str, mode: str, x: str, fns: dict, *, config: str = "",
                 min_bytes: Optional[int] = None, flops: Optional[float] = None, memory: bool = True,
@@ -332,9 +388,7 @@ class Bench:
             medians[name] = p50
             self.add_row(kernel, name, mode, "time", "ms", x, p50, q(v, 0.2), q(v, 0.8), config)
             if memory:
-                peak = peak_memory(fn, self.device)
-                if peak is not None:
-                    self.add_row(kernel, name, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
+                self._add_peaks(kernel, name, mode, x, fn, config)
             if min_bytes:
                 gbs = min_bytes / (p50 * 1e-3) / 1e9
                 self.add_row(kernel, name, mode, "bandwidth", "GB/s", x, gbs, config=config)
@@ -464,7 +518,13 @@ class Bench:
                       self.ratios(p, baselines=present), ""]
         lines += ["## Time (ms)", "", self.table("time"), ""]
         if any(r["metric"] == "peak_memory" for r in self.rows):
-            lines += ["## Peak memory (MB)", "", self.table("peak_memory"), ""]
+            lines += ["## Peak memory (MB)", "", "Tensor memory held at once during the call (CPU: the torch "
+                      "profiler's memory events; CUDA: max_memory_allocated), returned gradients included.", "",
+                      self.table("peak_memory"), ""]
+        if any(r["metric"] == "peak_rss" for r in self.rows):
+            lines += ["## Peak resident memory (MB, CPU, for reference)", "", "VmHWM above VmRSS before the call: "
+                      "pages, not tensors; varies between runs (benchmarks/harness.py).", "",
+                      self.table("peak_rss"), ""]
         roof = self.roofline_lines()
         if roof:
             lines += ["## Roofline", "", "```", *roof, "```", ""]

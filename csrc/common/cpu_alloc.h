@@ -9,8 +9,12 @@
 //    same shapes every iteration, so steady-state outputs land in warm pages. Only blocks of at
 //    least 1 MiB are cached, at most RGPT4D_CPU_POOL_MB in all (default 1024; 0 turns it off);
 //    torch.ops.rgpt4d.cpu_pool_empty() gives the cached memory back (rgpt4d.ops.empty_cpu_cache()).
-//  - huge-page advice (transparent huge pages in "madvise" mode) on fresh blocks of 8 MiB or more,
-//    which cuts their number of faults 512x. The advice is only a hint: it never changes results.
+//  - huge-page advice (transparent huge pages in "madvise" mode) on the whole huge pages of fresh
+//    blocks of 8 MiB or more, which cuts their number of faults 512x. The advice is only a hint:
+//    it never changes results. Blocks are rounded to 64 KiB, not to huge pages, so an output
+//    occupies its own size (an 11 MiB gradient is not padded to 12 MiB).
+// Blocks in use are reported to torch's CPU memory reporter, so the profiler's memory events
+// (profile_memory=True) count them like any CPU tensor; cached (free) blocks are not counted.
 #pragma once
 
 #include <ATen/ATen.h>

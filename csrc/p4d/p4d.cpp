@@ -41,6 +41,7 @@
 #endif
 
 #include "common/cpu_alloc.h"
+#include "common/cpu_parallel.h"
 #include "p4d/p4d_common.h"
 #include "p4d/p4d_cpu_loops.h"
 #include "p4d/p4d_math.h"
@@ -305,36 +306,37 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cpu(
   const int64_t nblocks = blk_begin[n];
   std::vector<double> partial(nblocks, 0.0);
 
-  // Threads take runs of kGrab blocks from a shared counter instead of a fixed half each: on a
-  // loaded machine, blocks that a descheduled thread has not reached are run by the other one.
-  // Every block's sum has its own slot, so the result does not depend on which thread ran it.
+  // Runs of kGrab blocks are claimed by whichever worker is free (an elastic loop,
+  // common/cpu_parallel.h): on a loaded machine the caller never waits for a helper thread the
+  // OS has not scheduled; it runs the blocks itself. Every block's sum has its own slot, so the
+  // result does not depend on which worker ran it.
   constexpr int64_t kGrab = 4;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nblocks + kGrab - 1) / kGrab));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch<float> sf;
-    std::unique_ptr<Scratch<double>> sd;
-    for (;;) {
-      const int64_t b_begin = next.fetch_add(kGrab, std::memory_order_relaxed);
-      if (b_begin >= nblocks) break;
-      const int64_t b_end = std::min(nblocks, b_begin + kGrab);
-      int64_t i = std::upper_bound(blk_begin.begin(), blk_begin.end(), b_begin) - blk_begin.begin() - 1;
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        while (b >= blk_begin[i + 1]) ++i;
-        const P4DTerm& T = terms[i];
-        const int64_t e0 = (b - blk_begin[i]) * kBlock, len = std::min(kBlock, T.numel - e0);
-        const at::Tensor& g = T.need_grad() ? grads[i] : at::Tensor();
-        if (T.acc_double()) {
-          if (!sd) sd.reset(new Scratch<double>());
-          partial[b] = term_block<double>(T, g, e0, len, p4d_grad_scale<double>(T.grad_factor, cnt[i], mean),
-                                          log_eps, *sd);
-        } else {
-          partial[b] = term_block<float>(T, g, e0, len, p4d_grad_scale<float>(T.grad_factor, cnt[i], mean),
-                                         static_cast<float>(log_eps), sf, stream);
-        }
+  const int64_t nruns = (nblocks + kGrab - 1) / kGrab;
+  struct WorkerScratch {
+    std::unique_ptr<Scratch<float>> f;
+    std::unique_ptr<Scratch<double>> d;
+  };
+  std::vector<WorkerScratch> scratch(elastic_max_workers());
+  elastic_for(nruns, static_cast<int>(scratch.size()), [&](int64_t run, int worker) {
+    WorkerScratch& ws = scratch[worker];
+    const int64_t b_begin = run * kGrab, b_end = std::min(nblocks, b_begin + kGrab);
+    int64_t i = std::upper_bound(blk_begin.begin(), blk_begin.end(), b_begin) - blk_begin.begin() - 1;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      while (b >= blk_begin[i + 1]) ++i;
+      const P4DTerm& T = terms[i];
+      const int64_t e0 = (b - blk_begin[i]) * kBlock, len = std::min(kBlock, T.numel - e0);
+      const at::Tensor& g = T.need_grad() ? grads[i] : at::Tensor();
+      if (T.acc_double()) {
+        if (!ws.d) ws.d.reset(new Scratch<double>());
+        partial[b] = term_block<double>(T, g, e0, len, p4d_grad_scale<double>(T.grad_factor, cnt[i], mean),
+                                        log_eps, *ws.d);
+      } else {
+        if (!ws.f) ws.f.reset(new Scratch<float>());
+        partial[b] = term_block<float>(T, g, e0, len, p4d_grad_scale<float>(T.grad_factor, cnt[i], mean),
+                                       static_cast<float>(log_eps), *ws.f, stream);
       }
     }
-    stream_fence(stream);
+    stream_fence(stream);  // this worker's non-temporal stores are visible before the run counts as done
   });
 
   at::Tensor losses = at::empty({n}, counts.options().dtype(out_acc));

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/cpu_alloc.h"
+#include "common/cpu_parallel.h"
 #include "tpe/tpe_common.h"
 #include "tpe/tpe_cpu_loops.h"
 #include "tpe/tpe_math.h"
@@ -188,17 +189,28 @@ void tpe_add_into(const at::Tensor& x, const at::Tensor& timestamps, const c10::
     const auto encode = make_encoder<A>(enc_in, D, base);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / D);
-    at::parallel_for(0, BT * N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> enc(D);
+    // Chunks of about 64K elements (a few rows), claimed by whichever worker is free
+    // (common/cpu_parallel.h). Each worker keeps the encoding of the frame it last used, so a
+    // frame's encoding is computed about once per worker, not once per chunk.
+    const int64_t rows_total = BT * N;
+    const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(D, 1));
+    const int64_t nchunks = (rows_total + rows_per_chunk - 1) / rows_per_chunk;
+    struct WorkerEnc {
+      std::vector<A> enc;
       int64_t cur = -1;
-      for (int64_t r = begin; r < end; ++r) {
+    };
+    std::vector<WorkerEnc> wenc(elastic_max_workers());
+    elastic_for(nchunks, static_cast<int>(wenc.size()), [&](int64_t c, int worker) {
+      WorkerEnc& we = wenc[worker];
+      if (we.enc.empty()) we.enc.resize(D);
+      const int64_t r1 = std::min(rows_total, (c + 1) * rows_per_chunk);
+      for (int64_t r = c * rows_per_chunk; r < r1; ++r) {
         const int64_t bt = r / N;
-        if (bt != cur) {
-          encode(bt, enc.data());
-          cur = bt;
+        if (bt != we.cur) {
+          encode(bt, we.enc.data());
+          we.cur = bt;
         }
-        add_row(xp + r * D, enc.data(), op + r * D, D);
+        add_row(xp + r * D, we.enc.data(), op + r * D, D);
       }
     });
   });
@@ -232,8 +244,8 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
   TORCH_CHECK(grad.dim() == 4, "tpe_table_backward: grad must be [B, T, N, D]");
   const int64_t B = grad.size(0), T = grad.size(1), N = grad.size(2), D = grad.size(3), BT = B * T;
   const at::ScalarType acc_type = tpe_acc_type(grad.scalar_type());
-  at::Tensor out = at::zeros({num_rows, D}, grad.options().dtype(acc_type));
-  if (BT == 0 || D == 0) return out;
+  at::Tensor out = at::empty({num_rows, D}, grad.options().dtype(acc_type));
+  if (BT == 0 || D == 0) return out.zero_();
   const at::Tensor g = grad.contiguous();
   const at::Tensor rows = timestamps.to(at::kLong).contiguous();
   const int64_t* rp = rows.data_ptr<int64_t>();
@@ -242,28 +254,39 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
                 num_rows, "), got ", rp[i]);
   // Each task streams a fixed slice of one frame's rows (contiguous memory) into its own fp32
   // partial row; partials are then added in a fixed order. The slicing depends only on N, so
-  // the result is bitwise the same for any thread count.
-  constexpr int64_t kRowsPerSlice = 256;
+  // the result is bitwise the same for any thread count. One parallel region per call (an
+  // elastic one, common/cpu_parallel.h): its first chunks zero the output, the rest are the
+  // slices; on a busy 2-core machine every extra region can cost a descheduled thread's wait.
+  constexpr int64_t kRowsPerSlice = 128;
   const int64_t nslices = std::max<int64_t>(1, (N + kRowsPerSlice - 1) / kRowsPerSlice);
-  at::Tensor partial = at::zeros({BT * nslices, D}, grad.options().dtype(acc_type));
+  const int64_t ntasks = BT * nslices;
+  at::Tensor partial = at::empty({ntasks, D}, grad.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "tpe_table_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     A* pp = partial.data_ptr<A>();
     A* op = out.data_ptr<A>();
-    at::parallel_for(0, BT * nslices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bt = task / nslices, n0 = (task % nslices) * kRowsPerSlice;
-        const int64_t n1 = std::min(N, n0 + kRowsPerSlice);
-        A* acc = pp + task * D;
-        int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) acc_rows4(gp + (bt * N + n) * D, D, acc, D);
-        for (; n < n1; ++n) acc_row(gp + (bt * N + n) * D, acc, D);
+    const int64_t out_numel = num_rows * D;
+    constexpr int64_t kZeroChunk = int64_t(1) << 16;  // elements of the output zeroed per chunk
+    const int64_t nzero = (out_numel + kZeroChunk - 1) / kZeroChunk;
+    elastic_for(nzero + ntasks, elastic_max_workers(), [&](int64_t c, int) {
+      if (c < nzero) {
+        const int64_t e0 = c * kZeroChunk;
+        std::fill(op + e0, op + std::min(out_numel, e0 + kZeroChunk), A(0));
+        return;
       }
+      const int64_t task = c - nzero;
+      const int64_t bt = task / nslices, n0 = (task % nslices) * kRowsPerSlice;
+      const int64_t n1 = std::min(N, n0 + kRowsPerSlice);
+      A* acc = pp + task * D;
+      std::fill(acc, acc + D, A(0));
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) acc_rows4(gp + (bt * N + n) * D, D, acc, D);
+      for (; n < n1; ++n) acc_row(gp + (bt * N + n) * D, acc, D);
     });
     // Ordered scatter, serial: BT * slices * D additions are negligible next to the N-fold larger
-    // read above, and a second parallel region costs more than it saves on a busy machine.
-    for (int64_t task = 0; task < BT * nslices; ++task) {
+    // read above.
+    for (int64_t task = 0; task < ntasks; ++task) {
       A* dst = op + rp[task / nslices] * D;
       const A* src = pp + task * D;
       for (int64_t d = 0; d < D; ++d) dst[d] += src[d];

@@ -34,6 +34,7 @@ first-order gradients only.
 from __future__ import annotations
 
 import math
+from collections import abc as _abc
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
@@ -194,24 +195,40 @@ def _canonical_mask(mask: Tensor, shape) -> tuple[Tensor, int]:
     return torch.broadcast_to(mask.reshape(mshape), shape).reshape(-1).contiguous(), 1
 
 
+def _is_map(value) -> bool:
+    # dict first: isinstance against the Mapping ABC costs microseconds per call, and this runs
+    # several times per term on every call
+    return type(value) is dict or isinstance(value, _abc.Mapping)
+
+
 def _per_term(value, name: str, default):
     """A per-term option given as one value for every term, or a dict keyed by term name."""
-    if isinstance(value, Mapping):
+    if _is_map(value):
         return value.get(name, default)
     return default if value is None else value
 
 
+_CONFIG_CACHE: dict = {}
+_CONFIG_CACHE_MAX = 256
+
+
+def _freeze(value):
+    """A hashable key for an option value (type included: 1 and True differ here), or TypeError."""
+    if value is None or type(value) in (str, float, int, bool):
+        return (type(value).__name__, value)
+    if _is_map(value):
+        return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
+    if type(value) in (list, tuple, set, frozenset):
+        return ("seq", tuple(sorted(value)))
+    raise TypeError("unhashable option")
+
+
 def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit_targets, preset, weights, kind,
                    beta, masks, log_space) -> list:
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"{op}: preset must be one of {sorted(PRESETS)} or a P4DPreset, got {preset!r}")
-        preset = PRESETS[preset]
-    elif not isinstance(preset, P4DPreset):
-        raise TypeError(f"{op}: preset must be a name ({sorted(PRESETS)}) or a P4DPreset, got {type(preset).__name__}")
-    explicit_preds = dict(explicit_preds or {})
-    explicit_targets = dict(explicit_targets or {})
-    if set(explicit_preds) != set(explicit_targets):
+    if not (type(explicit_preds) is dict and type(explicit_targets) is dict):
+        explicit_preds = dict(explicit_preds or {})
+        explicit_targets = dict(explicit_targets or {})
+    if explicit_preds.keys() != explicit_targets.keys():
         missing = sorted(set(explicit_preds) ^ set(explicit_targets))
         raise ValueError(f"{op}: explicit_preds and explicit_targets must have the same heads; "
                          f"unmatched: {missing}")
@@ -222,6 +239,41 @@ def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit
     names = (["latent"] if latent_pred is not None else []) + list(explicit_preds)
     if not names:
         raise ValueError(f"{op}: no terms: pass latent_pred/latent_target and/or explicit heads")
+    # The per-term settings depend only on the names and the options: computed (and checked)
+    # once per distinct call signature, then reused (a training loop calls with the same ones).
+    key = None
+    if type(preset) is str:
+        try:
+            key = (preset, tuple(names), _freeze(weights), _freeze(kind), _freeze(beta), _freeze(log_space),
+                   None if masks is None else tuple(sorted(masks)))
+        except TypeError:  # an option we do not know how to key: resolved afresh
+            key = None
+    config = _CONFIG_CACHE.get(key) if key is not None else None
+    if config is None:
+        config = _term_config(op, names, preset, weights, kind, beta, masks, log_space)
+        if key is not None:
+            if len(_CONFIG_CACHE) >= _CONFIG_CACHE_MAX:
+                _CONFIG_CACHE.clear()
+            _CONFIG_CACHE[key] = config
+    masks = masks or {}
+    terms = []
+    for name, k, b, lg, w in config:
+        if name == "latent":
+            pred, target = latent_pred, latent_target
+        else:
+            pred, target = explicit_preds[name], explicit_targets[name]
+        terms.append(_Term(name, pred, target, masks.get(name), k, b, lg, w))
+    return terms
+
+
+def _term_config(op: str, names: list, preset, weights, kind, beta, masks, log_space) -> tuple:
+    """(name, kind id, beta, log space, weight in the total) per term, with the options checked."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"{op}: preset must be one of {sorted(PRESETS)} or a P4DPreset, got {preset!r}")
+        preset = PRESETS[preset]
+    elif not isinstance(preset, P4DPreset):
+        raise TypeError(f"{op}: preset must be a name ({sorted(PRESETS)}) or a P4DPreset, got {type(preset).__name__}")
     weights = dict(weights or {})
     # Option keys: term names; weights may also name "explicit" (beta) and heads of the preset
     # that this call does not have (one weights dict serves batches with and without them).
@@ -230,18 +282,17 @@ def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit
             raise ValueError(f"{op}: weights[{key!r}]: unknown term; terms here are {names} (weights may also "
                              f"name 'explicit', the factor of every head, or a head of the preset)")
     for what, opt in (("masks", masks), ("kind", kind), ("beta", beta), ("log_space", log_space)):
-        if isinstance(opt, Mapping) or (what == "log_space" and not isinstance(opt, (bool, type(None)))):
+        if _is_map(opt) or (what == "log_space" and not isinstance(opt, (bool, type(None)))):
             for key in opt:
                 if key not in names:
                     raise ValueError(f"{op}: {what}[{key!r}] given but there is no {key!r} term; terms here are "
                                      f"{names}")
     explicit_w = float(weights.get("explicit", preset.explicit_weight))
-    terms = []
+    config = []
     for name in names:
         if name == "latent":
-            pred, target, w = latent_pred, latent_target, float(weights.get("latent", preset.latent_weight))
+            w = float(weights.get("latent", preset.latent_weight))
         else:
-            pred, target = explicit_preds[name], explicit_targets[name]
             if name in weights:
                 lam = float(weights[name])
             elif name in preset.head_weights:
@@ -256,13 +307,12 @@ def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit
         b = float(_per_term(beta, name, 1.0))
         if not b >= 0:
             raise ValueError(f"{op}: term {name!r}: beta must be >= 0, got {b}")
-        if isinstance(log_space, (Mapping, type(None), bool)):
+        if log_space is None or isinstance(log_space, bool) or _is_map(log_space):
             lg = bool(_per_term(log_space, name, name in preset.log_space))
         else:  # an iterable of term names
             lg = name in set(log_space)
-        mask = (masks or {}).get(name)
-        terms.append(_Term(name, pred, target, mask, KINDS[k], b, lg, w))
-    return terms
+        config.append((name, KINDS[k], b, lg, w))
+    return tuple(config)
 
 
 def _validate_terms(op: str, terms: list) -> None:
@@ -591,6 +641,7 @@ def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
         total, losses = _p4d_loss_eager(terms, reduction, LOG_EPS)
         return P4DLossOutput(total, dict(zip(names, losses)))
     grad_on = torch.is_grad_enabled()
+    traced = _below_autograd is None or _traced()
     masks_c, inner, flags = [], [], []
     for t in terms:
         fl = (_FLAG_LOG if t.log else 0) | (_FLAG_GRAD if (grad_on and t.pred.requires_grad) else 0)
@@ -598,15 +649,18 @@ def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
             m, k = _canonical_mask(t.mask, t.pred.shape)
             fl |= _FLAG_MASK
         else:
-            m, k = t.pred.new_empty((0,), dtype=torch.bool), 1
+            m, k = (t.pred.new_empty((0,), dtype=torch.bool) if traced else _no_mask(device)), 1
         masks_c.append(m)
         inner.append(k)
         flags.append(fl)
     fn = torch.ops.rgpt4d.p4d_loss_triton.default if be == "triton" else torch.ops.rgpt4d.p4d_loss.default
     preds = [t.pred for t in terms]
-    rest = ([t.target.detach() for t in terms], masks_c, inner, [t.kind for t in terms], [t.beta for t in terms],
+    # Outside a trace the op runs below autograd, so the targets need no detach() (it is one
+    # tensor op per term): they are never recorded in any graph.
+    targets = [t.target.detach() for t in terms] if traced else [t.target for t in terms]
+    rest = (targets, masks_c, inner, [t.kind for t in terms], [t.beta for t in terms],
             flags, [t.weight for t in terms], reduction == "mean", LOG_EPS)
-    if _below_autograd is None or _traced():
+    if traced:
         total, losses, _ = fn(preds, *rest)
     elif any(fl & _FLAG_GRAD for fl in flags):
         total, losses = _P4DLossFunction.apply(fn, rest, *preds)
@@ -614,6 +668,18 @@ def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
         with _below_autograd():
             total, losses, _ = fn(preds, *rest)
     return P4DLossOutput(total, dict(zip(names, losses.unbind(0))))
+
+
+_NO_MASK: dict = {}
+
+
+def _no_mask(device: torch.device) -> Tensor:
+    """The empty bool placeholder of a term without a mask (the op never reads or returns it):
+    one per device, instead of a new tensor per term and call."""
+    m = _NO_MASK.get(device)
+    if m is None:
+        m = _NO_MASK[device] = torch.empty((0,), dtype=torch.bool, device=device)
+    return m
 
 
 def _default_chunk(n: int, d_in: int, d_out: int) -> int:
