@@ -7,9 +7,12 @@
 //               spatial_scale, ph, pw, sampling_ratio, aligned, base)  -> [B,T,R,C,ph,pw]
 //   region_pool_backward(grad[B,T,R,C,ph,pw], boxes, valid?, spatial_scale, ph, pw, sampling_ratio,
 //                        aligned, H, W, channels_last, deterministic)  -> grad_features [B,T,C,H,W]
-//   mask_pool(features[B,T,C,H,W], masks[B,T,R,Hm,Wm], timestamps?, table?, eps, base) -> [B,T,R,C]
-//   mask_pool_backward(grad[B,T,R,C], features, masks, eps, need_features_grad, need_masks_grad,
-//                      channels_last) -> (grad_features or [0], grad_masks or [0])
+//   mask_pool(features[B,T,C,H,W], masks[B,T,R,Hm,Wm], timestamps?, table?, eps, base)
+//                      -> (out [B,T,R,C], resized [B,T,R,H,W], inv_z [B,T,R])
+//   mask_pool_backward(grad[B,T,R,C], features, masks, resized, inv_z, need_features_grad,
+//                      need_masks_grad, channels_last) -> (grad_features or [0], grad_masks or [0])
+// resized and inv_z (accumulation dtype: the masks resized to the feature grid and 1 / (sum + eps))
+// are outputs of the forward only so that the backward need not resize the masks again.
 //
 // Features are read in place when their channels (channels-last) or their rows (planar) are
 // contiguous, whatever the batch/frame strides; grad_features comes back contiguous, or
@@ -1052,6 +1055,40 @@ ResizedMasks resize_masks(const at::Tensor& masks_in, int64_t H, int64_t W, doub
   return rm;
 }
 
+// The masks the forward resized (its second and third outputs, saved for the backward): the
+// windows are found again by a scan of the resized values (a few KB per frame), not by resizing.
+ResizedMasks saved_masks(const at::Tensor& resized, const at::Tensor& inv_z, int64_t H, int64_t W) {
+  ResizedMasks rm;
+  const int64_t n = inv_z.numel(), HW = H * W;
+  rm.mt = resized.contiguous().view({n, HW});
+  rm.inv_z = inv_z.contiguous().view({n});
+  rm.win.assign(n, RgWindow{0, 0, 0, 0});
+  AT_DISPATCH_FLOATING_TYPES(rm.mt.scalar_type(), "mask_pool_windows", [&] {
+    const scalar_t* mt = rm.mt.data_ptr<scalar_t>();
+    parallel_tasks(n, 2.0 * n * HW, [&](int64_t b0, int64_t b1) {
+      for (int64_t m = b0; m < b1; ++m) {
+        const scalar_t* d = mt + m * HW;
+        int64_t y0 = H, y1 = 0, x0 = W, x1 = 0;
+        for (int64_t y = 0; y < H; ++y) {
+          const scalar_t* row = d + y * W;
+          int64_t first = 0, last = W;
+          while (first < W && row[first] == scalar_t(0)) ++first;
+          if (first == W) continue;
+          while (row[last - 1] == scalar_t(0)) --last;
+          y0 = std::min(y0, y);
+          y1 = y + 1;
+          x0 = std::min(x0, first);
+          x1 = std::max(x1, last);
+        }
+        if (y1 > y0) rm.win[m] = cpu::rg_vector_window(RgWindow{y0, y1, x0, x1}, W);
+      }
+    });
+  });
+  for (const RgWindow& w : rm.win)
+    rm.window_work += static_cast<double>(w.y1 - w.y0) * static_cast<double>((w.x1 - w.x0 + 7) / 8 * 8);
+  return rm;
+}
+
 // Features [B, T, C, H, W] as one matrix per frame without a copy: [BT, C, HW] for planar maps or
 // [BT, HW, C] for channels-last ones, when the frame dims and the pixel dims each merge into one
 // stride. Undefined otherwise. Mask pooling is then a batched GEMM per frame (at::bmm / BLAS):
@@ -1130,17 +1167,23 @@ void windowed_pool_frame(const S* base, const FeatLayout& lay, int64_t W, const 
   }
 }
 
-at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, const c10::optional<at::Tensor>& timestamps,
-                         const c10::optional<at::Tensor>& table, double eps, double base) {
+// Returns (out [B, T, R, C], the resized masks [B, T, R, H, W] and 1 / (sum + eps) [B, T, R] in the
+// accumulation dtype): the backward takes the last two instead of resizing the masks again.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks,
+                                                             const c10::optional<at::Tensor>& timestamps,
+                                                             const c10::optional<at::Tensor>& table, double eps,
+                                                             double base) {
   check_mask_pool(features, masks, timestamps, table);
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
                 W = features.size(4), R = masks.size(2), BT = B * T, HW = H * W;
   at::Tensor out = at::empty({B, T, R, C}, features.options());
-  if (BT * R == 0 || C == 0) return out;
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
-  const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "mask_pool");
   ResizedMasks rm;
   AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] { rm = resize_masks<scalar_t>(masks, H, W, eps); });
+  const std::tuple<at::Tensor, at::Tensor, at::Tensor> result{out, rm.mt.view({B, T, R, H, W}),
+                                                              rm.inv_z.view({B, T, R})};
+  if (BT * R == 0 || C == 0) return result;
+  const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "mask_pool");
   bool cl = false;
   const at::Tensor fm = features.scalar_type() == acc ? frames_matrix(features, &cl) : at::Tensor();
   if (fm.defined() && !prefer_windowed(rm, HW)) {  // dense masks, fp32 / fp64: one GEMM per frame
@@ -1149,7 +1192,7 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
     pooled.mul_(rm.inv_z.view({BT, R, 1}));
     if (enc.defined()) pooled.add_(enc.view({BT, 1, C}));
     out.view({BT, R, C}).copy_(pooled);
-    return out;
+    return result;
   }
   // Sparse masks, bf16 / fp16 (fp32 accumulation), or strides that do not merge: the windowed loops.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_cpu", [&] {
@@ -1179,11 +1222,12 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
       }
     });
   });
-  return out;
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
-                                                          const at::Tensor& masks, double eps, bool need_features_grad,
+                                                          const at::Tensor& masks, const at::Tensor& resized,
+                                                          const at::Tensor& inv_z, bool need_features_grad,
                                                           bool need_masks_grad, bool channels_last) {
   check_mask_pool(features, masks, c10::nullopt, c10::nullopt);
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
@@ -1191,6 +1235,8 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == R && grad.size(3) == C,
               "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  check_saved_masks(resized, inv_z, B, T, R, H, W, acc, "mask_pool_backward");
+  check_same_device(features, resized, "resized", "mask_pool_backward");
   at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), channels_last, /*zero=*/false)
                                      : at::empty({0}, features.options());
   at::Tensor gm = need_masks_grad ? empty_output(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
@@ -1200,8 +1246,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
     if (need_masks_grad) gm.zero_();
     return {gf, gm};
   }
-  ResizedMasks rm;
-  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] { rm = resize_masks<scalar_t>(masks, H, W, eps); });
+  const ResizedMasks rm = saved_masks(resized, inv_z, H, W);
   // gn[bt, r, c] = grad / Z (acc dtype)
   const at::Tensor gn = (grad.to(acc) * rm.inv_z.view({B, T, R, 1})).contiguous();
   bool cl = false;
@@ -1342,10 +1387,12 @@ TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
   m.def(
       "region_pool_backward(Tensor grad, Tensor boxes, Tensor? valid, float spatial_scale, int ph, int pw, "
       "int sampling_ratio, bool aligned, int H, int W, bool channels_last, bool deterministic) -> Tensor");
-  m.def("mask_pool(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> Tensor");
   m.def(
-      "mask_pool_backward(Tensor grad, Tensor features, Tensor masks, float eps, bool need_features_grad, "
-      "bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)");
+      "mask_pool(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "mask_pool_backward(Tensor grad, Tensor features, Tensor masks, Tensor resized, Tensor inv_z, "
+      "bool need_features_grad, bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
