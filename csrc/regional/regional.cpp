@@ -96,6 +96,70 @@ inline void patch_dots4(const float* p, int64_t sP, const c10::BFloat16* const* 
   cpu::rg_patch_dots4_bf16(p, sP, reinterpret_cast<const uint16_t* const*>(planes), sH, rows, cols, out);
 }
 
+// acc[c] += sum over a < ny, b < nx of (wy[a] * yscale * wx[b]) * base[yidx[a] * ys + xidx[b] * xs + c], c < len:
+// one RoI cell over channels-last pixels (generic, float, bf16); see rg_cell_taps.
+template <typename S, typename A>
+inline void cell_taps(const S* base, const int64_t* yidx, int64_t ys, const A* wy, A yscale, int64_t ny,
+                      const int64_t* xidx, int64_t xs, const A* wx, int64_t nx, int64_t len, A* acc) {
+  for (int64_t a = 0; a < ny; ++a) {
+    const A wa = wy[a] * yscale;
+    for (int64_t b = 0; b < nx; ++b) {
+      const A w = wa * wx[b];
+      const S* p = base + yidx[a] * ys + xidx[b] * xs;
+      for (int64_t c = 0; c < len; ++c) acc[c] += w * static_cast<A>(p[c]);
+    }
+  }
+}
+inline void cell_taps(const float* base, const int64_t* yidx, int64_t ys, const float* wy, float yscale, int64_t ny,
+                      const int64_t* xidx, int64_t xs, const float* wx, int64_t nx, int64_t len, float* acc) {
+  cpu::rg_cell_taps_f32(base, yidx, ys, wy, yscale, ny, xidx, xs, wx, nx, len, acc);
+}
+inline void cell_taps(const c10::BFloat16* base, const int64_t* yidx, int64_t ys, const float* wy, float yscale,
+                      int64_t ny, const int64_t* xidx, int64_t xs, const float* wx, int64_t nx, int64_t len,
+                      float* acc) {
+  cpu::rg_cell_taps_bf16(reinterpret_cast<const uint16_t*>(base), yidx, ys, wy, yscale, ny, xidx, xs, wx, nx, len, acc);
+}
+
+// One row of a channels-last band against its y-tap's pw cells (generic, float); see rg_band_row.
+template <typename A>
+inline void band_row(const A* row, A wy, const int64_t* xstart, const int64_t* xidx, const A* wx, int64_t pw,
+                     int64_t len, A* acc) {
+  const int64_t zero = 0;
+  for (int64_t j = 0; j < pw; ++j)
+    cell_taps(row, &zero, 0, &wy, A(1), 1, xidx + xstart[j], len, wx + xstart[j], xstart[j + 1] - xstart[j], len,
+              acc + j * len);
+}
+inline void band_row(const float* row, float wy, const int64_t* xstart, const int64_t* xidx, const float* wx,
+                     int64_t pw, int64_t len, float* acc) {
+  cpu::rg_band_row_f32(row, wy, xstart, xidx, wx, pw, len, acc);
+}
+
+// A channel slice of planar rows, transposed to channels-last in the accumulation dtype
+// (generic, float, bf16); see rg_transpose_band.
+template <typename S, typename A>
+inline void transpose_band(const S* src, int64_t sC, int64_t sH, int64_t rows, int64_t W, int64_t len, A* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < len; ++c)
+      for (int64_t x = 0; x < W; ++x) dst[(r * W + x) * len + c] = static_cast<A>(src[c * sC + r * sH + x]);
+}
+inline void transpose_band(const float* src, int64_t sC, int64_t sH, int64_t rows, int64_t W, int64_t len, float* dst) {
+  cpu::rg_transpose_band_f32(src, sC, sH, rows, W, len, dst);
+}
+inline void transpose_band(const c10::BFloat16* src, int64_t sC, int64_t sH, int64_t rows, int64_t W, int64_t len,
+                           float* dst) {
+  cpu::rg_transpose_band_bf16(reinterpret_cast<const uint16_t*>(src), sC, sH, rows, W, len, dst);
+}
+
+// o[c * P + q] = a[q * len + c] + e[c] (e may be null), converted to the output dtype (generic, float).
+template <typename A, typename S>
+inline void cells_to_planar(const A* a, int64_t P, int64_t len, const A* e, S* o) {
+  for (int64_t c = 0; c < len; ++c)  // contiguous stores; the strided reads stay in cache
+    for (int64_t q = 0; q < P; ++q) o[c * P + q] = static_cast<S>(a[q * len + c] + (e ? e[c] : A(0)));
+}
+inline void cells_to_planar(const float* a, int64_t P, int64_t len, const float* e, float* o) {
+  cpu::rg_cells_to_planar_f32(a, P, len, e, o);
+}
+
 // plane[y, x] += coef * m[y, x] over the window w (both with row stride W).
 template <typename A>
 inline void window_axpy(A coef, const A* m, A* plane, int64_t W, const cpu::RgWindow& w) {
@@ -345,7 +409,12 @@ struct BandPlan {
   BandPlan(const RoiProblem<A>& pb, const RoiPlan<A>& plan) {
     const PoolShape& ps = pb.ps;
     const int64_t C = ps.C, images = pb.images;
-    int64_t nchunks = std::max(channel_chunks(images, C, 8), (C + 63) / 64);  // slices of <= 64 channels
+    // Slices of at most 64 channels (the band stays in cache), at least 32 where the threads need
+    // more tasks (one vector block of the tap loops: narrower slices pay each tap's bookkeeping for
+    // fewer channels), two tasks per thread when there are few images (dynamic scheduling).
+    const int64_t threads = num_threads();
+    const int64_t want = threads > 1 ? (2 * threads + images - 1) / images : 1;
+    int64_t nchunks = std::max<int64_t>((C + 63) / 64, std::min<int64_t>(want, C / 32));
     chunk = (C + nchunks - 1) / nchunks;
     band_rows = std::max<int64_t>(1, std::min<int64_t>(ps.H, (192 << 10) / std::max<int64_t>(1, ps.W * chunk *
                                                                                              sizeof(A))));
@@ -413,26 +482,12 @@ void roi_pool_forward_banded(const S* feat, const FeatLayout& lay, const RoiProb
       for (int64_t b = 0; b < bp.nbands; ++b) {
         if (st[b] == st[b + 1]) continue;
         const int64_t r0 = b * bp.band_rows, r1 = std::min(ps.H, r0 + bp.band_rows);
-        for (int64_t r = r0; r < r1; ++r) {  // transpose the band's channel slice
-          A* dst = band.data() + (r - r0) * W * len;
-          // eight channels at a time: each pixel gets eight neighbouring stores (one cache line)
-          // instead of one store per line of the whole row
-          for (int64_t cb = 0; cb < len; cb += 8) {
-            const int64_t nb = std::min<int64_t>(8, len - cb);
-            const S* src[8];
-            for (int64_t j = 0; j < 8; ++j) src[j] = base + (cb + std::min(j, nb - 1)) * lay.sC + r * lay.sH;
-            for (int64_t x = 0; x < W; ++x)
-              for (int64_t j = 0; j < nb; ++j) dst[x * len + cb + j] = static_cast<A>(src[j][x]);
-          }
-        }
+        transpose_band(base + r0 * lay.sH, lay.sC, lay.sH, r1 - r0, W, len, band.data());
         for (int64_t u = st[b]; u < st[b + 1]; ++u) {
           const RowJob<A>& job = jobs[u];
           const RoiTaps<A>& t = plan.taps[job.k];
-          const A* brow = band.data() + (job.row - r0) * W * len;
-          A* ak = acc.data() + (job.slot * P + job.i * ps.pw) * len;
-          for (int64_t j = 0; j < ps.pw; ++j)
-            for (int64_t bx = t.x.start[j]; bx < t.x.start[j + 1]; ++bx)
-              axpy(job.wy * t.x.w[bx], brow + t.x.idx[bx] * len, ak + j * len, len);
+          band_row(band.data() + (job.row - r0) * W * len, job.wy, t.x.start.data(), t.x.idx.data(), t.x.w.data(),
+                   ps.pw, len, acc.data() + (job.slot * P + job.i * ps.pw) * len);
         }
       }
       for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
@@ -440,8 +495,7 @@ void roi_pool_forward_banded(const S* feat, const FeatLayout& lay, const RoiProb
         const A* e = pb.enc ? pb.enc + img * C + c0 : nullptr;
         S* o = out + (k * C + c0) * P;
         const A* a = acc.data() + slot * P * len;
-        for (int64_t c = 0; c < len; ++c)  // contiguous stores; the strided reads stay in cache
-          for (int64_t q = 0; q < P; ++q) o[c * P + q] = static_cast<S>(a[q * len + c] + (e ? e[c] : A(0)));
+        cells_to_planar(a, P, len, e, o);
       }
     }
   });
@@ -582,12 +636,9 @@ void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>&
         for (int64_t i = 0; i < ps.ph; ++i) {
           for (int64_t j = 0; j < ps.pw; ++j) {
             std::fill(acc.begin(), acc.begin() + len, A(0));
-            for (int64_t a = t.y.start[i]; a < t.y.start[i + 1]; ++a) {
-              const S* row = base + t.y.idx[a] * lay.sH + c0;
-              const A wy = t.y.w[a] * t.inv_count;
-              for (int64_t b = t.x.start[j]; b < t.x.start[j + 1]; ++b)
-                axpy(wy * t.x.w[b], row + t.x.idx[b] * lay.sW, acc.data(), len);
-            }
+            cell_taps(base + c0, t.y.idx.data() + t.y.start[i], lay.sH, t.y.w.data() + t.y.start[i], t.inv_count,
+                      t.y.start[i + 1] - t.y.start[i], t.x.idx.data() + t.x.start[j], lay.sW,
+                      t.x.w.data() + t.x.start[j], t.x.start[j + 1] - t.x.start[j], len, acc.data());
             if (P == 1) {
               store(acc.data(), e, o + c0, len);
             } else {
