@@ -650,7 +650,9 @@ def mask_pool(features: Tensor, masks: Tensor, *, eps: float = 1e-8, timestamps:
         eps: out = sum(f * m) / (sum(m) + eps).
         timestamps, table, base: the fused TPE, as region_pool.
 
-    Returns [B, T, R, C]. Gradients: features, masks (when they require it), table.
+    Returns [B, T, R, C]. Gradients: features, masks (when they require it), table. The compiled and
+    Triton ops also return the resized masks and 1 / (sum + eps) (saved for the backward, which then
+    does not resize the masks again); this function returns the pooled tokens only.
     """
     if channels_last:
         if not isinstance(features, Tensor) or features.dim() != 5:
