@@ -232,6 +232,12 @@ struct AxisTaps {
     start.assign(1, 0);
     idx.clear();
     w.clear();
+    // at most min(2 * grid, size) taps per cell: one allocation each, not one per doubling
+    const int64_t most = std::max<int64_t>(0, std::min<int64_t>(2 * grid, size));
+    start.reserve(cells + 1);
+    idx.reserve(cells * most);
+    w.reserve(cells * most);
+    scratch.reserve(std::max<int64_t>(size, 0));
     for (int64_t cell = 0; cell < cells; ++cell) {
       int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
       for (int64_t s = 0; s < grid; ++s) {
@@ -426,6 +432,10 @@ struct BandPlan {
       std::vector<RowJob<A>> all;
       for (int64_t img = b0; img < b1; ++img) {
         all.clear();
+        int64_t njobs = 0;
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n)
+          njobs += plan.taps[plan.order[n]].y.start.back();
+        all.reserve(njobs);
         for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
           const int64_t k = plan.order[n];
           const RoiTaps<A>& t = plan.taps[k];
