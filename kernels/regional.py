@@ -9,7 +9,8 @@
         valid mask [B, T, R] (absent -> zero token), and the frame's TPE (tpe.py's encoding) added.
     mask_pool_fwd / mask_pool_bwd
         masks [B, T, R, Hm, Wm] resized bilinearly (align_corners=False) to the H x W grid,
-        out = sum(f * m) / (sum(m) + eps) (+ TPE).
+        out = sum(f * m) / (sum(m) + eps) (+ TPE). The forward also returns the resized masks and
+        1 / (sum + eps), which the backward takes instead of resizing the masks again.
 
 Features are read through their strides (any layout, no copy). Arithmetic in fp32 (fp64 for fp64
 inputs). Backward: float atomics by default; with deterministic=True one program owns an image x
@@ -542,13 +543,16 @@ def _mm_blocks(R, C, HW, acc_torch):
 
 
 def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
+    """Returns (out [B, T, R, C], the resized masks [B, T, R, H, W] and 1 / (sum + eps) [B, T, R] in the
+    accumulation dtype): mask_pool_bwd takes the last two instead of resizing the masks again."""
     B, T, C, H, W = features.shape
     R = masks.shape[2]
     out = torch.empty(B, T, R, C, device=features.device, dtype=features.dtype)
-    if B * T * R == 0 or C == 0:
-        return out
     acc_tl, acc_torch = _acc(features.dtype)
     mt, invz = _resize(masks, H, W, eps, acc_tl, acc_torch)
+    result = out, mt.view(B, T, R, H, W), invz.view(B, T, R)
+    if B * T * R == 0 or C == 0:
+        return result
     ts, tab = (mt, mt)  # no TPE: any tensor for the unused pointers
     if timestamps is not None:
         ts, tab = _encoder_inputs(timestamps, table, acc_torch)
@@ -557,10 +561,10 @@ def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
         features, mt, invz, ts, tab, out, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
         features.stride(3), features.stride(4), math.log(base), HAS_ENC=timestamps is not None, HAS_TABLE=table is not None,
         ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    return out
+    return result
 
 
-def mask_pool_bwd(grad, features, masks, eps, need_features_grad, need_masks_grad, channels_last):
+def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, need_masks_grad, channels_last):
     B, T, C, H, W = features.shape
     R, Hm, Wm = masks.shape[2:]
     acc_tl, acc_torch = _acc(features.dtype)
@@ -569,7 +573,7 @@ def mask_pool_bwd(grad, features, masks, eps, need_features_grad, need_masks_gra
     gm = torch.empty(masks.shape, device=masks.device, dtype=masks.dtype) if need_masks_grad else masks.new_empty(0)
     if B * T * R == 0 or C == 0:
         return gf.zero_(), gm.zero_()
-    mt, invz = _resize(masks, H, W, eps, acc_tl, acc_torch)
+    mt, invz = resized.reshape(B * T * R, H * W), inv_z.reshape(B * T * R)  # the forward's resize, not redone
     gn = (grad.to(acc_torch) * invz.view(B, T, R, 1)).contiguous()  # grad / Z
     use_dot, BLOCK_R, BLOCK_P, BLOCK_C = _mm_blocks(R, C, H * W, acc_torch)
     HW = H * W

@@ -7,9 +7,12 @@
 //               spatial_scale, ph, pw, sampling_ratio, aligned, base)  -> [B,T,R,C,ph,pw]
 //   region_pool_backward(grad[B,T,R,C,ph,pw], boxes, valid?, spatial_scale, ph, pw, sampling_ratio,
 //                        aligned, H, W, channels_last, deterministic)  -> grad_features [B,T,C,H,W]
-//   mask_pool(features[B,T,C,H,W], masks[B,T,R,Hm,Wm], timestamps?, table?, eps, base) -> [B,T,R,C]
-//   mask_pool_backward(grad[B,T,R,C], features, masks, eps, need_features_grad, need_masks_grad,
-//                      channels_last) -> (grad_features or [0], grad_masks or [0])
+//   mask_pool(features[B,T,C,H,W], masks[B,T,R,Hm,Wm], timestamps?, table?, eps, base)
+//                      -> (out [B,T,R,C], resized [B,T,R,H,W], inv_z [B,T,R])
+//   mask_pool_backward(grad[B,T,R,C], features, masks, resized, inv_z, need_features_grad,
+//                      need_masks_grad, channels_last) -> (grad_features or [0], grad_masks or [0])
+// resized and inv_z (accumulation dtype: the masks resized to the feature grid and 1 / (sum + eps))
+// are outputs of the forward only so that the backward need not resize the masks again.
 //
 // Features are read in place when their channels (channels-last) or their rows (planar) are
 // contiguous, whatever the batch/frame strides; grad_features comes back contiguous, or
@@ -93,6 +96,70 @@ inline void patch_dots4(const float* p, int64_t sP, const c10::BFloat16* const* 
   cpu::rg_patch_dots4_bf16(p, sP, reinterpret_cast<const uint16_t* const*>(planes), sH, rows, cols, out);
 }
 
+// acc[c] += sum over a < ny, b < nx of (wy[a] * yscale * wx[b]) * base[yidx[a] * ys + xidx[b] * xs + c], c < len:
+// one RoI cell over channels-last pixels (generic, float, bf16); see rg_cell_taps.
+template <typename S, typename A>
+inline void cell_taps(const S* base, const int64_t* yidx, int64_t ys, const A* wy, A yscale, int64_t ny,
+                      const int64_t* xidx, int64_t xs, const A* wx, int64_t nx, int64_t len, A* acc) {
+  for (int64_t a = 0; a < ny; ++a) {
+    const A wa = wy[a] * yscale;
+    for (int64_t b = 0; b < nx; ++b) {
+      const A w = wa * wx[b];
+      const S* p = base + yidx[a] * ys + xidx[b] * xs;
+      for (int64_t c = 0; c < len; ++c) acc[c] += w * static_cast<A>(p[c]);
+    }
+  }
+}
+inline void cell_taps(const float* base, const int64_t* yidx, int64_t ys, const float* wy, float yscale, int64_t ny,
+                      const int64_t* xidx, int64_t xs, const float* wx, int64_t nx, int64_t len, float* acc) {
+  cpu::rg_cell_taps_f32(base, yidx, ys, wy, yscale, ny, xidx, xs, wx, nx, len, acc);
+}
+inline void cell_taps(const c10::BFloat16* base, const int64_t* yidx, int64_t ys, const float* wy, float yscale,
+                      int64_t ny, const int64_t* xidx, int64_t xs, const float* wx, int64_t nx, int64_t len,
+                      float* acc) {
+  cpu::rg_cell_taps_bf16(reinterpret_cast<const uint16_t*>(base), yidx, ys, wy, yscale, ny, xidx, xs, wx, nx, len, acc);
+}
+
+// One row of a channels-last band against its y-tap's pw cells (generic, float); see rg_band_row.
+template <typename A>
+inline void band_row(const A* row, A wy, const int64_t* xstart, const int64_t* xidx, const A* wx, int64_t pw,
+                     int64_t len, A* acc) {
+  const int64_t zero = 0;
+  for (int64_t j = 0; j < pw; ++j)
+    cell_taps(row, &zero, 0, &wy, A(1), 1, xidx + xstart[j], len, wx + xstart[j], xstart[j + 1] - xstart[j], len,
+              acc + j * len);
+}
+inline void band_row(const float* row, float wy, const int64_t* xstart, const int64_t* xidx, const float* wx,
+                     int64_t pw, int64_t len, float* acc) {
+  cpu::rg_band_row_f32(row, wy, xstart, xidx, wx, pw, len, acc);
+}
+
+// A channel slice of planar rows, transposed to channels-last in the accumulation dtype
+// (generic, float, bf16); see rg_transpose_band.
+template <typename S, typename A>
+inline void transpose_band(const S* src, int64_t sC, int64_t sH, int64_t rows, int64_t W, int64_t len, A* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < len; ++c)
+      for (int64_t x = 0; x < W; ++x) dst[(r * W + x) * len + c] = static_cast<A>(src[c * sC + r * sH + x]);
+}
+inline void transpose_band(const float* src, int64_t sC, int64_t sH, int64_t rows, int64_t W, int64_t len, float* dst) {
+  cpu::rg_transpose_band_f32(src, sC, sH, rows, W, len, dst);
+}
+inline void transpose_band(const c10::BFloat16* src, int64_t sC, int64_t sH, int64_t rows, int64_t W, int64_t len,
+                           float* dst) {
+  cpu::rg_transpose_band_bf16(reinterpret_cast<const uint16_t*>(src), sC, sH, rows, W, len, dst);
+}
+
+// o[c * P + q] = a[q * len + c] + e[c] (e may be null), converted to the output dtype (generic, float).
+template <typename A, typename S>
+inline void cells_to_planar(const A* a, int64_t P, int64_t len, const A* e, S* o) {
+  for (int64_t c = 0; c < len; ++c)  // contiguous stores; the strided reads stay in cache
+    for (int64_t q = 0; q < P; ++q) o[c * P + q] = static_cast<S>(a[q * len + c] + (e ? e[c] : A(0)));
+}
+inline void cells_to_planar(const float* a, int64_t P, int64_t len, const float* e, float* o) {
+  cpu::rg_cells_to_planar_f32(a, P, len, e, o);
+}
+
 // plane[y, x] += coef * m[y, x] over the window w (both with row stride W).
 template <typename A>
 inline void window_axpy(A coef, const A* m, A* plane, int64_t W, const cpu::RgWindow& w) {
@@ -165,6 +232,12 @@ struct AxisTaps {
     start.assign(1, 0);
     idx.clear();
     w.clear();
+    // at most min(2 * grid, size) taps per cell: one allocation each, not one per doubling
+    const int64_t most = std::max<int64_t>(0, std::min<int64_t>(2 * grid, size));
+    start.reserve(cells + 1);
+    idx.reserve(cells * most);
+    w.reserve(cells * most);
+    scratch.reserve(std::max<int64_t>(size, 0));
     for (int64_t cell = 0; cell < cells; ++cell) {
       int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
       for (int64_t s = 0; s < grid; ++s) {
@@ -342,7 +415,12 @@ struct BandPlan {
   BandPlan(const RoiProblem<A>& pb, const RoiPlan<A>& plan) {
     const PoolShape& ps = pb.ps;
     const int64_t C = ps.C, images = pb.images;
-    int64_t nchunks = std::max(channel_chunks(images, C, 8), (C + 63) / 64);  // slices of <= 64 channels
+    // Slices of at most 64 channels (the band stays in cache), at least 32 where the threads need
+    // more tasks (one vector block of the tap loops: narrower slices pay each tap's bookkeeping for
+    // fewer channels), two tasks per thread when there are few images (dynamic scheduling).
+    const int64_t threads = num_threads();
+    const int64_t want = threads > 1 ? (2 * threads + images - 1) / images : 1;
+    int64_t nchunks = std::max<int64_t>((C + 63) / 64, std::min<int64_t>(want, C / 32));
     chunk = (C + nchunks - 1) / nchunks;
     band_rows = std::max<int64_t>(1, std::min<int64_t>(ps.H, (192 << 10) / std::max<int64_t>(1, ps.W * chunk *
                                                                                              sizeof(A))));
@@ -354,6 +432,10 @@ struct BandPlan {
       std::vector<RowJob<A>> all;
       for (int64_t img = b0; img < b1; ++img) {
         all.clear();
+        int64_t njobs = 0;
+        for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n)
+          njobs += plan.taps[plan.order[n]].y.start.back();
+        all.reserve(njobs);
         for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
           const int64_t k = plan.order[n];
           const RoiTaps<A>& t = plan.taps[k];
@@ -410,26 +492,12 @@ void roi_pool_forward_banded(const S* feat, const FeatLayout& lay, const RoiProb
       for (int64_t b = 0; b < bp.nbands; ++b) {
         if (st[b] == st[b + 1]) continue;
         const int64_t r0 = b * bp.band_rows, r1 = std::min(ps.H, r0 + bp.band_rows);
-        for (int64_t r = r0; r < r1; ++r) {  // transpose the band's channel slice
-          A* dst = band.data() + (r - r0) * W * len;
-          // eight channels at a time: each pixel gets eight neighbouring stores (one cache line)
-          // instead of one store per line of the whole row
-          for (int64_t cb = 0; cb < len; cb += 8) {
-            const int64_t nb = std::min<int64_t>(8, len - cb);
-            const S* src[8];
-            for (int64_t j = 0; j < 8; ++j) src[j] = base + (cb + std::min(j, nb - 1)) * lay.sC + r * lay.sH;
-            for (int64_t x = 0; x < W; ++x)
-              for (int64_t j = 0; j < nb; ++j) dst[x * len + cb + j] = static_cast<A>(src[j][x]);
-          }
-        }
+        transpose_band(base + r0 * lay.sH, lay.sC, lay.sH, r1 - r0, W, len, band.data());
         for (int64_t u = st[b]; u < st[b + 1]; ++u) {
           const RowJob<A>& job = jobs[u];
           const RoiTaps<A>& t = plan.taps[job.k];
-          const A* brow = band.data() + (job.row - r0) * W * len;
-          A* ak = acc.data() + (job.slot * P + job.i * ps.pw) * len;
-          for (int64_t j = 0; j < ps.pw; ++j)
-            for (int64_t bx = t.x.start[j]; bx < t.x.start[j + 1]; ++bx)
-              axpy(job.wy * t.x.w[bx], brow + t.x.idx[bx] * len, ak + j * len, len);
+          band_row(band.data() + (job.row - r0) * W * len, job.wy, t.x.start.data(), t.x.idx.data(), t.x.w.data(),
+                   ps.pw, len, acc.data() + (job.slot * P + job.i * ps.pw) * len);
         }
       }
       for (int64_t n = plan.start[img]; n < plan.start[img + 1]; ++n) {
@@ -437,8 +505,7 @@ void roi_pool_forward_banded(const S* feat, const FeatLayout& lay, const RoiProb
         const A* e = pb.enc ? pb.enc + img * C + c0 : nullptr;
         S* o = out + (k * C + c0) * P;
         const A* a = acc.data() + slot * P * len;
-        for (int64_t c = 0; c < len; ++c)  // contiguous stores; the strided reads stay in cache
-          for (int64_t q = 0; q < P; ++q) o[c * P + q] = static_cast<S>(a[q * len + c] + (e ? e[c] : A(0)));
+        cells_to_planar(a, P, len, e, o);
       }
     }
   });
@@ -579,12 +646,9 @@ void roi_pool_forward(const S* feat, const FeatLayout& lay, const RoiProblem<A>&
         for (int64_t i = 0; i < ps.ph; ++i) {
           for (int64_t j = 0; j < ps.pw; ++j) {
             std::fill(acc.begin(), acc.begin() + len, A(0));
-            for (int64_t a = t.y.start[i]; a < t.y.start[i + 1]; ++a) {
-              const S* row = base + t.y.idx[a] * lay.sH + c0;
-              const A wy = t.y.w[a] * t.inv_count;
-              for (int64_t b = t.x.start[j]; b < t.x.start[j + 1]; ++b)
-                axpy(wy * t.x.w[b], row + t.x.idx[b] * lay.sW, acc.data(), len);
-            }
+            cell_taps(base + c0, t.y.idx.data() + t.y.start[i], lay.sH, t.y.w.data() + t.y.start[i], t.inv_count,
+                      t.y.start[i + 1] - t.y.start[i], t.x.idx.data() + t.x.start[j], lay.sW,
+                      t.x.w.data() + t.x.start[j], t.x.start[j + 1] - t.x.start[j], len, acc.data());
             if (P == 1) {
               store(acc.data(), e, o + c0, len);
             } else {
@@ -1052,6 +1116,40 @@ ResizedMasks resize_masks(const at::Tensor& masks_in, int64_t H, int64_t W, doub
   return rm;
 }
 
+// The masks the forward resized (its second and third outputs, saved for the backward): the
+// windows are found again by a scan of the resized values (a few KB per frame), not by resizing.
+ResizedMasks saved_masks(const at::Tensor& resized, const at::Tensor& inv_z, int64_t H, int64_t W) {
+  ResizedMasks rm;
+  const int64_t n = inv_z.numel(), HW = H * W;
+  rm.mt = resized.contiguous().view({n, HW});
+  rm.inv_z = inv_z.contiguous().view({n});
+  rm.win.assign(n, RgWindow{0, 0, 0, 0});
+  AT_DISPATCH_FLOATING_TYPES(rm.mt.scalar_type(), "mask_pool_windows", [&] {
+    const scalar_t* mt = rm.mt.data_ptr<scalar_t>();
+    parallel_tasks(n, 2.0 * n * HW, [&](int64_t b0, int64_t b1) {
+      for (int64_t m = b0; m < b1; ++m) {
+        const scalar_t* d = mt + m * HW;
+        int64_t y0 = H, y1 = 0, x0 = W, x1 = 0;
+        for (int64_t y = 0; y < H; ++y) {
+          const scalar_t* row = d + y * W;
+          int64_t first = 0, last = W;
+          while (first < W && row[first] == scalar_t(0)) ++first;
+          if (first == W) continue;
+          while (row[last - 1] == scalar_t(0)) --last;
+          y0 = std::min(y0, y);
+          y1 = y + 1;
+          x0 = std::min(x0, first);
+          x1 = std::max(x1, last);
+        }
+        if (y1 > y0) rm.win[m] = cpu::rg_vector_window(RgWindow{y0, y1, x0, x1}, W);
+      }
+    });
+  });
+  for (const RgWindow& w : rm.win)
+    rm.window_work += static_cast<double>(w.y1 - w.y0) * static_cast<double>((w.x1 - w.x0 + 7) / 8 * 8);
+  return rm;
+}
+
 // Features [B, T, C, H, W] as one matrix per frame without a copy: [BT, C, HW] for planar maps or
 // [BT, HW, C] for channels-last ones, when the frame dims and the pixel dims each merge into one
 // stride. Undefined otherwise. Mask pooling is then a batched GEMM per frame (at::bmm / BLAS):
@@ -1130,17 +1228,23 @@ void windowed_pool_frame(const S* base, const FeatLayout& lay, int64_t W, const 
   }
 }
 
-at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, const c10::optional<at::Tensor>& timestamps,
-                         const c10::optional<at::Tensor>& table, double eps, double base) {
+// Returns (out [B, T, R, C], the resized masks [B, T, R, H, W] and 1 / (sum + eps) [B, T, R] in the
+// accumulation dtype): the backward takes the last two instead of resizing the masks again.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks,
+                                                             const c10::optional<at::Tensor>& timestamps,
+                                                             const c10::optional<at::Tensor>& table, double eps,
+                                                             double base) {
   check_mask_pool(features, masks, timestamps, table);
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
                 W = features.size(4), R = masks.size(2), BT = B * T, HW = H * W;
   at::Tensor out = at::empty({B, T, R, C}, features.options());
-  if (BT * R == 0 || C == 0) return out;
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
-  const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "mask_pool");
   ResizedMasks rm;
   AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] { rm = resize_masks<scalar_t>(masks, H, W, eps); });
+  const std::tuple<at::Tensor, at::Tensor, at::Tensor> result{out, rm.mt.view({B, T, R, H, W}),
+                                                              rm.inv_z.view({B, T, R})};
+  if (BT * R == 0 || C == 0) return result;
+  const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "mask_pool");
   bool cl = false;
   const at::Tensor fm = features.scalar_type() == acc ? frames_matrix(features, &cl) : at::Tensor();
   if (fm.defined() && !prefer_windowed(rm, HW)) {  // dense masks, fp32 / fp64: one GEMM per frame
@@ -1149,7 +1253,7 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
     pooled.mul_(rm.inv_z.view({BT, R, 1}));
     if (enc.defined()) pooled.add_(enc.view({BT, 1, C}));
     out.view({BT, R, C}).copy_(pooled);
-    return out;
+    return result;
   }
   // Sparse masks, bf16 / fp16 (fp32 accumulation), or strides that do not merge: the windowed loops.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_cpu", [&] {
@@ -1179,11 +1283,12 @@ at::Tensor mask_pool_cpu(const at::Tensor& features, const at::Tensor& masks, co
       }
     });
   });
-  return out;
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
-                                                          const at::Tensor& masks, double eps, bool need_features_grad,
+                                                          const at::Tensor& masks, const at::Tensor& resized,
+                                                          const at::Tensor& inv_z, bool need_features_grad,
                                                           bool need_masks_grad, bool channels_last) {
   check_mask_pool(features, masks, c10::nullopt, c10::nullopt);
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
@@ -1191,6 +1296,8 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == R && grad.size(3) == C,
               "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  check_saved_masks(resized, inv_z, B, T, R, H, W, acc, "mask_pool_backward");
+  check_same_device(features, resized, "resized", "mask_pool_backward");
   at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), channels_last, /*zero=*/false)
                                      : at::empty({0}, features.options());
   at::Tensor gm = need_masks_grad ? empty_output(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
@@ -1200,8 +1307,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
     if (need_masks_grad) gm.zero_();
     return {gf, gm};
   }
-  ResizedMasks rm;
-  AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] { rm = resize_masks<scalar_t>(masks, H, W, eps); });
+  const ResizedMasks rm = saved_masks(resized, inv_z, H, W);
   // gn[bt, r, c] = grad / Z (acc dtype)
   const at::Tensor gn = (grad.to(acc) * rm.inv_z.view({B, T, R, 1})).contiguous();
   bool cl = false;
@@ -1342,10 +1448,12 @@ TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
   m.def(
       "region_pool_backward(Tensor grad, Tensor boxes, Tensor? valid, float spatial_scale, int ph, int pw, "
       "int sampling_ratio, bool aligned, int H, int W, bool channels_last, bool deterministic) -> Tensor");
-  m.def("mask_pool(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> Tensor");
   m.def(
-      "mask_pool_backward(Tensor grad, Tensor features, Tensor masks, float eps, bool need_features_grad, "
-      "bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)");
+      "mask_pool(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "mask_pool_backward(Tensor grad, Tensor features, Tensor masks, Tensor resized, Tensor inv_z, "
+      "bool need_features_grad, bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {

@@ -94,6 +94,22 @@ inline void check_mask_pool(const at::Tensor& features, const at::Tensor& masks,
   check_encoder(features, B, T, features.size(2), timestamps, table, op);
 }
 
+// The forward's saved outputs handed to mask_pool_backward: resized [B, T, R, H, W] and
+// inv_z [B, T, R], both in the accumulation dtype.
+inline void check_saved_masks(const at::Tensor& resized, const at::Tensor& inv_z, int64_t B, int64_t T, int64_t R,
+                              int64_t H, int64_t W, at::ScalarType acc, const char* op) {
+  TORCH_CHECK(resized.dim() == 5 && resized.size(0) == B && resized.size(1) == T && resized.size(2) == R &&
+                  resized.size(3) == H && resized.size(4) == W,
+              op, ": resized must be [B, T, R, H, W] = [", B, ", ", T, ", ", R, ", ", H, ", ", W, "], got ",
+              resized.sizes());
+  TORCH_CHECK(inv_z.dim() == 3 && inv_z.size(0) == B && inv_z.size(1) == T && inv_z.size(2) == R, op,
+              ": inv_z must be [B, T, R] = [", B, ", ", T, ", ", R, "], got ", inv_z.sizes());
+  TORCH_CHECK(resized.scalar_type() == acc && inv_z.scalar_type() == acc, op,
+              ": resized and inv_z must be in the accumulation dtype ", acc, ", got ", resized.scalar_type(), " and ",
+              inv_z.scalar_type());
+  TORCH_CHECK(resized.device() == inv_z.device(), op, ": resized and inv_z must be on one device");
+}
+
 // Memory layout of a [..., C, H, W] feature map the kernels can read without a copy:
 // channels-last (C stride 1: a pixel's channels are contiguous) or planar (W stride 1).
 struct FeatLayout {

@@ -224,26 +224,38 @@ std::pair<at::Tensor, at::Tensor> resize(const at::Tensor& features, const at::T
   return {mt, invz};
 }
 
-at::Tensor mask_pool_cuda(const at::Tensor& features, const at::Tensor& masks, const c10::optional<at::Tensor>& timestamps,
-                          const c10::optional<at::Tensor>& table, double eps, double base) {
+// (out, resized masks [B, T, R, H, W], 1 / (sum + eps) [B, T, R]): the backward reuses the last two.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_pool_cuda(const at::Tensor& features, const at::Tensor& masks,
+                                                              const c10::optional<at::Tensor>& timestamps,
+                                                              const c10::optional<at::Tensor>& table, double eps,
+                                                              double base) {
   check_mask_pool(features, masks, timestamps, table);
   c10::cuda::CUDAGuard guard(features.device());
-  const int64_t B = features.size(0), T = features.size(1), C = features.size(2), R = masks.size(2);
+  const int64_t B = features.size(0), T = features.size(1), C = features.size(2), R = masks.size(2),
+                H = features.size(3), W = features.size(4);
   at::Tensor out = at::empty({B, T, R, C}, features.options());
-  if (B * T * R == 0 || C == 0) return out;
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
   const cuda::MaskArgs ma = mask_args(features, masks);
-  auto [mt, invz] = resize(features, masks, eps, ma, acc);
+  at::Tensor mt, invz;
+  if (B * T * R > 0) {
+    std::tie(mt, invz) = resize(features, masks, eps, ma, acc);
+  } else {
+    mt = at::empty({0, H * W}, features.options().dtype(acc));
+    invz = at::empty({0}, features.options().dtype(acc));
+  }
+  const std::tuple<at::Tensor, at::Tensor, at::Tensor> result{out, mt.view({B, T, R, H, W}), invz.view({B, T, R})};
+  if (B * T * R == 0 || C == 0) return result;
   EncoderInputs keep;
   const cuda::EncArgs enc = encoding(timestamps, table, C, base, acc, "mask_pool", keep);
   check_cuda(cuda::mask_pool_fwd_launch(to_dtype(features.scalar_type()), features.data_ptr(), mt.data_ptr(),
                                         invz.data_ptr(), enc, ma, out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
              "mask_pool");
-  return out;
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
-                                                           const at::Tensor& masks, double eps, bool need_features_grad,
+                                                           const at::Tensor& masks, const at::Tensor& resized,
+                                                           const at::Tensor& inv_z, bool need_features_grad,
                                                            bool need_masks_grad, bool channels_last) {
   check_mask_pool(features, masks, c10::nullopt, c10::nullopt);
   c10::cuda::CUDAGuard guard(features.device());
@@ -251,12 +263,16 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cuda(const at::Tensor& gra
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == R && grad.size(3) == C,
               "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
   const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  check_saved_masks(resized, inv_z, B, T, R, features.size(3), features.size(4), acc, "mask_pool_backward");
+  check_same_device(features, resized, "resized", "mask_pool_backward");
   at::Tensor gf = need_features_grad ? new_buffer(features.sizes(), features.options(), channels_last)
                                      : at::empty({0}, features.options());
   at::Tensor gm = need_masks_grad ? at::zeros(masks.sizes(), masks.options()) : at::empty({0}, masks.options());
   if (B * T * R == 0 || C == 0 || !(need_features_grad || need_masks_grad)) return {gf, gm};
   const cuda::MaskArgs ma = mask_args(features, masks);
-  auto [mt, invz] = resize(features, masks, eps, ma, acc);
+  // the forward's resize, not redone: [BTR, H*W] and [BTR]
+  const at::Tensor mt = resized.contiguous().view({B * T * R, ma.H * ma.W});
+  const at::Tensor invz = inv_z.contiguous().view({B * T * R});
   const at::Tensor gn = (grad.to(acc) * invz.view({B, T, R, 1})).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (need_features_grad) {

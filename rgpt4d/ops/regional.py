@@ -382,14 +382,16 @@ def _region_pool_backward_triton(grad: Tensor, boxes: Tensor, valid: Optional[Te
 
 @torch.library.custom_op("rgpt4d::mask_pool_triton", mutates_args=())
 def _mask_pool_triton(features: Tensor, masks: Tensor, timestamps: Optional[Tensor], table: Optional[Tensor],
-                      eps: float, base: float) -> Tensor:
+                      eps: float, base: float) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels().mask_pool_fwd(features, masks, timestamps, table, eps, base)
 
 
 @torch.library.custom_op("rgpt4d::mask_pool_backward_triton", mutates_args=())
-def _mask_pool_backward_triton(grad: Tensor, features: Tensor, masks: Tensor, eps: float, need_features_grad: bool,
-                               need_masks_grad: bool, channels_last: bool) -> tuple[Tensor, Tensor]:
-    return _kernels().mask_pool_bwd(grad, features, masks, eps, need_features_grad, need_masks_grad, channels_last)
+def _mask_pool_backward_triton(grad: Tensor, features: Tensor, masks: Tensor, resized: Tensor, inv_z: Tensor,
+                               need_features_grad: bool, need_masks_grad: bool,
+                               channels_last: bool) -> tuple[Tensor, Tensor]:
+    return _kernels().mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, need_masks_grad,
+                                    channels_last)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,11 +438,15 @@ def _fake_region_pool_backward(grad, boxes, valid, spatial_scale, ph, pw, sampli
 
 
 def _fake_mask_pool(features, masks, timestamps, table, eps, base):
-    B, T, C = features.shape[:3]
-    return features.new_empty((B, T, masks.shape[2], C))
+    B, T, C, H, W = features.shape
+    R = masks.shape[2]
+    acc = _acc_dtype(features.dtype)
+    return (features.new_empty((B, T, R, C)), features.new_empty((B, T, R, H, W), dtype=acc),
+            features.new_empty((B, T, R), dtype=acc))
 
 
-def _fake_mask_pool_backward(grad, features, masks, eps, need_features_grad, need_masks_grad, channels_last):
+def _fake_mask_pool_backward(grad, features, masks, resized, inv_z, need_features_grad, need_masks_grad,
+                             channels_last):
     gf = _new_grad(features, tuple(features.shape), channels_last) if need_features_grad else features.new_empty((0,))
     gm = masks.new_empty(masks.shape) if need_masks_grad else masks.new_empty((0,))
     return gf, gm
@@ -500,20 +506,24 @@ def _make_region_pool_backward(region_backward, table_backward):
 
 def _setup_mask_pool(ctx, inputs, output):
     features, masks, timestamps, table, eps, base = inputs
-    ctx.eps = eps
+    _, resized, inv_z = output  # the masks on the feature grid and 1 / (sum + eps): the backward reuses them
+    ctx.mark_non_differentiable(resized, inv_z)
+    ctx.set_materialize_grads(False)
     ctx.cl = _is_channels_last(features)
     ctx.num_rows = 0 if table is None else table.shape[0]
     ctx.table_dtype = None if table is None else table.dtype
-    ctx.save_for_backward(features, masks, timestamps if table is not None else None)
+    ctx.save_for_backward(features, masks, resized, inv_z, timestamps if table is not None else None)
 
 
 def _make_mask_pool_backward(mask_backward, table_backward):
-    def backward(ctx, grad):
-        features, masks, timestamps = ctx.saved_tensors
+    def backward(ctx, grad, _grad_resized=None, _grad_inv_z=None):
+        features, masks, resized, inv_z, timestamps = ctx.saved_tensors
         need_f, need_m, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         grad_features = grad_masks = grad_table = None
+        if grad is None:  # only the non-differentiable outputs were used
+            return None, None, None, None, None, None
         if need_f or need_m:
-            gf, gm = mask_backward(grad, features, masks, ctx.eps, need_f, need_m, ctx.cl)
+            gf, gm = mask_backward(grad, features, masks, resized, inv_z, need_f, need_m, ctx.cl)
             grad_features = gf if need_f else None
             grad_masks = gm if need_m else None
         if need_t:
@@ -640,7 +650,9 @@ def mask_pool(features: Tensor, masks: Tensor, *, eps: float = 1e-8, timestamps:
         eps: out = sum(f * m) / (sum(m) + eps).
         timestamps, table, base: the fused TPE, as region_pool.
 
-    Returns [B, T, R, C]. Gradients: features, masks (when they require it), table.
+    Returns [B, T, R, C]. Gradients: features, masks (when they require it), table. The compiled and
+    Triton ops also return the resized masks and 1 / (sum + eps) (saved for the backward, which then
+    does not resize the masks again); this function returns the pooled tokens only.
     """
     if channels_last:
         if not isinstance(features, Tensor) or features.dim() != 5:
@@ -655,7 +667,7 @@ def mask_pool(features: Tensor, masks: Tensor, *, eps: float = 1e-8, timestamps:
     if be == "eager":
         return mask_pool_eager(features, masks, eps=eps, timestamps=timestamps, table=table, base=base)
     op = torch.ops.rgpt4d.mask_pool_triton if be == "triton" else torch.ops.rgpt4d.mask_pool
-    return op(features, masks, timestamps, table, float(eps), float(base))
+    return op(features, masks, timestamps, table, float(eps), float(base))[0]  # [1:]: saved for the backward
 
 
 # ---------------------------------------------------------------------------------------------

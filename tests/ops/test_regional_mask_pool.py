@@ -156,8 +156,39 @@ def test_opcheck(suffix):
     torch.library.opcheck(op, (f, m.detach(), torch.rand(1, 2), None, 0.1, 500.0))
     bwd = getattr(torch.ops.rgpt4d, "mask_pool_backward" + suffix).default
     g = torch.randn(1, 2, 2, 3)
-    torch.library.opcheck(bwd, (g, f.detach(), m.detach(), 1e-8, True, True, False))
-    torch.library.opcheck(bwd, (g, f.detach(), m.detach(), 1e-8, True, False, True))
+    _, resized, inv_z = op(f.detach(), m.detach(), None, None, 1e-8, 10000.0)
+    torch.library.opcheck(bwd, (g, f.detach(), m.detach(), resized, inv_z, True, True, False))
+    torch.library.opcheck(bwd, (g, f.detach(), m.detach(), resized, inv_z, True, False, True))
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_forward_returns_the_resized_masks_the_backward_reuses(suffix, dtype):
+    # the op's 2nd and 3rd outputs are the masks on the feature grid (as F.interpolate) and
+    # 1 / (sum + eps), in the accumulation dtype; they are not differentiable
+    f, m, ts, table = make(2, 3, 4, 5, 7, 3, 11, 6, tpe="learned", dtype=dtype)
+    op = getattr(torch.ops.rgpt4d, "mask_pool" + suffix)
+    out, resized, inv_z = op(f, m, ts, table, 1e-3, 10000.0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert resized.dtype == acc and inv_z.dtype == acc
+    assert not resized.requires_grad and not inv_z.requires_grad and out.requires_grad
+    ref = F.interpolate(m.detach().to(acc).reshape(18, 1, 11, 6), size=(5, 7), mode="bilinear",
+                        align_corners=False).view(2, 3, 3, 5, 7)
+    torch.testing.assert_close(resized, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(inv_z, 1.0 / (ref.sum((-2, -1)) + 1e-3), atol=1e-6, rtol=1e-5)
+
+
+def test_backward_rejects_saved_masks_of_the_wrong_shape_or_dtype():
+    f, m, _, _ = make(1, 2, 3, 4, 5, 2, 7, 6, tpe="none")
+    _, resized, inv_z = torch.ops.rgpt4d.mask_pool(f.detach(), m.detach(), None, None, 1e-8, 10000.0)
+    g = torch.randn(1, 2, 2, 3)
+    bwd = torch.ops.rgpt4d.mask_pool_backward
+    with pytest.raises(RuntimeError, match=r"resized must be \[B, T, R, H, W\] = \[1, 2, 2, 4, 5\]"):
+        bwd(g, f.detach(), m.detach(), resized[..., :4], inv_z, True, True, False)
+    with pytest.raises(RuntimeError, match=r"inv_z must be \[B, T, R\]"):
+        bwd(g, f.detach(), m.detach(), resized, inv_z[:, :1], True, True, False)
+    with pytest.raises(RuntimeError, match="accumulation dtype"):
+        bwd(g, f.detach(), m.detach(), resized.double(), inv_z, True, True, False)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -75,7 +75,8 @@ def test_matches_torchvision(backend, aligned, case):
     check_vs_torchvision(backend, x, rois, os_, scale, sr, aligned)
 
 
-@pytest.mark.parametrize("case", ["patch_loop", "sparse_scalar_loop", "dense_banded_loop", "many_bands"])
+@pytest.mark.parametrize("case", ["patch_loop", "sparse_scalar_loop", "dense_banded_loop", "many_bands",
+                                  "banded_vector_blocks", "banded_vector_blocks_odd"])
 def test_cpu_planar_loops(case):
     # The CPU kernel reads planar maps with a dense weight patch per output cell (few taps per
     # pixel), a scalar gather per tap (few taps spread over big cells), or in cache-sized bands of
@@ -90,8 +91,14 @@ def test_cpu_planar_loops(case):
     elif case == "dense_banded_loop":
         x, rois = torch.randn(2, 9, 6, 7), make_rois(40, 2, 6, 7, max_size=8.0)
         args = ((4, 4), 1.0, 3, False)
-    else:  # wide rows: one row per band, many bands, RoIs crossing band edges
+    elif case == "many_bands":  # wide rows: one row per band, many bands, RoIs crossing band edges
         x, rois = torch.randn(1, 70, 24, 300), make_rois(80, 1, 24, 300, max_size=40.0)
+        args = ((3, 5), 1.0, 3, True)
+    elif case == "banded_vector_blocks":  # 64-channel slices, rows of whole 8-pixel blocks, 16 cells per RoI
+        x, rois = torch.randn(2, 64, 20, 40), make_rois(150, 2, 20, 40, max_size=12.0)
+        args = ((4, 4), 1.0, 3, False)
+    else:  # slices and rows with vector blocks and a remainder, 15 cells per RoI
+        x, rois = torch.randn(1, 75, 19, 37), make_rois(120, 1, 19, 37, max_size=12.0)
         args = ((3, 5), 1.0, 3, True)
     check_vs_torchvision("cpu", x, rois, *args)
 
@@ -106,6 +113,23 @@ def test_channels_last_input_and_gradient_layout(backend):
     roi_align(xa, rois, 2, backend=backend).sum().backward()
     if backend != "eager":  # like torchvision: the gradient keeps the input's memory format
         assert xa.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["channels_last", "planar"])
+def test_cpu_tap_loops_over_vector_blocks(dtype, layout):
+    # 45 channels: a 32-channel block, an 8-channel block and 5 single channels in the CPU tap
+    # loops; large adaptive cells (many taps each) so the planar map goes through the bands
+    torch.manual_seed(0)
+    x = torch.randn(2, 45, 17, 19).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    rois = make_rois(60, 2, 17, 19, max_size=14.0)
+    out = roi_align(x, rois, (3, 4), 1.0, 0, True, backend="cpu")
+    ref = tv_roi_align(x.double(), rois.double(), (3, 4), 1.0, 0, True)
+    tol = dict(atol=1e-2, rtol=8e-3) if dtype == torch.bfloat16 else FP32
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **tol)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
