@@ -32,7 +32,8 @@ from transformers.utils import ModelOutput
 from rgpt4d.models.attention import resolve_attn_implementation
 from rgpt4d.models.configs import RGPT4DConfig
 from rgpt4d.models.teacher import normalize_frames
-from rgpt4d.ops import tpe_downsample_layernorm
+from rgpt4d.ops import fused_linear_cross_entropy, tpe_downsample_layernorm
+from rgpt4d.ops.lm import IGNORE_INDEX
 
 BOX_TOLERANCE = 1e-3  # pixels
 
@@ -336,24 +337,40 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
     def forward(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor, attention_mask: Optional[Tensor] = None,
                 boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
                 region_ids: Optional[Tensor] = None, som_image: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, output_visual_hidden: bool = False, **kwargs) -> RGPT4DOutput:
+                labels: Optional[Tensor] = None, output_visual_hidden: bool = False, return_logits: bool = True,
+                **kwargs) -> RGPT4DOutput:
         """input_ids/attention_mask/labels [B, L] (rgpt4d.models.encode_batch), frames [B, T, 3, H, W]
         (uint8 or float in [0, 1]), timestamps [B, T] seconds, boxes [B, R, 4] first-frame pixels with
-        region_mask [B, R] (and optionally region_ids [B, R]: the N of each box's <obj_N>)."""
+        region_mask [B, R] (and optionally region_ids [B, R]: the N of each box's <obj_N>).
+
+        return_logits=False with labels (training): the loss comes from rgpt4d.ops.fused_linear_cross_entropy
+        (the LM head fused with the SFT loss: the same loss as transformers' causal-LM loss, the [B, L, V]
+        logits are not materialised) and the output's logits are None."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.build_inputs_embeds(input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=self.position_ids_from_mask(attention_mask), labels=labels,
-                                  output_hidden_states=output_visual_hidden, use_cache=False)
+        position_ids = self.position_ids_from_mask(attention_mask)
+        if labels is not None and not return_logits:
+            lm = self.language_model
+            base = lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            output_hidden_states=output_visual_hidden, use_cache=False)
+            # transformers' ForCausalLMLoss: position t predicts labels[t + 1]; the mean over labelled tokens
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            loss = fused_linear_cross_entropy(base.last_hidden_state, lm.lm_head.weight, shifted, lm.lm_head.bias,
+                                              ignore_index=IGNORE_INDEX)
+            logits, hidden_states = None, base.hidden_states
+        else:
+            out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                      labels=labels, output_hidden_states=output_visual_hidden, use_cache=False)
+            loss, logits, hidden_states = out.loss, out.logits, out.hidden_states
         visual_hidden = None
         if output_visual_hidden:
-            h = out.hidden_states[-1]
+            h = hidden_states[-1]
             B, T = frames.shape[:2]
             M = self.config.tokens_per_image
             sel = h[input_ids == self.config.image_token_id].view(B, -1, h.shape[-1])[:, -T * M:]
             visual_hidden = sel.view(B, T, *self.downsampled_grid, h.shape[-1])
-        return RGPT4DOutput(loss=out.loss, logits=out.logits, visual_hidden=visual_hidden)
+        return RGPT4DOutput(loss=loss, logits=logits, visual_hidden=visual_hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor, attention_mask: Optional[Tensor] = None,

@@ -13,6 +13,11 @@ from rgpt4d.ops._backend import (
     set_backend,
     unavailable_reasons,
 )
+from rgpt4d.ops.lm import (
+    FusedLinearCrossEntropyLoss,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_eager,
+)
 from rgpt4d.ops.p4d import (
     PRESETS as P4D_PRESETS,
     FusedLinearLatentLoss,
@@ -55,6 +60,9 @@ __all__ = [
     "empty_cpu_cache",
     "set_backend",
     "unavailable_reasons",
+    "FusedLinearCrossEntropyLoss",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_eager",
     "P4D_PRESETS",
     "FusedLinearLatentLoss",
     "P4DLoss",

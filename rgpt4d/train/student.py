@@ -35,10 +35,11 @@ class SFTOnly(nn.Module):
     def inference_model(self):
         return self.student
 
-    def forward(self, *, teacher_targets=None, **student_inputs):
+    def forward(self, *, teacher_targets=None, return_logits: bool = False, **student_inputs):
         from rgpt4d.models.p4d import P4DOutput
 
-        out = self.student(**student_inputs)
+        # L_SFT through the fused LM head + cross-entropy unless the logits are asked for (as RGPT4DForP4DTraining)
+        out = self.student(**student_inputs, return_logits=return_logits)
         if out.loss is None:
             raise ValueError("labels: training needs labels (the answer tokens) for L_SFT")
         return P4DOutput(loss=out.loss, sft_loss=out.loss, logits=out.logits)

@@ -321,3 +321,31 @@ def test_region_geometry_and_motion_embeddings():
     assert not torch.allclose(plain(varied + shift, boxes, valid, ts), plain(varied, boxes, valid, ts), atol=1e-4)
     with pytest.raises(ValueError, match="geometry=True needs image_size"):
         RegionTokenEncoder(D, 16, 8, tpe=False, geometry=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_fused_sft_loss_equals_the_transformers_loss_and_gradients(tokenizer, backend):
+    # return_logits=False (training): L_SFT from rgpt4d.ops.fused_linear_cross_entropy on the LM head,
+    # no logits; the same loss and gradients as transformers' LM head + ForCausalLMLoss
+    from rgpt4d.ops import set_backend
+
+    model = make_student(tokenizer)
+    batch = make_batch(tokenizer, model.config)
+    ref = model(**batch, output_visual_hidden=True)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    set_backend(backend)
+    try:
+        out = model(**batch, output_visual_hidden=True, return_logits=False)
+        out.loss.backward()
+    finally:
+        set_backend(None)
+    assert out.logits is None
+    torch.testing.assert_close(out.visual_hidden, ref.visual_hidden)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6 * max(1.0, float(ref_grads[n].abs().max())),
+                                   msg=n)
