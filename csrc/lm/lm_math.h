@@ -19,3 +19,21 @@ RGPT4D_HD A lce_grad(A x, A lse, bool is_target) {
 }
 
 }  // namespace rgpt4d
+
+namespace rgpt4d {
+
+// SwiGLU: y = silu(g) * u = g * sigmoid(g) * u;
+//   dy/dg = u * sigmoid(g) * (1 + g * (1 - sigmoid(g))),  dy/du = silu(g).
+template <typename A>
+RGPT4D_HD A lm_sigmoid(A g) {
+  return A(1) / (A(1) + exp(-g));
+}
+
+template <typename A>
+RGPT4D_HD void swiglu_grads(A g, A u, A gy, A* dg, A* du) {
+  const A s = lm_sigmoid<A>(g);
+  *du = gy * g * s;
+  *dg = gy * u * s * (A(1) + g * (A(1) - s));
+}
+
+}  // namespace rgpt4d

@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm
 from transformers.utils import ModelOutput
 
 from rgpt4d.models.attention import resolve_attn_implementation
 from rgpt4d.models.configs import RGPT4DConfig
 from rgpt4d.models.teacher import normalize_frames
-from rgpt4d.ops import fused_linear_cross_entropy, tpe_downsample_layernorm
+from rgpt4d.ops import fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
 from rgpt4d.ops.lm import IGNORE_INDEX
 
 BOX_TOLERANCE = 1e-3  # pixels
@@ -140,6 +142,64 @@ class RegionTokenEncoder(nn.Module):
         return self.linear_2(self.act(h))
 
 
+class _Qwen2RMSNorm(Qwen2RMSNorm):
+    """Qwen2RMSNorm through rgpt4d.ops.rms_norm: backend eager is the module's own code."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _Qwen2MLP(Qwen2MLP):
+    """Qwen2MLP (silu) with its activation through rgpt4d.ops.swiglu: backend eager is silu(gate) * up."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class _Qwen2Attention(Qwen2Attention):
+    """Qwen2Attention with the rotary embedding through rgpt4d.ops.rope (q and k in one op; backend eager
+    is transformers' apply_rotary_pos_emb). The rest is transformers' Qwen2Attention.forward, as is."""
+
+    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                attention_mask: Optional[Tensor], cache=None, **kwargs):
+        if cache is None and "past_key_values" in kwargs:  # transformers' deprecated name
+            cache = kwargs.pop("past_key_values")
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = rope(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        attention_interface = modeling_qwen2.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, modeling_qwen2.eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+            sliding_window=self.sliding_window, **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+def use_rgpt4d_llm_ops(language_model: nn.Module) -> nn.Module:
+    """Route the Qwen2 LLM's RMSNorms, SwiGLU MLPs and rotary embeddings through rgpt4d.ops (rms_norm,
+    swiglu, rope), in place.
+
+    The modules keep their parameters and names (state dicts are unchanged); only their forward changes
+    to call the op, so the process-wide backend (`--ops fused|eager`, rgpt4d.ops.set_backend) picks the
+    fused kernels or the plain-PyTorch references, which are transformers' own code."""
+    for module in language_model.modules():
+        if type(module) is Qwen2RMSNorm:
+            module.__class__ = _Qwen2RMSNorm
+        elif type(module) is Qwen2MLP and getattr(module.config, "hidden_act", None) == "silu":
+            module.__class__ = _Qwen2MLP
+        elif type(module) is Qwen2Attention:
+            module.__class__ = _Qwen2Attention
+    return language_model
+
+
 @dataclass
 class RGPT4DOutput(ModelOutput):
     loss: Optional[Tensor] = None
@@ -189,7 +249,7 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
                                                   geometry=config.region_geometry, motion=config.region_motion,
                                                   image_size=config.image_size, relative=config.region_relative)
                                if config.region_mode in ("tokens", "both") else None)
-        self.language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
+        self.language_model = use_rgpt4d_llm_ops(Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn))
         self.post_init()
         self.apply_freezing()
 

@@ -15,8 +15,15 @@ from rgpt4d.ops._backend import (
 )
 from rgpt4d.ops.lm import (
     FusedLinearCrossEntropyLoss,
+    RMSNorm,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_eager,
+    rms_norm,
+    rms_norm_eager,
+    rope,
+    rope_eager,
+    swiglu,
+    swiglu_eager,
 )
 from rgpt4d.ops.p4d import (
     PRESETS as P4D_PRESETS,
@@ -63,6 +70,13 @@ __all__ = [
     "FusedLinearCrossEntropyLoss",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_eager",
+    "RMSNorm",
+    "rms_norm",
+    "rms_norm_eager",
+    "rope",
+    "rope_eager",
+    "swiglu",
+    "swiglu_eager",
     "P4D_PRESETS",
     "FusedLinearLatentLoss",
     "P4DLoss",
