@@ -190,7 +190,7 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
             model = build_training_model(config, tokenizer, teacher_cache, teacher).to(device)
             student = model.inference_model()
             add_nvtx_hooks({"vision": student.vision_tower, "projector": student.projector,
-                            "regions": student.region_encoder, "llm": student.language_model,
+                            "regions": student.region_encoder, "llm": student.language_model.model,
                             "p4d_decoder": getattr(model, "decoder", None),
                             "p4d_loss": getattr(model, "loss_fn", None)})
             collate = StudentCollate(tokenizer, student.config, None if teacher_cache is None else str(teacher_cache),
