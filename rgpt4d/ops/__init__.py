@@ -13,6 +13,7 @@ from rgpt4d.ops._backend import (
     set_backend,
     unavailable_reasons,
 )
+from rgpt4d.ops.heads import pixel_shuffle_act, pixel_shuffle_act_eager
 from rgpt4d.ops.lm import (
     FusedLinearCrossEntropyLoss,
     RMSNorm,
@@ -67,6 +68,8 @@ __all__ = [
     "empty_cpu_cache",
     "set_backend",
     "unavailable_reasons",
+    "pixel_shuffle_act",
+    "pixel_shuffle_act_eager",
     "FusedLinearCrossEntropyLoss",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_eager",
