@@ -4,7 +4,8 @@
 
 The model is the preset's student (SigLIP -> fused TPE prologue -> projector -> Qwen2, region tokens
 from region_pool) with the P4D parts (D_4DP decoder, the frozen teacher's heads, P4DLoss): every
-project op family is on the path (tpe_downsample_layernorm, region_pool, p4d_loss). Inputs are
+project op family is on the path (tpe_downsample_layernorm, region_pool, p4d_loss; in the LLM rms_norm,
+swiglu and rope, and L_SFT from fused_linear_cross_entropy on the LM head). Inputs are
 random frames, boxes, timestamps and a prompt of the real template; the teacher targets come from
 a randomly initialised frozen teacher, computed once. The same inputs and the same initial weights
 (a deep copy per provider) for every provider.

@@ -115,11 +115,14 @@ class RGPT4DForP4DTraining(nn.Module):
         return {name: head(grids).squeeze(2) if name in ("depth", "motion") else head(grids)
                 for name, head in self.teacher_heads.items()}
 
-    def forward(self, *, teacher_targets: Optional[dict] = None, p4d: Optional[bool] = None, **student_inputs) -> P4DOutput:
+    def forward(self, *, teacher_targets: Optional[dict] = None, p4d: Optional[bool] = None,
+                return_logits: bool = False, **student_inputs) -> P4DOutput:
         """student_inputs: RGPT4DForConditionalGeneration.forward's (with labels); teacher_targets:
-        {"latent" [B,T',h,w,C], "layers" [B,4,T',h,w,C], "depth", "flow", "motion" (logits)}."""
+        {"latent" [B,T',h,w,C], "layers" [B,4,T',h,w,C], "depth", "flow", "motion" (logits)}.
+        L_SFT comes from the fused LM head + cross-entropy (rgpt4d.ops.fused_linear_cross_entropy), so the
+        output's logits are None unless return_logits=True (then transformers' LM head and loss run)."""
         use_p4d = self.p4d_enabled if p4d is None else p4d
-        out = self.student(**student_inputs, output_visual_hidden=use_p4d)
+        out = self.student(**student_inputs, output_visual_hidden=use_p4d, return_logits=return_logits)
         if out.loss is None:
             raise ValueError("labels: P4D training needs labels (the answer tokens) for L_SFT")
         if not use_p4d:

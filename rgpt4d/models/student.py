@@ -27,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm
 from transformers.utils import ModelOutput
 
 from rgpt4d.models.attention import resolve_attn_implementation
 from rgpt4d.models.configs import RGPT4DConfig
 from rgpt4d.models.teacher import normalize_frames
-from rgpt4d.ops import tpe_downsample_layernorm
+from rgpt4d.ops import fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
+from rgpt4d.ops.lm import IGNORE_INDEX
 
 BOX_TOLERANCE = 1e-3  # pixels
 
@@ -139,6 +142,64 @@ class RegionTokenEncoder(nn.Module):
         return self.linear_2(self.act(h))
 
 
+class _Qwen2RMSNorm(Qwen2RMSNorm):
+    """Qwen2RMSNorm through rgpt4d.ops.rms_norm: backend eager is the module's own code."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _Qwen2MLP(Qwen2MLP):
+    """Qwen2MLP (silu) with its activation through rgpt4d.ops.swiglu: backend eager is silu(gate) * up."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class _Qwen2Attention(Qwen2Attention):
+    """Qwen2Attention with the rotary embedding through rgpt4d.ops.rope (q and k in one op; backend eager
+    is transformers' apply_rotary_pos_emb). The rest is transformers' Qwen2Attention.forward, as is."""
+
+    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                attention_mask: Optional[Tensor], cache=None, **kwargs):
+        if cache is None and "past_key_values" in kwargs:  # transformers' deprecated name
+            cache = kwargs.pop("past_key_values")
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = rope(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        attention_interface = modeling_qwen2.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, modeling_qwen2.eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+            sliding_window=self.sliding_window, **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+def use_rgpt4d_llm_ops(language_model: nn.Module) -> nn.Module:
+    """Route the Qwen2 LLM's RMSNorms, SwiGLU MLPs and rotary embeddings through rgpt4d.ops (rms_norm,
+    swiglu, rope), in place.
+
+    The modules keep their parameters and names (state dicts are unchanged); only their forward changes
+    to call the op, so the process-wide backend (`--ops fused|eager`, rgpt4d.ops.set_backend) picks the
+    fused kernels or the plain-PyTorch references, which are transformers' own code."""
+    for module in language_model.modules():
+        if type(module) is Qwen2RMSNorm:
+            module.__class__ = _Qwen2RMSNorm
+        elif type(module) is Qwen2MLP and getattr(module.config, "hidden_act", None) == "silu":
+            module.__class__ = _Qwen2MLP
+        elif type(module) is Qwen2Attention:
+            module.__class__ = _Qwen2Attention
+    return language_model
+
+
 @dataclass
 class RGPT4DOutput(ModelOutput):
     loss: Optional[Tensor] = None
@@ -188,7 +249,7 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
                                                   geometry=config.region_geometry, motion=config.region_motion,
                                                   image_size=config.image_size, relative=config.region_relative)
                                if config.region_mode in ("tokens", "both") else None)
-        self.language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
+        self.language_model = use_rgpt4d_llm_ops(Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn))
         self.post_init()
         self.apply_freezing()
 
@@ -336,24 +397,40 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
     def forward(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor, attention_mask: Optional[Tensor] = None,
                 boxes: Optional[Tensor] = None, region_mask: Optional[Tensor] = None,
                 region_ids: Optional[Tensor] = None, som_image: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, output_visual_hidden: bool = False, **kwargs) -> RGPT4DOutput:
+                labels: Optional[Tensor] = None, output_visual_hidden: bool = False, return_logits: bool = True,
+                **kwargs) -> RGPT4DOutput:
         """input_ids/attention_mask/labels [B, L] (rgpt4d.models.encode_batch), frames [B, T, 3, H, W]
         (uint8 or float in [0, 1]), timestamps [B, T] seconds, boxes [B, R, 4] first-frame pixels with
-        region_mask [B, R] (and optionally region_ids [B, R]: the N of each box's <obj_N>)."""
+        region_mask [B, R] (and optionally region_ids [B, R]: the N of each box's <obj_N>).
+
+        return_logits=False with labels (training): the loss comes from rgpt4d.ops.fused_linear_cross_entropy
+        (the LM head fused with the SFT loss: the same loss as transformers' causal-LM loss, the [B, L, V]
+        logits are not materialised) and the output's logits are None."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.build_inputs_embeds(input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=self.position_ids_from_mask(attention_mask), labels=labels,
-                                  output_hidden_states=output_visual_hidden, use_cache=False)
+        position_ids = self.position_ids_from_mask(attention_mask)
+        if labels is not None and not return_logits:
+            lm = self.language_model
+            base = lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            output_hidden_states=output_visual_hidden, use_cache=False)
+            # transformers' ForCausalLMLoss: position t predicts labels[t + 1]; the mean over labelled tokens
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            loss = fused_linear_cross_entropy(base.last_hidden_state, lm.lm_head.weight, shifted, lm.lm_head.bias,
+                                              ignore_index=IGNORE_INDEX)
+            logits, hidden_states = None, base.hidden_states
+        else:
+            out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                      labels=labels, output_hidden_states=output_visual_hidden, use_cache=False)
+            loss, logits, hidden_states = out.loss, out.logits, out.hidden_states
         visual_hidden = None
         if output_visual_hidden:
-            h = out.hidden_states[-1]
+            h = hidden_states[-1]
             B, T = frames.shape[:2]
             M = self.config.tokens_per_image
             sel = h[input_ids == self.config.image_token_id].view(B, -1, h.shape[-1])[:, -T * M:]
             visual_hidden = sel.view(B, T, *self.downsampled_grid, h.shape[-1])
-        return RGPT4DOutput(loss=out.loss, logits=out.logits, visual_hidden=visual_hidden)
+        return RGPT4DOutput(loss=loss, logits=logits, visual_hidden=visual_hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, frames: Tensor, timestamps: Tensor, attention_mask: Optional[Tensor] = None,

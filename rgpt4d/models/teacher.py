@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rgpt4d.models.configs import TeacherConfig
+from rgpt4d.ops import pixel_shuffle_act
 
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
@@ -135,14 +136,18 @@ class DPTHead(nn.Module):
         for i in (2, 1, 0):
             x = F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
             x = self.refine[i](x + maps[i])
-        x = F.pixel_shuffle(self.out(x), self.upscale)  # [B*T', C*tubelet, h'*up, w'*up]
-        if x.shape[-2:] != (h * self.patch_size, w * self.patch_size):
-            x = F.interpolate(x, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=False)
+        size = (h * self.patch_size, w * self.patch_size)
+        x = self.out(x)
+        if (x.shape[-2] * self.upscale, x.shape[-1] * self.upscale) == size:
+            # pixel shuffle + activation in one op (rgpt4d.ops; backend eager: F.pixel_shuffle, torch.exp(clamp))
+            x = pixel_shuffle_act(x, self.upscale, "exp" if self.activation == "exp" else "none", 20.0)
+        else:
+            x = F.pixel_shuffle(x, self.upscale)  # [B*T', C*tubelet, h'*up, w'*up]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            if self.activation == "exp":
+                x = torch.exp(x.clamp(max=20.0))
         H, W = x.shape[-2:]
-        x = x.reshape(B, Tp, self.tubelet, self.out_channels, H, W).flatten(1, 2)
-        if self.activation == "exp":
-            x = torch.exp(x.clamp(max=20.0))
-        return x
+        return x.reshape(B, Tp, self.tubelet, self.out_channels, H, W).flatten(1, 2)
 
 
 HEAD_SPECS = {"depth": (1, "exp"), "flow": (2, "none"), "motion": (1, "none"), "camray": (6, "none")}

@@ -13,6 +13,19 @@ from rgpt4d.ops._backend import (
     set_backend,
     unavailable_reasons,
 )
+from rgpt4d.ops.heads import pixel_shuffle_act, pixel_shuffle_act_eager
+from rgpt4d.ops.lm import (
+    FusedLinearCrossEntropyLoss,
+    RMSNorm,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_eager,
+    rms_norm,
+    rms_norm_eager,
+    rope,
+    rope_eager,
+    swiglu,
+    swiglu_eager,
+)
 from rgpt4d.ops.p4d import (
     PRESETS as P4D_PRESETS,
     FusedLinearLatentLoss,
@@ -55,6 +68,18 @@ __all__ = [
     "empty_cpu_cache",
     "set_backend",
     "unavailable_reasons",
+    "pixel_shuffle_act",
+    "pixel_shuffle_act_eager",
+    "FusedLinearCrossEntropyLoss",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_eager",
+    "RMSNorm",
+    "rms_norm",
+    "rms_norm_eager",
+    "rope",
+    "rope_eager",
+    "swiglu",
+    "swiglu_eager",
     "P4D_PRESETS",
     "FusedLinearLatentLoss",
     "P4DLoss",

@@ -35,10 +35,11 @@ class SFTOnly(nn.Module):
     def inference_model(self):
         return self.student
 
-    def forward(self, *, teacher_targets=None, **student_inputs):
+    def forward(self, *, teacher_targets=None, return_logits: bool = False, **student_inputs):
         from rgpt4d.models.p4d import P4DOutput
 
-        out = self.student(**student_inputs)
+        # L_SFT through the fused LM head + cross-entropy unless the logits are asked for (as RGPT4DForP4DTraining)
+        out = self.student(**student_inputs, return_logits=return_logits)
         if out.loss is None:
             raise ValueError("labels: training needs labels (the answer tokens) for L_SFT")
         return P4DOutput(loss=out.loss, sft_loss=out.loss, logits=out.logits)
@@ -189,7 +190,7 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
             model = build_training_model(config, tokenizer, teacher_cache, teacher).to(device)
             student = model.inference_model()
             add_nvtx_hooks({"vision": student.vision_tower, "projector": student.projector,
-                            "regions": student.region_encoder, "llm": student.language_model,
+                            "regions": student.region_encoder, "llm": student.language_model.model,
                             "p4d_decoder": getattr(model, "decoder", None),
                             "p4d_loss": getattr(model, "loss_fn", None)})
             collate = StudentCollate(tokenizer, student.config, None if teacher_cache is None else str(teacher_cache),

@@ -65,7 +65,7 @@ def test_p4d_off_equals_the_bare_student(tokenizer, teacher):
     model = RGPT4DForP4DTraining(student, teacher, P4DConfig(hidden_size=32)).eval()
     batch = make_batch(tokenizer, student.config)
     with torch.no_grad():
-        off = model(**batch, p4d=False)
+        off = model(**batch, p4d=False, return_logits=True)
         bare = student(**batch)
     assert torch.equal(off.logits, bare.logits) and torch.equal(off.loss, bare.loss)
 
@@ -95,7 +95,7 @@ def test_saved_inference_model_has_no_teacher_or_decoder(tokenizer, teacher, tmp
     assert not any(("decoder" in k or "teacher" in k) for k in keys)
     model.eval()
     with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, model(**batch, p4d=False).logits)
+        assert torch.equal(loaded(**batch).logits, model(**batch, p4d=False, return_logits=True).logits)
 
 
 def test_p4d_needs_targets(tokenizer, teacher):

@@ -321,3 +321,66 @@ def test_region_geometry_and_motion_embeddings():
     assert not torch.allclose(plain(varied + shift, boxes, valid, ts), plain(varied, boxes, valid, ts), atol=1e-4)
     with pytest.raises(ValueError, match="geometry=True needs image_size"):
         RegionTokenEncoder(D, 16, 8, tpe=False, geometry=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_fused_sft_loss_equals_the_transformers_loss_and_gradients(tokenizer, backend):
+    # return_logits=False (training): L_SFT from rgpt4d.ops.fused_linear_cross_entropy on the LM head,
+    # no logits; the same loss and gradients as transformers' LM head + ForCausalLMLoss
+    from rgpt4d.ops import set_backend
+
+    model = make_student(tokenizer)
+    batch = make_batch(tokenizer, model.config)
+    ref = model(**batch, output_visual_hidden=True)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    set_backend(backend)
+    try:
+        out = model(**batch, output_visual_hidden=True, return_logits=False)
+        out.loss.backward()
+    finally:
+        set_backend(None)
+    assert out.logits is None
+    torch.testing.assert_close(out.visual_hidden, ref.visual_hidden)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6 * max(1.0, float(ref_grads[n].abs().max())),
+                                   msg=n)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_llm_through_rgpt4d_ops_equals_stock_transformers(tokenizer, backend):
+    # use_rgpt4d_llm_ops routes Qwen2's RMSNorm, SwiGLU and RoPE through rgpt4d.ops: backend eager is
+    # transformers' own code (bitwise equal), the fused kernels agree to rounding, forward and backward
+    from transformers import Qwen2ForCausalLM
+
+    from rgpt4d.models.student import _Qwen2Attention, _Qwen2MLP, _Qwen2RMSNorm
+    from rgpt4d.ops import set_backend
+
+    model = make_student(tokenizer)
+    lm = model.language_model
+    kinds = {type(m) for m in lm.modules()}
+    assert {_Qwen2Attention, _Qwen2MLP, _Qwen2RMSNorm} <= kinds
+    stock = Qwen2ForCausalLM._from_config(lm.config, attn_implementation=lm.config._attn_implementation)
+    stock.load_state_dict(lm.state_dict())
+    assert not {_Qwen2Attention, _Qwen2MLP, _Qwen2RMSNorm} & {type(m) for m in stock.modules()}
+    ids = torch.randint(0, lm.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ref = stock(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    ref.square().mean().backward()
+    set_backend(backend)
+    try:
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        out.square().mean().backward()
+    finally:
+        set_backend(None)
+    if backend == "eager":
+        assert torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for (n, p), q in zip(lm.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * max(1.0, float(q.grad.abs().max())), msg=n)

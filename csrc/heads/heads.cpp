@@ -1,0 +1,91 @@
+// Output stage of the teacher's dense (DPT-like) heads: schema and CPU kernels.
+//
+//   pixel_shuffle_act(x [N, C*r*r, H, W], upscale r, activation, clamp_max) -> y [N, C, H*r, W*r]
+//     F.pixel_shuffle(x, r), then (activation 1) exp(min(y, clamp_max)) — the depth head's
+//     activation. x may have any strides (the heads' convolutions give channels-last maps): it is
+//     read in place, y is contiguous.
+//   pixel_shuffle_act_backward(grad_y, x, upscale, activation, clamp_max) -> grad_x (x's layout)
+//     The inverse shuffle of grad_y, times exp(min(x, clamp_max)) * (x <= clamp_max) for the exp
+//     activation (recomputed from x: only x is kept for backward, not x and the output).
+// The shuffle is a strided gather in plain loops; the activation uses ATen's vectorised exp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace rgpt4d {
+namespace {
+
+void check_shuffle(const at::Tensor& x, int64_t r, int64_t activation, const char* op) {
+  TORCH_CHECK(x.dim() == 4 && x.is_floating_point(), op, ": x must be a floating [N, C*r*r, H, W] tensor, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(r >= 1, op, ": upscale must be >= 1, got ", r);
+  TORCH_CHECK(x.size(1) % (r * r) == 0, op, ": x has ", x.size(1), " channels, not a multiple of upscale^2 = ", r * r);
+  TORCH_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (exp), got ", activation);
+}
+
+// dst [N, C, H*r, W*r] contiguous <-> src [N, C*r*r, H, W] with strides s (forward: gather into dst;
+// backward: scatter dst's values back into src's positions).
+template <typename T, bool kForward>
+void shuffle_loop(T* big, T* small, at::IntArrayRef s, int64_t N, int64_t C, int64_t H, int64_t W, int64_t r) {
+  const int64_t OH = H * r, OW = W * r;
+  at::parallel_for(0, N * C * OH, std::max<int64_t>(1, 16384 / std::max<int64_t>(OW, 1)), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t oh = q % OH, nc = q / OH, c = nc % C, n = nc / C, h = oh / r, i = oh % r;
+      T* row = big + q * OW;
+      const int64_t base = n * s[0] + (c * r * r + i * r) * s[1] + h * s[2];
+      for (int64_t j = 0; j < r; ++j) {
+        T* plane = small + base + j * s[1];
+        for (int64_t w = 0; w < W; ++w) {
+          if constexpr (kForward) row[w * r + j] = plane[w * s[3]];
+          else plane[w * s[3]] = row[w * r + j];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor pixel_shuffle_act_cpu(const at::Tensor& x, int64_t r, int64_t activation, double clamp_max) {
+  check_shuffle(x, r, activation, "pixel_shuffle_act");
+  const int64_t N = x.size(0), C = x.size(1) / (r * r), H = x.size(2), W = x.size(3);
+  at::Tensor y = at::empty({N, C, H * r, W * r}, x.options());
+  if (y.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pixel_shuffle_act", [&] {
+      shuffle_loop<scalar_t, true>(y.data_ptr<scalar_t>(), const_cast<scalar_t*>(x.data_ptr<scalar_t>()), x.strides(),
+                                   N, C, H, W, r);
+    });
+  }
+  if (activation == 1) y.clamp_max_(clamp_max).exp_();
+  return y;
+}
+
+at::Tensor pixel_shuffle_act_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t r, int64_t activation,
+                                          double clamp_max) {
+  check_shuffle(x, r, activation, "pixel_shuffle_act_backward");
+  const int64_t N = x.size(0), C = x.size(1) / (r * r), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({N, C, H * r, W * r}), "pixel_shuffle_act_backward: grad must be [",
+              N, ", ", C, ", ", H * r, ", ", W * r, "], got ", grad.sizes());
+  const at::Tensor g = grad.to(x.scalar_type()).contiguous();
+  at::Tensor gx = at::empty_like(x);  // x's layout (channels-last stays channels-last)
+  if (gx.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pixel_shuffle_act_backward", [&] {
+      shuffle_loop<scalar_t, false>(const_cast<scalar_t*>(g.data_ptr<scalar_t>()), gx.data_ptr<scalar_t>(),
+                                    gx.strides(), N, C, H, W, r);
+    });
+  }
+  if (activation == 1) gx.mul_(x.clamp_max(clamp_max).exp_().mul_(x.le(clamp_max)));
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
+  m.def("pixel_shuffle_act(Tensor x, int upscale, int activation, float clamp_max) -> Tensor");
+  m.def("pixel_shuffle_act_backward(Tensor grad, Tensor x, int upscale, int activation, float clamp_max) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
+  m.impl("pixel_shuffle_act", &pixel_shuffle_act_cpu);
+  m.impl("pixel_shuffle_act_backward", &pixel_shuffle_act_backward_cpu);
+}
+
+}  // namespace rgpt4d
