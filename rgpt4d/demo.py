@@ -137,6 +137,7 @@ def _run_students(jobs: list[dict], parallel: bool, steps: int, progress: bool,
 
         bar = tqdm(total=steps * len(jobs), desc="students", unit="step", dynamic_ncols=True)
     results: dict[str, dict] = {}
+    shown: dict = {}
     with cf.ProcessPoolExecutor(max_workers=len(jobs), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_student_job, dict(job, progress=False, threads=threads, quiet_hf=True)): job["name"]
                    for job in jobs}
@@ -151,10 +152,12 @@ def _run_students(jobs: list[dict], parallel: bool, steps: int, progress: bool,
             if bar is not None:
                 counts = {job["name"]: _logged_steps(Path(job["out"]) / "train" / job["name"] / "metrics.jsonl")
                           for job in jobs}
-                bar.n = sum(counts.values())
-                bar.set_postfix({n: ("evaluated" if n in results else "evaluating" if c >= steps else f"{c}/{steps}")
-                                 for n, c in counts.items()})
-                bar.refresh()
+                state = {n: ("evaluated" if n in results else "evaluating" if c >= steps else f"{c}/{steps}")
+                         for n, c in counts.items()}
+                if state != shown:  # redraw on a change only (a log file gets one line per redraw)
+                    bar.n = sum(counts.values())
+                    bar.set_postfix(state)
+                    shown = state
     if bar is not None:
         bar.close()
     return results
