@@ -28,3 +28,14 @@ def _seed():
 
 
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU_REASON)
+
+
+def op_memory(op: str, backend: str, fn) -> int:
+    """Bytes allocated inside the calls of the rgpt4d op `op` (its `_triton` variant for backend
+    "triton") while fn runs, from the torch profiler's memory events."""
+    name = f"rgpt4d::{op}" + ("_triton" if backend == "triton" else "")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    ev = [e for e in prof.events() if e.name == name]
+    assert ev, f"{name} did not run"
+    return sum(e.cpu_memory_usage for e in ev)

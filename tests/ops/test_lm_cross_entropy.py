@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_cross_entropy_eager
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, op_memory, requires_gpu
 
 
 def make(B=2, N=13, D=20, V=37, dtype=torch.float32, bias=True, ignore_p=0.4, device="cpu", seed=0):
@@ -153,15 +153,6 @@ def test_non_contiguous_inputs(backend):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
 
 
-def _op_memory(backend, fn):
-    name = "rgpt4d::linear_cross_entropy" + ("_triton" if backend == "triton" else "")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    ev = [e for e in prof.events() if e.name == name]
-    assert ev, f"{name} did not run"
-    return sum(e.cpu_memory_usage for e in ev)
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_no_logits_for_ignored_rows_and_no_gradient_buffers_when_not_needed(backend):
     N, D, V = 256, 64, 2048
@@ -172,12 +163,12 @@ def test_no_logits_for_ignored_rows_and_no_gradient_buffers_when_not_needed(back
     def run():
         return fused_linear_cross_entropy(h, w, t, backend=backend)
 
-    used = _op_memory(backend, run)
+    used = op_memory("linear_cross_entropy", backend, run)
     assert gw_bytes + gh_bytes <= used < gw_bytes + gh_bytes + logits_bytes // 8  # 4 rows of logits, not 256
     with torch.no_grad():
-        assert _op_memory(backend, run) < logits_bytes // 8
+        assert op_memory("linear_cross_entropy", backend, run) < logits_bytes // 8
     w.requires_grad_(False)
-    assert gh_bytes <= _op_memory(backend, run) < gh_bytes + gw_bytes // 2
+    assert gh_bytes <= op_memory("linear_cross_entropy", backend, run) < gh_bytes + gw_bytes // 2
     (gh,) = torch.autograd.grad(run(), h)
     h64 = h.detach().double().requires_grad_(True)
     (ref,) = torch.autograd.grad(oracle(h64, w, None, t), h64)

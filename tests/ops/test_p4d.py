@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import P4D_PRESETS, P4DLoss, P4DLossOutput, p4d_loss
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, op_memory, requires_gpu
 
 # The presets, written out independently of the code (../shared/PAPER.md): effective weight of
 # each term in the total, kind, and log-space terms.
@@ -288,16 +288,6 @@ def test_targets_never_receive_gradient(backend):
     assert lat.grad is not None and preds["depth"].grad is not None
 
 
-def _op_memory(backend, fn):
-    """Bytes allocated inside the rgpt4d op call(s) of fn (the profiler's memory events)."""
-    name = "rgpt4d::p4d_loss" + ("_triton" if backend == "triton" else "")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    ev = [e for e in prof.events() if e.name == name]
-    assert ev, f"{name} did not run"
-    return sum(e.cpu_memory_usage for e in ev)
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_no_gradient_buffers_under_no_grad_or_for_frozen_predictions(backend):
     lat, lat_t, preds, targets, mask = make_batch(heads=("depth", "flow"))
@@ -306,14 +296,14 @@ def test_no_gradient_buffers_under_no_grad_or_for_frozen_predictions(backend):
     def run():
         return p4d_loss(lat, lat_t, preds, targets, masks={"depth": mask}, backend=backend)
 
-    assert _op_memory(backend, run) >= big  # the gradients are produced in forward
+    assert op_memory("p4d_loss", backend, run) >= big  # the gradients are produced in forward
     with torch.no_grad():
-        assert _op_memory(backend, run) < 4096
+        assert op_memory("p4d_loss", backend, run) < 4096
         out = run()
     assert out.total.grad_fn is None and not out.total.requires_grad
     lat.requires_grad_(False)
     preds["flow"].requires_grad_(False)
-    used = _op_memory(backend, run)
+    used = op_memory("p4d_loss", backend, run)
     assert preds["depth"].numel() * 4 <= used < preds["depth"].numel() * 4 + 4096  # only depth's gradient
     out = run()
     (gd,) = torch.autograd.grad(out.total, preds["depth"])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import FusedLinearLatentLoss, fused_linear_latent_loss
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, op_memory, requires_gpu
 
 LOSS_FN = {"smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss, "l1": F.l1_loss}
 
@@ -167,15 +167,6 @@ def test_non_contiguous_inputs_and_target_without_grad(backend):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
 
 
-def _op_memory(backend, fn):
-    name = "rgpt4d::p4d_linear_loss" + ("_triton" if backend == "triton" else "")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    ev = [e for e in prof.events() if e.name == name]
-    assert ev, f"{name} did not run"
-    return sum(e.cpu_memory_usage for e in ev)
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_no_gradient_buffers_under_no_grad_or_for_a_frozen_weight(backend):
     h, w, b, t, m = make(B=1, N=256, D_in=256, D_out=128)
@@ -185,12 +176,12 @@ def test_no_gradient_buffers_under_no_grad_or_for_a_frozen_weight(backend):
         return fused_linear_latent_loss(h, w, b, t, mask=m, chunk_size=64, backend=backend)
 
     # grad_h and grad_w (fp32) exist in forward; chunk buffers are 64 x 128 x 4 = 32 KiB each
-    assert _op_memory(backend, run) >= gw_bytes + gh_bytes
+    assert op_memory("p4d_linear_loss", backend, run) >= gw_bytes + gh_bytes
     with torch.no_grad():
-        assert _op_memory(backend, run) < gw_bytes // 2
+        assert op_memory("p4d_linear_loss", backend, run) < gw_bytes // 2
     w.requires_grad_(False)
     b.requires_grad_(False)
-    used = _op_memory(backend, run)
+    used = op_memory("p4d_linear_loss", backend, run)
     assert gh_bytes <= used < gh_bytes + gw_bytes // 2  # grad_h only
     gh = torch.autograd.grad(run(), h)[0]
     assert gh.shape == h.shape
@@ -199,7 +190,7 @@ def test_no_gradient_buffers_under_no_grad_or_for_a_frozen_weight(backend):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_none_reduction_keeps_no_gradient_buffers_in_forward(backend):
     h, w, b, t, m = make(B=1, N=256, D_in=256, D_out=128)
-    used = _op_memory(backend, lambda: fused_linear_latent_loss(h, w, b, t, mask=m, reduction="none",
+    used = op_memory("p4d_linear_loss", backend, lambda: fused_linear_latent_loss(h, w, b, t, mask=m, reduction="none",
                                                                 chunk_size=64, backend=backend))
     assert used < 128 * 256 * 4 // 2  # the backward recomputes the projection chunk by chunk
 
