@@ -171,6 +171,10 @@ class RGPT4DConfig(PreTrainedConfig):
     # parentheses). A small LLM trained from scratch cannot bind letters to options; with "option" it
     # is scored by the likelihood of each option's text (rgpt4d.infer), see docs/results/README.md.
     answer_format: str = "letter"
+    # end every prompt with a line naming the regions its question refers to (`Regions: <obj_2>`,
+    # rgpt4d.models.tokenizer.restate_regions), right before the answer: a from-scratch LLM then reads
+    # the region tokens from next to the answer (docs/models.md). Off in `paper` (the R4D-Bench prompt).
+    restate_regions: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -216,8 +220,10 @@ class Preset:
 
 # students trained from scratch here (no pretrained LLM can be downloaded): they answer with the option's
 # text (read by likelihood: a small LLM trained from scratch does not learn to bind letters to options)
-# and their region tokens stand out from the frame, and carry the box geometry and the region's change over time
-_FROM_SCRATCH = dict(answer_format="option", region_geometry=True, region_motion=True, region_relative=True)
+# and their region tokens stand out from the frame, and carry the box geometry and the region's change over time;
+# the prompt ends with the regions the question refers to (next to the answer)
+_FROM_SCRATCH = dict(answer_format="option", region_geometry=True, region_motion=True, region_relative=True,
+                     restate_regions=True)
 
 
 def _qwen2(hidden: int, layers: int, heads: int, kv: int, inter: int, max_pos: int = 4096) -> dict:

@@ -187,3 +187,44 @@ def test_encode_conversations(tokenizer):
         encode_conversations(tokenizer, [[p1, p2]], 3, [[a1]])
     with pytest.raises(ValueError, match="answers: answer 1 of conversation 0 has no tokens"):
         encode_conversations(tokenizer, [[p1, p2]], 3, [[a1, []]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The regions' line at the end of the prompt (RGPT4DConfig.restate_regions)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_restate_regions_names_the_question_regions_in_order_of_mention():
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.tokenizer import restate_regions
+
+    p = format_prompt("Where is <obj_3> relative to <obj_1>, and is <obj_3> moving?", ["yes", "no"])
+    assert restate_regions(p) == p + "\nRegions: <obj_3> <obj_1>"  # the preamble's <obj_1>, <obj_2> are examples
+    plain = format_prompt("How many marked objects move?", [1, 2])
+    assert restate_regions(plain) == plain  # no region: no line
+
+
+def test_restated_regions_sit_right_before_the_answer(tokenizer):
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.tokenizer import encode_conversations, obj_token
+
+    ids = special_token_ids(tokenizer)
+    vocab = tokenizer.get_vocab()
+    p1, p2 = format_prompt("Is <obj_2> left of <obj_1>?", ["yes", "no"]), format_prompt("How tall is <obj_3>?", ["1 m"])
+    a = answer_ids(tokenizer, "option", "A", "yes")[0]
+    for enc in (encode_batch(tokenizer, [p1], 3, [a], restate=True),
+                encode_conversations(tokenizer, [[p2, p1]], 3, [[a, a]], restate=True)):
+        seq = enc["input_ids"][0].tolist()
+        last = max(i for i, t in enumerate(seq) if t == ids["assistant"])
+        objs = [t for t in seq[last - 4:last] if t in (vocab[obj_token(1)], vocab[obj_token(2)])]
+        assert seq[last - 1] == vocab[obj_token(1)] and objs == [vocab[obj_token(2)], vocab[obj_token(1)]]
+        labels = enc["labels"][0].tolist()
+        assert labels[last + 1:] == a and labels[last] == -100  # the answer follows the regions' line
+    # every turn of a conversation ends with its own regions
+    enc = encode_conversations(tokenizer, [[p2, p1]], 3, [[a, a]], restate=True)
+    seq = enc["input_ids"][0].tolist()
+    turns = [i for i, t in enumerate(seq) if t == ids["assistant"]]
+    assert seq[turns[0] - 1] == vocab[obj_token(3)]
+    # off by default: the R4D-Bench prompt as it is
+    plain = encode_batch(tokenizer, [p1], 3, [a])["input_ids"][0].tolist()
+    assert plain[plain.index(ids["assistant"]) - 1] not in (vocab[obj_token(1)], vocab[obj_token(2)])
