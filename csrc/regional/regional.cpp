@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "common/cpu_alloc.h"
+#include "common/cpu_parallel.h"
 #include "regional/regional_common.h"
 #include "regional/regional_cpu_loops.h"
 #include "regional/regional_math.h"
@@ -187,10 +188,13 @@ int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 constexpr double kSerialWork = 1 << 17;
 
 // fn(begin, end) over [0, n) like at::parallel_for, but the range is handed out in small pieces
-// (about 8 per thread) from a shared counter (dynamic scheduling): RoIs of very different sizes, or
-// a thread the OS deschedules, do not hold the others up. Every task writes its own outputs in a
-// fixed order, so the result does not depend on which thread runs it. Serial when total_work is
-// small. fn allocates its scratch once per piece.
+// (about 8 per thread) from a shared counter (dynamic scheduling): RoIs of very different sizes do
+// not hold the others up. The pieces run on elastic_for (common/cpu_parallel.h), not on an OpenMP
+// team: the caller never waits at a barrier for a thread the OS has descheduled (on the shared
+// 2-core machine, at two threads, every at::parallel_for region of mask_pool's forward and backward
+// waited for the busy core); it runs the pieces itself when no helper comes. Every task writes its
+// own outputs in a fixed order, so the result does not depend on which thread runs it. Serial when
+// total_work is small. fn allocates its scratch once per piece.
 template <typename F>
 void parallel_tasks(int64_t n, double total_work, const F& fn) {
   if (n <= 0) return;
@@ -200,12 +204,9 @@ void parallel_tasks(int64_t n, double total_work, const F& fn) {
     return;
   }
   const int64_t step = std::max<int64_t>(1, (n + 8 * threads - 1) / (8 * threads));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w)
-      for (int64_t t = next.fetch_add(step, std::memory_order_relaxed); t < n;
-           t = next.fetch_add(step, std::memory_order_relaxed))
-        fn(t, std::min(n, t + step));
+  const int64_t pieces = (n + step - 1) / step;
+  elastic_for(pieces, static_cast<int>(threads), [&](int64_t piece, int) {
+    fn(piece * step, std::min(n, (piece + 1) * step));
   });
 }
 
@@ -1308,8 +1309,23 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
     return {gf, gm};
   }
   const ResizedMasks rm = saved_masks(resized, inv_z, H, W);
-  // gn[bt, r, c] = grad / Z (acc dtype)
-  const at::Tensor gn = (grad.to(acc) * rm.inv_z.view({B, T, R, 1})).contiguous();
+  // gn[bt, r, c] = grad / Z (acc dtype). A plain loop on parallel_tasks, not a torch mul: at the
+  // 4D-RGPT size that mul is an OpenMP region, which waits for a descheduled thread at two threads.
+  const at::Tensor gn = at::empty({B, T, R, C}, features.options().dtype(acc));
+  {
+    // read in its own dtype when that accumulates in `acc` (bf16 / fp16 / fp32 -> fp32), else converted
+    const at::Tensor gc = (regional_acc_type(grad.scalar_type()) == acc ? grad : grad.to(acc)).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gc.scalar_type(), "mask_pool_grad_scale", [&] {
+      using A = at::opmath_type<scalar_t>;
+      const scalar_t* src = gc.data_ptr<scalar_t>();
+      const A* iz = rm.inv_z.data_ptr<A>();
+      A* dst = gn.data_ptr<A>();
+      parallel_tasks(BT * R, static_cast<double>(BT * R * C), [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m)
+          for (int64_t c = 0; c < C; ++c) dst[m * C + c] = static_cast<A>(src[m * C + c]) * iz[m];
+      });
+    });
+  }
   bool cl = false;
   const at::Tensor fm = features.scalar_type() == acc ? frames_matrix(features, &cl) : at::Tensor();
   const bool windowed = !fm.defined() || prefer_windowed(rm, HW);

@@ -178,6 +178,54 @@ def test_forward_returns_the_resized_masks_the_backward_reuses(suffix, dtype):
     torch.testing.assert_close(inv_z, 1.0 / (ref.sum((-2, -1)) + 1e-3), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_object_masks_on_the_parallel_path_match_the_oracle_at_every_thread_count(dtype):
+    # Frozen object masks (the windowed loops: windows well under a third of the grid) on a problem
+    # big enough that the forward, the grad/Z scaling (B*T*R*C >= 2^17) and the features gradient
+    # run on the parallel (elastic) path at two threads: same bits at 1 and 2 threads, and the
+    # float64 oracle.
+    torch.manual_seed(3)
+    B, T, C, H, W, R = 2, 4, 2080, 16, 16, 8
+    f = torch.randn(B, T, C, H, W).to(dtype).requires_grad_(True)
+    m = box_masks(B, T, R, 3 * H, 3 * W)
+    table = torch.randn(5, C).requires_grad_(True)
+    ts = torch.randint(0, 5, (B, T))
+    g = torch.randn(B, T, R, C).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            out = mask_pool(f, m, timestamps=ts, table=table, backend="cpu")
+            results.append((out.detach(),) + torch.autograd.grad(out, (f, table), g))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], r))
+    ref, (ref_gf, _, ref_gt) = oracle(f, m, ts, table, g)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    out, gf, gt = results[0]
+    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(gf.double(), ref_gf, **tol)
+    torch.testing.assert_close(gt.double(), ref_gt, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fdtype, gdtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                            (torch.float64, torch.float32)])
+def test_backward_op_accepts_a_grad_in_another_dtype(fdtype, gdtype):
+    # Called directly, the backward op takes grad in any float dtype: read in place when it
+    # accumulates in the features' accumulation dtype, else converted first (the grad/Z loop).
+    f, m, _, _ = make(2, 2, 6, 5, 4, 3, 9, 8, tpe="none", dtype=fdtype, mask_grad=False)
+    _, resized, inv_z = torch.ops.rgpt4d.mask_pool(f.detach(), m, None, None, 1e-8, 10000.0)
+    g = torch.randn(2, 2, 3, 6)
+    bwd = torch.ops.rgpt4d.mask_pool_backward
+    gf, _ = bwd(g.to(gdtype), f.detach(), m, resized, inv_z, True, False, False)
+    gf_ref, _ = bwd(g.to(fdtype), f.detach(), m, resized, inv_z, True, False, False)
+    assert gf.dtype == fdtype
+    tol = dict(atol=1e-2, rtol=1e-2) if torch.bfloat16 in (fdtype, gdtype) else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gf.double(), gf_ref.double(), **tol)
+
+
 def test_backward_rejects_saved_masks_of_the_wrong_shape_or_dtype():
     f, m, _, _ = make(1, 2, 3, 4, 5, 2, 7, 6, tpe="none")
     _, resized, inv_z = torch.ops.rgpt4d.mask_pool(f.detach(), m.detach(), None, None, 1e-8, 10000.0)
