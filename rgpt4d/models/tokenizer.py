@@ -154,8 +154,8 @@ def chat_text(prompt: str, num_visual_tokens: int, restate: bool = False) -> str
     return f"{USER}{IMAGE * num_visual_tokens}\n{_plain_preamble(prompt)}{ASSISTANT}"
 
 
-def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answers: Sequence | None = None, *,
-                 restate: bool = False):
+def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answers: Sequence | None = None,
+                 *, restate: bool = False):
     """Token ids for a batch (left-padded). With `answers`, each answer is appended and `labels`
     mark only those tokens (-100 elsewhere): the SFT loss is on the answer only. An answer is a
     string (encoded, then `</s>` appended) or a list of token ids used as they are (`answer_ids`).
