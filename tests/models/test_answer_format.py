@@ -212,8 +212,8 @@ def test_restated_regions_sit_right_before_the_answer(tokenizer):
     vocab = tokenizer.get_vocab()
     p1, p2 = format_prompt("Is <obj_2> left of <obj_1>?", ["yes", "no"]), format_prompt("How tall is <obj_3>?", ["1 m"])
     a = answer_ids(tokenizer, "option", "A", "yes")[0]
-    for enc in (encode_batch(tokenizer, [p1], 3, [a], restate=True),
-                encode_conversations(tokenizer, [[p2, p1]], 3, [[a, a]], restate=True)):
+    conversation = encode_conversations(tokenizer, [[p2, p1]], 3, [[a, a]], restate=True)
+    for enc in (encode_batch(tokenizer, [p1], 3, [a], restate=True), conversation):
         seq = enc["input_ids"][0].tolist()
         last = max(i for i, t in enumerate(seq) if t == ids["assistant"])
         objs = [t for t in seq[last - 4:last] if t in (vocab[obj_token(1)], vocab[obj_token(2)])]
@@ -221,8 +221,7 @@ def test_restated_regions_sit_right_before_the_answer(tokenizer):
         labels = enc["labels"][0].tolist()
         assert labels[last + 1:] == a and labels[last] == -100  # the answer follows the regions' line
     # every turn of a conversation ends with its own regions
-    enc = encode_conversations(tokenizer, [[p2, p1]], 3, [[a, a]], restate=True)
-    seq = enc["input_ids"][0].tolist()
+    seq = conversation["input_ids"][0].tolist()
     turns = [i for i, t in enumerate(seq) if t == ids["assistant"]]
     assert seq[turns[0] - 1] == vocab[obj_token(3)]
     # off by default: the R4D-Bench prompt as it is

@@ -190,8 +190,9 @@ def test_no_gradient_buffers_under_no_grad_or_for_a_frozen_weight(backend):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_none_reduction_keeps_no_gradient_buffers_in_forward(backend):
     h, w, b, t, m = make(B=1, N=256, D_in=256, D_out=128)
-    used = op_memory("p4d_linear_loss", backend, lambda: fused_linear_latent_loss(h, w, b, t, mask=m, reduction="none",
-                                                                chunk_size=64, backend=backend))
+    used = op_memory("p4d_linear_loss", backend,
+                     lambda: fused_linear_latent_loss(h, w, b, t, mask=m, reduction="none", chunk_size=64,
+                                                      backend=backend))
     assert used < 128 * 256 * 4 // 2  # the backward recomputes the projection chunk by chunk
 
 
