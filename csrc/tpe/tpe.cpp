@@ -47,16 +47,6 @@ inline void acc_row(const c10::BFloat16* x, float* acc, int64_t n) {
 }
 
 template <typename S, typename A>
-inline void acc_rows4(const S* x, int64_t s, A* acc, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    acc[i] += (static_cast<A>(x[i]) + static_cast<A>(x[i + s])) + (static_cast<A>(x[i + 2 * s]) + static_cast<A>(x[i + 3 * s]));
-}
-inline void acc_rows4(const float* x, int64_t s, float* acc, int64_t n) { cpu::acc_rows4_f32(x, s, acc, n); }
-inline void acc_rows4(const c10::BFloat16* x, int64_t s, float* acc, int64_t n) {
-  cpu::acc_rows4_bf16(reinterpret_cast<const uint16_t*>(x), s, acc, n);
-}
-
-template <typename S, typename A>
 inline void gather_add(const S* x, const A* e, A* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = static_cast<A>(x[i]) + e[i];
 }
@@ -154,13 +144,18 @@ struct FrameEncoder {
   const A* seconds;      // [BT] seconds (sinusoidal)
   int64_t D;
   A log_base;
+  std::vector<A> inv_freq;  // [D] per channel (sinusoidal): computed once, not once per frame
   void operator()(int64_t bt, A* enc) const {
     if (table) {
       const A* src = table + rows[bt] * D;
       for (int64_t d = 0; d < D; ++d) enc[d] = src[d];
     } else {
       const A t = seconds[bt];
-      for (int64_t d = 0; d < D; ++d) enc[d] = tpe_value<A>(t, d, D, log_base);
+      // the same expression as tpe_value (tpe_math.h), with the frequency looked up
+      for (int64_t d = 0; d < D; ++d) {
+        const A a = t * inv_freq[d];
+        enc[d] = (d & 1) ? std::cos(a) : std::sin(a);
+      }
     }
   }
 };
@@ -173,6 +168,10 @@ FrameEncoder<A> make_encoder(const EncoderInputs& in, int64_t D, double base) {
   f.seconds = in.seconds.defined() ? in.seconds.data_ptr<A>() : nullptr;
   f.D = D;
   f.log_base = static_cast<A>(std::log(base));
+  if (!f.table) {
+    f.inv_freq.resize(D);
+    for (int64_t d = 0; d < D; ++d) f.inv_freq[d] = tpe_inv_freq<A>(d, D, f.log_base);
+  }
   return f;
 }
 
@@ -280,9 +279,10 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
       const int64_t n1 = std::min(N, n0 + kRowsPerSlice);
       A* acc = pp + task * D;
       std::fill(acc, acc + D, A(0));
-      int64_t n = n0;
-      for (; n + 4 <= n1; n += 4) acc_rows4(gp + (bt * N + n) * D, D, acc, D);
-      for (; n < n1; ++n) acc_row(gp + (bt * N + n) * D, acc, D);
+      // One row at a time: the slice is read as one sequential stream (the hardware prefetcher
+      // follows it across pages), with acc in L1. Four rows per pass over acc (four streams a
+      // row apart, each under a page long) measured 15-25% slower (0.58 vs 0.68-0.78 of a sum()).
+      for (int64_t n = n0; n < n1; ++n) acc_row(gp + (bt * N + n) * D, acc, D);
     });
     // Ordered scatter, serial: BT * slices * D additions are negligible next to the N-fold larger
     // read above.

@@ -32,17 +32,6 @@ RGPT4D_CPU_CLONES static void add_row_bf16(const uint16_t* x, const float* e, ui
 RGPT4D_CPU_CLONES static void acc_row_f32(const float* x, float* acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
 }
-// acc += x[0] + x[s] + x[2s] + x[3s]: four rows per pass over acc (a quarter of its traffic)
-RGPT4D_CPU_CLONES static void acc_rows4_f32(const float* __restrict__ x, int64_t s, float* __restrict__ acc,
-                                            int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += (x[i] + x[i + s]) + (x[i + 2 * s] + x[i + 3 * s]);
-}
-RGPT4D_CPU_CLONES static void acc_rows4_bf16(const uint16_t* __restrict__ x, int64_t s, float* __restrict__ acc,
-                                             int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    acc[i] += (bf16_bits_to_float(x[i]) + bf16_bits_to_float(x[i + s])) +
-              (bf16_bits_to_float(x[i + 2 * s]) + bf16_bits_to_float(x[i + 3 * s]));
-}
 RGPT4D_CPU_CLONES static void acc_row_bf16(const uint16_t* x, float* acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += bf16_bits_to_float(x[i]);
 }
