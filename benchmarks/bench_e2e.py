@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     batch = 1 if args.quick else args.batch
     base, tok, train, prompt, targets = build(args.preset, batch, device, regions=args.regions)
     tokens = int(train["attention_mask"].sum())
+    from rgpt4d.train.config import TrainConfig
+    from rgpt4d.train.loop import make_optimizer
+
     backends = [b for b in (["cpu"] if device.type == "cpu" else ["cuda", "triton"]) if b in available_backends()]
     names = [f"rgpt4d-{b}" for b in backends] + ["eager"] + ([] if args.no_compile else ["compile"])
     op_backend = {f"rgpt4d-{b}": b for b in backends}
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     for name in names:
         m = copy.deepcopy(base).train()
         models[name] = m
-        opts[name] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5)
+        opts[name] = make_optimizer(m, TrainConfig(), lr=1e-5)  # the training loop's AdamW
     fwd = {name: (torch.compile(m) if name == "compile" else m) for name, m in models.items()}
     students = {name: models[name].inference_model() for name in names}
     infer = {name: (torch.compile(s) if name == "compile" else s) for name, s in students.items()}
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
 
     bench = make_bench(args, device)
     x = f"{args.preset}-B{batch}"
-    cfg = f"{args.preset} preset, batch {batch}, {args.regions} regions, {tokens} tokens/step, fp32, AdamW"
+    cfg = f"{args.preset} preset, batch {batch}, {args.regions} regions, {tokens} tokens/step, fp32, fused AdamW (the training loop's)"
     rounds = min(args.rounds, 4) if args.quick else args.rounds
     print(f"[bench_e2e] train_step {x}: {', '.join(names)} (the first calls compile) ...", flush=True)
     for m in models.values():

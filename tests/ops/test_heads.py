@@ -45,6 +45,23 @@ def test_pixel_shuffle_act(backend, activation, channels_last):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_channels_last_clamp_fp64_bf16(backend):
+    # the channels-last path (the heads' layout; the CPU kernel's slab loop): clamped values, odd
+    # sizes, several slabs per thread, float64 and bf16
+    x = make(N=2, C=3, r=2, H=5, W=3, scale=15.0, channels_last=True)
+    check(backend, x, 2, "exp", clamp_max=20.0, rtol=1e-5)
+    check(backend, make(N=3, C=1, r=3, H=4, W=5, scale=3.0, channels_last=True), 3, "exp", clamp_max=1.5, rtol=1e-5)
+    check(backend, make(N=2, C=2, r=2, H=3, W=3, dtype=torch.float64, channels_last=True), 2, "exp", rtol=1e-12)
+    xb = make(N=2, C=2, r=2, H=3, W=5, dtype=torch.bfloat16, channels_last=True)
+    xe = xb.detach().float().requires_grad_(True)
+    yb, ye = pixel_shuffle_act(xb, 2, "exp", backend=backend), pixel_shuffle_act_eager(xe, 2, "exp")
+    torch.testing.assert_close(yb.float(), ye, rtol=1e-2, atol=1e-2)
+    g = torch.randn(ye.shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(torch.autograd.grad(yb, xb, g.bfloat16())[0].float(),
+                               torch.autograd.grad(ye, xe, g)[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_exp_clamp_region_fp64_bf16_empty(backend):
     x = make(r=2, scale=15.0)  # values beyond the clamp: zero gradient there, exp(20) value
     check(backend, x, 2, "exp", clamp_max=20.0, rtol=1e-5)
