@@ -118,8 +118,13 @@ class RGPT4D:
 
     def default_scoring(self) -> str:
         """How this model's answers are read: its config's answer_format "letter" -> "letter" (the
-        generated letter), "option" -> "likelihood" (the option whose text is most likely)."""
-        return "likelihood" if self.model.config.answer_format == "option" else "letter"
+        generated letter), "option" / "rank" -> "likelihood" (the option whose answer text is most
+        likely)."""
+        return "likelihood" if self._text_answers() else "letter"
+
+    def _text_answers(self) -> bool:
+        """Whether the model answers with a text before the letter (formats "option" and "rank")."""
+        return self.model.config.answer_format in ("option", "rank")
 
     @torch.no_grad()
     def answer_batch(self, items: Iterable[dict], batch_size: int = 8, progress: bool = True,
@@ -139,7 +144,7 @@ class RGPT4D:
         if scoring == "auto":
             scoring = self.default_scoring()
         items = list(items)
-        if scoring == "likelihood" or self.model.config.answer_format == "option":
+        if scoring == "likelihood" or self._text_answers():
             for i, it in enumerate(items):
                 if "options" not in it or not len(it["options"]):
                     raise ValueError(f"items: question {i} has no `options`; scoring {scoring!r} with an "
@@ -155,7 +160,7 @@ class RGPT4D:
             inputs = self._prepare(chunk)
             if scoring == "likelihood":
                 out.extend(self._by_likelihood(chunk, inputs))
-            elif self.model.config.answer_format == "option":
+            elif self._text_answers():
                 out.extend(self._option_letters(chunk, inputs))
             else:
                 out.extend(self._first_letters(chunk, inputs))
@@ -188,8 +193,10 @@ class RGPT4D:
         opts = []
         for it in chunk:
             per = []
-            for k, v in enumerate(it["options"]):  # the text tokens the option format trains on
-                ids, n = answer_ids(self.tokenizer, "option", LETTERS[k], option_text(v))
+            texts = [option_text(v) for v in it["options"]]
+            fmt = "rank" if self.model.config.answer_format == "rank" else "option"
+            for k, v in enumerate(texts):  # the text tokens the model's format trains on
+                ids, n = answer_ids(self.tokenizer, fmt, LETTERS[k], v, texts)
                 per.append(ids[:n])
             opts.append(per)
         return self.model.option_log_likelihoods(options=opts, **inputs)

@@ -137,8 +137,9 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", default="runs/fifth")
-    ap.add_argument("--templates", choices=sorted(TEMPLATE_SETS), default=None,
-                    help="train and test on these only")
+    ap.add_argument("--templates", default=None,
+                    help="train and test on these only: " + ", ".join(sorted(TEMPLATE_SETS)) +
+                         ", or comma-separated template names (e.g. VG.distance)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--llm", default=None, help="WIDTHxLAYERS of the tiny student's Qwen2 (default 128x2)")
     ap.add_argument("--ordinal", choices=("lm", "lm+emb"), default=None)
     ap.add_argument("--init", default=None, help="a saved student (save_pretrained folder) to start from")
+    ap.add_argument("--answer-format", choices=("option", "rank"), default="option",
+                    help="rank (sixth session): all-number options answered by their rank among the options")
     a = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -170,8 +173,8 @@ def main() -> None:
 
     data = Path(a.data)
     if a.templates:
-        data = subset(data, TEMPLATE_SETS[a.templates])
-    cfg = train_config("tiny", p4d="none", answer_format="option", lr=a.lr, steps=a.steps,
+        data = subset(data, TEMPLATE_SETS.get(a.templates) or tuple(a.templates.split(",")))
+    cfg = train_config("tiny", p4d="none", answer_format=a.answer_format, lr=a.lr, steps=a.steps,
                        batch_size=a.batch_size, warmup=0.05, questions_per_sequence=a.questions_per_sequence,
                        seed=a.seed)
     t0 = time.time()

@@ -21,7 +21,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
 REGION_MODES = ("tokens", "som", "both", "none")
 TPE_KINDS = ("sinusoidal", "learned")
 DECODER_KINDS = ("mlp", "linear")
-ANSWER_FORMATS = ("letter", "option")
+ANSWER_FORMATS = ("letter", "option", "rank")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +170,9 @@ class RGPT4DConfig(PreTrainedConfig):
     # option's letter, as R4D-Bench asks), or "option" (the option's text, then its letter in
     # parentheses). A small LLM trained from scratch cannot bind letters to options; with "option" it
     # is scored by the likelihood of each option's text (rgpt4d.infer), see docs/results/README.md.
+    # "rank": as "option", except that a question whose options are all plain numbers in one unit
+    # ("2.4 m") is answered with the chosen value's rank among them ("second smallest"), not its
+    # digits (rgpt4d.models.tokenizer.answer_text).
     answer_format: str = "letter"
     # end every prompt with a line naming the regions its question refers to (`Regions: <obj_2>`,
     # rgpt4d.models.tokenizer.restate_regions), right before the answer: a from-scratch LLM then reads

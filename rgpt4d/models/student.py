@@ -512,7 +512,7 @@ def batch_to_inputs(batch: dict, tokenizer, config: RGPT4DConfig, answers: bool 
     from rgpt4d.models.tokenizer import answer_ids, encode_batch, encode_conversations
 
     def target(index, options):
-        return answer_ids(tokenizer, config.answer_format, LETTERS[int(index)], options[int(index)])[0]
+        return answer_ids(tokenizer, config.answer_format, LETTERS[int(index)], options[int(index)], options)[0]
 
     if "turn_prompts" in batch and answers:  # rgpt4d.data.QuestionsByVideo: a video's questions in one sequence
         targets = [[target(i, o) for i, o in zip(idx, opts)]

@@ -95,11 +95,54 @@ def letter_token_ids(tokenizer, n: int = 5) -> list[int]:
     return ids
 
 
-def answer_ids(tokenizer, answer_format: str, letter: str, option: str) -> tuple[list[int], int]:
+# "2.4 m", "45°", "0.05 m/s", "3": a number, then an optional unit
+_NUMBER_OPTION = re.compile(r"^\s*(-?\d+(?:\.\d+)?(?:[eE]-?\d+)?)\s*([^\d\s(),][^\d(),]*)?\s*$")
+RANK_TEXTS = ("smallest", "second smallest", "third smallest", "fourth smallest", "fifth smallest",
+              "sixth smallest")
+
+
+def numeric_ranks(options: Sequence[str]) -> list[int] | None:
+    """Each option's rank by value (0: the smallest) when every option is a plain number in one
+    unit ("2.4 m", "45°", "3") and the values are distinct; else None (vectors, words, mixed units,
+    "It never stops.", more options than RANK_TEXTS)."""
+    values, units = [], set()
+    for o in options:
+        m = _NUMBER_OPTION.match(str(o))
+        if m is None:
+            return None
+        values.append(float(m.group(1)))
+        units.add((m.group(2) or "").strip())
+    if len(options) < 2 or len(options) > len(RANK_TEXTS) or len(units) != 1 or len(set(values)) != len(values):
+        return None
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0] * len(values)
+    for r, i in enumerate(order):
+        ranks[i] = r
+    return ranks
+
+
+def answer_text(answer_format: str, options: Sequence[str], index: int) -> str:
+    """The text a model in `answer_format` ("option" or "rank") writes for option `index`: the
+    option's own text, or for "rank" and an all-number option set, the option's rank by value
+    among them (`RANK_TEXTS`: "smallest", "second smallest", ...). A from-scratch LLM then picks a
+    value by where it lies among the offered ones, a choice among a few words, instead of spelling
+    the number digit by digit (docs/results/README.md). Training (`answer_ids`) and likelihood
+    scoring (`rgpt4d.infer`) both call this, so they read the same tokens."""
+    if answer_format == "rank":
+        ranks = numeric_ranks(options)
+        if ranks is not None:
+            return RANK_TEXTS[ranks[index]]
+    return str(options[index])
+
+
+def answer_ids(tokenizer, answer_format: str, letter: str, option: str,
+               options: Sequence[str] | None = None) -> tuple[list[int], int]:
     """The SFT target of one question as token ids (ending with `</s>`), and how many leading ids
-    are the option's own text (what likelihood scoring reads; 0 for the letter format).
+    are the answer's text (what likelihood scoring reads; 0 for the letter format).
 
     answer_format "letter": `B</s>`. "option": the option's text, then its letter: `0.81 m (B)</s>`.
+    "rank" (needs `options`, the question's option texts): as "option", with the option's rank
+    among all-number options as its text (`answer_text`): `second smallest (B)</s>`.
     The text and the letter are encoded separately, so the text's tokens are the same ones
     `rgpt4d.infer` scores for that option.
     """
@@ -112,6 +155,13 @@ def answer_ids(tokenizer, answer_format: str, letter: str, option: str) -> tuple
     eos = special_token_ids(tokenizer)["eos"]
     if answer_format == "letter":
         return tokenizer.encode(letter, add_special_tokens=False) + [eos], 0
+    if answer_format == "rank":
+        if options is None:
+            raise ValueError("options: the rank answer format needs the question's option texts")
+        k = LETTERS.index(letter)
+        if k >= len(options) or str(options[k]) != str(option):
+            raise ValueError(f"option: ({letter}) is not {option!r} in options {list(options)!r}")
+        option = answer_text("rank", options, k)
     text = tokenizer.encode(str(option), add_special_tokens=False)
     if not text:
         raise ValueError(f"option: the option text for ({letter}) is empty")

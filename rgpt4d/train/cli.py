@@ -158,8 +158,8 @@ def add_train_parsers(sub) -> None:
     st.add_argument("--epochs", type=non_negative(float, "--epochs"), help="with --steps 0: train this many epochs")
     st.add_argument("--grad-accum", type=non_negative(int, "--grad-accum"), help="micro-batches per step")
     st.add_argument("--min-lr-ratio", type=non_negative(float, "--min-lr-ratio"))
-    st.add_argument("--answer-format", choices=("auto", "letter", "option"),
-                    help="the SFT target: the letter, or the option's text then its letter (default: the preset's)")
+    st.add_argument("--answer-format", choices=("auto", "letter", "option", "rank"),
+                    help="the SFT target: the letter; the option's text then its letter; rank: as option, with a value's rank among all-number options as its text (default: the preset's)")
     st.add_argument("--questions-per-sequence", type=non_negative(int, "--questions-per-sequence"),
                     help="> 1: up to N questions of one video per multi-turn training sequence (default 1)")
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")

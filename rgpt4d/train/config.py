@@ -40,7 +40,7 @@ class TrainConfig:
     tpe: bool = True                 # the student's timestamp positional encoding
     ops: str = "fused"               # fused (best backend of our kernels) | eager (the references)
     decoder: str = "mlp"             # D_4DP: mlp (paper) | linear (released code)
-    answer_format: str = "auto"      # the SFT target: letter | option (text, then letter) | auto (the preset's)
+    answer_format: str = "auto"      # the SFT target: letter | option (text, then letter) | rank | auto (the preset's)
     questions_per_sequence: int = 1  # > 1: up to this many questions of one video per (multi-turn) sequence
     loss_preset: str = "paper"       # P4D weights: paper | code
     steps: int = 6                   # optimizer steps (0: derive from `epochs`)
@@ -79,7 +79,7 @@ class TrainConfig:
         choice("ops", OPS_MODES)
         choice("device", DEVICES)
         choice("decoder", ("mlp", "linear"))
-        choice("answer_format", ("auto", "letter", "option"))
+        choice("answer_format", ("auto", "letter", "option", "rank"))
         choice("loss_preset", ("paper", "code"))
         for name in ("batch_size", "grad_accum", "log_every", "keep_last", "teacher_steps", "teacher_batch_size",
                      "questions_per_sequence"):

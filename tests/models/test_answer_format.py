@@ -160,6 +160,69 @@ def test_scoring_errors(option_model):
 
 
 # ---------------------------------------------------------------------------------------------
+# The rank format: all-number options answered by their rank among the options
+# ---------------------------------------------------------------------------------------------
+
+
+def test_numeric_ranks_and_answer_text():
+    from rgpt4d.models.tokenizer import RANK_TEXTS, answer_text, numeric_ranks
+
+    assert numeric_ranks(["2.4 m", "0.81 m", "10 m", "1.2 m"]) == [2, 0, 3, 1]
+    assert numeric_ranks(["45°", "-30°", "5°", "90°"]) == [2, 0, 1, 3]
+    assert numeric_ranks([0, 1, 3, 2]) == [0, 1, 3, 2]  # counts (ints, no unit)
+    assert numeric_ranks(["0.5 m/s", "0.05 m/s"]) == [1, 0]
+    for not_numbers in (["(1.0, 2.0, 0.5) m", "(1.0, 2.0, 0.6) m"], ["1 m", "2 s"], ["1 s", "It never stops."],
+                        ["yes", "no"], ["1 m", "1 m"], ["3 m"], [f"{i} m" for i in range(len(RANK_TEXTS) + 1)]):
+        assert numeric_ranks(not_numbers) is None, not_numbers
+    opts = ["2.4 m", "0.81 m", "10 m", "1.2 m"]
+    assert [answer_text("rank", opts, k) for k in range(4)] == [
+        "third smallest", "smallest", "fourth smallest", "second smallest"]
+    assert [answer_text("option", opts, k) for k in range(4)] == opts
+    assert answer_text("rank", ["yes", "no", "It never stops."], 2) == "It never stops."
+
+
+def test_answer_ids_rank_format(tokenizer):
+    eos = special_token_ids(tokenizer)["eos"]
+    ids, n = answer_ids(tokenizer, "rank", "B", "2.5 m", ["1 m", "2.5 m"])
+    assert ids[:n] == _enc(tokenizer, "second smallest") and ids[-1] == eos
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "second smallest (B)"
+    ids, n = answer_ids(tokenizer, "rank", "C", "It never stops.", OPTIONS[1])  # not numbers: the text
+    assert ids == answer_ids(tokenizer, "option", "C", "It never stops.")[0]
+    with pytest.raises(ValueError, match="options: the rank answer format needs"):
+        answer_ids(tokenizer, "rank", "B", "2.5 m")
+    with pytest.raises(ValueError, match="option: \\(B\\) is not '3 m'"):
+        answer_ids(tokenizer, "rank", "B", "3 m", ["1 m", "2.5 m"])
+
+
+def test_rank_format_trains_and_scores_the_same_tokens(tokenizer, tmp_path):
+    from rgpt4d.infer import RGPT4D, save_inference_model
+    from rgpt4d.models.student import batch_to_inputs
+
+    batch = dict(prompt=PROMPTS, answer_index=torch.tensor([1, 2]), options=OPTIONS,
+                 frames=torch.zeros(2, T, 3, 32, 32, dtype=torch.uint8), timestamps=torch.arange(T).float()[None].repeat(2, 1))
+    student = make_student(tokenizer, answer_format="rank")
+    lab = batch_to_inputs(batch, tokenizer, student.config)["labels"]
+    assert [tokenizer.decode(r[r != -100].tolist(), skip_special_tokens=True) for r in lab] == [
+        "second smallest (B)", "It never stops. (C)"]
+    targets = [answer_ids(tokenizer, "rank", "B", "2.5 m", OPTIONS[0])[0],
+               answer_ids(tokenizer, "rank", "C", "It never stops.", OPTIONS[1])[0]]
+    # (rank texts are a few tokens longer than these options: more steps than the option model's)
+    student = _train(student, make_batch(tokenizer, student.config, answers=targets, prompts=PROMPTS), steps=60)
+    save_inference_model(student, tokenizer, tmp_path)
+    model = RGPT4D.from_pretrained(tmp_path)
+    assert model.model.config.answer_format == "rank" and model.default_scoring() == "likelihood"
+    items = _items()
+    # likelihood scoring reads the rank texts for the all-number question, the option texts otherwise
+    scores = model.option_scores(items)
+    inputs = model._prepare(items)
+    want = [[_enc(tokenizer, t) for t in ("smallest", "second smallest")],
+            [_enc(tokenizer, o) for o in OPTIONS[1]]]
+    torch.testing.assert_close(scores, model.model.option_log_likelihoods(options=want, **inputs))
+    assert model.answer_batch(items, progress=False) == ["B", "C"]
+    # (reading the letter the model writes after its text is the option format's code path, tested above)
+
+
+# ---------------------------------------------------------------------------------------------
 # Multi-turn training sequences (one video, several questions)
 # ---------------------------------------------------------------------------------------------
 
