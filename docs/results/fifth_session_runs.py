@@ -14,6 +14,10 @@ in here, on top of the public API, so the package stays as it is:
     python docs/results/fifth_session_runs.py R --data runs/data --templates static3 --region-bn
     python docs/results/fifth_session_runs.py R --data runs/data --llm 128x4 --steps 1200
     python docs/results/fifth_session_runs.py R --data runs/data --init runs/fifth/S/model --steps 300
+    python docs/results/fifth_session_runs.py R --data runs/data --templates VG.distance --steps 250 --limit 184 --answer-format rank
+
+The last line is the sixth session's (README's sixth-session table: `--answer-format rank|option`,
+`--templates` also taking template names).
 
 One thread per run (`torch.set_num_threads(1)`); runs go to `--out`/NAME.
 """
