@@ -51,7 +51,7 @@ DEMO_PRESETS = {
                         teacher_steps=6, teacher_batch_size=4, student_steps=8, student_batch_size=4, lr=2e-3,
                         max_objects=4),
     "tiny": DemoPreset("tiny", "tiny", num_videos=1000, frames=16, size=64, val_fraction=0.1, test_fraction=0.2,
-                       teacher_steps=200, teacher_batch_size=4, student_steps=300, student_batch_size=8, lr=1e-3),
+                       teacher_steps=200, teacher_batch_size=4, student_steps=1500, student_batch_size=8, lr=2e-3),
 }
 STUDENTS = (("sft", "SFT only", "none"), ("p4d", "P4D (latent + explicit)", "both"))
 
@@ -267,8 +267,9 @@ def scoring_sentence(result: dict) -> str:
     """How the students' answers were read (rgpt4d.infer.RGPT4D.answer_batch)."""
     ways = set(result.get("scoring", {}).values())
     if ways == {"likelihood"}:
-        return ("The students answer with the option's text (the option answer format) and are scored by the "
-                "likelihood of each option's text after the prompt (docs/models.md).")
+        return ("The students write an answer text, the option's text or, when all options are plain numbers in "
+                "one unit, the value's rank among them (\"second smallest\"; the option and rank answer formats), "
+                "and are scored by the likelihood of each option's answer text after the prompt (docs/models.md).")
     if ways == {"letter"}:
         return "The students' answers are the letters they generate."
     return f"Answers read by: {', '.join(sorted(ways)) or 'unknown'}."

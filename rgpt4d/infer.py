@@ -105,7 +105,7 @@ class RGPT4D:
             if t.shape[0] != frames[i].shape[0]:
                 raise ValueError(f"timestamps: {t.shape[0]} timestamps for {frames[i].shape[0]} frames")
         cfg = self.model.config
-        enc = encode_batch(self.tokenizer, prompts, cfg.num_visual_tokens, restate=cfg.restate_regions)
+        enc = encode_batch(self.tokenizer, prompts, cfg.num_visual_tokens, restate=cfg.restate_mode())
         d = self.device
         inputs = dict(input_ids=enc["input_ids"].to(d), attention_mask=enc["attention_mask"].to(d),
                       frames=torch.stack(frames).to(d), timestamps=torch.stack(times).to(d),

@@ -16,8 +16,12 @@ in here, on top of the public API, so the package stays as it is:
     python docs/results/fifth_session_runs.py R --data runs/data --init runs/fifth/S/model --steps 300
     python docs/results/fifth_session_runs.py R --data runs/data --templates VG.distance --steps 250 --limit 184 --answer-format rank
 
-The last line is the sixth session's (README's sixth-session table: `--answer-format rank|option`,
-`--templates` also taking template names).
+    python docs/results/fifth_session_runs.py R --data runs/data --templates VG.distance --steps 250 --limit 184 --answer-format rank --p4d both --cache runs/demo/teacher_cache
+    python docs/results/fifth_session_runs.py R --data runs/data --templates VG.distance,DM.height --steps 1000 --limit 376 --answer-format rank --train-vision
+
+The last three lines are the sixth and seventh sessions' (README's tables: `--answer-format
+rank|option`, `--templates` also taking template names; `--p4d` with the demo's teacher cache,
+`--train-vision`).
 
 One thread per run (`torch.set_num_threads(1)`); runs go to `--out`/NAME.
 """
@@ -153,21 +157,32 @@ def main() -> None:
     ap.add_argument("--restate", choices=("on", "off"), default="on")
     ap.add_argument("--question-again", action="store_true")
     ap.add_argument("--region-bn", action="store_true")
+    ap.add_argument("--regions-after-marker", action="store_true",
+                    help="the restated regions right after <|assistant|> (seventh session: restate_position='answer')")
     ap.add_argument("--llm", default=None, help="WIDTHxLAYERS of the tiny student's Qwen2 (default 128x2)")
     ap.add_argument("--ordinal", choices=("lm", "lm+emb"), default=None)
     ap.add_argument("--init", default=None, help="a saved student (save_pretrained folder) to start from")
     ap.add_argument("--answer-format", choices=("option", "rank"), default="option",
                     help="rank (sixth session): all-number options answered by their rank among the options")
+    ap.add_argument("--p4d", choices=("none", "latent", "explicit", "both"), default="none",
+                    help="distillation terms (seventh session); not none needs --cache")
+    ap.add_argument("--train-vision", action="store_true",
+                    help="train the vision tower too (seventh session; the presets freeze it)")
+    ap.add_argument("--cache", default=None, help="the teacher cache of --data (e.g. runs/demo/teacher_cache)")
     a = ap.parse_args()
     torch.set_num_threads(1)
 
     from rgpt4d.models import configs as C
 
     C._FROM_SCRATCH["restate_regions"] = a.restate == "on"
+    if a.train_vision:
+        C._FROM_SCRATCH["freeze_vision"] = False
     if a.question_again:
         patch_question_again()
     if a.region_bn:
         patch_region_bn()
+    if a.regions_after_marker:
+        C._FROM_SCRATCH["restate_position"] = "answer"
     if a.llm:
         patch_llm(*map(int, a.llm.split("x")))
     if a.ordinal or a.init:
@@ -178,11 +193,11 @@ def main() -> None:
     data = Path(a.data)
     if a.templates:
         data = subset(data, TEMPLATE_SETS.get(a.templates) or tuple(a.templates.split(",")))
-    cfg = train_config("tiny", p4d="none", answer_format=a.answer_format, lr=a.lr, steps=a.steps,
+    cfg = train_config("tiny", p4d=a.p4d, answer_format=a.answer_format, lr=a.lr, steps=a.steps,
                        batch_size=a.batch_size, warmup=0.05, questions_per_sequence=a.questions_per_sequence,
                        seed=a.seed)
     t0 = time.time()
-    res = train_student(cfg, data, None, Path(a.out) / a.name, progress=False, log=None)
+    res = train_student(cfg, data, a.cache, Path(a.out) / a.name, progress=False, log=None)
     t1 = time.time()
     rep = evaluate_student(res["model_path"], data, "test", limit=a.limit, batch_size=16)
     print(json.dumps({"name": a.name, **{k: v for k, v in vars(a).items() if k != "name"},

@@ -178,11 +178,23 @@ class RGPT4DConfig(PreTrainedConfig):
     # rgpt4d.models.tokenizer.restate_regions), right before the answer: a from-scratch LLM then reads
     # the region tokens from next to the answer (docs/models.md). Off in `paper` (the R4D-Bench prompt).
     restate_regions: bool = False
+    # where the restated regions go (with restate_regions): "line" (a `Regions: <obj_2>` line that
+    # ends the prompt, before `<|assistant|>`) or "answer" (the region tokens right after
+    # `<|assistant|>`: the answer's first token is predicted at the region token's own position, so
+    # reading it needs no attention hop; docs/results/README.md, seventh session). Configs saved
+    # before this field read as "line".
+    restate_position: str = "line"
+
+    def restate_mode(self):
+        """False, "line" or "answer": the `restate` argument of rgpt4d.models.tokenizer.encode_batch."""
+        return self.restate_position if self.restate_regions else False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.tpe_kind not in TPE_KINDS:
             raise ValueError(f"RGPT4DConfig: tpe_kind must be one of {TPE_KINDS}, got {self.tpe_kind!r}")
+        if self.restate_position not in ("line", "answer"):
+            raise ValueError(f"RGPT4DConfig: restate_position must be 'line' or 'answer', got {self.restate_position!r}")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"RGPT4DConfig: answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
         if self.region_mode not in REGION_MODES:
@@ -222,11 +234,13 @@ class Preset:
 
 
 # students trained from scratch here (no pretrained LLM can be downloaded): they answer with the option's
-# text (read by likelihood: a small LLM trained from scratch does not learn to bind letters to options)
-# and their region tokens stand out from the frame, and carry the box geometry and the region's change over time;
-# the prompt ends with the regions the question refers to (next to the answer)
-_FROM_SCRATCH = dict(answer_format="option", region_geometry=True, region_motion=True, region_relative=True,
-                     restate_regions=True)
+# text, a number by its rank among the options (read by likelihood: a small LLM trained from scratch does
+# not learn to bind letters to options, nor to spell a perceived value); their region tokens stand out
+# from the frame, and carry the box geometry and the region's change over time; the question's regions
+# are repeated right after `<|assistant|>`, where the answer's first token is predicted
+# (docs/results/README.md, sixth and seventh sessions)
+_FROM_SCRATCH = dict(answer_format="rank", region_geometry=True, region_motion=True, region_relative=True,
+                     restate_regions=True, restate_position="answer")
 
 
 def _qwen2(hidden: int, layers: int, heads: int, kv: int, inter: int, max_pos: int = 4096) -> dict:

@@ -518,11 +518,11 @@ def batch_to_inputs(batch: dict, tokenizer, config: RGPT4DConfig, answers: bool 
         targets = [[target(i, o) for i, o in zip(idx, opts)]
                    for idx, opts in zip(batch["turn_answers"], batch["turn_options"])]
         inputs = encode_conversations(tokenizer, batch["turn_prompts"], config.num_visual_tokens, targets,
-                                      restate=config.restate_regions)
+                                      restate=config.restate_mode())
     else:
         targets = [target(i, o) for i, o in zip(batch["answer_index"], batch["options"])] if answers else None
         inputs = encode_batch(tokenizer, batch["prompt"], config.num_visual_tokens, targets,
-                              restate=config.restate_regions)
+                              restate=config.restate_mode())
     inputs.update(frames=batch["frames"], timestamps=batch["timestamps"], boxes=batch.get("boxes"),
                   region_mask=batch.get("region_mask"), region_ids=batch.get("region_ids"))
     if config.region_mode in ("som", "both"):

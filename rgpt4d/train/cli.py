@@ -30,7 +30,7 @@ _COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "we
            "keep_last": "keep_last", "num_workers": "num_workers", "bf16": "bf16"}
 _STUDENT = {"steps": "steps", "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
             "p4d": "p4d", "tpe": "tpe", "decoder": "decoder", "loss_preset": "loss_preset",
-            "min_lr_ratio": "min_lr_ratio", "answer_format": "answer_format",
+            "min_lr_ratio": "min_lr_ratio", "answer_format": "answer_format", "restate": "restate",
             "questions_per_sequence": "questions_per_sequence"}
 _TEACHER = {"steps": "teacher_steps", "batch_size": "teacher_batch_size", "lr": "teacher_lr"}
 
@@ -160,6 +160,9 @@ def add_train_parsers(sub) -> None:
     st.add_argument("--min-lr-ratio", type=non_negative(float, "--min-lr-ratio"))
     st.add_argument("--answer-format", choices=("auto", "letter", "option", "rank"),
                     help="the SFT target: the letter; the option's text then its letter; rank: as option, with a value's rank among all-number options as its text (default: the preset's)")
+    st.add_argument("--restate", choices=("auto", "off", "line", "answer"),
+                    help="repeat the question's regions: off; line (a `Regions:` line before <|assistant|>); answer "
+                         "(right after <|assistant|>, where the answer's first token is predicted); default: the preset's")
     st.add_argument("--questions-per-sequence", type=non_negative(int, "--questions-per-sequence"),
                     help="> 1: up to N questions of one video per multi-turn training sequence (default 1)")
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")

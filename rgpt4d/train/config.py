@@ -41,6 +41,7 @@ class TrainConfig:
     ops: str = "fused"               # fused (best backend of our kernels) | eager (the references)
     decoder: str = "mlp"             # D_4DP: mlp (paper) | linear (released code)
     answer_format: str = "auto"      # the SFT target: letter | option (text, then letter) | rank | auto (the preset's)
+    restate: str = "auto"            # the question's regions restated: off | line (before <|assistant|>) | answer (after it) | auto
     questions_per_sequence: int = 1  # > 1: up to this many questions of one video per (multi-turn) sequence
     loss_preset: str = "paper"       # P4D weights: paper | code
     steps: int = 6                   # optimizer steps (0: derive from `epochs`)
@@ -80,6 +81,7 @@ class TrainConfig:
         choice("device", DEVICES)
         choice("decoder", ("mlp", "linear"))
         choice("answer_format", ("auto", "letter", "option", "rank"))
+        choice("restate", ("auto", "off", "line", "answer"))
         choice("loss_preset", ("paper", "code"))
         for name in ("batch_size", "grad_accum", "log_every", "keep_last", "teacher_steps", "teacher_batch_size",
                      "questions_per_sequence"):
@@ -150,7 +152,7 @@ class TrainConfig:
 
 _PRESET_DEFAULTS = {
     "smoke": dict(steps=6, batch_size=4, lr=2e-3, warmup=0.2, teacher_steps=8, teacher_batch_size=4),
-    "tiny": dict(steps=300, batch_size=8, lr=1e-3, warmup=0.05, teacher_steps=300, teacher_batch_size=4),
+    "tiny": dict(steps=1500, batch_size=8, lr=2e-3, warmup=0.05, teacher_steps=300, teacher_batch_size=4),
     "small": dict(steps=2000, batch_size=32, lr=3e-4, warmup=0.03, teacher_steps=2000, teacher_batch_size=16,
                   ckpt_every=500),
     # the paper: lr 1e-5, cosine, warmup 0.03, global batch 1024, 5 epochs (PAPER.md, training recipe)

@@ -136,6 +136,10 @@ def build_training_model(config: TrainConfig, tokenizer, teacher_cache: Optional
     preset = get_preset(config.preset)
     torch.manual_seed(config.seed)
     overrides = {} if config.answer_format == "auto" else {"answer_format": config.answer_format}
+    if config.restate == "off":
+        overrides["restate_regions"] = False
+    elif config.restate != "auto":
+        overrides.update(restate_regions=True, restate_position=config.restate)
     student = RGPT4DForConditionalGeneration(student_config(preset, tokenizer, tpe=config.tpe, **overrides))
     if config.p4d == "none":
         return SFTOnly(student)

@@ -47,7 +47,8 @@ def make_batch(tokenizer, config, answers=("A", "C"), prompts=None, B=2):
 
     g = torch.Generator().manual_seed(1)
     prompts = prompts or ["How tall is <obj_1>?\n(A) 1 m\n(B) 2 m", "Is <obj_2> left of <obj_1>?\n(A) yes\n(B) no"][:B]
-    enc = encode_batch(tokenizer, prompts, config.num_visual_tokens, list(answers)[:B] if answers else None)
+    enc = encode_batch(tokenizer, prompts, config.num_visual_tokens, list(answers)[:B] if answers else None,
+                       restate=config.restate_mode())  # the prompts as the model reads them
     frames = torch.randint(0, 256, (B, T, 3, 48, 48), dtype=torch.uint8, generator=g)
     ts = torch.cumsum(torch.rand(B, T, generator=g) + 0.05, 1)
     boxes = torch.tensor([[[2.0, 3.0, 20.0, 30.0], [30.0, 30.0, 47.0, 47.0]],

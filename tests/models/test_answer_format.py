@@ -58,7 +58,8 @@ def test_batch_to_inputs_uses_the_config_format(tokenizer):
 
 def _brute_force(student, tokenizer, batch, b, option):
     """log p(option | prompt b) from one teacher-forced forward over prompt + option."""
-    enc = encode_batch(tokenizer, [PROMPTS[b]], student.config.num_visual_tokens, [option])
+    enc = encode_batch(tokenizer, [PROMPTS[b]], student.config.num_visual_tokens, [option],
+                       restate=student.config.restate_mode())
     rest = {k: v[b:b + 1] for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     with torch.no_grad():
         logp = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **rest).logits[0]
@@ -290,3 +291,76 @@ def test_restated_regions_sit_right_before_the_answer(tokenizer):
     # off by default: the R4D-Bench prompt as it is
     plain = encode_batch(tokenizer, [p1], 3, [a])["input_ids"][0].tolist()
     assert plain[plain.index(ids["assistant"]) - 1] not in (vocab[obj_token(1)], vocab[obj_token(2)])
+
+
+def test_restated_regions_after_the_marker_predict_the_answer(tokenizer):
+    """restate="answer" (RGPT4DConfig.restate_position): the question's regions right after
+    `<|assistant|>`, in order of mention, so the answer's first token is predicted at the last region
+    token's own position; no `Regions:` line; every turn of a conversation likewise."""
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.tokenizer import ASSISTANT, chat_text, encode_conversations, obj_token
+
+    ids = special_token_ids(tokenizer)
+    vocab = tokenizer.get_vocab()
+    o1, o2, o3 = (vocab[obj_token(k)] for k in (1, 2, 3))
+    p1, p2 = format_prompt("Is <obj_2> left of <obj_1>?", ["yes", "no"]), format_prompt("How tall is <obj_3>?", ["1 m"])
+    assert chat_text(p1, 2, "answer").endswith(ASSISTANT + "<obj_2> <obj_1>")
+    assert "Regions:" not in chat_text(p1, 2, "answer")
+    assert chat_text(p1, 2, True) == chat_text(p1, 2, "line")  # True keeps meaning the line
+    a = answer_ids(tokenizer, "option", "A", "yes")[0]
+    enc = encode_batch(tokenizer, [p1], 3, [a], restate="answer")
+    seq, labels = enc["input_ids"][0].tolist(), enc["labels"][0].tolist()
+    first = labels.index(a[0])
+    assert labels[first:] == a and all(t == -100 for t in labels[:first])
+    marker = max(i for i, t in enumerate(seq[:first]) if t == ids["assistant"])
+    assert seq[first - 1] == o1 and [t for t in seq[marker + 1:first] if t in (o1, o2)] == [o2, o1]
+    assert first - marker <= 4  # the marker, the two regions (and the space between them), then the answer
+    conv = encode_conversations(tokenizer, [[p2, p1]], 3, [[a, a]], restate="answer")
+    seq = conv["input_ids"][0].tolist()
+    turns = [i for i, t in enumerate(seq) if t == ids["assistant"]]
+    assert len(turns) == 2 and seq[turns[0] + 1] == o3
+    assert [t for t in seq[turns[1] + 1: turns[1] + 4] if t in (o1, o2)] == [o2, o1]
+    # a question without regions: nothing after the marker
+    plain = format_prompt("How many marked objects move?", [1, 2])
+    assert chat_text(plain, 2, "answer") == chat_text(plain, 2)
+    with pytest.raises(ValueError, match="restate: must be False, True or one of"):
+        chat_text(p1, 2, "after")
+
+
+def test_restate_position_config_trains_and_scores(tokenizer, tmp_path):
+    """The config field: validated, saved and loaded (configs saved without it read as "line"); a
+    student with restate_position="answer" trains on prompts with its regions after the marker
+    (batch_to_inputs), and the inference wrapper builds the same prompts and reads the answers."""
+    from rgpt4d.infer import RGPT4D, save_inference_model
+    from rgpt4d.models.configs import RGPT4DConfig
+    from rgpt4d.models.student import batch_to_inputs
+
+    with pytest.raises(ValueError, match="restate_position must be 'line' or 'answer'"):
+        RGPT4DConfig(restate_position="after")
+    assert RGPT4DConfig(restate_position="answer").restate_mode() is False  # off unless restate_regions
+    student = make_student(tokenizer, answer_format="option", restate_regions=True, restate_position="answer")
+    assert student.config.restate_mode() == "answer"
+    d = student.config.to_dict()
+    d.pop("restate_position")
+    assert RGPT4DConfig.from_dict(d).restate_mode() == "line"  # a config saved before the field
+    ids, vocab = special_token_ids(tokenizer), tokenizer.get_vocab()
+    batch = dict(prompt=PROMPTS, answer_index=torch.tensor([1, 2]), options=OPTIONS,
+                 frames=torch.zeros(2, T, 3, 32, 32, dtype=torch.uint8), timestamps=torch.arange(T).float()[None].repeat(2, 1))
+    enc = batch_to_inputs(batch, tokenizer, student.config)
+    for row, lab, obj in zip(enc["input_ids"].tolist(), enc["labels"].tolist(), ("<obj_1>", "<obj_1>")):
+        first = next(i for i, t in enumerate(lab) if t != -100)
+        assert row[first - 1] == vocab[obj] and ids["assistant"] in row[first - 4:first - 1]
+    targets = [answer_ids(tokenizer, "option", "B", "2.5 m")[0], answer_ids(tokenizer, "option", "C",
+                                                                            "It never stops.")[0]]
+    from rgpt4d.models.tokenizer import encode_batch
+
+    fit = make_batch(tokenizer, student.config, answers=targets, prompts=PROMPTS)
+    fit.update(encode_batch(tokenizer, PROMPTS, student.config.num_visual_tokens, targets, restate="answer"))
+    student = _train(student, fit)
+    save_inference_model(student, tokenizer, tmp_path)
+    model = RGPT4D.from_pretrained(tmp_path)
+    assert model.model.config.restate_position == "answer"
+    items = _items()
+    prepared = model._prepare(items)["input_ids"].tolist()
+    assert all(row[-1] == vocab["<obj_1>"] and ids["assistant"] in row[-4:-1] for row in prepared)
+    assert model.answer_batch(items, progress=False) == ["B", "C"]

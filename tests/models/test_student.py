@@ -58,7 +58,7 @@ def test_region_tokens_sit_at_obj_positions(student, tokenizer):
     e2 = student.build_inputs_embeds(moved["input_ids"], moved["frames"], moved["timestamps"], moved["boxes"],
                                      moved["region_mask"])
     obj = torch.isin(batch["input_ids"], torch.tensor(student.config.obj_token_ids))
-    assert obj.sum() == 3
+    assert obj.sum() == (6 if student.config.restate_mode() else 3)  # 3 mentions (and each prompt's regions restated)
     assert not torch.allclose(e1[obj], e2[obj])
     assert torch.equal(e1[~obj], e2[~obj])
 
@@ -215,8 +215,10 @@ def test_batch_to_inputs_from_a_collated_batch(student, tokenizer):
                  timestamps=raw["timestamps"], boxes=raw["boxes"], region_mask=raw["region_mask"],
                  region_ids=torch.tensor([[2, 1], [1, 2]]))
     inputs = batch_to_inputs(batch, tokenizer, student.config)
-    assert student.config.answer_format == "option"  # the from-scratch presets' default
-    assert tokenizer.decode(inputs["labels"][0][inputs["labels"][0] != -100]) == "2 m (B)</s>"
+    assert student.config.answer_format == "rank"  # the from-scratch presets' default
+    assert tokenizer.decode(inputs["labels"][0][inputs["labels"][0] != -100]) == "second smallest (B)</s>"
+    option = batch_to_inputs(batch, tokenizer, make_student(tokenizer, answer_format="option").config)
+    assert tokenizer.decode(option["labels"][0][option["labels"][0] != -100]) == "2 m (B)</s>"
     letter = batch_to_inputs(batch, tokenizer, make_student(tokenizer, answer_format="letter").config)
     assert tokenizer.decode(letter["labels"][0][letter["labels"][0] != -100]) == "B</s>"
     out = student(**inputs)

@@ -59,7 +59,7 @@ def test_demo_report_and_table(demo):
     assert "at the same time, in two processes" in report
     # the smoke students answer in the option format, read by likelihood, and the report says so
     assert res["scoring"] == {"sft": "likelihood", "p4d": "likelihood"}
-    assert "scored by the likelihood of each option's text" in report
+    assert "scored by the likelihood of each option's answer text" in report
 
 
 def test_demo_students_trained_as_named(demo):

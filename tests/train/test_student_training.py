@@ -237,3 +237,19 @@ def test_multi_turn_sequences_with_the_option_format(smoke_data, smoke_teacher_c
         train_config("smoke", questions_per_sequence=0)
     with pytest.raises(ValueError, match="TrainConfig.answer_format: must be one of"):
         train_config("smoke", answer_format="value")
+
+
+def test_restate_option_sets_the_student_prompt():
+    """TrainConfig.restate (CLI --restate): auto keeps the preset's (regions after <|assistant|> in
+    the from-scratch presets), off / line / answer override it in the student's config."""
+    from rgpt4d.models.tokenizer import train_tokenizer
+    from rgpt4d.train.student import build_training_model
+
+    tok = train_tokenizer()
+    modes = {}
+    for restate in ("auto", "off", "line", "answer"):
+        model = build_training_model(train_config("smoke", p4d="none", restate=restate), tok, None)
+        modes[restate] = model.student.config.restate_mode()
+    assert modes == {"auto": "answer", "off": False, "line": "line", "answer": "answer"}
+    with pytest.raises(ValueError, match="restate"):
+        train_config("smoke", restate="after")
