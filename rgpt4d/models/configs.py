@@ -16,6 +16,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from rgpt4d.models.tokenizer import RESTATE_MODES
+
 PRESETS = ("smoke", "tiny", "small", "paper")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
 REGION_MODES = ("tokens", "som", "both", "none")
@@ -193,8 +195,8 @@ class RGPT4DConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.tpe_kind not in TPE_KINDS:
             raise ValueError(f"RGPT4DConfig: tpe_kind must be one of {TPE_KINDS}, got {self.tpe_kind!r}")
-        if self.restate_position not in ("line", "answer"):
-            raise ValueError(f"RGPT4DConfig: restate_position must be 'line' or 'answer', got {self.restate_position!r}")
+        if self.restate_position not in RESTATE_MODES:
+            raise ValueError(f"RGPT4DConfig: restate_position must be one of {RESTATE_MODES}, got {self.restate_position!r}")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"RGPT4DConfig: answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
         if self.region_mode not in REGION_MODES:

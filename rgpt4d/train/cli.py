@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rgpt4d.cli import non_negative
 from rgpt4d.train.checkpoint import CheckpointError
+from rgpt4d.models.tokenizer import RESTATE_MODES
 from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
 
 # flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
@@ -160,7 +161,7 @@ def add_train_parsers(sub) -> None:
     st.add_argument("--min-lr-ratio", type=non_negative(float, "--min-lr-ratio"))
     st.add_argument("--answer-format", choices=("auto", "letter", "option", "rank"),
                     help="the SFT target: the letter; the option's text then its letter; rank: as option, with a value's rank among all-number options as its text (default: the preset's)")
-    st.add_argument("--restate", choices=("auto", "off", "line", "answer"),
+    st.add_argument("--restate", choices=("auto", "off", *RESTATE_MODES),
                     help="repeat the question's regions: off; line (a `Regions:` line before <|assistant|>); answer "
                          "(right after <|assistant|>, where the answer's first token is predicted); default: the preset's")
     st.add_argument("--questions-per-sequence", type=non_negative(int, "--questions-per-sequence"),

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rgpt4d.models.tokenizer import RESTATE_MODES
+
 TRAIN_PRESETS = ("smoke", "tiny", "small", "paper")
 P4D_MODES = ("none", "latent", "explicit", "both")
 OPS_MODES = ("fused", "eager")
@@ -81,7 +83,7 @@ class TrainConfig:
         choice("device", DEVICES)
         choice("decoder", ("mlp", "linear"))
         choice("answer_format", ("auto", "letter", "option", "rank"))
-        choice("restate", ("auto", "off", "line", "answer"))
+        choice("restate", ("auto", "off", *RESTATE_MODES))
         choice("loss_preset", ("paper", "code"))
         for name in ("batch_size", "grad_accum", "log_every", "keep_last", "teacher_steps", "teacher_batch_size",
                      "questions_per_sequence"):

@@ -335,7 +335,7 @@ def test_restate_position_config_trains_and_scores(tokenizer, tmp_path):
     from rgpt4d.models.configs import RGPT4DConfig
     from rgpt4d.models.student import batch_to_inputs
 
-    with pytest.raises(ValueError, match="restate_position must be 'line' or 'answer'"):
+    with pytest.raises(ValueError, match="restate_position must be one of \\('line', 'answer'\\)"):
         RGPT4DConfig(restate_position="after")
     assert RGPT4DConfig(restate_position="answer").restate_mode() is False  # off unless restate_regions
     student = make_student(tokenizer, answer_format="option", restate_regions=True, restate_position="answer")
