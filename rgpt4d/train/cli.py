@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from rgpt4d.cli import non_negative
-from rgpt4d.train.checkpoint import CheckpointError
 from rgpt4d.models.tokenizer import RESTATE_MODES
+from rgpt4d.train.checkpoint import CheckpointError
 from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
 
 # flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
