@@ -181,8 +181,9 @@ def main() -> None:
         patch_question_again()
     if a.region_bn:
         patch_region_bn()
-    if a.regions_after_marker:
-        C._FROM_SCRATCH["restate_position"] = "answer"
+    # explicit either way: the presets' default became "answer" in the seventh session, and the
+    # earlier rows of the README were run with the line
+    C._FROM_SCRATCH["restate_position"] = "answer" if a.regions_after_marker else "line"
     if a.llm:
         patch_llm(*map(int, a.llm.split("x")))
     if a.ordinal or a.init:
