@@ -68,7 +68,11 @@ def _extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
 
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into *this* library (ATen's
+    # Parallel-inl.h); without the flag the pragma is dropped and every at::parallel_for in csrc/
+    # runs on one thread. The runtime is torch's own libgomp (already loaded, same soname).
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     nvcc_flags = ["-O3", "-lineinfo"]
     arch = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else "none"
     info = (f"torch {torch.__version__}; cuda kernels {'yes' if with_cuda else 'no'}; arch {arch}; "
@@ -96,6 +100,7 @@ def _extensions():
                 "cxx": cxx_flags,
                 "nvcc": nvcc_flags,
             },
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -104,6 +109,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
     return [ext], cmdclass
