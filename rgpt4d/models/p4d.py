@@ -8,7 +8,9 @@
                 "linear" (the released code: one Linear per teacher head layer, std 0.1, zero bias)
                 -> four grids, the last being F^_4D
       -> L_LD against the teacher latent; the grids through the teacher's *frozen* heads give the
-         explicit predictions (depth, flow, motion) for L_ED.
+         explicit predictions (depth, flow, motion) for L_ED. The frozen heads run horizontally
+         fused (rgpt4d.models.teacher.dpt_heads_fused: one grouped pass for all heads) unless
+         rgpt4d's ops are on their eager references.
 Losses: rgpt4d.ops.P4DLoss (latent + explicit in one multi-tensor op) when explicit terms are on;
 latent only: rgpt4d.ops.fused_linear_latent_loss fuses D_4DP's last Linear with the loss, so the
 projected [N, C_t] activation never exists whole.
@@ -27,8 +29,8 @@ from torch import Tensor, nn
 
 from rgpt4d.models.configs import P4DConfig
 from rgpt4d.models.student import RGPT4DForConditionalGeneration
-from rgpt4d.models.teacher import Teacher4D
-from rgpt4d.ops import P4D_PRESETS, P4DLoss, fused_linear_latent_loss
+from rgpt4d.models.teacher import Teacher4D, dpt_heads_fused, same_structure
+from rgpt4d.ops import P4D_PRESETS, P4DLoss, _backend, fused_linear_latent_loss
 
 
 def resample_to_teacher_grid(visual: Tensor, grid: tuple[int, int, int], tubelet: int) -> Tensor:
@@ -98,6 +100,8 @@ class RGPT4DForP4DTraining(nn.Module):
         self.tubelet = tcfg.tubelet_size
         self.teacher_heads = teacher.heads  # frozen; only used to turn predicted grids into explicit maps
         self.teacher_heads.requires_grad_(False).eval()
+        self.fuse_heads: Optional[bool] = None  # see _fused_heads
+        self._packed_heads: dict = {}  # the frozen heads' concatenated weights (dpt_heads_fused's cache)
         self.decoder = P4DDecoder(student.config.text_config["hidden_size"], tcfg.hidden_size, config)
         self.loss_fn = P4DLoss(config.loss_preset)
         self.p4d_enabled = config.latent or config.explicit
@@ -112,8 +116,22 @@ class RGPT4DForP4DTraining(nn.Module):
         return self.student
 
     def _heads(self, grids: list[Tensor]) -> dict[str, Tensor]:
-        return {name: head(grids).squeeze(2) if name in ("depth", "motion") else head(grids)
-                for name, head in self.teacher_heads.items()}
+        names = list(self.teacher_heads)
+        heads = [self.teacher_heads[n] for n in names]
+        if self._fused_heads() and same_structure(heads):
+            outs = dpt_heads_fused(heads, grids, cache=self._packed_heads)
+        else:  # the reference: one head after the other
+            outs = [self.teacher_heads[n](grids) for n in names]
+        return {n: o.squeeze(2) if n in ("depth", "motion") else o for n, o in zip(names, outs)}
+
+    def _fused_heads(self) -> bool:
+        """fuse_heads None (default): the heads run horizontally fused (one grouped pass,
+        rgpt4d.models.teacher.dpt_heads_fused) unless rgpt4d's ops are set to their eager references
+        (`--ops eager`, set_backend("eager"), RGPT4D_BACKEND=eager); True / False force it. Heads
+        of different structure always run one after the other."""
+        if self.fuse_heads is not None:
+            return bool(self.fuse_heads) and len(self.teacher_heads) > 1
+        return len(self.teacher_heads) > 1 and _backend._global_backend() != "eager"
 
     def forward(self, *, teacher_targets: Optional[dict] = None, p4d: Optional[bool] = None,
                 return_logits: bool = False, **student_inputs) -> P4DOutput:

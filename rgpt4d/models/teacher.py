@@ -127,17 +127,23 @@ class DPTHead(nn.Module):
         if len(layers) != 4:
             raise ValueError(f"DPTHead: expected four layer grids, got {len(layers)}")
         B, Tp, h, w, _ = layers[0].shape
-        maps = []
-        for proj, scale, grid in zip(self.project, self.scales, layers):
-            m = proj(grid).flatten(0, 1).permute(0, 3, 1, 2)  # [B*T', F, h, w]
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            maps.append(m if size == (h, w) else F.interpolate(m, size=size, mode="bilinear", align_corners=False))
+        maps = [self._at_scale(proj(grid).flatten(0, 1).permute(0, 3, 1, 2), scale, h, w)  # [B*T', F, h', w']
+                for proj, scale, grid in zip(self.project, self.scales, layers)]
         x = self.refine[3](maps[3])
         for i in (2, 1, 0):
             x = F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
             x = self.refine[i](x + maps[i])
+        return self._to_pixels(self.out(x), B, Tp, h, w)
+
+    @staticmethod
+    def _at_scale(m: Tensor, scale: float, h: int, w: int) -> Tensor:
+        """A reassembled map [N, F, h, w] resampled to `scale` times the token grid."""
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        return m if size == (h, w) else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
+    def _to_pixels(self, x: Tensor, B: int, Tp: int, h: int, w: int) -> Tensor:
+        """The last conv's output [B*T', C*tubelet*up^2, h', w'] -> [B, T'*tubelet, C, h*patch, w*patch]."""
         size = (h * self.patch_size, w * self.patch_size)
-        x = self.out(x)
         if (x.shape[-2] * self.upscale, x.shape[-1] * self.upscale) == size:
             # pixel shuffle + activation in one op (rgpt4d.ops; backend eager: F.pixel_shuffle, torch.exp(clamp))
             x = pixel_shuffle_act(x, self.upscale, "exp" if self.activation == "exp" else "none", 20.0)
@@ -148,6 +154,87 @@ class DPTHead(nn.Module):
                 x = torch.exp(x.clamp(max=20.0))
         H, W = x.shape[-2:]
         return x.reshape(B, Tp, self.tubelet, self.out_channels, H, W).flatten(1, 2)
+
+
+def same_structure(heads: Sequence[DPTHead]) -> bool:
+    """Whether `dpt_heads_fused` can run these heads together (same features, scales, input width)."""
+    if not heads:
+        return False
+    a = heads[0]
+    return all(isinstance(h, DPTHead) and h.scales == a.scales and h.project[0].weight.shape == a.project[0].weight.shape
+               and h.refine[0].conv1.weight.shape == a.refine[0].conv1.weight.shape for h in heads)
+
+
+def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor], cache: Optional[dict] = None) -> list[Tensor]:
+    """Several DPT heads on the same four layer grids in one pass: `[head(layers) for head in heads]`,
+    horizontally fused. The heads' projections of a layer become one Linear (one for all four layers
+    when they are one tensor, as with P4D's mlp decoder), every resample runs once over all heads'
+    channels, and the refine convolutions of the three coarser levels are grouped convolutions (a
+    group per head); the finest level (its refine unit, the output convolutions, the pixel shuffle)
+    runs per head. Same arithmetic as the per-head loop in fewer calls: for the tiny preset's three
+    frozen heads, 8 instead of 30 convolution calls forward and as many backward. The end-to-end
+    effect is measured by benchmarks/bench_e2e.py (the eager provider runs the per-head loop).
+
+    cache: a dict the packed (concatenated) weights are kept in, reused while no head parameter
+    changed (keyed by parameter, storage and version counter: load_state_dict, in-place updates
+    under no_grad, .to() and replaced parameters all repack; writes through `.data` bypass the
+    version counter and are not seen); only used when no head parameter requires grad. With
+    trainable heads the packing is part of the graph, so the weights get their gradients."""
+    heads = list(heads)
+    if len(layers) != 4:
+        raise ValueError(f"dpt_heads_fused: expected four layer grids, got {len(layers)}")
+    if not same_structure(heads):
+        raise ValueError("dpt_heads_fused: the heads must share features, scales and input width")
+    params = [p for h in heads for p in h.parameters()]
+    frozen = not any(p.requires_grad for p in params)
+    key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params) if frozen else None
+    if cache is None or key is None or cache.get("key") != key:
+        packed = _pack_heads(heads)
+        if cache is not None and key is not None:
+            cache.clear()
+            # `pinned` keeps the packed-from storages alive, so a replaced weight's memory cannot be
+            # reused by a new one with the same address and version
+            cache.update(key=key, packed=packed, pinned=[p.detach() for p in params])
+    else:
+        packed = cache["packed"]
+    G, lead = len(heads), heads[0]
+    B, Tp, h, w, _ = layers[0].shape
+    if all(grid is layers[0] for grid in layers):
+        per_layer = F.linear(layers[0], *packed["project_all"]).chunk(4, -1)
+    else:
+        per_layer = [F.linear(grid, *packed["project"][i]) for i, grid in enumerate(layers)]
+    maps = [lead._at_scale(m.flatten(0, 1).permute(0, 3, 1, 2), scale, h, w)  # [B*T', G*F, h', w']
+            for m, scale in zip(per_layer, lead.scales)]
+
+    def conv(x, wb):
+        return F.conv2d(x, wb[0], wb[1], padding=wb[0].shape[-1] // 2, groups=G)
+
+    def refine(i, x):
+        return x + conv(F.relu(conv(F.relu(x), packed["refine"][i][0])), packed["refine"][i][1])
+
+    x = refine(3, maps[3])
+    for i in (2, 1):
+        x = F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
+        x = refine(i, x + maps[i])
+    # the finest level per head: its convolutions are large enough to be compute-bound, and there
+    # oneDNN's grouped kernel is slower than one plain convolution per head (2-core CPU, tiny preset)
+    x = F.interpolate(x, size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
+    return [head._to_pixels(head.out(head.refine[0](a + b)), B, Tp, h, w)
+            for head, a, b in zip(heads, x.chunk(G, 1), maps[0].chunk(G, 1))]
+
+
+def _pack_heads(heads: Sequence[DPTHead]) -> dict:
+    """The heads' weights concatenated head after head (the channel order of the fused maps)."""
+    def cat(mods):
+        return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
+
+    return {
+        # chunk(4) of the all-layers projection gives layer i's maps, heads in order inside each
+        "project_all": cat([h.project[i] for i in range(4) for h in heads]),
+        "project": [cat([h.project[i] for h in heads]) for i in range(4)],
+        "refine": [None] + [(cat([h.refine[i].conv1 for h in heads]), cat([h.refine[i].conv2 for h in heads]))
+                            for i in range(1, 4)],  # level 0 runs per head
+    }
 
 
 HEAD_SPECS = {"depth": (1, "exp"), "flow": (2, "none"), "motion": (1, "none"), "camray": (6, "none")}
