@@ -50,7 +50,7 @@ $(STAMPS)/install: $(STAMPS)/deps setup.py pyproject.toml | $(STAMPS)
 
 # 3. build rgpt4d._C in place with ninja (incremental in build/): CPU kernels always; CUDA
 #    kernels with FORCE_CUDA=1 or when a GPU and nvcc are present
-$(STAMPS)/ext: $(STAMPS)/install $(CSRC) | $(STAMPS)
+$(STAMPS)/ext: $(STAMPS)/install $(CSRC) setup.py | $(STAMPS)
 	@echo "[setup] building rgpt4d._C"
 	@mkdir -p build && $(PY) setup.py build_ext --inplace > build/ext.log 2>&1 || { cat build/ext.log; echo "[setup] building rgpt4d._C failed (log above, also in build/ext.log)"; exit 1; }
 	@touch $@
