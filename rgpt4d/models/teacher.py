@@ -167,13 +167,13 @@ def same_structure(heads: Sequence[DPTHead]) -> bool:
 
 def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor], cache: Optional[dict] = None) -> list[Tensor]:
     """Several DPT heads on the same four layer grids in one pass: `[head(layers) for head in heads]`,
-    horizontally fused. The heads' projections of a layer become one Linear (one for all four layers
-    when they are one tensor, as with P4D's mlp decoder), every resample runs once over all heads'
-    channels, and the refine convolutions of the three coarser levels are grouped convolutions (a
-    group per head); the finest level (its refine unit, the output convolutions, the pixel shuffle)
-    runs per head. Same arithmetic as the per-head loop in fewer calls: for the tiny preset's three
-    frozen heads, 8 instead of 30 convolution calls forward and as many backward. The end-to-end
-    effect is measured by benchmarks/bench_e2e.py (the eager provider runs the per-head loop).
+    horizontally fused. The heads' projections of a layer become one Linear, every resample runs
+    once over all heads' channels, and every 3x3 convolution is one grouped convolution (a group
+    per head); only each head's last 1x1 convolution and pixel shuffle run per head. Same
+    arithmetic as the per-head loop in fewer calls (three heads: 4 Linears instead of 12, 12
+    convolutions instead of 30, 3 resamples instead of 18), with the packed convolution weights kept
+    channels-last like the maps (oneDNN would otherwise reorder a contiguous weight on every call).
+    The end-to-end effect is measured by benchmarks/bench_e2e.py (its eager provider runs the loop).
 
     cache: a dict the packed (concatenated) weights are kept in, reused while no head parameter
     changed (keyed by parameter, storage and version counter: load_state_dict, in-place updates
@@ -185,55 +185,57 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor], cache: O
         raise ValueError(f"dpt_heads_fused: expected four layer grids, got {len(layers)}")
     if not same_structure(heads):
         raise ValueError("dpt_heads_fused: the heads must share features, scales and input width")
-    params = [p for h in heads for p in h.parameters()]
+    params = [p for h in heads for p in _head_params(h)]
     frozen = not any(p.requires_grad for p in params)
-    key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params) if frozen else None
+    # (a new dtype or device is a new storage; the old one is pinned below, so its address is not reused)
+    key = (tuple(map(id, params)), tuple(p.data_ptr() for p in params), tuple(p._version for p in params)) \
+        if frozen else None
     if cache is None or key is None or cache.get("key") != key:
         packed = _pack_heads(heads)
         if cache is not None and key is not None:
             cache.clear()
-            # `pinned` keeps the packed-from storages alive, so a replaced weight's memory cannot be
-            # reused by a new one with the same address and version
             cache.update(key=key, packed=packed, pinned=[p.detach() for p in params])
     else:
         packed = cache["packed"]
     G, lead = len(heads), heads[0]
     B, Tp, h, w, _ = layers[0].shape
-    if all(grid is layers[0] for grid in layers):
-        per_layer = F.linear(layers[0], *packed["project_all"]).chunk(4, -1)
-    else:
-        per_layer = [F.linear(grid, *packed["project"][i]) for i, grid in enumerate(layers)]
-    maps = [lead._at_scale(m.flatten(0, 1).permute(0, 3, 1, 2), scale, h, w)  # [B*T', G*F, h', w']
-            for m, scale in zip(per_layer, lead.scales)]
+    maps = [lead._at_scale(F.linear(grid, *packed["project"][i]).flatten(0, 1).permute(0, 3, 1, 2), scale, h, w)
+            for i, (grid, scale) in enumerate(zip(layers, lead.scales))]  # [B*T', G*F, h', w']
 
     def conv(x, wb):
         return F.conv2d(x, wb[0], wb[1], padding=wb[0].shape[-1] // 2, groups=G)
 
-    def refine(i, x):
-        return x + conv(F.relu(conv(F.relu(x), packed["refine"][i][0])), packed["refine"][i][1])
+    x = None
+    for i in (3, 2, 1, 0):  # coarse to fine, as DPTHead.forward; each step a grouped _ResidualConvUnit
+        x = maps[i] if x is None else F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear",
+                                                    align_corners=False) + maps[i]
+        c1, c2 = packed["refine"][i]
+        x = x + conv(F.relu(conv(F.relu(x), c1)), c2)
+    x = F.relu(conv(x, packed["out"]))  # head.out[0:2], grouped
+    return [head._to_pixels(F.conv2d(part, *wb), B, Tp, h, w)  # head.out[2] (1x1), then pixels
+            for head, part, wb in zip(heads, x.chunk(G, 1), packed["last"])]
 
-    x = refine(3, maps[3])
-    for i in (2, 1):
-        x = F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear", align_corners=False)
-        x = refine(i, x + maps[i])
-    # the finest level per head: its convolutions are large enough to be compute-bound, and there
-    # oneDNN's grouped kernel is slower than one plain convolution per head (2-core CPU, tiny preset)
-    x = F.interpolate(x, size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
-    return [head._to_pixels(head.out(head.refine[0](a + b)), B, Tp, h, w)
-            for head, a, b in zip(heads, x.chunk(G, 1), maps[0].chunk(G, 1))]
+
+def _head_params(h: DPTHead) -> list[Tensor]:
+    """The parameters dpt_heads_fused packs, in a fixed order (attribute reads: Module.parameters()
+    costs ~0.1 ms per call for three heads)."""
+    mods = [*h.project, *(c for u in h.refine for c in (u.conv1, u.conv2)), h.out[0], h.out[2]]
+    return [t for m in mods for t in (m.weight, m.bias)]
 
 
 def _pack_heads(heads: Sequence[DPTHead]) -> dict:
-    """The heads' weights concatenated head after head (the channel order of the fused maps)."""
-    def cat(mods):
-        return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
+    """The heads' weights concatenated head after head (the channel order of the fused maps),
+    convolution weights channels-last."""
+    def cat(mods, conv=False):
+        w = torch.cat([m.weight for m in mods])
+        return (w.contiguous(memory_format=torch.channels_last) if conv else w), torch.cat([m.bias for m in mods])
 
     return {
-        # chunk(4) of the all-layers projection gives layer i's maps, heads in order inside each
-        "project_all": cat([h.project[i] for i in range(4) for h in heads]),
         "project": [cat([h.project[i] for h in heads]) for i in range(4)],
-        "refine": [None] + [(cat([h.refine[i].conv1 for h in heads]), cat([h.refine[i].conv2 for h in heads]))
-                            for i in range(1, 4)],  # level 0 runs per head
+        "refine": [(cat([h.refine[i].conv1 for h in heads], True), cat([h.refine[i].conv2 for h in heads], True))
+                   for i in range(4)],
+        "out": cat([h.out[0] for h in heads], True),
+        "last": [(h.out[2].weight.contiguous(memory_format=torch.channels_last), h.out[2].bias) for h in heads],
     }
 
 

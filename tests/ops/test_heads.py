@@ -42,6 +42,9 @@ def test_pixel_shuffle_act(backend, activation, channels_last):
     check(backend, make(channels_last=channels_last), 4, activation, rtol=1e-5)
     check(backend, make(N=1, C=1, r=1, H=1, W=1, channels_last=channels_last), 1, activation, rtol=1e-5)
     check(backend, make(N=2, C=3, r=2, H=9, W=4, channels_last=channels_last), 2, activation, rtol=1e-5)
+    # every upscale the CPU kernel specialises (2, 4, 8) and a generic one (3, 5)
+    check(backend, make(N=2, C=2, r=8, H=3, W=2, channels_last=channels_last), 8, activation, rtol=1e-5)
+    check(backend, make(N=1, C=2, r=5, H=2, W=3, channels_last=channels_last), 5, activation, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
