@@ -6,7 +6,7 @@ optimisation defaults sized for it.
 | preset | model | steps | global batch | lr | use |
 |---|---|---|---|---|---|
 | smoke | 4 frames of 32 px, 1-2 layer towers | 6 | 4 | 2e-3 | tests; seconds on a CPU |
-| tiny  | 16 frames of 64 px (docs/models.md) | 300 | 8 | 1e-3 | minutes on a CPU |
+| tiny  | 16 frames of 64 px (docs/models.md) | 1500 | 8 | 2e-3 | minutes on a CPU (the demo) |
 | small | 16 frames of 112 px | 2000 | 32 | 3e-4 | a GPU |
 | paper | the paper's shapes | 5 epochs | 1024 | 1e-5 | many GPUs (PAPER.md recipe) |
 
