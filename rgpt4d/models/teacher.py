@@ -161,18 +161,21 @@ def same_structure(heads: Sequence[DPTHead]) -> bool:
     if not heads:
         return False
     a = heads[0]
-    return all(isinstance(h, DPTHead) and h.scales == a.scales and h.project[0].weight.shape == a.project[0].weight.shape
+    return all(isinstance(h, DPTHead) and h.scales == a.scales
+               and h.project[0].weight.shape == a.project[0].weight.shape
                and h.refine[0].conv1.weight.shape == a.refine[0].conv1.weight.shape for h in heads)
 
 
-def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor], cache: Optional[dict] = None) -> list[Tensor]:
+def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
+                    cache: Optional[dict] = None) -> list[Tensor]:
     """Several DPT heads on the same four layer grids in one pass: `[head(layers) for head in heads]`,
     horizontally fused. The heads' projections of a layer become one Linear, every resample runs
-    once over all heads' channels, and every 3x3 convolution is one grouped convolution (a group
-    per head); only each head's last 1x1 convolution and pixel shuffle run per head. Same
-    arithmetic as the per-head loop in fewer calls (three heads: 4 Linears instead of 12, 12
-    convolutions instead of 30, 3 resamples instead of 18), with the packed convolution weights kept
-    channels-last like the maps (oneDNN would otherwise reorder a contiguous weight on every call).
+    once over all heads' channels, and the refine convolutions of the three coarse levels are
+    grouped convolutions (a group per head); the finest level (its refine unit, the output
+    convolutions, the pixel shuffle) runs per head. Same arithmetic as the per-head loop in fewer
+    calls (three heads: 4 Linears instead of 12, 18 convolutions instead of 30, 4 resamples instead
+    of 18), with every convolution weight kept channels-last like the maps (oneDNN would otherwise
+    reorder a contiguous weight on every call).
     The end-to-end effect is measured by benchmarks/bench_e2e.py (its eager provider runs the loop).
 
     cache: a dict the packed (concatenated) weights are kept in, reused while no head parameter
@@ -199,21 +202,28 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor], cache: O
         packed = cache["packed"]
     G, lead = len(heads), heads[0]
     B, Tp, h, w, _ = layers[0].shape
-    maps = [lead._at_scale(F.linear(grid, *packed["project"][i]).flatten(0, 1).permute(0, 3, 1, 2), scale, h, w)
-            for i, (grid, scale) in enumerate(zip(layers, lead.scales))]  # [B*T', G*F, h', w']
+    maps = [lead._at_scale(F.linear(grid, *wb).flatten(0, 1).permute(0, 3, 1, 2), scale, h, w)
+            for grid, wb, scale in zip(layers, packed["project"], lead.scales)]  # [B*T', G*F, h', w']
 
-    def conv(x, wb):
-        return F.conv2d(x, wb[0], wb[1], padding=wb[0].shape[-1] // 2, groups=G)
+    def conv(x, wb, groups=1):
+        return F.conv2d(x, wb[0], wb[1], padding=wb[0].shape[-1] // 2, groups=groups)
+
+    def refine(x, c1, c2, groups=1):  # _ResidualConvUnit
+        return x + conv(F.relu(conv(F.relu(x), c1, groups)), c2, groups)
 
     x = None
-    for i in (3, 2, 1, 0):  # coarse to fine, as DPTHead.forward; each step a grouped _ResidualConvUnit
+    for i in (3, 2, 1):  # the coarse levels as DPTHead.forward, a group per head
         x = maps[i] if x is None else F.interpolate(x, size=maps[i].shape[-2:], mode="bilinear",
                                                     align_corners=False) + maps[i]
-        c1, c2 = packed["refine"][i]
-        x = x + conv(F.relu(conv(F.relu(x), c1)), c2)
-    x = F.relu(conv(x, packed["out"]))  # head.out[0:2], grouped
-    return [head._to_pixels(F.conv2d(part, *wb), B, Tp, h, w)  # head.out[2] (1x1), then pixels
-            for head, part, wb in zip(heads, x.chunk(G, 1), packed["last"])]
+        x = refine(x, *packed["refine"][i], groups=G)
+    # The finest level per head: its convolutions are compute-bound, and there oneDNN's grouped
+    # kernel is up to 10 % slower than one plain convolution per head (2-core CPU, batch 8).
+    x = F.interpolate(x, size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
+    outs = []
+    for head, a, b, (c1, c2, o0, o2) in zip(heads, x.chunk(G, 1), maps[0].chunk(G, 1), packed["fine"]):
+        y = conv(F.relu(conv(refine(a + b, c1, c2), o0)), o2)  # head.refine[0], then head.out
+        outs.append(head._to_pixels(y, B, Tp, h, w))
+    return outs
 
 
 def _head_params(h: DPTHead) -> list[Tensor]:
@@ -228,14 +238,19 @@ def _pack_heads(heads: Sequence[DPTHead]) -> dict:
     convolution weights channels-last."""
     def cat(mods, conv=False):
         w = torch.cat([m.weight for m in mods])
-        return (w.contiguous(memory_format=torch.channels_last) if conv else w), torch.cat([m.bias for m in mods])
+        b = torch.cat([m.bias for m in mods])
+        return (w.contiguous(memory_format=torch.channels_last) if conv else w), b
+
+    def cl(m):
+        return m.weight.contiguous(memory_format=torch.channels_last), m.bias
 
     return {
         "project": [cat([h.project[i] for h in heads]) for i in range(4)],
-        "refine": [(cat([h.refine[i].conv1 for h in heads], True), cat([h.refine[i].conv2 for h in heads], True))
-                   for i in range(4)],
-        "out": cat([h.out[0] for h in heads], True),
-        "last": [(h.out[2].weight.contiguous(memory_format=torch.channels_last), h.out[2].bias) for h in heads],
+        "refine": [None] + [(cat([h.refine[i].conv1 for h in heads], True),
+                             cat([h.refine[i].conv2 for h in heads], True)) for i in range(1, 4)],
+        # level 0 runs per head
+        "fine": [tuple(cl(m) for m in (h.refine[0].conv1, h.refine[0].conv2, h.out[0], h.out[2]))
+                 for h in heads],
     }
 
 
