@@ -12,8 +12,10 @@ a randomly initialised frozen teacher, computed once. The same inputs and the sa
 
 Providers, side by side (interleaved rounds, benchmarks/harness.py):
   rgpt4d-<backend>  every project op on the device's compiled backend (rgpt4d.ops.set_backend):
-                    the `--ops fused` configuration (cpu on CPU; cuda and triton on GPU)
-  eager             every project op on its plain-PyTorch reference (`--ops eager`)
+                    the `--ops fused` configuration (cpu on CPU; cuda and triton on GPU), the frozen
+                    teacher heads horizontally fused (rgpt4d.models.teacher.dpt_heads_fused)
+  eager             every project op on its plain-PyTorch reference (`--ops eager`), the heads one
+                    after the other
   compile           torch.compile of the model with the eager references (dynamo traces them)
 
 Kernels (rows of the CSV):
