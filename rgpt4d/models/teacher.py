@@ -157,12 +157,15 @@ class DPTHead(nn.Module):
 
 
 def same_structure(heads: Sequence[DPTHead]) -> bool:
-    """Whether `dpt_heads_fused` can run these heads together (same features, scales, input width)."""
+    """Whether `dpt_heads_fused` can run these heads together (same features, scales, input width,
+    dtype and device)."""
     if not heads:
         return False
     a = heads[0]
+    w0 = a.project[0].weight
     return all(isinstance(h, DPTHead) and h.scales == a.scales
-               and h.project[0].weight.shape == a.project[0].weight.shape
+               and h.project[0].weight.shape == w0.shape and h.project[0].weight.dtype == w0.dtype
+               and h.project[0].weight.device == w0.device
                and h.refine[0].conv1.weight.shape == a.refine[0].conv1.weight.shape for h in heads)
 
 
@@ -173,7 +176,7 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
     once over all heads' channels, and the refine convolutions of the three coarse levels are
     grouped convolutions (a group per head); the finest level (its refine unit, the output
     convolutions, the pixel shuffle) runs per head. Same arithmetic as the per-head loop in fewer
-    calls (three heads: 4 Linears instead of 12, 18 convolutions instead of 30, 4 resamples instead
+    calls (three heads: 4 Linears instead of 12, 18 convolutions instead of 30, 6 resamples instead
     of 18), with every convolution weight kept channels-last like the maps (oneDNN would otherwise
     reorder a contiguous weight on every call).
     The end-to-end effect is measured by benchmarks/bench_e2e.py (its eager provider runs the loop).
@@ -187,7 +190,8 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
     if len(layers) != 4:
         raise ValueError(f"dpt_heads_fused: expected four layer grids, got {len(layers)}")
     if not same_structure(heads):
-        raise ValueError("dpt_heads_fused: the heads must share features, scales and input width")
+        raise ValueError("dpt_heads_fused: the heads must share features, scales, input width, dtype and "
+                         "device")
     params = [p for h in heads for p in _head_params(h)]
     frozen = not any(p.requires_grad for p in params)
     # (a new dtype or device is a new storage; the old one is pinned below, so its address is not reused)
