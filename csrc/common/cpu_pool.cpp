@@ -3,9 +3,11 @@
 
 #include <c10/core/Allocator.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -145,7 +147,24 @@ int64_t cpu_pool_empty() { return OutputPool::get().empty(); }
 
 }  // namespace rgpt4d
 
+namespace rgpt4d {
+// How many threads an at::parallel_for compiled into this library runs on (a diagnostic for the
+// build: without -fopenmp, ATen's OpenMP pragma is dropped and the answer is 1 whatever
+// torch.get_num_threads() says).
+int64_t parallel_for_threads() {
+  std::atomic<int> widest{0};
+  at::parallel_for(0, 4 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num() + 1;
+    int seen = widest.load();
+    while (t > seen && !widest.compare_exchange_weak(seen, t)) {
+    }
+  });
+  return widest.load();
+}
+}  // namespace rgpt4d
+
 TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
+  m.def("parallel_for_threads() -> int", &rgpt4d::parallel_for_threads);
   m.def("cpu_pool_empty() -> int", &rgpt4d::cpu_pool_empty);
   m.def("cpu_pool_stats() -> int[]", []() -> std::vector<int64_t> {
     return {rgpt4d::cpu_pool_cached_bytes(), rgpt4d::cpu_pool_cached_blocks()};

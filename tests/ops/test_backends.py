@@ -92,3 +92,18 @@ def test_env_report_lists_backends_and_reasons():
     assert "rgpt4d._C     loaded" in r.stdout
     if not torch.cuda.is_available():
         assert "cuda    unavailable" in r.stdout
+
+
+def test_extension_parallel_for_uses_torch_threads():
+    """at::parallel_for in rgpt4d._C is an OpenMP region compiled into the extension: it only runs
+    on more than one thread when the extension is built with -fopenmp (setup.py). Without the flag
+    every at::parallel_for kernel silently ran on one thread."""
+    assert _backend.extension_loaded(), _backend.unavailable_reasons()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.rgpt4d.parallel_for_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.rgpt4d.parallel_for_threads() == 1
+    finally:
+        torch.set_num_threads(before)
