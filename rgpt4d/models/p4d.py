@@ -129,9 +129,11 @@ class RGPT4DForP4DTraining(nn.Module):
         rgpt4d.models.teacher.dpt_heads_fused) unless rgpt4d's ops are set to their eager references
         (`--ops eager`, set_backend("eager"), RGPT4D_BACKEND=eager); True / False force it. Heads
         of different structure always run one after the other."""
+        if len(self.teacher_heads) < 2:
+            return False
         if self.fuse_heads is not None:
-            return bool(self.fuse_heads) and len(self.teacher_heads) > 1
-        return len(self.teacher_heads) > 1 and _backend._global_backend() != "eager"
+            return bool(self.fuse_heads)
+        return _backend._global_backend() != "eager"
 
     def forward(self, *, teacher_targets: Optional[dict] = None, p4d: Optional[bool] = None,
                 return_logits: bool = False, **student_inputs) -> P4DOutput:

@@ -189,15 +189,18 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
     heads = list(heads)
     if len(layers) != 4:
         raise ValueError(f"dpt_heads_fused: expected four layer grids, got {len(layers)}")
-    if not same_structure(heads):
-        raise ValueError("dpt_heads_fused: the heads must share features, scales, input width, dtype and "
-                         "device")
+    if not heads:
+        raise ValueError("dpt_heads_fused: no heads")
     params = [p for h in heads for p in _head_params(h)]
     frozen = not any(p.requires_grad for p in params)
     # (a new dtype or device is a new storage; the old one is pinned below, so its address is not reused)
     key = (tuple(map(id, params)), tuple(p.data_ptr() for p in params), tuple(p._version for p in params)) \
         if frozen else None
     if cache is None or key is None or cache.get("key") != key:
+        # (checked when packing: a cache hit means the same parameters, so the same shapes)
+        if not same_structure(heads):
+            raise ValueError("dpt_heads_fused: the heads must share features, scales, input width, dtype "
+                             "and device")
         packed = _pack_heads(heads)
         if cache is not None and key is not None:
             cache.clear()

@@ -116,7 +116,7 @@ def test_bad_input():
     assert not same_structure(heads + [other]) and same_structure(heads)
     with pytest.raises(ValueError, match="share features"):
         dpt_heads_fused(heads + [other.double()], layers)
-    with pytest.raises(ValueError, match="share features"):
+    with pytest.raises(ValueError, match="no heads"):
         dpt_heads_fused([], layers)
 
 
