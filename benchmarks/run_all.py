@@ -26,6 +26,7 @@ SCRIPTS = [
     ("tpe", "bench_tpe.py", ["--batches", "1"]),  # small + the paper shape at B=1
     ("regional", "bench_regional.py", ["--sizes", "small"]),
     ("p4d_loss", "bench_p4d_loss.py", ["--batches", "1", "--linear-n", "4096"]),  # small + paper-B1
+    ("attention", "bench_attention.py", []),  # the student's SigLIP and Qwen2 calls
     # the training step takes ~1 s a call: a longer budget for more paired rounds; --profile writes
     # e2e_profile.txt (where the time goes in one step of each provider)
     ("e2e", "bench_e2e.py", ["--batch", "2", "--max-seconds", "15", "--profile"]),

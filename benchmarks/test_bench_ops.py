@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_p4d_loss, bench_regional  # noqa: E402
 from benchmarks.harness import mode_fn  # noqa: E402
-from rgpt4d.ops import (available_backends, fused_linear_latent_loss, mask_pool, p4d_loss, region_pool,  # noqa: E402
+from rgpt4d.ops import (attention, available_backends, fused_linear_latent_loss, mask_pool, p4d_loss, region_pool,  # noqa: E402
                         roi_align, tpe_add, tpe_downsample_layernorm)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +128,16 @@ def e2e():
     from benchmarks.bench_e2e import build
 
     return build("tiny", 1, DEVICE, regions=6)
+
+
+# ---- attention (bench_attention.py's llm-tiny case: causal, 4 query / 2 key-value heads) ---------
+
+@pytest.mark.parametrize("backend", BACKENDS if DEVICE.type == "cpu" else ["eager"])
+def test_attention_full(benchmark, backend):
+    q, k, v = (torch.randn(2, 211, H, 32, device=DEVICE).transpose(1, 2) for H in (4, 2, 2))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    _run(benchmark, mode_fn("full", lambda: attention(q, k, v, causal=True, backend=backend, validate=False),
+                            [q, k, v]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

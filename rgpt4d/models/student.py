@@ -28,13 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.qwen2 import modeling_qwen2
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm
+from transformers.models.siglip import modeling_siglip
+from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.utils import ModelOutput
 
 from rgpt4d.models.attention import resolve_attn_implementation
 from rgpt4d.models.configs import RGPT4DConfig
 from rgpt4d.models.teacher import normalize_frames
-from rgpt4d.ops import fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
+from rgpt4d.ops import attention, fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
+from rgpt4d.ops.attn import attention_backend
 from rgpt4d.ops.lm import IGNORE_INDEX
 
 BOX_TOLERANCE = 1e-3  # pixels
@@ -156,9 +160,56 @@ class _Qwen2MLP(Qwen2MLP):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                   dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                   **kwargs) -> tuple[Tensor, None]:
+    """transformers' "sdpa" attention function (query/key/value [B, H, L, D] -> ([B, L, H, Dv], None))
+    through rgpt4d.ops.attention when the process-wide backend gives a compiled kernel for it; with
+    backend eager (and for what the op does not cover: dropout, position bias, softcap) it is
+    transformers' own sdpa_attention_forward, unchanged. The same causal rule as transformers':
+    causal when more than one query, no mask and a causal module; grouped-query heads natively."""
+    if (attention_backend(query.device) == "eager" or (dropout and module.training)
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and query.shape[2] > 1 and attention_mask is None
+    out = attention(query, key, value, attention_mask, causal=causal, scale=scaling, validate=False)
+    return out.transpose(1, 2), None  # [B, L, H, Dv]: contiguous for the cpu backend, no copy
+
+
+class _SiglipAttention(SiglipAttention):
+    """SiglipAttention whose "sdpa" attention goes through rgpt4d.ops.attention (sdpa_attention): the
+    projections are the module's own; backend eager is transformers' sdpa path."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.config._attn_implementation == "sdpa":
+            fn = sdpa_attention
+        else:
+            fn = modeling_siglip.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                       modeling_siglip.eager_attention_forward)
+        out, weights = fn(self, q, k, v, attention_mask, is_causal=self.is_causal, scaling=self.scale,
+                          dropout=0.0 if not self.training else self.dropout)
+        return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def use_rgpt4d_vision_ops(vision_tower: nn.Module) -> nn.Module:
+    """Route the SigLIP tower's attention through rgpt4d.ops.attention (see sdpa_attention), in place;
+    parameters and state dicts unchanged."""
+    for module in vision_tower.modules():
+        if type(module) is SiglipAttention:
+            module.__class__ = _SiglipAttention
+    return vision_tower
+
+
 class _Qwen2Attention(Qwen2Attention):
     """Qwen2Attention with the rotary embedding through rgpt4d.ops.rope (q and k in one op; backend eager
-    is transformers' apply_rotary_pos_emb). The rest is transformers' Qwen2Attention.forward, as is."""
+    is transformers' apply_rotary_pos_emb) and, under attn_implementation "sdpa", the attention through
+    rgpt4d.ops.attention (sdpa_attention). The rest is transformers' Qwen2Attention.forward, as is."""
 
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
                 attention_mask: Optional[Tensor], cache=None, **kwargs):
@@ -173,8 +224,11 @@ class _Qwen2Attention(Qwen2Attention):
         query_states, key_states = rope(query_states, key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
-        attention_interface = modeling_qwen2.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, modeling_qwen2.eager_attention_forward)
+        if self.config._attn_implementation == "sdpa":
+            attention_interface = sdpa_attention
+        else:
+            attention_interface = modeling_qwen2.ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, modeling_qwen2.eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self, query_states, key_states, value_states, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
@@ -184,8 +238,8 @@ class _Qwen2Attention(Qwen2Attention):
 
 
 def use_rgpt4d_llm_ops(language_model: nn.Module) -> nn.Module:
-    """Route the Qwen2 LLM's RMSNorms, SwiGLU MLPs and rotary embeddings through rgpt4d.ops (rms_norm,
-    swiglu, rope), in place.
+    """Route the Qwen2 LLM's RMSNorms, SwiGLU MLPs, rotary embeddings and attention through rgpt4d.ops
+    (rms_norm, swiglu, rope, attention), in place.
 
     The modules keep their parameters and names (state dicts are unchanged); only their forward changes
     to call the op, so the process-wide backend (`--ops fused|eager`, rgpt4d.ops.set_backend) picks the
@@ -239,7 +293,7 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
         attn = resolve_attn_implementation(config.attn_implementation_name)
         vcfg = SiglipVisionConfig(**config.vision_config)
         tcfg = Qwen2Config(**config.text_config)
-        self.vision_tower = SiglipVisionModel._from_config(vcfg, attn_implementation=attn)
+        self.vision_tower = use_rgpt4d_vision_ops(SiglipVisionModel._from_config(vcfg, attn_implementation=attn))
         D, D_llm = vcfg.hidden_size, tcfg.hidden_size
         self.projector = Projector(D, config.downsample_window, config.projector_hidden_size, D_llm, config.tpe,
                                    config.tpe_base, config.tpe_kind, config.num_frames)

@@ -13,6 +13,7 @@ from rgpt4d.ops._backend import (
     set_backend,
     unavailable_reasons,
 )
+from rgpt4d.ops.attn import attention, attention_eager, attention_math
 from rgpt4d.ops.heads import pixel_shuffle_act, pixel_shuffle_act_eager
 from rgpt4d.ops.lm import (
     FusedLinearCrossEntropyLoss,
@@ -68,6 +69,9 @@ __all__ = [
     "empty_cpu_cache",
     "set_backend",
     "unavailable_reasons",
+    "attention",
+    "attention_eager",
+    "attention_math",
     "pixel_shuffle_act",
     "pixel_shuffle_act_eager",
     "FusedLinearCrossEntropyLoss",
