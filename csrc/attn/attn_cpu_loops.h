@@ -4,7 +4,7 @@
 // what the auto-vectoriser makes of it; the float entry points have an AVX2+FMA clone chosen at
 // load time (RGPT4D_CPU_CLONES; the baseline clone runs the same vectors as SSE pairs).
 //
-// float rows use a vector exp (the Cephes-style polynomial of lm_cpu_loops.h, ~1 ulp, exactly 0
+// float rows use a vector exp (cephes_exp_parts of common/cpu_exp.h, ~1 ulp, exactly 0
 // below -87.3); double rows (the float64 path, for gradcheck) use std::exp.
 #pragma once
 
@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "common/hd.h"
+#include "common/cpu_exp.h"
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
@@ -94,16 +95,8 @@ RGPT4D_ATTN_INLINE AttnVec<float>::type attn_exp_nonpos_f8(AttnVec<float>::type 
   const V lo = V{} + -87.3365f;
   const AttnI8 under = x < lo;
   x = under ? lo : x;
-  const V fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  const V z = x * x;
-  V y = V{} + 1.9875691500E-4f;
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * z + x + 1.0f;
+  V fx;
+  const V y = cephes_exp_parts(x, fx);
   const AttnI8 bits = (__builtin_convertvector(fx, AttnI8) + 127) << 23;
   V pow2;
   std::memcpy(&pow2, &bits, sizeof(pow2));

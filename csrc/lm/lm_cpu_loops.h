@@ -8,24 +8,16 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/cpu_exp.h"
 #include "common/hd.h"
 
 namespace rgpt4d {
 namespace cpu {
 
-// exp(x) for x in [-87, 0]: Cephes-style range reduction and polynomial (~1 ulp).
+// exp(x) for x in [-87, 0].
 static inline float lm_exp_nonpos(float x) {
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (no floor call: keeps the loops vectorisable)
-  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  const float z = x * x;
-  float y = 1.9875691500E-4f;
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * z + x + 1.0f;
+  float fx;
+  const float y = cephes_exp_parts(x, fx);
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23;
   return y * std::bit_cast<float>(bits);
 }
