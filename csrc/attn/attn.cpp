@@ -47,9 +47,9 @@ using cpu::attn_round_up;
 using cpu::kAttnTileM;
 using cpu::kAttnTileN;
 
-constexpr int64_t kBlockM = 32;  // query rows of a forward / dQ task
-constexpr int64_t kBlockN = 64;  // keys of a dK/dV task
-constexpr int64_t kChunkQ = 64;  // query rows per step inside a dK/dV task
+constexpr int64_t kBlockM = 32;  // query rows of a forward task
+constexpr int64_t kBlockN = 64;  // keys per block inside a backward task
+constexpr int64_t kChunkQ = 64;  // query rows per chunk inside a backward task
 
 template <typename T>
 struct View {  // a [B, H, L, D] tensor with unit stride on its last dimension
@@ -160,7 +160,7 @@ void scores_rows(const Args<T, A>& a, int64_t b, int64_t h, int64_t i0, int64_t 
 }
 
 // kt [D x np] (keys transposed) and vp [Lk x dvp] (values, rows padded) of every (b, key/value head)
-template <typename T, typename A>
+template <typename A>
 struct Packed {
   const A* kt;
   const A* vp;
@@ -168,7 +168,7 @@ struct Packed {
 };
 
 template <typename T, typename A>
-void forward_task(const Args<T, A>& a, const Packed<T, A>& pk, int64_t b, int64_t h, int64_t i0, T* out, A* lse) {
+void forward_task(const Args<T, A>& a, const Packed<A>& pk, int64_t b, int64_t h, int64_t i0, T* out, A* lse) {
   const int64_t i1 = std::min(i0 + kBlockM, a.Lq), m = i1 - i0, mp = attn_round_up(m, kAttnTileM);
   const int64_t jn = a.causal ? std::min(a.Lk, i1) : a.Lk;
   const int64_t np = attn_round_up(std::max<int64_t>(jn, 1), kAttnTileN), dvp = pk.dvp;
@@ -399,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
         pack_rows(vp.data() + t * Lk * dvp, dvp, a.v, t / Hkv, t % Hkv, 0, Lk, Lk, Dv, A(1));
       }
     });
-    const Packed<scalar_t, A> pk{kt.data(), vp.data(), np, dvp};
+    const Packed<A> pk{kt.data(), vp.data(), np, dvp};
     const int64_t nb = (Lq + kBlockM - 1) / kBlockM;
     // at::parallel_for hands each thread a contiguous range of tasks: ordered by head, so the
     // ranges hold whole heads (equal work under causal masking when the heads divide evenly)
