@@ -1,4 +1,6 @@
-"""Attention backends for the student: sdpa (default), eager, flash-attn 2, xformers.
+"""Attention backends for the student: sdpa (default), eager, flash-attn 2, xformers; and
+`sdpa_attention`, transformers' "sdpa" attention function through rgpt4d.ops.attention, which the
+student's SigLIP and Qwen2 and the teacher's VideoMAE attention modules call.
 
 flash-attn 2 and xformers are optional (`pip install rgpt4d[gpu]`) and run only on CUDA. Asking for
 one that cannot run here raises `AttentionBackendError` naming what is missing, before any model is
@@ -11,8 +13,11 @@ import importlib
 from typing import Optional
 
 import torch
+from torch import Tensor, nn
 
 from rgpt4d.models.configs import ATTN_IMPLEMENTATIONS
+from rgpt4d.ops import attention
+from rgpt4d.ops.attn import attention_backend
 
 
 class AttentionBackendError(RuntimeError):
@@ -76,3 +81,23 @@ def resolve_attn_implementation(name: str, device: Optional[torch.device | str] 
         AttentionInterface.register("xformers", _xformers_attention)
         _registered = True
     return name
+
+
+def sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                   dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                   **kwargs) -> tuple[Tensor, None]:
+    """transformers' "sdpa" attention function (query/key/value [B, H, L, D] -> ([B, L, H, Dv], None))
+    through rgpt4d.ops.attention when the process-wide backend gives a compiled kernel for it; with
+    backend eager (and for what the op does not cover: dropout, position bias, softcap) it is
+    transformers' own sdpa_attention_forward, unchanged. The same causal rule as transformers':
+    causal when more than one query, no mask and a causal module; grouped-query heads natively."""
+    if (attention_backend(query.device) == "eager" or (dropout and module.training)
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and query.shape[2] > 1 and attention_mask is None
+    out = attention(query, key, value, attention_mask, causal=causal, scale=scaling, validate=False)
+    return out.transpose(1, 2), None  # [B, L, H, Dv]: contiguous for the cpu backend, no copy

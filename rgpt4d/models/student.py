@@ -28,17 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.qwen2 import modeling_qwen2
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm
 from transformers.models.siglip import modeling_siglip
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.utils import ModelOutput
 
-from rgpt4d.models.attention import resolve_attn_implementation
+from rgpt4d.models.attention import resolve_attn_implementation, sdpa_attention
 from rgpt4d.models.configs import RGPT4DConfig
 from rgpt4d.models.teacher import normalize_frames
-from rgpt4d.ops import attention, fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
-from rgpt4d.ops.attn import attention_backend
+from rgpt4d.ops import fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
 from rgpt4d.ops.lm import IGNORE_INDEX
 
 BOX_TOLERANCE = 1e-3  # pixels
@@ -158,24 +156,6 @@ class _Qwen2MLP(Qwen2MLP):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-def sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                   dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                   **kwargs) -> tuple[Tensor, None]:
-    """transformers' "sdpa" attention function (query/key/value [B, H, L, D] -> ([B, L, H, Dv], None))
-    through rgpt4d.ops.attention when the process-wide backend gives a compiled kernel for it; with
-    backend eager (and for what the op does not cover: dropout, position bias, softcap) it is
-    transformers' own sdpa_attention_forward, unchanged. The same causal rule as transformers':
-    causal when more than one query, no mask and a causal module; grouped-query heads natively."""
-    if (attention_backend(query.device) == "eager" or (dropout and module.training)
-            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and query.shape[2] > 1 and attention_mask is None
-    out = attention(query, key, value, attention_mask, causal=causal, scale=scaling, validate=False)
-    return out.transpose(1, 2), None  # [B, L, H, Dv]: contiguous for the cpu backend, no copy
 
 
 class _SiglipAttention(SiglipAttention):

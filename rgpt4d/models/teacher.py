@@ -273,6 +273,45 @@ class TeacherOutput:
     motion: Optional[Tensor] = None  # [B, T, H, W] logits
 
 
+def _videomae_attention_class():
+    """VideoMAESelfAttention whose "sdpa" attention goes through rgpt4d.ops.attention
+    (rgpt4d.models.attention.sdpa_attention); projections and parameters are the module's own,
+    backend eager is transformers' sdpa path. Built on first use (transformers imported lazily)."""
+    global _VIDEOMAE_ATTENTION
+    if _VIDEOMAE_ATTENTION is None:
+        from transformers.models.videomae import modeling_videomae as mv
+
+        from rgpt4d.models.attention import sdpa_attention
+
+        class _VideoMAESelfAttention(mv.VideoMAESelfAttention):
+            def forward(self, hidden_states: Tensor):
+                shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+                k = self.key(hidden_states).view(shape).transpose(1, 2)
+                v = self.value(hidden_states).view(shape).transpose(1, 2)
+                q = self.query(hidden_states).view(shape).transpose(1, 2)
+                impl = self.config._attn_implementation
+                fn = sdpa_attention if impl == "sdpa" else mv.ALL_ATTENTION_FUNCTIONS.get_interface(
+                    impl, mv.eager_attention_forward)
+                ctx, probs = fn(self, q, k, v, None, is_causal=self.is_causal, scaling=self.scaling,
+                                dropout=0.0 if not self.training else self.dropout_prob)
+                return ctx.reshape(*ctx.shape[:-2], self.all_head_size), probs
+
+        _VIDEOMAE_ATTENTION = (mv.VideoMAESelfAttention, _VideoMAESelfAttention)
+    return _VIDEOMAE_ATTENTION
+
+
+_VIDEOMAE_ATTENTION = None
+
+
+def use_rgpt4d_encoder_ops(encoder: nn.Module) -> nn.Module:
+    """Route a VideoMAE encoder's attention through rgpt4d.ops.attention, in place (state dict unchanged)."""
+    stock, ours = _videomae_attention_class()
+    for module in encoder.modules():
+        if type(module) is stock:
+            module.__class__ = ours
+    return encoder
+
+
 class Teacher4D(nn.Module):
     """L4P-like teacher. Train it with `train_teacher`, then it is frozen (`freeze()`)."""
 
@@ -281,7 +320,7 @@ class Teacher4D(nn.Module):
         from transformers import VideoMAEConfig, VideoMAEModel
 
         self.config = config
-        self.encoder = VideoMAEModel(VideoMAEConfig(**config.videomae_kwargs()))
+        self.encoder = use_rgpt4d_encoder_ops(VideoMAEModel(VideoMAEConfig(**config.videomae_kwargs())))
         self.heads = nn.ModuleDict({
             name: DPTHead(config.hidden_size, config.head_features, HEAD_SPECS[name][0], config.patch_size,
                           config.tubelet_size, HEAD_SPECS[name][1], config.head_scales)

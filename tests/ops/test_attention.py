@@ -240,6 +240,7 @@ def test_student_vision_tower_and_llm_attention_go_through_the_op(monkeypatch):
     # transformers' own path (backend eager) to rounding
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
+    from rgpt4d.models import attention as at
     from rgpt4d.models import student as st
 
     cfg = SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -250,8 +251,8 @@ def test_student_vision_tower_and_llm_attention_go_through_the_op(monkeypatch):
     stock.load_state_dict(tower.state_dict())
     x = torch.randn(3, 3, 32, 32)
     calls = []
-    real = st.attention
-    monkeypatch.setattr(st, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = at.attention
+    monkeypatch.setattr(at, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     set_backend("cpu")
     try:
         out = tower(pixel_values=x).last_hidden_state
@@ -265,3 +266,35 @@ def test_student_vision_tower_and_llm_attention_go_through_the_op(monkeypatch):
     finally:
         set_backend(None)
     assert len(calls) == 2  # backend eager: transformers' sdpa path, not the op
+
+
+def test_teacher_encoder_attention_goes_through_the_op(monkeypatch):
+    # the VideoMAE teacher's attention (trained in P4D's first stage, then frozen): through the op with
+    # the cpu backend, equal to stock transformers to rounding, forward and backward
+    from transformers import VideoMAEModel
+
+    from rgpt4d.models import attention as at
+    from rgpt4d.models.configs import get_preset
+    from rgpt4d.models.teacher import Teacher4D
+
+    teacher = Teacher4D(get_preset("smoke").teacher)
+    enc = teacher.encoder
+    stock = VideoMAEModel(enc.config)
+    stock.load_state_dict(enc.state_dict())
+    cfg = enc.config
+    x = torch.randn(2, cfg.num_frames, cfg.num_channels, cfg.image_size, cfg.image_size)
+    calls = []
+    real = at.attention
+    monkeypatch.setattr(at, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    set_backend("cpu")
+    try:
+        out = enc(pixel_values=x).last_hidden_state
+        out.square().mean().backward()
+    finally:
+        set_backend(None)
+    assert len(calls) == cfg.num_hidden_layers
+    ref = stock(pixel_values=x).last_hidden_state
+    ref.square().mean().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for (n, p), q in zip(enc.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * max(1.0, float(q.grad.abs().max())), msg=n)
