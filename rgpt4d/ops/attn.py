@@ -165,12 +165,16 @@ def _validate(q, k, v, mask, scale) -> None:
 
 
 def attention_backend(device: torch.device, backend: Optional[str] = None) -> str:
-    """The backend attention runs with on `device`: backend= or the process-wide one, except that a
-    process-wide "cuda"/"triton" and CUDA tensors run SDPA ("eager"); cpu on CPU tensors by default."""
-    requested = backend if backend is not None else _backend._global_backend()
-    if requested in ("cuda", "triton") or torch.device(device).type != "cpu":
-        requested = "eager"  # a GPU run of the whole stack: SDPA's own fused kernels
-    return _backend.resolve("attention", FAMILY, torch.device(device), requested)
+    """The backend attention runs with on `device`: backend= (checked as every op's), else the
+    process-wide one, except that a process-wide "cuda"/"triton" and, by default, CUDA tensors run
+    SDPA ("eager"); cpu on CPU tensors by default."""
+    device = torch.device(device)
+    requested = backend
+    if requested is None:
+        requested = _backend._global_backend()
+        if requested in ("cuda", "triton") or (requested is None and device.type != "cpu"):
+            requested = "eager"  # a GPU run of the whole stack: SDPA's own fused kernels
+    return _backend.resolve("attention", FAMILY, device, requested)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *, causal: bool = False,
