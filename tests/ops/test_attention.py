@@ -235,12 +235,20 @@ def test_the_kernel_checks_its_arguments_without_validation():
         torch.ops.rgpt4d.attention(q, k, v, torch.ones(3, 3, dtype=torch.bool), 1.0, False)
 
 
+def _count_op_calls(monkeypatch) -> list:
+    """Count the calls of rgpt4d.ops.attention made by the models' sdpa_attention."""
+    from rgpt4d.models import attention as at
+
+    calls, real = [], at.attention
+    monkeypatch.setattr(at, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 def test_student_vision_tower_and_llm_attention_go_through_the_op(monkeypatch):
     # SigLIP's and Qwen2's "sdpa" attention run rgpt4d.ops.attention with the cpu backend and equal
     # transformers' own path (backend eager) to rounding
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from rgpt4d.models import attention as at
     from rgpt4d.models import student as st
 
     cfg = SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -250,9 +258,7 @@ def test_student_vision_tower_and_llm_attention_go_through_the_op(monkeypatch):
     stock = SiglipVisionModel._from_config(cfg, attn_implementation="sdpa")
     stock.load_state_dict(tower.state_dict())
     x = torch.randn(3, 3, 32, 32)
-    calls = []
-    real = at.attention
-    monkeypatch.setattr(at, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_op_calls(monkeypatch)
     set_backend("cpu")
     try:
         out = tower(pixel_values=x).last_hidden_state
@@ -273,7 +279,6 @@ def test_teacher_encoder_attention_goes_through_the_op(monkeypatch):
     # the cpu backend, equal to stock transformers to rounding, forward and backward
     from transformers import VideoMAEModel
 
-    from rgpt4d.models import attention as at
     from rgpt4d.models.configs import get_preset
     from rgpt4d.models.teacher import Teacher4D
 
@@ -283,9 +288,7 @@ def test_teacher_encoder_attention_goes_through_the_op(monkeypatch):
     stock.load_state_dict(enc.state_dict())
     cfg = enc.config
     x = torch.randn(2, cfg.num_frames, cfg.num_channels, cfg.image_size, cfg.image_size)
-    calls = []
-    real = at.attention
-    monkeypatch.setattr(at, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_op_calls(monkeypatch)
     set_backend("cpu")
     try:
         out = enc(pixel_values=x).last_hidden_state
