@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -392,14 +393,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
     const int64_t Hkv = k.size(1), Lk = k.size(2), D = q.size(3);
     const int64_t np = attn_round_up(std::max<int64_t>(Lk, 1), kAttnTileN), dvp = attn_round_up(Dv, kAttnTileN);
     // every (b, key/value head)'s keys transposed and values padded, once (shared by its query blocks)
-    std::vector<A> kt(static_cast<size_t>(B * Hkv * D * np)), vp(static_cast<size_t>(B * Hkv * std::max<int64_t>(Lk, 1) * dvp));
+    // uninitialised: the packing writes every element, padding included
+    std::unique_ptr<A[]> kt(new A[B * Hkv * D * np]), vp(new A[B * Hkv * std::max<int64_t>(Lk, 1) * dvp]);
     at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        pack_cols(kt.data() + t * D * np, np, a.k, t / Hkv, t % Hkv, 0, Lk, D, A(1));
-        pack_rows(vp.data() + t * Lk * dvp, dvp, a.v, t / Hkv, t % Hkv, 0, Lk, Lk, Dv, A(1));
+        pack_cols(kt.get() + t * D * np, np, a.k, t / Hkv, t % Hkv, 0, Lk, D, A(1));
+        pack_rows(vp.get() + t * Lk * dvp, dvp, a.v, t / Hkv, t % Hkv, 0, Lk, Lk, Dv, A(1));
       }
     });
-    const Packed<A> pk{kt.data(), vp.data(), np, dvp};
+    const Packed<A> pk{kt.get(), vp.get(), np, dvp};
     const int64_t nb = (Lq + kBlockM - 1) / kBlockM;
     // at::parallel_for hands each thread a contiguous range of tasks: ordered by head, so the
     // ranges hold whole heads (equal work under causal masking when the heads divide evenly)

@@ -101,3 +101,12 @@ def sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     causal = bool(causal) and query.shape[2] > 1 and attention_mask is None
     out = attention(query, key, value, attention_mask, causal=causal, scale=scaling, validate=False)
     return out.transpose(1, 2), None  # [B, L, H, Dv]: contiguous for the cpu backend, no copy
+
+
+def attention_function(module: nn.Module, eager_fn):
+    """The attention function a transformers attention module calls: sdpa_attention (the op) under
+    "sdpa", else transformers' registered implementation (eager_fn: the model's own eager one)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = module.config._attn_implementation
+    return sdpa_attention if impl == "sdpa" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_fn)

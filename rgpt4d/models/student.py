@@ -33,7 +33,7 @@ from transformers.models.siglip import modeling_siglip
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.utils import ModelOutput
 
-from rgpt4d.models.attention import resolve_attn_implementation, sdpa_attention
+from rgpt4d.models.attention import attention_function, resolve_attn_implementation
 from rgpt4d.models.configs import RGPT4DConfig
 from rgpt4d.models.teacher import normalize_frames
 from rgpt4d.ops import fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
@@ -167,11 +167,7 @@ class _SiglipAttention(SiglipAttention):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.config._attn_implementation == "sdpa":
-            fn = sdpa_attention
-        else:
-            fn = modeling_siglip.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                       modeling_siglip.eager_attention_forward)
+        fn = attention_function(self, modeling_siglip.eager_attention_forward)
         out, weights = fn(self, q, k, v, attention_mask, is_causal=self.is_causal, scaling=self.scale,
                           dropout=0.0 if not self.training else self.dropout)
         return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
@@ -204,11 +200,7 @@ class _Qwen2Attention(Qwen2Attention):
         query_states, key_states = rope(query_states, key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
-        if self.config._attn_implementation == "sdpa":
-            attention_interface = sdpa_attention
-        else:
-            attention_interface = modeling_qwen2.ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, modeling_qwen2.eager_attention_forward)
+        attention_interface = attention_function(self, modeling_qwen2.eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self, query_states, key_states, value_states, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,

@@ -281,7 +281,7 @@ def _videomae_attention_class():
     if _VIDEOMAE_ATTENTION is None:
         from transformers.models.videomae import modeling_videomae as mv
 
-        from rgpt4d.models.attention import sdpa_attention
+        from rgpt4d.models.attention import attention_function
 
         class _VideoMAESelfAttention(mv.VideoMAESelfAttention):
             def forward(self, hidden_states: Tensor):
@@ -289,9 +289,7 @@ def _videomae_attention_class():
                 k = self.key(hidden_states).view(shape).transpose(1, 2)
                 v = self.value(hidden_states).view(shape).transpose(1, 2)
                 q = self.query(hidden_states).view(shape).transpose(1, 2)
-                impl = self.config._attn_implementation
-                fn = sdpa_attention if impl == "sdpa" else mv.ALL_ATTENTION_FUNCTIONS.get_interface(
-                    impl, mv.eager_attention_forward)
+                fn = attention_function(self, mv.eager_attention_forward)
                 ctx, probs = fn(self, q, k, v, None, is_causal=self.is_causal, scaling=self.scaling,
                                 dropout=0.0 if not self.training else self.dropout_prob)
                 return ctx.reshape(*ctx.shape[:-2], self.all_head_size), probs
