@@ -42,6 +42,7 @@
 
 #include "common/cpu_alloc.h"
 #include "common/cpu_parallel.h"
+#include "common/cpu_stream.h"
 #include "p4d/p4d_common.h"
 #include "p4d/p4d_cpu_loops.h"
 #include "p4d/p4d_math.h"
@@ -203,16 +204,12 @@ double block_loss(int kind, const float* p, const float* t, const uint8_t* m, co
 }
 
 // Whether a call writes its gradients with non-temporal stores (AVX2 loop, float gradients):
-// when the bytes it reads and writes are well beyond a last-level cache (32 MiB), the gradients
-// would be evicted before anyone reads them anyway.
-constexpr int64_t kStreamFootprint = int64_t(32) << 20;
+// when the bytes it reads and writes are well beyond a last-level cache (common/cpu_stream.h),
+// the gradients would be evicted before anyone reads them anyway.
+using cpu::kStreamFootprint;
 
 void stream_fence(bool stream) {
-#if defined(RGPT4D_P4D_AVX2)
-  if (stream) cpu::p4d_stream_fence();
-#else
-  (void)stream;
-#endif
+  if (stream) cpu::stream_fence();
 }
 
 template <typename A>

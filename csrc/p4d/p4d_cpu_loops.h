@@ -205,7 +205,7 @@ float p4d_block_avx2_kind(const float* p, const float* t, const uint8_t* m, cons
 }
 
 // Same contract as p4d_block_f32; stream: write the gradient with non-temporal stores (g must be
-// 32-byte aligned; callers end with p4d_stream_fence() before the gradient is read elsewhere).
+// 32-byte aligned; callers end with cpu::stream_fence() before the gradient is read elsewhere).
 static float p4d_block_f32_avx2(int kind, const float* p, const float* t, const uint8_t* m, const float* chain,
                                 float* g, float* l, int64_t n, P4DConsts<float> c, float scale, bool stream) {
   stream = stream && (reinterpret_cast<uintptr_t>(g) & 31) == 0;
@@ -214,7 +214,6 @@ static float p4d_block_f32_avx2(int kind, const float* p, const float* t, const 
   return p4d_block_avx2_kind<kP4DL1>(p, t, m, chain, g, l, n, c, scale, stream);
 }
 
-inline void p4d_stream_fence() { _mm_sfence(); }
 #endif  // RGPT4D_P4D_AVX2
 
 // Number of nonzero bytes (bool masks). 32-bit partial counts per 2^20 bytes, so no overflow.
