@@ -51,6 +51,44 @@ def providers(device: torch.device, use_compile: bool):
     return prov
 
 
+# Issue 2's targets (CPU, 2 cores): bandwidth fractions and speed-ups measured in one run.
+TARGETS = {"add_copy_fraction": 0.85, "table_grad_read_fraction": 0.8, "ds_ln_fwd_vs_eager": 4.0,
+           "ds_ln_fwd_vs_compile": 1.5, "ds_ln_full_vs_eager": 3.0}
+
+
+def summary(bench: Bench, provider: str, cases, modes) -> str:
+    """The issue's targets for `provider` on each paper-shaped case, from this run's rows."""
+    out = ["", f"## Targets (issue 2), measured in this run ({provider})"]
+
+    def fmt(v, target):
+        return "n/a" if v is None else f"{v:.2f} ({'meets' if v >= target else 'MISSES'} >= {target})"
+
+    def val(kernel, mode, x, metric):
+        return bench.value(kernel, provider, mode, x, metric)
+
+    for x in cases:
+        parts = []
+        if "forward" in modes:
+            parts.append("tpe_add[sin] forward, fraction of copy_ bandwidth "
+                         + fmt(val("tpe_add[sin]", "forward", x, "copy_fraction"), TARGETS["add_copy_fraction"]))
+        if "backward" in modes:
+            parts.append("table gradient (tpe_add[learned] backward), fraction of one read of grad_out "
+                         + fmt(val("tpe_add[learned]", "backward", x, "read_fraction"),
+                               TARGETS["table_grad_read_fraction"]))
+        if "forward" in modes:
+            parts.append("tpe_downsample_layernorm forward vs eager "
+                         + fmt(val("tpe_downsample_layernorm", "forward", x, "speedup_vs_eager"),
+                               TARGETS["ds_ln_fwd_vs_eager"])
+                         + ", vs compile " + fmt(val("tpe_downsample_layernorm", "forward", x, "speedup_vs_compile"),
+                                                 TARGETS["ds_ln_fwd_vs_compile"]))
+        if "full" in modes:
+            parts.append("tpe_downsample_layernorm full vs eager "
+                         + fmt(val("tpe_downsample_layernorm", "full", x, "speedup_vs_eager"),
+                               TARGETS["ds_ln_full_vs_eager"]))
+        out.append(f"- {x}: " + "; ".join(parts))
+    return "\n".join(out)
+
+
 def shapes(quick: bool, batches=(1, 2, 4)):
     small = [("small", 2, 8, 8, 8, 64)]
     paper = [(f"paper-B{b}", b, 16, 27, 27, 1152) for b in batches]
@@ -66,7 +104,8 @@ def main(argv=None) -> int:
     bench = make_bench(args, device)
     prov = providers(device, not args.no_compile)
     dtype = torch.float32
-    for label, B, T, h, w, D in shapes(args.quick, [int(b) for b in args.batches.split(",") if b]):
+    cases = shapes(args.quick, [int(b) for b in args.batches.split(",") if b])
+    for label, B, T, h, w, D in cases:
         esize = torch.finfo(dtype).bits // 8
         x = torch.randn(B, T, h * w, D, device=device, dtype=dtype)
         secs = torch.rand(B, T, device=device) * 30
@@ -117,7 +156,10 @@ def main(argv=None) -> int:
                           config=cfg, min_bytes=mb, copy_bytes=nbytes)
         del x
     out_dir = results_dir(args, device)
-    bench.finish(out_dir, "tpe" if not args.quick else "tpe-quick", "TPE ops", plots=not args.no_plots)
+    ours = next((n for n in prov if n.startswith("rgpt4d-")), None)
+    paper = [c[0] for c in cases if c[0].startswith("paper")]
+    extra = summary(bench, ours, paper, modes) if ours and paper else ""
+    bench.finish(out_dir, "tpe" if not args.quick else "tpe-quick", "TPE ops", plots=not args.no_plots, extra=extra)
     return 0
 
 

@@ -392,12 +392,16 @@ class Bench:
             if min_bytes:
                 gbs = min_bytes / (p50 * 1e-3) / 1e9
                 self.add_row(kernel, name, mode, "bandwidth", "GB/s", x, gbs, config=config)
-                for ref, metric in (("__copy_", "copy_fraction"), ("__clone", "clone_fraction")):
-                    ref_bw = moved / (statistics.median(times[ref]) * 1e-3)
-                    self.add_row(kernel, name, mode, metric, "ratio", x, gbs * 1e9 / ref_bw, config=config)
-                # against a pure read (Tensor.sum) of the same bytes: the floor of a reduction
-                read_bw = (moved // 2) / (statistics.median(times["__read"]) * 1e-3)
-                self.add_row(kernel, name, mode, "read_fraction", "ratio", x, gbs * 1e9 / read_bw, config=config)
+                # Fractions of a reference's bandwidth, paired like the speed-ups: per round, this
+                # provider's GB/s over the reference's GB/s in the same round, then the median
+                # over rounds (p20 / p80 kept): a drift in machine load between rounds cancels.
+                # Tensor.sum() (read_fraction) reads the copy's source once: the floor of a
+                # reduction.
+                for ref, metric, ref_bytes in (("__copy_", "copy_fraction", moved), ("__clone", "clone_fraction", moved),
+                                               ("__read", "read_fraction", moved // 2)):
+                    pairs = [(min_bytes / tp) / (ref_bytes / tr) for tp, tr in zip(v, times[ref]) if tp > 0 and tr > 0]
+                    self.add_row(kernel, name, mode, metric, "ratio", x, statistics.median(pairs), q(pairs, 0.2),
+                                 q(pairs, 0.8), config)
             if flops:
                 self.add_row(kernel, name, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
         # Paired speed-ups: the median over rounds of baseline time / provider time within a round

@@ -1,34 +1,41 @@
-// An "elastic" parallel loop for the bandwidth-bound CPU kernels.
+// A dynamically scheduled parallel loop for the bandwidth-bound CPU kernels.
 //
-// at::parallel_for (OpenMP) splits a range into one fixed part per thread and ends with a
-// barrier: on a shared machine (the 2-core VM, with other processes running), a thread that the
-// OS has descheduled holds the whole call until it gets a core back and finishes its half. We
-// measured a tpe_add forward at 2 threads slower than at 1 thread for that reason, and the TPE
-// table gradient 2-4x slower (it had three parallel regions per call).
-//
-// elastic_for(n, max_workers, fn) runs fn(chunk, worker) for every chunk in [0, n): the caller
-// (worker 0) and up to max_workers - 1 helpers (max_workers: torch.get_num_threads()), started
-// through at::launch (torch's inter-op pool), claim chunks from one atomic counter. The caller waits only for chunks a helper
-// has actually claimed, never for a helper that has not started: when the other core is busy,
-// the caller simply runs every chunk itself (the 1-thread speed), and when it is free the helper
-// takes half or more. Chunks must be independent; results must not depend on which worker ran a
+// elastic_for(n, max_workers, fn) runs fn(chunk, worker) for every chunk in [0, n); the workers
+// claim chunks from one atomic counter, so a worker that starts late or runs slowly simply takes
+// fewer chunks. Chunks must be independent and results must not depend on which worker ran a
 // chunk (the kernels write each chunk's partial result to its own slot), so the output is
-// bitwise the same for any thread count or schedule.
+// bitwise the same for any thread count or schedule. Two schedules, chosen per call by the
+// environment variable RGPT4D_CPU_SCHEDULE:
 //
-// The helpers never touch `fn` (which lives on the caller's stack) except between a successful
-// claim and the matching `done` increment, and the caller returns only once every claimed chunk
-// is done; the shared counters live on the heap (shared_ptr), so a late helper that finds nothing
-// left to claim only touches those.
+// - "omp" (the default): the workers are torch's OpenMP team (one at::parallel_for region).
+//   Between torch's own ops that team's threads spin-wait on the cores for a while, so they pick
+//   the work up at once. Measured on the 2-core VM, quiet, each op interleaved with torch ops for
+//   100 rounds: the TPE table gradient at 0.90-0.98 of a Tensor.sum() read against 0.68-0.75
+//   with "elastic", tpe_add's forward ~15% faster, the P4D loss (paper B1, forward + backward)
+//   2.4-2.8 ms against 3.0-3.3 ms.
+// - "elastic": the caller (worker 0) and up to max_workers - 1 helpers started through at::launch
+//   (torch's inter-op pool). The caller waits only for chunks a helper has actually claimed, never
+//   for a helper that has not started: on a machine shared with other busy processes it runs every
+//   chunk itself when the other core is taken, where an OpenMP region would wait at its closing
+//   barrier for a descheduled thread. Measured with one busy process on the 2-core VM: the TPE
+//   table gradient 2.8-4.7 ms against 5.3-5.9 ms with "omp" (and torch's own sum() of the same
+//   bytes 5.7-5.9 ms). On a quiet machine its helpers compete with OpenMP's spinning threads for
+//   the cores (the numbers above). Side effect: once an op has run with more than one thread,
+//   torch's inter-op pool exists, so torch.set_num_interop_threads() must be called before.
 //
-// Side effect of at::launch: once an op has run with more than one thread, torch's inter-op pool
-// exists, so torch.set_num_interop_threads() must be called before (as torch requires anyway
-// after any inter-op work).
+// In "elastic", the helpers never touch `fn` (which lives on the caller's stack) except between a
+// successful claim and the matching `done` increment, and the caller returns only once every
+// claimed chunk is done; the shared counters live on the heap (shared_ptr), so a late helper that
+// finds nothing left to claim only touches those.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -65,8 +72,16 @@ inline void elastic_work(ElasticState& s, int worker) {
 
 }  // namespace detail
 
-// Workers elastic_for may use: the caller plus the helpers (torch.get_num_threads() in all).
+// Workers elastic_for may use (torch.get_num_threads()).
 inline int elastic_max_workers() { return std::max(1, at::get_num_threads()); }
+
+// RGPT4D_CPU_SCHEDULE: unset, empty or "omp" -> false; "elastic" -> true; anything else raises.
+inline bool elastic_helpers() {
+  const char* s = std::getenv("RGPT4D_CPU_SCHEDULE");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "omp") == 0) return false;
+  TORCH_CHECK(std::strcmp(s, "elastic") == 0, "RGPT4D_CPU_SCHEDULE must be 'omp' or 'elastic', got '", s, "'");
+  return true;
+}
 
 // fn(chunk, worker): worker in [0, max_workers) — an index for per-worker scratch (each worker
 // only ever touches its own slot); max_workers is usually elastic_max_workers(), read once by the
@@ -81,6 +96,14 @@ inline void elastic_for(int64_t n, int max_workers, const std::function<void(int
   auto state = std::make_shared<detail::ElasticState>();
   state->n = n;
   state->fn = &fn;
+  if (!elastic_helpers()) {
+    // One worker index per team thread (grain 1 over [0, workers)), each claiming chunks.
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) detail::elastic_work(*state, static_cast<int>(w));
+    });
+    if (state->error) std::rethrow_exception(state->error);
+    return;
+  }
   for (int w = 1; w < workers; ++w) {
     at::launch([state, w]() { detail::elastic_work(*state, w); });
   }

@@ -94,6 +94,48 @@ def test_env_report_lists_backends_and_reasons():
         assert "cuda    unavailable" in r.stdout
 
 
+def test_cpu_schedules_give_the_same_bits(monkeypatch):
+    """The dynamically scheduled CPU kernels (csrc/common/cpu_parallel.h) run on torch's OpenMP
+    team by default and on at::launch helpers with RGPT4D_CPU_SCHEDULE=elastic: every chunk writes
+    its own slot, so outputs and gradients are bitwise the same under either schedule and any
+    thread count. Shapes big enough for several chunks per op (and tpe_add's streaming stores)."""
+    from rgpt4d.ops import p4d_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 1000, 1100)  # 4.4M elements: 35 MB moved, past the streaming threshold
+    rows = torch.randint(0, 50, (1, 4))
+    table = torch.randn(50, 1100, requires_grad=True)
+    lat, lat_t = torch.randn(2, 512, 640, requires_grad=True), torch.randn(2, 512, 640)
+    depth, depth_t = torch.rand(2, 4, 1, 96, 96).add(0.1).requires_grad_(True), torch.rand(2, 4, 1, 96, 96).add(0.1)
+    mask = torch.rand(2, 4, 1, 96, 96) > 0.2
+
+    def run():
+        out = tpe_add(x, rows, table, backend="cpu")
+        (g_table,) = torch.autograd.grad(out, [table], torch.ones_like(out))
+        total, _ = p4d_loss(lat, lat_t, {"depth": depth}, {"depth": depth_t}, masks={"depth": mask}, backend="cpu")
+        g_lat, g_depth = torch.autograd.grad(total, [lat, depth])
+        return out, g_table, total, g_lat, g_depth
+
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for schedule, n in (("omp", 2), ("elastic", 2), ("", 1), ("elastic", 1)):
+            monkeypatch.setenv("RGPT4D_CPU_SCHEDULE", schedule)
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], r))
+    monkeypatch.setenv("RGPT4D_CPU_SCHEDULE", "fast")
+    with pytest.raises(RuntimeError, match="RGPT4D_CPU_SCHEDULE must be 'omp' or 'elastic'"):
+        torch.set_num_threads(2)
+        try:
+            tpe_add(x, rows, table.detach(), backend="cpu")
+        finally:
+            torch.set_num_threads(threads)
+
+
 def test_extension_parallel_for_uses_torch_threads():
     """at::parallel_for in rgpt4d._C is an OpenMP region compiled into the extension: it only runs
     on more than one thread when the extension is built with -fopenmp (setup.py). Without the flag
