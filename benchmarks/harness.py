@@ -339,10 +339,13 @@ class Bench:
     def compare(self, kernel: str, mode: str, x: str, fns: dict, *, config: str = "",
                 min_bytes: Optional[int] = None, flops: Optional[float] = None, memory: bool = True,
                 copy_bytes: Optional[int] = None, rounds: Optional[int] = None,
-                max_seconds: Optional[float] = None) -> dict:
+                max_seconds: Optional[float] = None, read_of: Optional[torch.Tensor] = None) -> dict:
         """Time several providers of one (kernel, mode, x) *interleaved*: round after round, one
         call of each provider (and of the copy_/clone references when min_bytes is given), so a
         change in machine load hits all of them alike. Returns {provider: median ms}.
+
+        read_of: the tensor the read_fraction reference (Tensor.sum()) reads, e.g. the
+        grad_output a backward reduces (default: the copy_ reference's source, copy_bytes long).
 
         On CUDA each provider is timed with do_bench instead (the GPU is not shared)."""
         if self.device.type == "cuda":
@@ -356,7 +359,8 @@ class Bench:
             n = max(1, (copy_bytes or min_bytes) // 4)
             src = torch.randn(n, device=self.device)
             dst = torch.empty_like(src)
-            refs = {"__copy_": lambda: dst.copy_(src), "__clone": src.clone, "__read": src.sum}
+            read_src = src if read_of is None else read_of
+            refs = {"__copy_": lambda: dst.copy_(src), "__clone": src.clone, "__read": read_src.sum}
         everything = {**fns, **refs}
         for fn in everything.values():  # warm up (and compile) each once
             for _ in range(2):
@@ -397,8 +401,9 @@ class Bench:
                 # over rounds (p20 / p80 kept): a drift in machine load between rounds cancels.
                 # Tensor.sum() (read_fraction) reads the copy's source once: the floor of a
                 # reduction.
+                read_bytes = moved // 2 if read_of is None else read_of.numel() * read_of.element_size()
                 for ref, metric, ref_bytes in (("__copy_", "copy_fraction", moved), ("__clone", "clone_fraction", moved),
-                                               ("__read", "read_fraction", moved // 2)):
+                                               ("__read", "read_fraction", read_bytes)):
                     pairs = [(min_bytes / tp) / (ref_bytes / tr) for tp, tr in zip(v, times[ref]) if tp > 0 and tr > 0]
                     self.add_row(kernel, name, mode, metric, "ratio", x, statistics.median(pairs), q(pairs, 0.2),
                                  q(pairs, 0.8), config)
@@ -686,8 +691,13 @@ _GRADS: dict = {}
 
 
 def _grad_like(out: torch.Tensor) -> torch.Tensor:
-    # One random (never zero) grad_output per shape, reused so allocation is not timed.
-    key = (tuple(out.shape), out.dtype, out.device)
+    return grad_output_for(out.shape, out.dtype, out.device)
+
+
+def grad_output_for(shape, dtype, device) -> torch.Tensor:
+    """The grad_output mode_fn's backward and full modes use for an output of this shape: one
+    random (never zero) tensor per shape, reused so allocation is not timed."""
+    key = (tuple(shape), dtype, torch.device(device))
     if key not in _GRADS:
-        _GRADS[key] = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+        _GRADS[key] = torch.randn(tuple(shape), dtype=dtype, device=device)
     return _GRADS[key]
