@@ -63,37 +63,30 @@ RGPT4D_CPU_CLONES static void acc_row_bf16_generic(const uint16_t* x, float* acc
 // the loops above alternates load, add, store one vector at a time, and that ran 20-25% slower
 // on the 2-core AMD VM (plain C, 51 MB of rows summed per frame: 2.2-2.9 ms against 1.7-2.1 ms,
 // where one Tensor.sum() read took 1.4-1.9 ms). Same additions in the same order: bitwise equal.
-__attribute__((target("avx2"))) static void acc_row_f32_avx2(const float* x, float* acc, int64_t n) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m256 a0 = _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_loadu_ps(x + i));
-    const __m256 a1 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 8), _mm256_loadu_ps(x + i + 8));
-    const __m256 a2 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 16), _mm256_loadu_ps(x + i + 16));
-    const __m256 a3 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 24), _mm256_loadu_ps(x + i + 24));
-    _mm256_storeu_ps(acc + i, a0);
-    _mm256_storeu_ps(acc + i + 8, a1);
-    _mm256_storeu_ps(acc + i + 16, a2);
-    _mm256_storeu_ps(acc + i + 24, a3);
-  }
-  for (; i < n; ++i) acc[i] += x[i];
-}
-__attribute__((target("avx2"))) static inline __m256 bf16x8_to_f32(const uint16_t* x) {
+
+// Eight elements of x as floats (bf16: the bits shifted into the high half).
+__attribute__((target("avx2"))) inline __m256 load8_f32(const float* x) { return _mm256_loadu_ps(x); }
+__attribute__((target("avx2"))) inline __m256 load8_f32(const uint16_t* x) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-__attribute__((target("avx2"))) static void acc_row_bf16_avx2(const uint16_t* x, float* acc, int64_t n) {
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_bits_to_float(v); }
+
+template <typename T>
+__attribute__((target("avx2"))) void acc_row_avx2(const T* x, float* acc, int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m256 a0 = _mm256_add_ps(_mm256_loadu_ps(acc + i), bf16x8_to_f32(x + i));
-    const __m256 a1 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 8), bf16x8_to_f32(x + i + 8));
-    const __m256 a2 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 16), bf16x8_to_f32(x + i + 16));
-    const __m256 a3 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 24), bf16x8_to_f32(x + i + 24));
+    const __m256 a0 = _mm256_add_ps(_mm256_loadu_ps(acc + i), load8_f32(x + i));
+    const __m256 a1 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 8), load8_f32(x + i + 8));
+    const __m256 a2 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 16), load8_f32(x + i + 16));
+    const __m256 a3 = _mm256_add_ps(_mm256_loadu_ps(acc + i + 24), load8_f32(x + i + 24));
     _mm256_storeu_ps(acc + i, a0);
     _mm256_storeu_ps(acc + i + 8, a1);
     _mm256_storeu_ps(acc + i + 16, a2);
     _mm256_storeu_ps(acc + i + 24, a3);
   }
-  for (; i < n; ++i) acc[i] += bf16_bits_to_float(x[i]);
+  for (; i < n; ++i) acc[i] += to_f32(x[i]);
 }
 inline bool tpe_use_avx2() {
   static const bool v = __builtin_cpu_supports("avx2");
@@ -103,13 +96,13 @@ inline bool tpe_use_avx2() {
 
 inline void acc_row_f32(const float* x, float* acc, int64_t n) {
 #if defined(RGPT4D_TPE_AVX2)
-  if (tpe_use_avx2()) return acc_row_f32_avx2(x, acc, n);
+  if (tpe_use_avx2()) return acc_row_avx2(x, acc, n);
 #endif
   acc_row_f32_generic(x, acc, n);
 }
 inline void acc_row_bf16(const uint16_t* x, float* acc, int64_t n) {
 #if defined(RGPT4D_TPE_AVX2)
-  if (tpe_use_avx2()) return acc_row_bf16_avx2(x, acc, n);
+  if (tpe_use_avx2()) return acc_row_avx2(x, acc, n);
 #endif
   acc_row_bf16_generic(x, acc, n);
 }

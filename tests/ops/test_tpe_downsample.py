@@ -42,12 +42,23 @@ def check(backend, B, T, h, w, D, window, learned, affine=True, dtype=torch.floa
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(out.double(), ref, **tol)
     out.backward(g)
-    for name, t, r in zip(("x", "table", "weight", "bias"), (x, table, weight, bias), ref_grads):
+    # The same composition in eager fp32: a LayerNorm over a few nearly equal values is
+    # ill-conditioned (its gradient scales with 1/std), so the fp32 tolerance also admits 4x the
+    # error eager PyTorch itself makes against the float64 oracle.
+    eager_grads = [None] * 4
+    if dtype == torch.float32:
+        leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, table, weight, bias)]
+        tpe_downsample_layernorm_eager(leaves[0], ts, leaves[1], leaves[2], leaves[3], grid=(h, w),
+                                       window=window).backward(g)
+        eager_grads = [None if t is None else t.grad for t in leaves]
+    for name, t, r, e in zip(("x", "table", "weight", "bias"), (x, table, weight, bias), ref_grads, eager_grads):
         if t is None:
             continue
         # weight/bias/table grads are sums over many rows: scale the tolerance with their count.
         n = 1 if name == "x" else max(1, B * T * M) ** 0.5
         gtol = dict(atol=tol["atol"] * n, rtol=tol["rtol"]) if dtype == torch.float32 else dict(atol=0.1 * n, rtol=5e-2)
+        if e is not None and e.numel():
+            gtol["atol"] = max(gtol["atol"], 4 * (e.double() - r).abs().max().item())
         torch.testing.assert_close(t.grad.double(), r, **gtol, msg=lambda m: f"grad of {name}: {m}")
 
 
