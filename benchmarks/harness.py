@@ -399,8 +399,8 @@ class Bench:
                 # Fractions of a reference's bandwidth, paired like the speed-ups: per round, this
                 # provider's GB/s over the reference's GB/s in the same round, then the median
                 # over rounds (p20 / p80 kept): a drift in machine load between rounds cancels.
-                # Tensor.sum() (read_fraction) reads the copy's source once: the floor of a
-                # reduction.
+                # Tensor.sum() (read_fraction) reads read_of, or else the copy's source, once: the
+                # floor of a reduction.
                 read_bytes = moved // 2 if read_of is None else read_of.numel() * read_of.element_size()
                 for ref, metric, ref_bytes in (("__copy_", "copy_fraction", moved), ("__clone", "clone_fraction", moved),
                                                ("__read", "read_fraction", read_bytes)):

@@ -20,6 +20,16 @@
 #define RGPT4D_CPU_CLONES
 #endif
 
+#if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+namespace rgpt4d {
+// Whether this CPU runs the hand-written AVX2 loops (target("avx2") functions): read once.
+inline bool cpu_has_avx2() {
+  static const bool v = __builtin_cpu_supports("avx2");
+  return v;
+}
+}  // namespace rgpt4d
+#endif
+
 namespace rgpt4d {
 
 // Element types the kernels are compiled for; the tensor bindings map torch dtypes onto these.

@@ -188,7 +188,7 @@ double block_loss(int kind, const double* p, const double* t, const uint8_t* m, 
 // compare the two).
 bool use_avx2() {
 #if defined(RGPT4D_P4D_AVX2)
-  static const bool v = __builtin_cpu_supports("avx2") && std::getenv("RGPT4D_P4D_NO_AVX2") == nullptr;
+  static const bool v = cpu_has_avx2() && std::getenv("RGPT4D_P4D_NO_AVX2") == nullptr;
   return v;
 #else
   return false;

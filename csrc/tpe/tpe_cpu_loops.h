@@ -88,21 +88,17 @@ __attribute__((target("avx2"))) void acc_row_avx2(const T* x, float* acc, int64_
   }
   for (; i < n; ++i) acc[i] += to_f32(x[i]);
 }
-inline bool tpe_use_avx2() {
-  static const bool v = __builtin_cpu_supports("avx2");
-  return v;
-}
 #endif
 
 inline void acc_row_f32(const float* x, float* acc, int64_t n) {
 #if defined(RGPT4D_TPE_AVX2)
-  if (tpe_use_avx2()) return acc_row_avx2(x, acc, n);
+  if (cpu_has_avx2()) return acc_row_avx2(x, acc, n);
 #endif
   acc_row_f32_generic(x, acc, n);
 }
 inline void acc_row_bf16(const uint16_t* x, float* acc, int64_t n) {
 #if defined(RGPT4D_TPE_AVX2)
-  if (tpe_use_avx2()) return acc_row_avx2(x, acc, n);
+  if (cpu_has_avx2()) return acc_row_avx2(x, acc, n);
 #endif
   acc_row_bf16_generic(x, acc, n);
 }
