@@ -20,10 +20,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from rgpt4d.data.render import plucker_rays
 from rgpt4d.data.schema import answer_index, category_of, format_prompt, option_text
 from rgpt4d.data.storage import ARRAYS, load_manifest, read_array
 
-VIDEO_FIELDS = tuple(ARRAYS)  # rgb, depth, flow, instance, motion, boxes, visible_pixels
+# rgb, depth, flow, instance, motion, boxes, visible_pixels (stored arrays), and camray: the per-frame
+# Plücker camera rays [F, 6, H, W] in the first frame's camera coordinates, from the manifest's camera
+# (rgpt4d.data.render.plucker_rays)
+VIDEO_FIELDS = (*ARRAYS, "camray")
 SPLITS = ("train", "val", "test")
 
 # keys whose first dimension is time (padded by collate), with the padding value
@@ -32,6 +36,7 @@ TIME_KEYS = {
     "timestamps": 0.0,
     "depth": 0.0,
     "flow": 0.0,
+    "camray": 0.0,
     "instance": 0,
     "motion": 0,
     "object_boxes": float("nan"),
@@ -53,6 +58,11 @@ def _video_tensors(root: Path, meta: dict[str, Any], fields: Sequence[str]) -> d
     out: dict[str, torch.Tensor] = {"timestamps": torch.tensor(meta["timestamps"], dtype=torch.float32)}
     shard = root / meta["shard"]
     for name in fields:
+        if name == "camray":
+            cam = meta["camera"]
+            out[name] = torch.from_numpy(plucker_rays(cam["intrinsics"], cam["centres"], cam["rotations"],
+                                                      meta["height"], meta["width"]))
+            continue
         arr = read_array(shard, meta["arrays"][name])
         if name == "rgb":
             out["frames"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))

@@ -399,3 +399,44 @@ def render(scene: Scene, frames: list[int] | np.ndarray | None = None) -> Render
         silhouette_pixels=silhouette,
         dynamic=dyn,
     )
+
+
+def plucker_rays(intrinsics, centres, rotations, height: int, width: int,
+                 size: tuple[int, int] | None = None) -> np.ndarray:
+    """Per-frame camera rays as 6-channel Plücker maps [F, 6, h, w] (float32), in the first frame's
+    camera coordinates: channels 0-2 the unit direction d of the ray through each pixel centre,
+    channels 3-5 its moment m = o x d, o the frame's camera centre (metres; zero in frame 0).
+
+    intrinsics (fx, fy, cx, cy) in pixels of the rendered `height` x `width` image; centres [F, 3]
+    and world-from-camera rotations [F, 3, 3] (columns: the camera's x right, y down, z forward), as
+    the manifest's `camera` records them. `size` (h, w): the map's resolution (default the rendered
+    one); the pinhole is rescaled to it, so the rays are exact at any resolution (the teacher's).
+    """
+    fx, fy, cx, cy = (float(v) for v in intrinsics)
+    centres = np.asarray(centres, dtype=np.float64)
+    rots = np.asarray(rotations, dtype=np.float64)
+    if centres.ndim != 2 or centres.shape[1] != 3 or rots.shape != (len(centres), 3, 3):
+        raise ValueError(f"plucker_rays: centres must be [F, 3] and rotations [F, 3, 3], got "
+                         f"{centres.shape} and {rots.shape}")
+    h, w = (height, width) if size is None else (int(size[0]), int(size[1]))
+    sx, sy = w / width, h / height
+    jj, ii = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    d_cam = np.stack([(jj + 0.5 - cx * sx) / (fx * sx), (ii + 0.5 - cy * sy) / (fy * sy), np.ones_like(jj)], -1)
+    d_cam /= np.linalg.norm(d_cam, axis=-1, keepdims=True)  # [h, w, 3]
+    first = rots[0].T  # first camera from world
+    rel = np.einsum("ij,fjk->fik", first, rots)  # first camera from frame f's camera
+    d = np.einsum("fik,hwk->fhwi", rel, d_cam)  # [F, h, w, 3]
+    o = (centres - centres[0]) @ first.T  # [F, 3] camera centres in the first camera's coordinates
+    m = np.cross(np.broadcast_to(o[:, None, None, :], d.shape), d)
+    return np.concatenate([d, m], -1).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def scene_rays(scene: Scene, frames: list[int] | np.ndarray | None = None,
+               size: tuple[int, int] | None = None) -> np.ndarray:
+    """plucker_rays of a scene's camera at the given frame indices (all by default); the first of
+    them is the reference camera."""
+    idx = np.arange(scene.frames) if frames is None else np.asarray(frames, dtype=np.int64)
+    times = scene.timestamps[idx]
+    f = scene.camera.focal(scene.width)
+    return plucker_rays((f, f, scene.width / 2, scene.height / 2), scene.camera.centres(times),
+                        scene.camera.rotations(times), scene.height, scene.width, size)

@@ -24,6 +24,9 @@ REGION_MODES = ("tokens", "som", "both", "none")
 TPE_KINDS = ("sinusoidal", "learned")
 DECODER_KINDS = ("mlp", "linear")
 ANSWER_FORMATS = ("letter", "option", "rank")
+# the teacher heads of the presets: L4P's four explicit signals (depth, backward flow, motion mask,
+# Plücker camera rays), every one distilled by P4D's paper loss
+ALL_HEADS = ("depth", "flow", "motion", "camray")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +48,7 @@ class TeacherConfig:
     intermediate_size: int = 128
     head_layers: tuple = (1, 2, 3, 4)  # 1-based encoder layers the heads read (the latent is the last)
     head_features: int = 32  # DPT fusion width
-    heads: tuple = ("depth", "flow", "motion")
+    heads: tuple = ("depth", "flow", "motion")  # of rgpt4d.models.teacher.HEAD_SPECS (the presets add "camray")
     # DPT pyramid, in multiples of the token grid: fusion runs from the coarsest map up to the finest,
     # whose output is unfolded to pixels by a learned pixel shuffle (patch_size / head_scales[0] pixels
     # per side), so no convolution runs at full resolution
@@ -266,7 +269,7 @@ def get_preset(name: str) -> Preset:
                          **_FROM_SCRATCH),
             teacher=TeacherConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=64, head_layers=(1, 1, 2, 2),
-                                  head_features=16),
+                                  head_features=16, heads=ALL_HEADS),
             p4d=P4DConfig(hidden_size=64),
             tokenizer_vocab_size=600,
         )
@@ -276,7 +279,7 @@ def get_preset(name: str) -> Preset:
             student=dict(vision_config=_siglip(64, 2, 4, 128, 64, 8), text_config=_qwen2(128, 2, 4, 2, 256),
                          projector_hidden_size=256, region_hidden_size=128,
                          **_FROM_SCRATCH),
-            teacher=TeacherConfig(),
+            teacher=TeacherConfig(heads=ALL_HEADS),
             p4d=P4DConfig(hidden_size=256),
             tokenizer_vocab_size=1000,
         )
@@ -288,7 +291,7 @@ def get_preset(name: str) -> Preset:
                          **_FROM_SCRATCH),
             teacher=TeacherConfig(image_size=112, patch_size=14, hidden_size=192, num_hidden_layers=6,
                                   num_attention_heads=6, intermediate_size=512, head_layers=(2, 3, 5, 6),
-                                  head_features=64),
+                                  head_features=64, heads=ALL_HEADS),
             p4d=P4DConfig(hidden_size=768),
             tokenizer_vocab_size=2000,
         )
@@ -300,7 +303,7 @@ def get_preset(name: str) -> Preset:
                          projector_hidden_size=4608, region_hidden_size=3584),
             teacher=TeacherConfig(image_size=224, patch_size=14, hidden_size=1408, num_hidden_layers=40,
                                   num_attention_heads=16, intermediate_size=6144, head_layers=(14, 21, 28, 36),
-                                  head_features=256),
+                                  head_features=256, heads=ALL_HEADS),
             p4d=P4DConfig(hidden_size=2560),
             tokenizer_vocab_size=8000,
         )

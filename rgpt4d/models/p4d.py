@@ -8,7 +8,7 @@
                 "linear" (the released code: one Linear per teacher head layer, std 0.1, zero bias)
                 -> four grids, the last being F^_4D
       -> L_LD against the teacher latent; the grids through the teacher's *frozen* heads give the
-         explicit predictions (depth, flow, motion) for L_ED. The frozen heads run horizontally
+         explicit predictions (depth, flow, motion, camray: those the loss preset weighs) for L_ED. The frozen heads run horizontally
          fused (rgpt4d.models.teacher.dpt_heads_fused: one grouped pass for all heads) unless
          rgpt4d's ops are on their eager references.
 Losses: rgpt4d.ops.P4DLoss (latent + explicit in one multi-tensor op) when explicit terms are on;
@@ -100,6 +100,9 @@ class RGPT4DForP4DTraining(nn.Module):
         self.tubelet = tcfg.tubelet_size
         self.teacher_heads = teacher.heads  # frozen; only used to turn predicted grids into explicit maps
         self.teacher_heads.requires_grad_(False).eval()
+        # the explicit terms: the teacher's heads that the loss preset weighs (the released code's
+        # "code" preset has no camray term)
+        self.explicit_heads = [n for n in self.teacher_heads if n in P4D_PRESETS[config.loss_preset].head_weights]
         self.fuse_heads: Optional[bool] = None  # see _fused_heads
         self._packed_heads: dict = {}  # the frozen heads' concatenated weights (dpt_heads_fused's cache)
         self.decoder = P4DDecoder(student.config.text_config["hidden_size"], tcfg.hidden_size, config)
@@ -116,12 +119,12 @@ class RGPT4DForP4DTraining(nn.Module):
         return self.student
 
     def _heads(self, grids: list[Tensor]) -> dict[str, Tensor]:
-        names = list(self.teacher_heads)
+        names = self.explicit_heads
         heads = [self.teacher_heads[n] for n in names]
         if self._fused_heads() and same_structure(heads):
             outs = dpt_heads_fused(heads, grids, cache=self._packed_heads)
         else:  # the reference: one head after the other
-            outs = [self.teacher_heads[n](grids) for n in names]
+            outs = [head(grids) for head in heads]
         return {n: o.squeeze(2) if n in ("depth", "motion") else o for n, o in zip(names, outs)}
 
     def _fused_heads(self) -> bool:
@@ -129,7 +132,7 @@ class RGPT4DForP4DTraining(nn.Module):
         rgpt4d.models.teacher.dpt_heads_fused) unless rgpt4d's ops are set to their eager references
         (`--ops eager`, set_backend("eager"), RGPT4D_BACKEND=eager); True / False force it. Heads
         of different structure always run one after the other."""
-        if len(self.teacher_heads) < 2:
+        if len(self.explicit_heads) < 2:
             return False
         if self.fuse_heads is not None:
             return bool(self.fuse_heads)
@@ -138,7 +141,7 @@ class RGPT4DForP4DTraining(nn.Module):
     def forward(self, *, teacher_targets: Optional[dict] = None, p4d: Optional[bool] = None,
                 return_logits: bool = False, **student_inputs) -> P4DOutput:
         """student_inputs: RGPT4DForConditionalGeneration.forward's (with labels); teacher_targets:
-        {"latent" [B,T',h,w,C], "layers" [B,4,T',h,w,C], "depth", "flow", "motion" (logits)}.
+        {"latent" [B,T',h,w,C], "layers" [B,4,T',h,w,C], "depth", "flow", "motion" (logits), "camray"}.
         L_SFT comes from the fused LM head + cross-entropy (rgpt4d.ops.fused_linear_cross_entropy), so the
         output's logits are None unless return_logits=True (then transformers' LM head and loss run)."""
         use_p4d = self.p4d_enabled if p4d is None else p4d

@@ -6,6 +6,7 @@
         depth  [B, T, H, W]    1 channel, exp activation (metres)
         flow   [B, T, 2, H, W] backward optical flow (pixels of the teacher's input)
         motion [B, T, H, W]    logits of "this pixel moved since the previous frame"
+        camray [B, T, 6, H, W] Plücker rays (unit direction, moment) in the first frame's camera
 
 `latent()` is the grid of the last head layer, [B, T/2, h, w, C_t]: F_4D of the paper. The
 student's P4D decoder predicts it (and, for the released code's variant, all four head layers);
@@ -271,6 +272,7 @@ class TeacherOutput:
     depth: Optional[Tensor] = None  # [B, T, H, W] metres
     flow: Optional[Tensor] = None  # [B, T, 2, H, W] pixels
     motion: Optional[Tensor] = None  # [B, T, H, W] logits
+    camray: Optional[Tensor] = None  # [B, T, 6, H, W] Plücker rays (direction, moment), first frame's camera
 
 
 def _videomae_attention_class():
@@ -350,7 +352,8 @@ class Teacher4D(nn.Module):
     # -- heads ---------------------------------------------------------------------------------
     def predict_heads(self, layers: Tensor | Sequence[Tensor]) -> dict[str, Tensor]:
         """Run the heads on four layer grids (or one grid, used for all four: the paper's single
-        decoded latent). Returns raw outputs: depth (metres), flow (pixels), motion (logits)."""
+        decoded latent). Returns raw outputs: depth (metres), flow (pixels), motion (logits),
+        camray (Plücker rays)."""
         if isinstance(layers, Tensor):
             layers = [layers] * 4
         return {name: head(layers).squeeze(2) if HEAD_SPECS[name][0] == 1 else head(layers)
@@ -394,23 +397,34 @@ class Teacher4D(nn.Module):
 
 
 def targets_at(batch: dict, size: int) -> dict[str, Tensor]:
-    """depth [B,T,S,S], flow [B,T,2,S,S] (pixels rescaled), motion [B,T,S,S] bool, from a collated
-    Synth4DVideos batch; nearest resampling for masks, area for depth/flow."""
+    """depth [B,T,S,S], flow [B,T,2,S,S] (pixels rescaled), motion [B,T,S,S] bool, and camray
+    [B,T,6,S,S] when the batch has it, from a collated Synth4DVideos batch; nearest resampling for
+    masks, area for depth/flow/camray. Area-averaged rays are renormalised: the averaged moment is
+    o x (mean d), so dividing both by |mean d| gives the exact Plücker ray of the mean direction."""
     depth, flow, motion = batch["depth"].float(), batch["flow"].float(), batch["motion"]
     B, T, H, W = depth.shape
+    ray = batch.get("camray")
     if (H, W) == (size, size):
-        return {"depth": depth, "flow": flow.permute(0, 1, 4, 2, 3), "motion": motion.bool()}
+        out = {"depth": depth, "flow": flow.permute(0, 1, 4, 2, 3), "motion": motion.bool()}
+        if ray is not None:
+            out["camray"] = ray.float()
+        return out
     d = F.interpolate(depth.flatten(0, 1)[:, None], size=(size, size), mode="area")[:, 0].unflatten(0, (B, T))
     f = F.interpolate(flow.flatten(0, 1).permute(0, 3, 1, 2), size=(size, size), mode="area").unflatten(0, (B, T))
     f = f * torch.tensor([size / W, size / H]).view(1, 1, 2, 1, 1)
     m = F.interpolate(motion.flatten(0, 1)[:, None].float(), size=(size, size), mode="nearest")[:, 0]
-    return {"depth": d, "flow": f, "motion": m.unflatten(0, (B, T)) > 0.5}
+    out = {"depth": d, "flow": f, "motion": m.unflatten(0, (B, T)) > 0.5}
+    if ray is not None:
+        r = F.interpolate(ray.float().flatten(0, 1), size=(size, size), mode="area").unflatten(0, (B, T))
+        out["camray"] = r / torch.linalg.vector_norm(r[:, :, :3], dim=2, keepdim=True).clamp_min(1e-12)
+    return out
 
 
 def teacher_loss(out: TeacherOutput, tgt: dict[str, Tensor], frame_mask: Optional[Tensor] = None) -> tuple[Tensor, dict]:
     """Supervised loss: L1 on log depth; L1 on flow (pixels; frame 0 has no flow); for the sparse
     motion mask, BCE with the positives up-weighted by their rarity in the batch (at most 20x) plus a
-    soft Dice term, so that "all static" is not a minimum."""
+    soft Dice term, so that "all static" is not a minimum; L1 on the camera rays' six channels (when
+    the teacher has a camray head and the targets have rays)."""
     T = tgt["depth"].shape[1]
     fm = torch.ones(tgt["depth"].shape[:2], dtype=torch.bool) if frame_mask is None else frame_mask[:, :T]
     fm = fm.to(out.depth.device)
@@ -427,6 +441,9 @@ def teacher_loss(out: TeacherOutput, tgt: dict[str, Tensor], frame_mask: Optiona
     terms = {"depth": d[fm].mean(), "flow": f[flow_frames].mean() if flow_frames.any() else f.sum() * 0,
              "motion": m[fm].mean(), "motion_dice": dice}
     total = terms["depth"] + terms["flow"] + 0.5 * terms["motion"] + 0.5 * terms["motion_dice"]
+    if out.camray is not None and "camray" in tgt:
+        terms["camray"] = (out.camray - tgt["camray"].to(out.camray.dtype)).abs().mean((-1, -2, -3))[fm].mean()
+        total = total + terms["camray"]
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -434,7 +451,9 @@ class TeacherMetrics:
     """Held-out quality beside trivial baselines: depth AbsRel (vs the training mean depth), flow EPE
     (vs zero flow) over all pixels and over the pixels of moving objects (ground-truth motion mask;
     most pixels only move with the camera, so the all-pixel EPE says little about objects), motion
-    IoU (vs all static, which scores 0 whenever something moves). Given `cue` (flow_cue of the
+    IoU (vs all static, which scores 0 whenever something moves), and with a camray head the rays'
+    direction error (degrees) and moment error (metres, L2) over frames 1.. beside the identity
+    camera (every frame's rays those of the first frame: no camera motion). Given `cue` (flow_cue of the
     frames), flow EPE is also reported for that classical estimate alone, so a teacher that only
     copies its input cue shows as such."""
 
@@ -445,6 +464,8 @@ class TeacherMetrics:
         self.epe_moving = self.epe_moving_base = self.n_moving = 0.0
         self.epe_cue = self.epe_moving_cue = None
         self.inter = self.union = 0.0
+        self.ray_deg = self.ray_deg_base = self.ray_moment = self.ray_moment_base = None
+        self.n_ray = 0.0
 
     @torch.no_grad()
     def update(self, out: TeacherOutput, tgt: dict[str, Tensor], cue: Optional[Tensor] = None) -> None:
@@ -469,6 +490,15 @@ class TeacherMetrics:
         pm, gm = out.motion > 0, tgt["motion"].bool()
         self.inter += float((pm & gm).sum())
         self.union += float((pm | gm).sum())
+        if out.camray is not None and "camray" in tgt and tgt["camray"].shape[1] > 1:
+            gr = tgt["camray"].float()
+            deg, mom = camray_errors(out.camray[:, 1:].float(), gr[:, 1:])
+            base_deg, base_mom = camray_errors(gr[:, :1].expand_as(gr[:, 1:]), gr[:, 1:])
+            self.ray_deg = (self.ray_deg or 0.0) + float(deg.sum())
+            self.ray_moment = (self.ray_moment or 0.0) + float(mom.sum())
+            self.ray_deg_base = (self.ray_deg_base or 0.0) + float(base_deg.sum())
+            self.ray_moment_base = (self.ray_moment_base or 0.0) + float(base_mom.sum())
+            self.n_ray += deg.numel()
 
     def result(self) -> dict[str, float]:
         return {
@@ -480,4 +510,18 @@ class TeacherMetrics:
                 "flow_epe_cue_baseline": self.epe_cue / max(self.n_flow, 1),
                 "flow_epe_moving_cue_baseline": self.epe_moving_cue / max(self.n_moving, 1)}),
             "motion_iou": self.inter / max(self.union, 1), "motion_iou_static_baseline": 0.0,
+            **({} if self.ray_deg is None else {
+                "camray_deg": self.ray_deg / max(self.n_ray, 1),
+                "camray_deg_identity_baseline": self.ray_deg_base / max(self.n_ray, 1),
+                "camray_moment": self.ray_moment / max(self.n_ray, 1),
+                "camray_moment_identity_baseline": self.ray_moment_base / max(self.n_ray, 1)}),
         }
+
+
+def camray_errors(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel errors of Plücker rays [..., 6, H, W]: the angle (degrees) between the predicted
+    direction (normalised) and the target's, and the L2 distance of the moments. Returns two
+    [..., H, W] tensors."""
+    cos = F.cosine_similarity(pred[..., :3, :, :], target[..., :3, :, :], dim=-3, eps=1e-8)
+    deg = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
+    return deg, torch.linalg.vector_norm(pred[..., 3:, :, :] - target[..., 3:, :, :], dim=-3)

@@ -4,7 +4,8 @@ train_teacher: supervised on the synthetic ground truth (depth, backward flow, m
 cosine schedule; reports held-out quality beside trivial baselines; saves the frozen teacher.
 cache_teacher: runs the frozen teacher once over every video and writes, per video,
 `<out>/<video_id>.safetensors` with `latent` [T', h, w, C], `layers` [4, T', h, w, C] (fp16) and the
-explicit outputs `depth` [T, S, S], `flow` [T, 2, S, S], `motion` (logits) [T, S, S]; every student
+explicit outputs `depth` [T, S, S], `flow` [T, 2, S, S], `motion` (logits) [T, S, S] and, with a
+camray head, `camray` [T, 6, S, S]; every student
 run reads them instead of running the teacher (`load_cached`).
 """
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from rgpt4d.models.configs import TeacherConfig, get_preset
 from rgpt4d.models.teacher import Teacher4D, TeacherMetrics, flow_cue, normalize_frames, targets_at
 
-FIELDS = ("rgb", "depth", "flow", "motion")
+FIELDS = ("rgb", "depth", "flow", "motion", "camray")
 
 
 def _loader(data_dir, split, batch_size, shuffle, seed=0):
@@ -104,7 +105,8 @@ def cache_teacher(teacher_dir, data_dir, out, *, splits=("train", "val", "test")
             for i, vid in enumerate(batch["video_id"]):
                 tensors = {
                     "latent": o.latent[i].half(), "layers": torch.stack([l[i] for l in o.layers]).half(),
-                    "depth": o.depth[i].half(), "flow": o.flow[i].half(), "motion": o.motion[i].half(),
+                    **{k: getattr(o, k)[i].half() for k in ("depth", "flow", "motion", "camray")
+                       if getattr(o, k) is not None},
                 }
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{vid}.safetensors"))
                 index[vid] = split
@@ -114,8 +116,9 @@ def cache_teacher(teacher_dir, data_dir, out, *, splits=("train", "val", "test")
     return written
 
 
-def load_cached(cache_dir, video_ids, keys=("latent", "layers", "depth", "flow", "motion")) -> dict[str, torch.Tensor]:
-    """Stack the cached teacher outputs of `video_ids` (float32): {key: [B, ...]}."""
+def load_cached(cache_dir, video_ids, keys=None) -> dict[str, torch.Tensor]:
+    """Stack the cached teacher outputs of `video_ids` (float32): {key: [B, ...]}; `keys` None: every
+    output the cache holds (latent, layers and the teacher's explicit heads)."""
     from safetensors.torch import load_file
 
     items = []
@@ -124,4 +127,5 @@ def load_cached(cache_dir, video_ids, keys=("latent", "layers", "depth", "flow",
         if not path.exists():
             raise FileNotFoundError(f"teacher cache: no entry for video {vid!r} in {cache_dir} (run `rgpt4d teacher cache`)")
         items.append(load_file(str(path)))
+    keys = sorted(items[0]) if keys is None else keys
     return {k: torch.stack([it[k].float() for it in items]) for k in keys}

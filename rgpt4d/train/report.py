@@ -90,8 +90,9 @@ def scores_table(rows: Mapping[str, Mapping[str, Optional[float]]],
 
 
 def teacher_quality_table(metrics: Mapping[str, float]) -> str:
-    """Held-out depth AbsRel, flow EPE (all pixels and moving objects) and motion IoU, each beside its
-    trivial baseline; flow also beside the Lucas-Kanade cue the encoder sees, where reported."""
+    """Held-out depth AbsRel, flow EPE (all pixels and moving objects), motion IoU and camera-ray errors
+    (where the teacher has the head), each beside its trivial baseline; flow also beside the
+    Lucas-Kanade cue the encoder sees, where reported."""
     m = metrics
     rows = [
         ("depth AbsRel (lower is better)", m["depth_absrel"], "mean training depth", m["depth_absrel_mean_baseline"]),
@@ -109,6 +110,11 @@ def teacher_quality_table(metrics: Mapping[str, float]) -> str:
     rows += [
         ("motion IoU (higher is better)", m["motion_iou"], "all static", m["motion_iou_static_baseline"]),
     ]
+    if "camray_deg" in m:  # teachers with a camray head; frames after the first
+        rows += [("camera ray direction error, degrees (lower is better)", m["camray_deg"], "identity camera",
+                  m["camray_deg_identity_baseline"]),
+                 ("camera ray moment error, m (lower is better)", m["camray_moment"], "identity camera",
+                  m["camray_moment_identity_baseline"])]
     lines = ["| metric | teacher | baseline | baseline's value |", "|---|---:|---|---:|"]
     lines += [f"| {a} | {b:.3f} | {c} | {d:.3f} |" for a, b, c, d in rows]
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Teacher training on the shared loop: supervised on the synthetic ground truth (depth, backward
-flow, motion; rgpt4d.models.teacher.teacher_loss), then frozen, evaluated on val beside trivial
+flow, motion, camera rays; rgpt4d.models.teacher.teacher_loss), then frozen, evaluated on val beside trivial
 baselines, and saved to `out_dir` (Teacher4D.save: teacher_config.json + teacher.safetensors), next
 to `metrics.jsonl`, `checkpoints/` and `teacher_metrics.json`.
 
@@ -19,7 +19,7 @@ import torch
 from rgpt4d.train.config import TrainConfig
 from rgpt4d.train.loop import add_nvtx_hooks, ops_backend, resolve_device, run_loop, setup_distributed
 
-FIELDS = ("rgb", "depth", "flow", "motion")
+FIELDS = ("rgb", "depth", "flow", "motion", "camray")
 
 
 class TeacherCollate:
@@ -33,7 +33,7 @@ class TeacherCollate:
         if batch["frames"].shape[1] != self.num_frames:
             raise ValueError(f"data: videos have {batch['frames'].shape[1]} frames but the teacher takes "
                              f"{self.num_frames}; make the data with --frames {self.num_frames}")
-        return {k: batch[k] for k in ("frames", "depth", "flow", "motion", "frame_mask")}
+        return {k: batch[k] for k in ("frames", "depth", "flow", "motion", "camray", "frame_mask") if k in batch}
 
 
 class TeacherLoss:
@@ -116,7 +116,10 @@ def train_teacher(config: TrainConfig, data_dir: str | Path, out_dir: str | Path
                     f"{m['depth_absrel_mean_baseline']:.3f}), flow EPE {m['flow_epe']:.3f} px (zero-flow "
                     f"{m['flow_epe_zero_baseline']:.3f}, Lucas-Kanade cue alone {m['flow_epe_cue_baseline']:.3f}; on "
                     f"moving objects {m['flow_epe_moving']:.3f} vs {m['flow_epe_moving_zero_baseline']:.3f} and "
-                    f"{m['flow_epe_moving_cue_baseline']:.3f}), motion IoU {m['motion_iou']:.3f} (all-static 0.000)")
+                    f"{m['flow_epe_moving_cue_baseline']:.3f}), motion IoU {m['motion_iou']:.3f} (all-static 0.000)"
+                    + (f", camera rays {m['camray_deg']:.2f} deg / moment {m['camray_moment']:.3f} m (identity "
+                       f"camera {m['camray_deg_identity_baseline']:.2f} / {m['camray_moment_identity_baseline']:.3f})"
+                       if "camray_deg" in m else ""))
     finally:
         if dist.started_here:
             import torch.distributed as tdist
