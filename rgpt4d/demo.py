@@ -10,8 +10,12 @@
        On a CPU with >= 2 cores the two students train and evaluate at the same time, in two
        processes with half the threads each (a single training step does not scale past one
        core on these tiny models); `parallel=False` / `--sequential` runs them one after the other.
-    5. print the 12-column table beside chance; write <out>/report.md with the table, the loss
-       curves, the teacher's held-out quality beside trivial baselines and a figure of its predictions.
+    5. what P4D transfers: held-out linear probes of depth and motion from each student's
+       visual-token hidden states, and from the frozen vision features (the floor): fitted on val,
+       scored on test (rgpt4d.train.probe)                            <out>/probe.json
+    6. print the 12-column table beside chance; write <out>/report.md with the table, the probes,
+       the loss curves, the teacher's held-out quality beside trivial baselines and a figure of its
+       predictions.
 
 Presets: `smoke` (4 frames of 32 px, a few steps: under 2 minutes, used by the tests) and `tiny`
 (16 frames of 64 px: the README's `make demo`, sized for <= 15 minutes on 2 CPU cores).
@@ -174,7 +178,7 @@ def _logged_steps(metrics: Path) -> int:
 def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: bool = True,
              log: Optional[Callable[[str], None]] = print, parallel: Optional[bool] = None) -> dict:
     """Run the whole pipeline; returns {"preset", "scores" {name: 12 columns}, "chance", "counts",
-    "teacher" (held-out metrics), "stage_seconds", "student_seconds" {name: {train, eval}}, "seconds",
+    "teacher" (held-out metrics), "probe" {features: {target: R^2 and more}}, "stage_seconds", "student_seconds" {name: {train, eval}}, "seconds",
     "report", "students" {name: path}, "parallel"}. `parallel`: train and evaluate the two students in
     two processes at once (default: on a CPU with >= 2 threads)."""
     from rgpt4d.data import MakeConfig, make_dataset
@@ -193,7 +197,7 @@ def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: b
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parallel = _default_parallel() if parallel is None else bool(parallel)
-    stage = _Stages(5, log)
+    stage = _Stages(6, log)
     data = out / "data"
 
     stage(f"synthetic data: {p.num_videos} videos of {p.frames} frames at {p.size}x{p.size}")
@@ -226,11 +230,17 @@ def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: b
     questions = load_questions(data / "test.json")
     chance = chance_scores(questions)
 
+    stage("probes: depth and motion from each student's visual tokens (fitted on val, scored on test)")
+    probe = run_probes(students, data)
+    (out / "probe.json").write_text(json.dumps(probe, indent=2))
+    if log:
+        log(probe_table(probe))
+
     stage("report")
     result = {
         "preset": asdict(p), "scores": {name: evals[name]["scores"] for name in evals}, "chance": chance,
         "counts": evals[STUDENTS[0][0]]["counts"], "teacher": teacher["metrics"], "students": students,
-        "scoring": {name: evals[name]["scoring"] for name in evals},
+        "scoring": {name: evals[name]["scoring"] for name in evals}, "probe": probe,
         "data": summary["splits"], "parallel": parallel,
         "student_seconds": {name: {"train": done[name]["train_seconds"], "eval": done[name]["eval_seconds"]}
                             for name in evals},
@@ -275,6 +285,51 @@ def scoring_sentence(result: dict) -> str:
     return f"Answers read by: {', '.join(sorted(ways)) or 'unknown'}."
 
 
+def run_probes(students: dict[str, str], data: Path) -> dict[str, dict]:
+    """{"vision": floor, <student name>: probes of its LLM hidden states}, each {target: ridge_probe
+    result}. The vision tower is frozen and both students start from one seed, so the floor is
+    measured once, on the first student."""
+    import torch
+
+    from rgpt4d.train.probe import probe_student
+
+    probes: dict[str, dict] = {}
+    for i, (name, path) in enumerate(students.items()):
+        with torch.random.fork_rng():
+            res = probe_student(path, data, "val", "test", kinds=("vision", "hidden") if i == 0 else ("hidden",))
+        if "vision" in res:
+            probes["vision"] = res["vision"]
+        probes[name] = res["hidden"]
+    return probes
+
+
+def probe_table(probe: dict[str, dict]) -> str:
+    """Markdown: held-out R^2 of the depth and motion probes, per feature set."""
+    labels = dict((name, label) for name, label, _ in STUDENTS)
+    rows = [("frozen vision features (the floor)", probe["vision"])]
+    rows += [(f"{labels.get(n, n)}: LLM hidden states", p) for n, p in probe.items() if n != "vision"]
+    lines = ["| visual-token features | depth R² | motion R² |", "|---|---:|---:|"]
+    lines += [f"| {label} | {p['depth']['r2']:.3f} | {p['motion']['r2']:.3f} |" for label, p in rows]
+    return "\n".join(lines)
+
+
+def probe_section(result: dict) -> str:
+    """The probe table with what it measures, or a line saying the run has none."""
+    probe = result.get("probe")
+    if not probe:
+        return "No probes in this run."
+    v = probe["vision"]
+    n_fit, n_eval = v["depth"]["n_fit"], v["depth"]["n_eval"]
+    return f"""{probe_table(probe)}
+
+A ridge regression (strength chosen by 2-fold cross-validation on val, rgpt4d.train.probe) from each
+visual token's features to the mean log depth of the pixels its cell covers, and to the fraction of
+them on moving objects; fitted on the {n_fit} visual tokens of the val videos, R² on the {n_eval} of the
+test videos (0: no better than a constant). The LLM hidden states are the last layer's at the visual
+tokens, which D_4DP reads in P4D; the frozen vision features (the window of patch features the
+projector reads) are the floor both students start from."""
+
+
 def write_demo_report(out: Path, result: dict) -> Path:
     """<out>/report.md with the table, the loss curves, the teacher's quality and its figure."""
     from rgpt4d.train.report import plot_loss_curves, plot_teacher_predictions, teacher_quality_table
@@ -310,6 +365,10 @@ Teacher: {p['teacher_steps']} steps of {p['teacher_batch_size']} videos. Student
 
 {margin_sentence(result)} Chance is the expected accuracy of a uniformly random letter (1 / number
 of options, averaged over the questions of each column). {scoring_sentence(result)}
+
+## What P4D transfers: linear probes of the visual tokens (held-out R²)
+
+{probe_section(result)}
 
 ## Loss curves
 

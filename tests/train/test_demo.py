@@ -41,6 +41,21 @@ def test_demo_report_and_table(demo):
     for key in ("depth_absrel", "depth_absrel_mean_baseline", "flow_epe", "flow_epe_zero_baseline", "motion_iou"):
         assert res["teacher"][key] >= 0
     assert f"{res['teacher']['flow_epe']:.3f}" in report and f"{res['teacher']['flow_epe_zero_baseline']:.3f}" in report
+    # the camray head's error beside the identity camera
+    for key in ("camray_deg", "camray_deg_identity_baseline", "camray_moment", "camray_moment_identity_baseline"):
+        assert res["teacher"][key] >= 0
+    assert "| camera ray direction error, degrees (lower is better) |" in report
+    assert f"{res['teacher']['camray_deg_identity_baseline']:.3f}" in report
+    # the probes: the floor and both students, fitted on val and scored on test, in the report
+    probe = json.loads((out / "probe.json").read_text())
+    assert set(probe) == {"vision", "sft", "p4d"} and probe == res["probe"]
+    for feats in probe.values():
+        for target in ("depth", "motion"):
+            p = feats[target]
+            assert p["r2"] <= 1.0 and p["n_fit"] > 0 and p["n_eval"] > 0
+    assert probe["vision"]["depth"]["r2"] > 0.2  # depth is linear enough in the window's patch features
+    assert f"| P4D (latent + explicit): LLM hidden states | {probe['p4d']['depth']['r2']:.3f} |" in report
+    assert "frozen vision features (the floor)" in report
     # both students scored on every test question; chance is 1/options averaged, from test.json
     questions = json.loads((out / "data" / "test.json").read_text())
     assert res["counts"]["Avg"] == len(questions) > 0
