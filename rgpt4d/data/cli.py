@@ -126,15 +126,21 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rgpt4d.data.evaluate import evaluate, load_predictions, load_questions
+    from rgpt4d.data.evaluate import evaluate, load_predictions, read_questions
 
     try:
-        questions = load_questions(args.questions)
+        try:
+            questions, bad = read_questions(args.questions, skip_bad=args.skip_bad)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--questions {e}") from None
         predictions = load_predictions(args.predictions)
         report = evaluate(questions, predictions, unparseable=args.unparseable, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         print(f"rgpt4d eval-answers: error: {e}", file=sys.stderr)
         return 2
+    report.skipped = bad
+    for b in bad:
+        print(f"skipped {b['file']}: entry {b['index']} (id {b['id']!r}): {b['reason']}", file=sys.stderr)
     print(report.to_markdown())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
@@ -221,6 +227,9 @@ def register(subparsers) -> None:
     )
     ev.add_argument("--json", help="also write the report as JSON here")
     ev.add_argument("--markdown", help="also write the report as markdown here")
+    ev.add_argument("--skip-bad", action="store_true",
+                    help="report and skip malformed entries (a missing field, an answer not among the options) "
+                         "instead of stopping at the first")
     ev.set_defaults(func=_cmd_eval)
 
 

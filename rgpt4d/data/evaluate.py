@@ -69,6 +69,7 @@ class Report:
     missing: int
     mode: str
     results: list[QuestionResult] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # bad entries left out (check_entries)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,8 @@ class Report:
             "unparseable": self.unparseable,
             "missing": self.missing,
             "unparseable_mode": self.mode,
+            "skipped": len(self.skipped),
+            "skipped_entries": self.skipped,
         }
 
     def to_markdown(self) -> str:
@@ -92,17 +95,90 @@ class Report:
             f"\n\n{self.counts['Avg']} questions; {self.unparseable} unparseable "
             f"({self.missing} missing), scored as {self.mode}."
         )
+        if self.skipped:
+            note += f" {len(self.skipped)} bad entries skipped (not scored): " + "; ".join(
+                f"id {b['id']!r}: {b['reason']}" for b in self.skipped[:10]) + ("; ..." if len(self.skipped) > 10 else "")
         return "\n".join([head, rule, row, n]) + note
 
 
-def load_questions(path: str | Path) -> list[dict[str, Any]]:
+REQUIRED_FIELDS = ("id", "task", "question", "options", "answer")
+
+
+class ReleaseError(ValueError):
+    """Bad benchmark input (a questions file, an entry, a video or an image); the message names the
+    file and the entry id."""
+
+
+def entry_problem(e: Any) -> str | None:
+    """What is wrong with one R4D-Bench entry (None if nothing): not an object, a missing field, no
+    options, an unknown task, an answer that is not among its options."""
+    if not isinstance(e, dict):
+        return f"expected a JSON object, got {type(e).__name__}"
+    missing = [k for k in REQUIRED_FIELDS if k not in e]
+    if missing:
+        return f"missing field{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)}"
+    if not isinstance(e["options"], list) or not e["options"]:
+        return f"'options' must be a non-empty list, got {e['options']!r}"
+    if len(e["options"]) > len(LETTERS):
+        return f"{len(e['options'])} options, at most {len(LETTERS)} can be lettered"
+    if not isinstance(e["question"], str):
+        return f"'question' must be a string, got {type(e['question']).__name__}"
+    try:
+        category_of(e["task"])
+        answer_index(e["options"], e["answer"])
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def read_json_list(path: str | Path, what: str = "questions") -> list[Any]:
+    """A JSON list from `path`; a missing file, malformed JSON or another JSON type is a clear error
+    naming the file (and the line and column of a syntax error)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--questions {path} does not exist")
-    data = json.loads(path.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"{path}: no such {what} file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReleaseError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ReleaseError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, list):
-        raise ValueError(f"--questions {path}: expected a JSON list of questions")
+        raise ReleaseError(f"{path}: expected a JSON list of {what}, got a JSON {type(data).__name__}")
     return data
+
+
+def check_entries(entries: list[Any], path: str | Path, skip_bad: bool = False
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(good entries, bad ones as {"id", "index", "file", "reason"}). Without `skip_bad` the first bad
+    entry raises a ReleaseError naming the file, the entry's position and its id."""
+    good, bad = [], []
+    seen: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        problem = entry_problem(e)
+        eid = e.get("id") if isinstance(e, dict) else None
+        if problem is None:
+            if str(eid) in seen:
+                problem = f"the id repeats entry {seen[str(eid)]}'s"
+            else:
+                seen[str(eid)] = i
+        if problem is None:
+            good.append(e)
+            continue
+        if not skip_bad:
+            raise ReleaseError(f"{path}: entry {i} (id {eid!r}): {problem}")
+        bad.append({"id": eid, "index": i, "file": str(path), "reason": problem})
+    return good, bad
+
+
+def read_questions(path: str | Path, skip_bad: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The entries of an R4D-Bench style questions file, checked (check_entries): (good, bad)."""
+    return check_entries(read_json_list(path), path, skip_bad)
+
+
+def load_questions(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of a questions file; any bad entry is a ReleaseError naming the file and entry."""
+    return read_questions(path)[0]
 
 
 def load_predictions(path: str | Path) -> dict[str, Any]:

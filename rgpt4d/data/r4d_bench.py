@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rgpt4d.data.dataset import question_fields
+from rgpt4d.data.evaluate import ReleaseError, read_questions
 
 PYAV_HINT = "decoding R4D-Bench videos needs PyAV: install it with `pip install av`"
 
@@ -35,18 +36,16 @@ def _require_av():
     return av
 
 
-def load_release_entries(root: str | Path, file: str = "test.json") -> list[dict[str, Any]]:
+def load_release_entries(root: str | Path, file: str = "test.json", skip_bad: bool = False
+                         ) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The release's entries, checked (rgpt4d.data.evaluate.check_entries: malformed JSON, a missing
+    field, an answer not among its options are ReleaseErrors naming the file and the entry id).
+    With `skip_bad`: (good entries, bad ones as {"id", "index", "file", "reason"})."""
     path = Path(root) / file
     if not path.is_file():
         raise FileNotFoundError(f"R4D-Bench root {root}: {file} not found")
-    entries = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of questions, got {type(entries).__name__}")
-    for i, e in enumerate(entries):
-        missing = [k for k in ("id", "task", "question", "options", "answer") if k not in e]
-        if missing:
-            raise ValueError(f"{path}: entry {i} (id {e.get('id')!r}) lacks {missing}")
-    return entries
+    good, bad = read_questions(path, skip_bad)
+    return (good, bad) if skip_bad else good
 
 
 def resolve_video(root: str | Path, entry: dict[str, Any]) -> Path:
@@ -122,6 +121,46 @@ def decode_video(
     return torch.from_numpy(np.ascontiguousarray(video)), torch.tensor(t, dtype=torch.float32)
 
 
+_SAME = object()
+
+
+def entry_media(root: str | Path, entry: dict[str, Any], num_frames: int = 16, size: tuple[int, int] | None = None,
+                video: bool = True, som_size: Any = _SAME) -> dict[str, Any]:
+    """An entry's SoM image (uint8 [3, H, W], resized to `som_size` (H, W): by default `size`, None
+    keeps the file's) and, with `video`, its frames (resized to `size`) and timestamps
+    (decode_video). A missing, unreadable or undecodable file is a ReleaseError naming the file and
+    the entry id."""
+    som_size = size if som_size is _SAME else som_size
+    eid = entry.get("id")
+    out: dict[str, Any] = {}
+    try:
+        som_path = resolve_som(root, entry)
+    except FileNotFoundError as e:
+        raise ReleaseError(str(e)) from None
+    try:
+        with Image.open(som_path) as im:
+            som = im.convert("RGB")
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ReleaseError(f"{som_path}: entry {eid!r}: cannot read the SoM image ({e})") from None
+    if som_size is not None:
+        som = som.resize((som_size[1], som_size[0]), Image.BILINEAR)
+    out["som_image"] = torch.from_numpy(np.ascontiguousarray(np.asarray(som).transpose(2, 0, 1)))
+    out["som_path"] = str(som_path)
+    if video:
+        try:
+            path = resolve_video(root, entry)
+        except FileNotFoundError as e:
+            raise ReleaseError(str(e)) from None
+        try:
+            out["frames"], out["timestamps"] = decode_video(path, num_frames, size)
+        except ImportError:
+            raise
+        except Exception as e:  # PyAV raises its own error types (av.error.InvalidDataError, ...)
+            raise ReleaseError(f"{path}: entry {eid!r}: cannot decode the video ({type(e).__name__}: {e})") from None
+        out["video_path"] = str(path)
+    return out
+
+
 class R4DBench(Dataset):
     """The release as a dataset with the same keys as `Synth4DQuestions` (no region boxes: the
     release gives regions only through its SoM images, so `boxes` is empty)."""
@@ -151,12 +190,9 @@ class R4DBench(Dataset):
         item["benchmark"] = e.get("benchmark")
         item["boxes"] = torch.zeros(0, 4)
         item["region_ids"] = torch.zeros(0, dtype=torch.int64)
-        som = Image.open(resolve_som(self.root, e)).convert("RGB")
-        if self.size is not None:
-            som = som.resize((self.size[1], self.size[0]), Image.BILINEAR)
-        item["som_image"] = torch.from_numpy(np.ascontiguousarray(np.asarray(som).transpose(2, 0, 1)))
+        media = entry_media(self.root, e, self.num_frames, self.size, video=self.load_video)
+        item["som_image"] = media["som_image"]
         if self.load_video:
-            path = resolve_video(self.root, e)
-            item["video_path"] = str(path)
-            item["frames"], item["timestamps"] = decode_video(path, self.num_frames, self.size)
+            item["video_path"], item["frames"], item["timestamps"] = (media["video_path"], media["frames"],
+                                                                      media["timestamps"])
         return item

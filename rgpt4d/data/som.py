@@ -115,3 +115,46 @@ def draw_som(frame: np.ndarray, boxes: dict[int, tuple[float, float, float, floa
         region = img[tr + scale : tr + scale + mask.shape[0], tc + scale : tc + scale + mask.shape[1]]
         region[mask] = colour
     return img
+
+
+def _long_runs(mask: np.ndarray, length: int) -> np.ndarray:
+    """The pixels of `mask` [H, W] on a horizontal or vertical run of at least `length` pixels."""
+    out = np.zeros_like(mask)
+    for m, o in ((mask, out), (mask.T, out.T)):
+        padded = np.pad(m, ((0, 0), (1, 1))).astype(np.int8)
+        d = np.diff(padded, axis=1)
+        rows_s, cols_s = np.nonzero(d == 1)
+        rows_e, cols_e = np.nonzero(d == -1)  # row-major: the k-th start and end belong together
+        for r, a, b in zip(rows_s, cols_s, cols_e):
+            if b - a >= length:
+                o[r, a:b] = True
+    return out
+
+
+def boxes_from_som(image: np.ndarray, numbers, tolerance: int = 48) -> dict[int, tuple[float, float, float, float]]:
+    """The boxes of a Set-of-Marks image drawn in this module's style (`draw_som`): for each SoM
+    number, the extent of the straight lines of its colour (BOX_COLOURS, by number) at least one
+    pixel longer than a digit (5 x the image's scale), i.e. of the outline without its number. Lines
+    of another box drawn over it or a tag over a corner cut edges short but leave their extremes.
+
+    image: uint8 [H, W, 3]. Returns {number: (x0, y0, x1, y1)} in continuous pixel coordinates of the
+    image, for the numbers whose outline is found; a number whose colour has no such line (not drawn,
+    or a box smaller than a digit) is left out. `tolerance`: the largest per-channel difference to
+    the colour (lossy copies of the image shift colours a little). Numbers ten apart share a colour:
+    with both drawn, each gets the extent of the two.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be [H, W, 3], got {image.shape}")
+    H, W = image.shape[:2]
+    length = 5 * max(1, int(round(min(H, W) / 64))) + 1  # draw_som's digit height, plus one
+    img = image.astype(np.int16)
+    out = {}
+    for n in sorted(set(int(n) for n in numbers)):
+        if n < 1:
+            raise ValueError(f"SoM numbers start at 1, got {n}")
+        colour = np.array(BOX_COLOURS[(n - 1) % len(BOX_COLOURS)], np.int16)
+        lines = _long_runs((np.abs(img - colour) <= tolerance).all(-1), length)
+        rows, cols = np.nonzero(lines)
+        if len(rows):
+            out[n] = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
+    return out

@@ -5,6 +5,7 @@
     rgpt4d train student --data DIR --teacher-cache runs/cache --out runs/student --preset smoke \
         [--p4d none|latent|explicit|both] [--tpe on|off] [--ops fused|eager] [--resume]
     rgpt4d eval --model runs/student/model --data DIR [--split test]
+    rgpt4d eval r4d-bench --root RELEASE --model runs/student/model --out runs/r4d [--limit N] [--skip-bad]
     torchrun --nproc_per_node=2 -m rgpt4d.train student ...        (DDP; docs/training.md)
 
 The run's configuration is the preset's (rgpt4d.train.config), then `--config FILE` (a saved
@@ -43,6 +44,19 @@ def _is_main() -> bool:
 def _err(cmd: str, e: Exception) -> int:
     print(f"rgpt4d {cmd}: error: {e}", file=sys.stderr)
     return 2
+
+
+def _positive(name: str):
+    """An argparse `type=` for an integer >= 1, with errors naming `name`."""
+    base = non_negative(int, name)
+
+    def parse(text: str) -> int:
+        value = base(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {text}")
+        return value
+
+    return parse
 
 
 def _on_off(name: str):
@@ -107,15 +121,41 @@ def _cmd_train_student(args) -> int:
 def _cmd_eval(args) -> int:
     from rgpt4d.train import evaluate_student
 
+    if args.target == "r4d-bench":
+        return _cmd_eval_r4d_bench(args)
+    if args.data is None:
+        return _err("eval", ValueError("--data is required (a `rgpt4d data make` directory), or evaluate a "
+                                       "release with `rgpt4d eval r4d-bench --root DIR --model PATH --out DIR`"))
     try:
-        report = evaluate_student(args.model, args.data, args.split, batch_size=args.batch_size, limit=args.limit,
-                                  device=args.device, progress=not args.quiet, predictions_out=args.predictions,
-                                  unparseable=args.unparseable, scoring=args.scoring)
+        report = evaluate_student(args.model, args.data, args.split, batch_size=args.batch_size or 8,
+                                  limit=args.limit, device=args.device, progress=not args.quiet,
+                                  predictions_out=args.predictions, unparseable=args.unparseable or "wrong",
+                                  scoring=args.scoring)
     except (ValueError, FileNotFoundError) as e:
         return _err("eval", e)
     print(report["markdown"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_eval_r4d_bench(args) -> int:
+    from rgpt4d.train.bench import eval_r4d_bench
+
+    missing = [flag for flag, v in (("--root", args.root), ("--out", args.out)) if v is None]
+    if missing:
+        return _err("eval r4d-bench", ValueError(f"{' and '.join(missing)} required: rgpt4d eval r4d-bench --root DIR "
+                                                 "--model PATH --out DIR"))
+    try:
+        result = eval_r4d_bench(args.root, args.model, args.out, limit=args.limit, num_frames=args.num_frames,
+                                skip_bad=args.skip_bad, batch_size=args.batch_size or 4, device=args.device,
+                                unparseable=args.unparseable or "random", progress=not args.quiet,
+                                log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        return _err("eval r4d-bench", e)
+    print(result["markdown"])
+    print(f"wrote {Path(args.out) / 'predictions.jsonl'}, report.md and report.json "
+          f"({result['answered_now']} answered in this run)")
     return 0
 
 
@@ -174,15 +214,29 @@ def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="train the teacher or the student (see docs/training.md)")
     add_train_parsers(train.add_subparsers(dest="train_command", required=True))
 
-    ev = subparsers.add_parser("eval", help="evaluate a saved student on a split: the 12-column R4D report")
+    ev = subparsers.add_parser("eval", help="evaluate a saved student on a split (--data) or on an R4D-Bench "
+                                            "release (`eval r4d-bench`): the 12-column R4D report")
+    ev.add_argument("target", nargs="?", choices=("r4d-bench",),
+                    help="r4d-bench: answer a release (--root) and write predictions.jsonl, report.md and "
+                         "report.json in --out; a rerun answers only the ids not yet in predictions.jsonl")
     ev.add_argument("--model", required=True, help="a saved student (<run>/model)")
-    ev.add_argument("--data", required=True, help="a `rgpt4d data make` directory")
+    ev.add_argument("--data", help="a `rgpt4d data make` directory")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--limit", type=int, help="only the first N questions")
+    ev.add_argument("--root", help="r4d-bench: the release folder (test.json, videos, SoM images)")
+    ev.add_argument("--out", help="r4d-bench: where predictions.jsonl and the report go")
+    ev.add_argument("--num-frames", type=_positive("--num-frames"),
+                    help="r4d-bench: frames sampled per video (default: the student's, 16 in the paper)")
+    ev.add_argument("--skip-bad", action="store_true",
+                    help="r4d-bench: report and skip bad entries (malformed, missing or undecodable files) "
+                         "instead of stopping at the first; the report counts them")
+    ev.add_argument("--batch-size", type=_positive("--batch-size"), default=None,
+                    help="questions per forward pass (default 8; r4d-bench 4)")
+    ev.add_argument("--limit", type=_positive("--limit"), help="only the first N questions")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--predictions", help="also write the predictions as JSONL here")
-    ev.add_argument("--unparseable", choices=("wrong", "random"), default="wrong")
+    ev.add_argument("--unparseable", choices=("wrong", "random"), default=None,
+                    help="how an answer without a valid letter scores (default wrong; r4d-bench: random, the "
+                         "official rule)")
     ev.add_argument("--scoring", choices=("auto", "letter", "likelihood"), default="auto",
                     help="letter: the letter the model writes; likelihood: the most likely option text; "
                          "auto: the model's own (likelihood for the option answer format)")
