@@ -178,8 +178,8 @@ def _logged_steps(metrics: Path) -> int:
 def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: bool = True,
              log: Optional[Callable[[str], None]] = print, parallel: Optional[bool] = None) -> dict:
     """Run the whole pipeline; returns {"preset", "scores" {name: 12 columns}, "chance", "counts",
-    "teacher" (held-out metrics), "probe" {features: {target: R^2 and more}}, "stage_seconds", "student_seconds" {name: {train, eval}}, "seconds",
-    "report", "students" {name: path}, "parallel"}. `parallel`: train and evaluate the two students in
+    "teacher" (held-out metrics), "probe" {features: {target: ridge_probe's result}}, "stage_seconds",
+    "student_seconds" {name: {train, eval}}, "seconds", "report", "students" {name: path}, "parallel"}. `parallel`: train and evaluate the two students in
     two processes at once (default: on a CPU with >= 2 threads)."""
     from rgpt4d.data import MakeConfig, make_dataset
     from rgpt4d.data.evaluate import load_questions

@@ -8,8 +8,8 @@
                 "linear" (the released code: one Linear per teacher head layer, std 0.1, zero bias)
                 -> four grids, the last being F^_4D
       -> L_LD against the teacher latent; the grids through the teacher's *frozen* heads give the
-         explicit predictions (depth, flow, motion, camray: those the loss preset weighs) for L_ED. The frozen heads run horizontally
-         fused (rgpt4d.models.teacher.dpt_heads_fused: one grouped pass for all heads) unless
+         explicit predictions (depth, flow, motion, camray: those the loss preset weighs) for L_ED.
+         The frozen heads run horizontally fused (rgpt4d.models.teacher.dpt_heads_fused: one grouped pass for all heads) unless
          rgpt4d's ops are on their eager references.
 Losses: rgpt4d.ops.P4DLoss (latent + explicit in one multi-tensor op) when explicit terms are on;
 latent only: rgpt4d.ops.fused_linear_latent_loss fuses D_4DP's last Linear with the loss, so the
