@@ -289,14 +289,11 @@ def run_probes(students: dict[str, str], data: Path) -> dict[str, dict]:
     """{"vision": floor, <student name>: probes of its LLM hidden states}, each {target: ridge_probe
     result}. The vision tower is frozen and both students start from one seed, so the floor is
     measured once, on the first student."""
-    import torch
-
     from rgpt4d.train.probe import probe_student
 
     probes: dict[str, dict] = {}
     for i, (name, path) in enumerate(students.items()):
-        with torch.random.fork_rng():
-            res = probe_student(path, data, "val", "test", kinds=("vision", "hidden") if i == 0 else ("hidden",))
+        res = probe_student(path, data, "val", "test", kinds=("vision", "hidden") if i == 0 else ("hidden",))
         if "vision" in res:
             probes["vision"] = res["vision"]
         probes[name] = res["hidden"]
