@@ -249,25 +249,28 @@ def tpe_reference(timestamps, dim):
     return out.float()
 
 
-def downsample_reference(grid, order="dy_dx"):
+def downsample_reference(grid, order="dy_dx", pad="end"):
     """NVILA's 3x3 downsample written from the documented rule: zero-pad H and W at the end to a
-    multiple of 3, output tokens row-major, channel (dy*3 + dx)*m + c ("dx_dy": a wrong order)."""
+    multiple of 3, output tokens row-major, channel (dy*3 + dx)*m + c (order "dx_dy", pad "start":
+    wrong conventions, to show the comparison can fail)."""
     h, w, m = grid.shape
     Ho, Wo = -(-h // 3), -(-w // 3)
+    oy, ox = (3 * Ho - h, 3 * Wo - w) if pad == "start" else (0, 0)
     out = torch.zeros(Ho * Wo, 9 * m, dtype=grid.dtype)
     for gy in range(Ho):
         for gx in range(Wo):
             for dy in range(3):
                 for dx in range(3):
-                    y, x = 3 * gy + dy, 3 * gx + dx
-                    if y < h and x < w:
+                    y, x = 3 * gy + dy - oy, 3 * gx + dx - ox
+                    if 0 <= y < h and 0 <= x < w:
                         k = dy * 3 + dx if order == "dy_dx" else dx * 3 + dy
                         out[gy * Wo + gx, k * m:(k + 1) * m] = grid[y, x]
     return out
 
 
-def nvila_reference_logits(root, layers, frames, timestamps, question, som=None, order="dy_dx", tpe=True):
-    """A plain forward of the NVILA folder's weights: SigLIP hidden_states[-2] -> (+ TPE) -> 3x3
+def nvila_reference_logits(root, layers, frames, timestamps, question, som=None, order="dy_dx", pad="end",
+                           tpe=True):
+    """A plain forward of the NVILA folder's weights: SigLIP's second-to-last layer -> (+ TPE) -> 3x3
     downsample -> LayerNorm -> Linear, GELU, LayerNorm, Linear, GELU, Linear; each image's tokens then
     the embedding of "\\n", at the media position of the qwen2 chat prompt; the LLM on the embeddings."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM, SiglipVisionModel
@@ -279,11 +282,14 @@ def nvila_reference_logits(root, layers, frames, timestamps, question, som=None,
     m, g = VISION["hidden_size"], IMG // PATCH
 
     def project(image, t):
-        x = (image - 0.5) / 0.5
-        feats = vision(pixel_values=x[None], output_hidden_states=True).hidden_states[-2][0]  # [g*g, m]
+        feats = vision.embeddings((image[None] - 0.5) / 0.5)
+        for layer in vision.encoder.layers[:-1]:  # mm_vision_select_layer -2: the last layer's input
+            out = layer(feats, None)
+            feats = out[0] if isinstance(out, tuple) else out
+        feats = feats[0]  # [g*g, m]
         if tpe:
             feats = feats + tpe_reference(torch.tensor([t]), m)
-        v = downsample_reference(feats.view(g, g, m), order)
+        v = downsample_reference(feats.view(g, g, m), order, pad)
         v = F.layer_norm(v, (9 * m,), L["layers.1.weight"], L["layers.1.bias"])
         v = F.gelu(F.linear(v, L["layers.2.weight"], L["layers.2.bias"]))
         v = F.layer_norm(v, (3 * m,), L["layers.4.weight"], L["layers.4.bias"])
@@ -337,8 +343,9 @@ def test_from_nvila_logits_equal_a_plain_forward_of_the_layout(nvila, nvila_mode
     want = nvila_reference_logits(root, layers, inputs["frames"][0], inputs["timestamps"][0], QUESTION, som=som)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # the comparison can fail: NVILA's layout with the 3x3 channels in the other order, or without TPE
-    for wrong in (dict(order="dx_dy"), dict(tpe=False)):
+    # the comparison can fail: the 3x3 channels in the other order, the zero padding at the top/left,
+    # or no TPE
+    for wrong in (dict(order="dx_dy"), dict(pad="start"), dict(tpe=False)):
         bad = nvila_reference_logits(root, layers, inputs["frames"][0], inputs["timestamps"][0], QUESTION,
                                      som=som, **wrong)
         assert (got - bad).abs().max() > 1e-2, wrong
