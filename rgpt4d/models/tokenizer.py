@@ -270,15 +270,15 @@ def chat_text(prompt: str, num_visual_tokens: int, restate=False) -> str:
     return _turn(prompt, restate, f"{USER}{IMAGE * num_visual_tokens}\n")
 
 
-def _first_turn_ids(tokenizer, prompt: str, visual, restate) -> list[int]:
+def _first_turn_ids(tokenizer, prompt: str, visual, restate, image: int) -> list[int]:
     """The first user turn's ids with the visual block in place.
 
     visual: an int n (n `<image>` ids followed by the text "\n", `chat_text`'s layout) or a list of
     ids inserted as they are (RGPT4DConfig.visual_token_ids: per image its `<image>` ids and, NVILA's
     layout, the frame separator; the prompt text follows the block directly). The turn is tokenized
     with one `<image>` mark that is then replaced by the block: the text around it tokenizes the
-    same (special tokens split the text), and no separator can merge with the text after it."""
-    image = special_token_ids(tokenizer, regions=False)["image"]
+    same (special tokens split the text), and no separator can merge with the text after it.
+    `image`: the `<image>` id."""
     block = [image] * visual if isinstance(visual, int) else [int(t) for t in visual]
     mark = IMAGE + ("\n" if isinstance(visual, int) else "")
     template = has_chat_template(tokenizer)
@@ -306,7 +306,7 @@ def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens, answers: 
     ids = special_token_ids(tokenizer, regions=False)
     seqs, labels = [], []
     for i, p in enumerate(prompts):
-        prompt_ids = _first_turn_ids(tokenizer, p, num_visual_tokens, restate)
+        prompt_ids = _first_turn_ids(tokenizer, p, num_visual_tokens, restate, ids["image"])
         if answers is None:
             seqs.append(prompt_ids)
             continue
@@ -333,7 +333,7 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
     if has_chat_template(tokenizer) and any(len(c) > 1 for c in conversations):
         raise ValueError("conversations: multi-turn sequences are written with <|user|>/<|assistant|>; a tokenizer "
                          "with a chat template takes one question per sequence (questions_per_sequence 1)")
-    pad = special_token_ids(tokenizer, regions=False)["pad"]
+    ids = special_token_ids(tokenizer, regions=False)
     seqs, labels = [], []
     for c, (prompts, ans) in enumerate(zip(conversations, answers)):
         if not prompts or len(prompts) != len(ans):
@@ -344,7 +344,7 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
             if not len(a):
                 raise ValueError(f"answers: answer {k} of conversation {c} has no tokens")
             if k == 0:
-                p_ids = _first_turn_ids(tokenizer, p, num_visual_tokens, restate)
+                p_ids = _first_turn_ids(tokenizer, p, num_visual_tokens, restate, ids["image"])
             else:
                 p = p.replace(PROMPT_PREAMBLE + chr(10), "")
                 p_ids = tokenizer.encode(_turn(p, restate, USER), add_special_tokens=False)
@@ -352,7 +352,7 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
             lab += [-100] * len(p_ids) + [int(t) for t in a]
         seqs.append(seq)
         labels.append(lab)
-    return _left_pad(seqs, labels, pad)
+    return _left_pad(seqs, labels, ids["pad"])
 
 
 def _left_pad(seqs: list[list[int]], labels: list[list[int]] | None, pad: int) -> dict:

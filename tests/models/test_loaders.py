@@ -123,6 +123,22 @@ def test_from_parts_prompt_uses_the_chat_template(from_parts):
     assert text.endswith(QUESTION + "<|im_end|>\n<|im_start|>assistant\n") and "<|user|>" not in text
 
 
+def test_own_tokenizer_prompts_are_unchanged():
+    """The visual block goes in after tokenizing (one `<image>` mark, then replaced): with the
+    project's own tokenizer the ids are exactly those of the `<|user|>`...`<|assistant|>` text."""
+    from rgpt4d.data.schema import format_prompt
+    from rgpt4d.models.tokenizer import chat_text, encode_batch, train_tokenizer
+
+    tok = train_tokenizer(vocab_size=600)
+    prompt = format_prompt("How far does <obj_2> move from <obj_1>?", ["1 m", "2 m"])
+    for restate in (False, "line", "answer"):
+        for n in (0, 7):
+            got = encode_batch(tok, [prompt], n, restate=restate)["input_ids"][0].tolist()
+            assert got == tok.encode(chat_text(prompt, n, restate), add_special_tokens=False), (restate, n)
+    with pytest.raises(ValueError, match="must not contain '<image>'"):
+        encode_batch(tok, ["look: <image>"], 3)
+
+
 def test_from_parts_without_chat_template_adds_turn_tokens(parts):
     from rgpt4d.models.loaders import prepare_tokenizer
 
