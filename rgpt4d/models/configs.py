@@ -213,7 +213,8 @@ class RGPT4DConfig(PreTrainedConfig):
         if self.region_mode not in REGION_MODES:
             raise ValueError(f"RGPT4DConfig: region_mode must be one of {REGION_MODES}, got {self.region_mode!r}")
         if self.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"RGPT4DConfig: projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+            raise ValueError(f"RGPT4DConfig: projector_type must be one of {PROJECTOR_TYPES}, "
+                             f"got {self.projector_type!r}")
         if self.attn_implementation_name not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"RGPT4DConfig: attn_implementation_name must be one of {ATTN_IMPLEMENTATIONS}, "
                              f"got {self.attn_implementation_name!r}")

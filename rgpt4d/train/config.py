@@ -119,7 +119,8 @@ class TrainConfig:
                              f"{self.grad_accum}")
         if len(self.betas) != 2:
             raise ValueError(f"TrainConfig.betas: expected two numbers, got {self.betas!r}")
-        if self.init_from not in ("", "parts") and not (self.init_from.startswith("nvila:") and len(self.init_from) > 6):
+        nvila = self.init_from.startswith("nvila:") and len(self.init_from) > len("nvila:")
+        if self.init_from not in ("", "parts") and not nvila:
             raise ValueError(f"TrainConfig.init_from: must be '', 'nvila:PATH' or 'parts', got {self.init_from!r}")
         if self.init_from == "parts" and not (self.init_vision and self.init_llm):
             raise ValueError("TrainConfig.init_from: 'parts' needs init_vision and init_llm (folders)")
