@@ -88,11 +88,12 @@ def load_language_model(spec, *, dtype: torch.dtype = torch.float32, attn_implem
                                             attn_implementation=attn_implementation)
 
 
-def prepare_tokenizer(spec, *, regions: int = 8, chat_template: str | None = None):
+def prepare_tokenizer(spec, *, regions: int = 8, chat_template: str | None = None, replace_template: bool = False):
     """The tokenizer the student uses: a fast tokenizer (a folder with tokenizer.json, or the
     object, copied) with `chat_template` set when it has none, `<image>` and `<obj_1>` ...
     `<obj_{regions}>` added as special tokens when missing (and `<|user|>`, `<|assistant|>` when it
-    has no chat template), and a pad token when it has none (its `[PAD]`, else `<pad>`)."""
+    has no chat template), and a pad token when it has none (its `[PAD]`, else `<pad>`).
+    `replace_template`: `chat_template` replaces the tokenizer's own (what VILA does with its config's)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     from rgpt4d.models.tokenizer import ASSISTANT, IMAGE, PAD, USER, obj_token
@@ -106,7 +107,7 @@ def prepare_tokenizer(spec, *, regions: int = 8, chat_template: str | None = Non
         tok = AutoTokenizer.from_pretrained(path, use_fast=True)
     if not getattr(tok, "is_fast", False):
         raise TypeError(f"tokenizer: expected a fast tokenizer (tokenizers' tokenizer.json), got {type(tok).__name__}")
-    if chat_template and not getattr(tok, "chat_template", None):
+    if chat_template and (replace_template or not getattr(tok, "chat_template", None)):
         tok.chat_template = chat_template
     vocab = tok.get_vocab()
     # without a chat template, prompts are written with <|user|> ... <|assistant|> (rgpt4d.models.tokenizer)
@@ -224,8 +225,10 @@ def load_nvila(path, *, dtype: torch.dtype = torch.float32, **config_overrides):
                      region_mode="som")
     overrides.update(config_overrides)
     regions = overrides.get("max_regions", 8) if _uses_regions(overrides) else 0
-    template = QWEN2_CHAT_TEMPLATE if top.get("chat_template", "qwen2") == "qwen2" else None
-    tok = prepare_tokenizer(path / "llm", regions=regions, chat_template=template)
+    # VILA replaces the tokenizer's template with the one its config names (NVILA: "qwen2")
+    named = top.get("chat_template")
+    template = QWEN2_CHAT_TEMPLATE if named in ("qwen2", None) else None
+    tok = prepare_tokenizer(path / "llm", regions=regions, chat_template=template, replace_template=named == "qwen2")
     overrides.setdefault("frame_separator_id", single_token_id(tok, "\n", "frame_separator"))
 
     m, d = vision.config.hidden_size, llm.config.hidden_size

@@ -218,6 +218,8 @@ def write_nvila(root, *, projector_type="mlp_downsample_3x3_fix", frames=T):
     from safetensors.torch import save_file
 
     tok = _tokenizer(extra=NVILA_SPECIALS)
+    # Qwen2-Instruct's own system line ends with "."; VILA replaces the template with the "qwen2" its config names
+    tok.chat_template = QWEN2_CHAT_TEMPLATE.replace("helpful assistant<", "helpful assistant.<")
     vision, llm = _towers(len(tok), head=False)
     vision.save_pretrained(root / "vision_tower")  # the config; the weights under their checkpoint names:
     save_file({f"vision_model.{k}": v.contiguous() for k, v in vision.state_dict().items()},
