@@ -55,16 +55,25 @@ class RGPT4D:
         self.letter_ids = letter_token_ids(tokenizer, 10)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RGPT4D":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: Optional[torch.dtype] = None) -> "RGPT4D":
+        """A saved student (`save_inference_model`), or an NVILA folder (llm/, vision_tower/,
+        mm_projector/: NVILA-Lite-8B, the released 4D-RGPT-8B; rgpt4d.models.loaders.load_nvila).
+        `dtype`: the weights' dtype (default float32; bfloat16 halves the memory on a GPU)."""
         from transformers import PreTrainedTokenizerFast
 
+        from rgpt4d.models.loaders import is_nvila_folder, load_nvila
         from rgpt4d.models.student import RGPT4DForConditionalGeneration
 
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model: no config.json in {path} (save one with rgpt4d.infer.save_inference_model)")
-        model = RGPT4DForConditionalGeneration.from_pretrained(path)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        dtype = torch.float32 if dtype is None else dtype
+        if is_nvila_folder(path):
+            model, tokenizer = load_nvila(path, dtype=dtype)
+        else:
+            model = RGPT4DForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         return cls(model, tokenizer, device)
 
     # -- one question ---------------------------------------------------------------------------
@@ -92,6 +101,8 @@ class RGPT4D:
             if it.get("som_image") is not None:
                 s = _frames_tensor(torch.as_tensor(np.asarray(it["som_image"]))[None])[0]
                 somi.append(s)
+            elif self.model.config.region_mode in ("som", "both"):  # drawn from the boxes, as R4D-Bench's
+                somi.append(_som_from_boxes(frames[-1][0], b))
         shapes = {tuple(f.shape) for f in frames}
         if len(shapes) > 1:
             raise ValueError(f"video: all videos of a batch need one shape, got {sorted(shapes)}")
@@ -105,7 +116,7 @@ class RGPT4D:
             if t.shape[0] != frames[i].shape[0]:
                 raise ValueError(f"timestamps: {t.shape[0]} timestamps for {frames[i].shape[0]} frames")
         cfg = self.model.config
-        enc = encode_batch(self.tokenizer, prompts, cfg.num_visual_tokens, restate=cfg.restate_mode())
+        enc = encode_batch(self.tokenizer, prompts, cfg.prompt_visual(), restate=cfg.restate_mode())
         d = self.device
         inputs = dict(input_ids=enc["input_ids"].to(d), attention_mask=enc["attention_mask"].to(d),
                       frames=torch.stack(frames).to(d), timestamps=torch.stack(times).to(d),
@@ -244,6 +255,16 @@ class RGPT4D:
         if out is not None:
             Path(out).write_text("".join(json.dumps(p) + "\n" for p in preds))
         return preds
+
+
+def _som_from_boxes(frame: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The SoM image of a first frame [3, H, W] (uint8, or float in [0, 1]): box i outlined and
+    tagged i + 1 (rgpt4d.data.som.draw_som). Returns uint8 [3, H, W]."""
+    from rgpt4d.data.som import draw_som
+
+    img = frame if frame.dtype == torch.uint8 else (frame.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    drawn = draw_som(img.permute(1, 2, 0).cpu().numpy(), {i + 1: tuple(b.tolist()) for i, b in enumerate(boxes)})
+    return torch.from_numpy(drawn).permute(2, 0, 1).contiguous()
 
 
 def _ordered_regions(q: dict) -> list:

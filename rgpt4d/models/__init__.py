@@ -3,7 +3,8 @@
 Modules: configs (dataclasses, RGPT4DConfig, presets tiny/small/paper), tokenizer (BPE trained
 offline), teacher (VideoMAE + DPT-like heads), teacher_train (train / evaluate / cache), student
 (SigLIP -> fused TPE prologue -> projector -> Qwen2, region tokens), p4d (D_4DP and the training
-model), attention (backend checks), regional_encoder (RegionalEncoder4D, issue 3), cli (`rgpt4d teacher ...`, `rgpt4d infer`).
+model), attention (backend checks), regional_encoder (RegionalEncoder4D, issue 3), loaders (students from
+pretrained SigLIP / Qwen2 parts or an NVILA folder; docs/checkpoints.md), cli (`rgpt4d teacher ...`, `rgpt4d infer`).
 
 Names are imported lazily so that `import rgpt4d.models` does not import transformers.
 """
@@ -35,6 +36,9 @@ _EXPORTS = {
     "P4DDecoder": "p4d",
     "RGPT4DForP4DTraining": "p4d",
     "resample_to_teacher_grid": "p4d",
+    "load_parts": "loaders",
+    "load_nvila": "loaders",
+    "prepare_tokenizer": "loaders",
     "AttentionBackendError": "attention",
     "check_attn_implementation": "attention",
 }

@@ -6,6 +6,9 @@
         --question "How tall is <obj_1>?" --options "0.5 m" "1.0 m" "1.5 m" "2.0 m"
     rgpt4d infer --model PATH --data DIR --split test --out preds.jsonl     (batched, progress bar)
 
+`--model` is a saved student or an NVILA folder (NVILA-Lite-8B, the released 4D-RGPT-8B:
+llm/ + vision_tower/ + mm_projector/; docs/checkpoints.md).
+
 `--video` is a .npy/.npz of frames [T, H, W, 3] uint8 (needs --timestamps or --fps), a video file
 (decoded with PyAV; timestamps from the stream), or DATA_DIR:VIDEO_ID of a synthetic set.
 """
@@ -54,7 +57,7 @@ def _parse_floats(text: str, what: str) -> list[float]:
         raise ValueError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
 
 
-def _load_video(args):
+def _load_video(args, num_frames: int):
     import numpy as np
     import torch
 
@@ -86,7 +89,7 @@ def _load_video(args):
         return frames, ts
     from rgpt4d.data import decode_video
 
-    frames, ts = decode_video(path, num_frames=args.num_frames)
+    frames, ts = decode_video(path, num_frames=args.num_frames or num_frames)
     return frames, ts
 
 
@@ -94,7 +97,12 @@ def _cmd_infer(args) -> int:
     from rgpt4d.infer import RGPT4D
 
     try:
-        model = RGPT4D.from_pretrained(args.model, device=args.device)
+        import torch
+
+        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        if dtype is None:
+            dtype = torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
+        model = RGPT4D.from_pretrained(args.model, device=args.device, dtype=dtype)
         if args.data:
             preds = model.answer_dataset(args.data, args.split, args.out, batch_size=args.batch_size,
                                          limit=args.limit, progress=not args.quiet, scoring=args.scoring)
@@ -106,7 +114,7 @@ def _cmd_infer(args) -> int:
             return 0
         if not (args.video and args.question and args.options):
             raise ValueError("give --video, --question and --options (or --data DIR for a whole split)")
-        frames, ts = _load_video(args)
+        frames, ts = _load_video(args, model.model.config.num_frames)
         boxes = [_parse_floats(b, "boxes") for b in args.boxes.split(";") if b.strip()] if args.boxes else []
         for b in boxes:
             if len(b) != 4:
@@ -144,7 +152,7 @@ def register(subparsers) -> None:
     inf.add_argument("--video", help=".npy/.npz frames [T,H,W,3], a video file, or DATA_DIR:VIDEO_ID")
     inf.add_argument("--timestamps", help="comma-separated seconds, one per frame")
     inf.add_argument("--fps", type=float)
-    inf.add_argument("--num-frames", type=int, default=16)
+    inf.add_argument("--num-frames", type=int, help="frames decoded from a video file (default: the model's)")
     inf.add_argument("--boxes", help="first-frame boxes 'x0,y0,x1,y1;x0,y0,x1,y1' (<obj_1>, <obj_2>, ...)")
     inf.add_argument("--question")
     inf.add_argument("--options", nargs="+")
@@ -154,6 +162,8 @@ def register(subparsers) -> None:
     inf.add_argument("--out", help="JSONL predictions (for rgpt4d eval-answers)")
     inf.add_argument("--batch-size", type=int, default=8)
     inf.add_argument("--device", default="cpu")
+    inf.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                     help="weights' dtype (auto: bfloat16 on cuda, float32 on cpu)")
     inf.add_argument("--scoring", choices=("auto", "letter", "likelihood"), default="auto",
                      help="how the answer is read (default: the model's own; see rgpt4d.infer)")
     inf.add_argument("--quiet", action="store_true")

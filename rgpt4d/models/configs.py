@@ -3,9 +3,11 @@
 Every model is built from these configs: no weights are downloaded. `smoke` (4 frames of 32 px,
 one- and two-layer towers) trains in seconds and is what the training tests use; `tiny` trains in minutes on
 2 CPU cores (64x64 videos of the synthetic set); `small` is a few times wider; `paper` has the
-paper's shapes (SigLIP so400m 1152 x 27x27 tokens, 3x3 downsample, projector hidden 4608, Qwen2
-3584; teacher VideoMAEv2 1408 wide, 40 layers, 8 x 16 x 16 latent, heads on layers 14/21/28/36).
-Building `paper` allocates ~8B parameters: only do it where that fits.
+shapes of the released checkpoints (NVILA-Lite-8B / 4D-RGPT-8B, docs/checkpoints.md: SigLIP so400m
+patch 14 at 448 px, 32x32 -> 11x11 tokens per frame, features of its second-to-last layer, NVILA's
+projector LayerNorm(10368) -> 3456 -> LayerNorm -> 3584 -> 3584, Qwen2-7B 3584 x 28 layers, a "\n"
+token after each frame; teacher L4P's VideoMAEv2 1408 wide, 40 layers, 8 x 16 x 16 latent, heads on
+layers 14/21/28/36). Building `paper` allocates ~8B parameters: only do it where that fits.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from rgpt4d.models.tokenizer import RESTATE_MODES
 PRESETS = ("smoke", "tiny", "small", "paper")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
 REGION_MODES = ("tokens", "som", "both", "none")
+# "mlp": Linear -> GELU -> Linear after the fused prologue (the paper's 2-layer MLP); "nvila": NVILA's
+# mlp_downsample_3x3_fix after the prologue: Linear -> GELU -> LayerNorm -> Linear -> GELU -> Linear
+PROJECTOR_TYPES = ("mlp", "nvila")
 TPE_KINDS = ("sinusoidal", "learned")
 DECODER_KINDS = ("mlp", "linear")
 ANSWER_FORMATS = ("letter", "option", "rank")
@@ -156,6 +161,12 @@ class RGPT4DConfig(PreTrainedConfig):
     num_frames: int = 16
     downsample_window: int = 3
     projector_hidden_size: int = 256
+    projector_type: str = "mlp"  # PROJECTOR_TYPES
+    # which SigLIP hidden state feeds the projector: None is `last_hidden_state` (after the tower's
+    # final LayerNorm); an int k is `hidden_states[k]` (NVILA: -2, the second-to-last layer's output)
+    vision_select_layer: int | None = None
+    # a token placed after each frame's visual tokens in the prompt (NVILA: the "\n" token); None: none
+    frame_separator_id: int | None = None
     tpe: bool = True  # a TPE on the visual features before the projector (and in the region encoder)
     tpe_kind: str = "sinusoidal"  # "sinusoidal": the paper's, of the seconds; "learned": a table row per frame index
     tpe_base: float = 10000.0
@@ -204,6 +215,9 @@ class RGPT4DConfig(PreTrainedConfig):
             raise ValueError(f"RGPT4DConfig: answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
         if self.region_mode not in REGION_MODES:
             raise ValueError(f"RGPT4DConfig: region_mode must be one of {REGION_MODES}, got {self.region_mode!r}")
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"RGPT4DConfig: projector_type must be one of {PROJECTOR_TYPES}, "
+                             f"got {self.projector_type!r}")
         if self.attn_implementation_name not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"RGPT4DConfig: attn_implementation_name must be one of {ATTN_IMPLEMENTATIONS}, "
                              f"got {self.attn_implementation_name!r}")
@@ -223,10 +237,28 @@ class RGPT4DConfig(PreTrainedConfig):
         return g * g
 
     @property
+    def num_visual_inputs(self) -> int:
+        """Images embedded per prompt: the frames, plus the SoM image (first) when it is used."""
+        return self.num_frames + (1 if self.region_mode in ("som", "both") else 0)
+
+    @property
     def num_visual_tokens(self) -> int:
         """`<image>` placeholders in a prompt: all frames, plus the SoM image when it is used."""
-        extra = 1 if self.region_mode in ("som", "both") else 0
-        return (self.num_frames + extra) * self.tokens_per_image
+        return self.num_visual_inputs * self.tokens_per_image
+
+    def visual_token_ids(self) -> list[int]:
+        """The prompt's visual block (rgpt4d.models.tokenizer.encode_batch): per image, its
+        `tokens_per_image` `<image>` ids, then the frame separator when the config has one."""
+        per = [self.image_token_id] * self.tokens_per_image
+        if self.frame_separator_id is not None:
+            per = per + [self.frame_separator_id]
+        return per * self.num_visual_inputs
+
+    def prompt_visual(self):
+        """encode_batch's visual argument for this model: the number of `<image>` tokens (then the
+        text "\n"), or with a frame separator the whole visual block (`visual_token_ids`; the
+        prompt's text follows it directly, as in NVILA)."""
+        return self.num_visual_tokens if self.frame_separator_id is None else self.visual_token_ids()
 
 
 @dataclass
@@ -298,9 +330,10 @@ def get_preset(name: str) -> Preset:
     if name == "paper":
         return Preset(
             name,
-            student=dict(vision_config=_siglip(1152, 27, 16, 4304, 384, 14),
-                         text_config=_qwen2(3584, 28, 28, 4, 18944, 32768),
-                         projector_hidden_size=4608, region_hidden_size=3584),
+            student=dict(vision_config=_siglip(1152, 27, 16, 4304, 448, 14),
+                         text_config=dict(_qwen2(3584, 28, 28, 4, 18944, 32768), rope_theta=1000000.0),
+                         projector_type="nvila", projector_hidden_size=3456, vision_select_layer=-2,
+                         frame_separator="\n", region_hidden_size=3584),
             teacher=TeacherConfig(image_size=224, patch_size=14, hidden_size=1408, num_hidden_layers=40,
                                   num_attention_heads=16, intermediate_size=6144, head_layers=(14, 21, 28, 36),
                                   head_features=256, heads=ALL_HEADS),
@@ -311,14 +344,18 @@ def get_preset(name: str) -> Preset:
 
 
 def student_config(preset: str | Preset, tokenizer=None, **overrides) -> RGPT4DConfig:
-    """The student's config for a preset, with the tokenizer's vocabulary and special token ids."""
+    """The student's config for a preset, with the tokenizer's vocabulary and special token ids.
+
+    A `frame_separator` text (the `paper` preset's "\n") becomes `frame_separator_id`, the one token
+    the tokenizer writes it as (ignored without a tokenizer)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in p.student.items()}
     kwargs.update(overrides)
+    separator = kwargs.pop("frame_separator", None)
     if tokenizer is not None:
-        from rgpt4d.models.tokenizer import special_token_ids
+        from rgpt4d.models.tokenizer import single_token_id, special_token_ids
 
-        ids = special_token_ids(tokenizer)
+        ids = special_token_ids(tokenizer, regions=kwargs.get("region_mode", "tokens") in ("tokens", "both"))
         text = dict(kwargs["text_config"])
         text.update(vocab_size=len(tokenizer), pad_token_id=ids["pad"], eos_token_id=ids["eos"],
                     bos_token_id=ids["bos"])
@@ -326,4 +363,6 @@ def student_config(preset: str | Preset, tokenizer=None, **overrides) -> RGPT4DC
         kwargs.update(image_token_id=ids["image"], obj_token_ids=ids["obj"],
                       pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
         kwargs.setdefault("max_regions", len(ids["obj"]))
+        if separator is not None:
+            kwargs.setdefault("frame_separator_id", single_token_id(tokenizer, separator, "frame_separator"))
     return RGPT4DConfig(**kwargs)

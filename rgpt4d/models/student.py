@@ -2,14 +2,20 @@
 
     frames [B, T, 3, H, W], timestamps [B, T] (seconds)
       -> SigLIP vision tower (frozen)                         tokens [B, T, g*g, D]
+         (its last hidden state, or hidden_states[vision_select_layer]: NVILA's -2)
       -> TPE + 3x3 window downsample + LayerNorm (one fused op: rgpt4d.ops.tpe_downsample_layernorm)
-      -> Linear, GELU, Linear (the projector MLP)             visual tokens [B, T, M, D_llm]
-      -> placed at the `<image>` placeholders of the prompt
+      -> Linear, GELU, Linear (the projector MLP; projector_type "nvila": NVILA's Linear, GELU,
+         LayerNorm, Linear, GELU, Linear)                     visual tokens [B, T, M, D_llm]
+      -> placed at the `<image>` placeholders of the prompt (NVILA's layout: each frame's M tokens
+         followed by the frame separator token "\n", RGPT4DConfig.visual_token_ids)
     boxes [B, R, 4] (first frame, pixels)
       -> RegionalEncoder4D (rgpt4d.ops.region_pool on every frame's feature grid, TPE fused in,
          Linear), mean over frames, GELU, Linear to D_llm                                         region tokens [B, R, D_llm]
       -> placed at the `<obj_N>` tokens of the prompt
     -> Qwen2 causal LM -> the answer letter.
+
+Pretrained weights: `from_parts` (Hugging Face SigLIP + Qwen2 + tokenizer) and `from_nvila` (the
+NVILA layout: NVILA-Lite-8B, the released 4D-RGPT-8B); rgpt4d.models.loaders, docs/checkpoints.md.
 
 Regions: region tokens at `<obj_N>` (region_mode="tokens", the default) and/or the SoM image as an
 extra first visual input ("som" / "both"). The default is "tokens": the `<obj_N>` embedding then *is*
@@ -51,10 +57,14 @@ class Projector(nn.Module):
     """E_P with the TPE in front: fused (TPE + window downsample + LayerNorm), then Linear-GELU-Linear.
 
     tpe_kind "sinusoidal": the paper's encoding of each frame's time in seconds; "learned": a table with
-    one row per frame index (zero-initialised), as in the released code."""
+    one row per frame index (zero-initialised), as in the released code.
+
+    kind "nvila": NVILA's `mlp_downsample_3x3_fix` after the same prologue (its layers.0 downsample and
+    layers.1 LayerNorm are the fused op): linear_1 (layers.2), GELU, norm_2 (layers.4), linear_2
+    (layers.5), GELU, linear_3 (layers.7)."""
 
     def __init__(self, dim: int, window: int, hidden: int, out_dim: int, tpe: bool, base: float = 10000.0,
-                 tpe_kind: str = "sinusoidal", max_frames: int = 16):
+                 tpe_kind: str = "sinusoidal", max_frames: int = 16, kind: str = "mlp"):
         super().__init__()
         self.dim, self.window, self.tpe, self.base, self.tpe_kind = dim, window, tpe, base, tpe_kind
         k = window * window * dim
@@ -62,7 +72,9 @@ class Projector(nn.Module):
         self.norm_bias = nn.Parameter(torch.zeros(k))
         self.linear_1 = nn.Linear(k, hidden)
         self.act = nn.GELU()
+        self.norm_2 = nn.LayerNorm(hidden) if kind == "nvila" else None
         self.linear_2 = nn.Linear(hidden, out_dim)
+        self.linear_3 = nn.Linear(out_dim, out_dim) if kind == "nvila" else None
         self.tpe_table = nn.Parameter(torch.zeros(max_frames, dim)) if tpe and tpe_kind == "learned" else None
         # TPE off: the same fused op with an all-zero one-row table (adds nothing)
         self.register_buffer("_no_tpe_table", torch.zeros(1, dim), persistent=False)
@@ -82,7 +94,10 @@ class Projector(nn.Module):
 
     def forward(self, x: Tensor, timestamps: Tensor, grid: tuple[int, int]) -> Tensor:
         """x [B, T, h*w, D], timestamps [B, T] seconds -> [B, T, M, out_dim]."""
-        return self.linear_2(self.act(self.linear_1(self.prologue(x, timestamps, grid))))
+        h = self.act(self.linear_1(self.prologue(x, timestamps, grid)))
+        if self.norm_2 is None:
+            return self.linear_2(h)
+        return self.linear_3(self.act(self.linear_2(self.norm_2(h))))
 
 
 class RegionTokenEncoder(nn.Module):
@@ -258,24 +273,36 @@ class RGPT4DPreTrainedModel(PreTrainedModel):
 
 
 class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
-    """The student (and the deployed inference model: it holds no teacher and no D_4DP)."""
+    """The student (and the deployed inference model: it holds no teacher and no D_4DP).
 
-    def __init__(self, config: RGPT4DConfig):
+    `vision_tower` / `language_model`: already-built towers to use instead of fresh ones (the
+    loaders pass pretrained ones; their weights are left as they are, only the projector and the
+    region encoder are initialised)."""
+
+    def __init__(self, config: RGPT4DConfig, vision_tower: Optional[SiglipVisionModel] = None,
+                 language_model: Optional[Qwen2ForCausalLM] = None):
         super().__init__(config)
         attn = resolve_attn_implementation(config.attn_implementation_name)
         vcfg = SiglipVisionConfig(**config.vision_config)
         tcfg = Qwen2Config(**config.text_config)
-        self.vision_tower = use_rgpt4d_vision_ops(SiglipVisionModel._from_config(vcfg, attn_implementation=attn))
+        for given in (vision_tower, language_model):
+            for module in given.modules() if given is not None else ():
+                module._is_hf_initialized = True  # post_init's weight initialisation skips them
+        if vision_tower is None:
+            vision_tower = SiglipVisionModel._from_config(vcfg, attn_implementation=attn)
+        self.vision_tower = use_rgpt4d_vision_ops(vision_tower)
         D, D_llm = vcfg.hidden_size, tcfg.hidden_size
         self.projector = Projector(D, config.downsample_window, config.projector_hidden_size, D_llm, config.tpe,
-                                   config.tpe_base, config.tpe_kind, config.num_frames)
+                                   config.tpe_base, config.tpe_kind, config.num_frames, config.projector_type)
         self.region_encoder = (RegionTokenEncoder(D, config.region_hidden_size, D_llm, config.tpe, config.tpe_base,
                                                   spatial_scale=config.patch_grid / config.image_size,
                                                   tpe_kind=config.tpe_kind, max_frames=config.num_frames,
                                                   geometry=config.region_geometry, motion=config.region_motion,
                                                   image_size=config.image_size, relative=config.region_relative)
                                if config.region_mode in ("tokens", "both") else None)
-        self.language_model = use_rgpt4d_llm_ops(Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn))
+        if language_model is None:
+            language_model = Qwen2ForCausalLM._from_config(tcfg, attn_implementation=attn)
+        self.language_model = use_rgpt4d_llm_ops(language_model)
         self.post_init()
         self.apply_freezing()
 
@@ -288,6 +315,33 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
         model.apply_freezing()  # loading replaces the parameters, and with them requires_grad
+        return model
+
+    @classmethod
+    def from_parts(cls, vision_model, language_model, tokenizer, *, dtype: torch.dtype = torch.float32,
+                   **config_overrides) -> "RGPT4DForConditionalGeneration":
+        """A student from pretrained parts: a SiglipVisionModel, a Qwen2ForCausalLM and a fast
+        tokenizer, each a local Hugging Face folder or an already-built object. The towers keep their
+        weights; `<image>` and `<obj_N>` are added to the tokenizer and the embeddings grown to fit
+        (existing rows kept); the projector (and region encoder) are new. `config_overrides`: any
+        RGPT4DConfig field. The prepared tokenizer is `model.tokenizer` (rgpt4d.models.loaders)."""
+        from rgpt4d.models.loaders import load_parts
+
+        model, tok = load_parts(vision_model, language_model, tokenizer, dtype=dtype, **config_overrides)
+        model.tokenizer = tok
+        return model
+
+    @classmethod
+    def from_nvila(cls, path, *, dtype: torch.dtype = torch.float32,
+                   **config_overrides) -> "RGPT4DForConditionalGeneration":
+        """The student from an NVILA folder (config.json, llm/, vision_tower/, mm_projector/ with
+        projector mlp_downsample_3x3_fix): NVILA-Lite-8B or the released 4D-RGPT-8B, every weight
+        loaded, TPE on (rgpt4d.models.loaders.load_nvila, docs/checkpoints.md). The prepared
+        tokenizer is `model.tokenizer`."""
+        from rgpt4d.models.loaders import load_nvila
+
+        model, tok = load_nvila(path, dtype=dtype, **config_overrides)
+        model.tokenizer = tok
         return model
 
     # -- helpers -------------------------------------------------------------------------------
@@ -305,9 +359,13 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
         return (g, g)
 
     def vision_features(self, images: Tensor) -> Tensor:
-        """images [N, 3, S, S] normalised -> [N, g*g, D]."""
+        """images [N, 3, S, S] normalised -> [N, g*g, D]: the tower's last hidden state, or
+        hidden_states[config.vision_select_layer] (no final LayerNorm; NVILA's -2)."""
         dtype = self.vision_tower.get_input_embeddings().weight.dtype
-        return self.vision_tower(pixel_values=images.to(dtype)).last_hidden_state
+        k = self.config.vision_select_layer
+        if k is None:
+            return self.vision_tower(pixel_values=images.to(dtype)).last_hidden_state
+        return self.vision_tower(pixel_values=images.to(dtype), output_hidden_states=True).hidden_states[k]
 
     # -- validation ----------------------------------------------------------------------------
     def _validate(self, input_ids, frames, timestamps, boxes, region_mask, region_ids, som_image):
@@ -543,11 +601,11 @@ def batch_to_inputs(batch: dict, tokenizer, config: RGPT4DConfig, answers: bool 
     if "turn_prompts" in batch and answers:  # rgpt4d.data.QuestionsByVideo: a video's questions in one sequence
         targets = [[target(i, o) for i, o in zip(idx, opts)]
                    for idx, opts in zip(batch["turn_answers"], batch["turn_options"])]
-        inputs = encode_conversations(tokenizer, batch["turn_prompts"], config.num_visual_tokens, targets,
+        inputs = encode_conversations(tokenizer, batch["turn_prompts"], config.prompt_visual(), targets,
                                       restate=config.restate_mode())
     else:
         targets = [target(i, o) for i, o in zip(batch["answer_index"], batch["options"])] if answers else None
-        inputs = encode_batch(tokenizer, batch["prompt"], config.num_visual_tokens, targets,
+        inputs = encode_batch(tokenizer, batch["prompt"], config.prompt_visual(), targets,
                               restate=config.restate_mode())
     inputs.update(frames=batch["frames"], timestamps=batch["timestamps"], boxes=batch.get("boxes"),
                   region_mask=batch.get("region_mask"), region_ids=batch.get("region_ids"))

@@ -5,6 +5,10 @@ Special tokens: `<pad>`, `<s>`, `</s>` (end of answer), `<image>` (one placehold
 token), `<obj_1>` ... `<obj_K>` (region references; the student puts region tokens there),
 `<|user|>`, `<|assistant|>`. Byte-level BPE never produces an unknown token, so any question,
 number or unit can be written; digits are split one by one so numbers are compositional.
+
+A pretrained tokenizer (Qwen2's, NVILA's; rgpt4d.models.loaders adds `<image>` and `<obj_N>` to it)
+works too: its own pad/eos tokens are used, and when it has a chat template the prompt is written
+with that template (one user turn, then the generation prompt) instead of `<|user|>`/`<|assistant|>`.
 """
 
 from __future__ import annotations
@@ -65,23 +69,49 @@ def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000, 
     return fast
 
 
-def special_token_ids(tokenizer) -> dict:
-    """Ids of the special tokens the student needs; a clear error if the tokenizer lacks one."""
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def special_token_ids(tokenizer, regions: bool = True) -> dict:
+    """Ids of the special tokens the student needs; a clear error if the tokenizer lacks one.
+
+    pad / eos / bos: the tokenizer's own (`pad_token_id`...), else `<pad>`, `</s>`, `<s>` from its
+    vocabulary (bos may be None). `<|user|>` / `<|assistant|>` are needed only without a chat
+    template (None otherwise). `obj`: the ids of `<obj_1>`, `<obj_2>`, ... (needed unless
+    `regions=False`: a model that reads regions from the SoM image alone)."""
     vocab = tokenizer.get_vocab()
+    hint = "train it with rgpt4d.models.train_tokenizer or prepare it with rgpt4d.models.loaders.prepare_tokenizer"
     out = {}
-    for key, text in (("pad", PAD), ("bos", BOS), ("eos", EOS), ("image", IMAGE), ("user", USER),
-                      ("assistant", ASSISTANT)):
-        if text not in vocab:
-            raise ValueError(f"tokenizer: missing the special token {text!r}; train it with rgpt4d.models.train_tokenizer")
-        out[key] = vocab[text]
+    for key, text, required in (("pad", PAD, True), ("eos", EOS, True), ("bos", BOS, False)):
+        tid = getattr(tokenizer, f"{key}_token_id", None)
+        out[key] = tid if tid is not None else vocab.get(text)
+        if required and out[key] is None:
+            raise ValueError(f"tokenizer: no {key} token (neither {key}_token nor {text!r}); {hint}")
+    if IMAGE not in vocab:
+        raise ValueError(f"tokenizer: missing the special token {IMAGE!r}; {hint}")
+    out["image"] = vocab[IMAGE]
+    template = has_chat_template(tokenizer)
+    for key, text in (("user", USER), ("assistant", ASSISTANT)):
+        if text not in vocab and not template:
+            raise ValueError(f"tokenizer: missing the special token {text!r} (and no chat template); {hint}")
+        out[key] = vocab.get(text)
     objs, n = [], 1
     while obj_token(n) in vocab:
         objs.append(vocab[obj_token(n)])
         n += 1
-    if not objs:
-        raise ValueError("tokenizer: no <obj_N> tokens; train it with rgpt4d.models.train_tokenizer")
+    if not objs and regions:
+        raise ValueError(f"tokenizer: no <obj_N> tokens; {hint}")
     out["obj"] = objs
     return out
+
+
+def single_token_id(tokenizer, text: str, what: str) -> int:
+    """The id of `text` when the tokenizer writes it as exactly one token (e.g. the frame separator "\n")."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{what}: {text!r} is {len(ids)} tokens ({ids}) for this tokenizer, expected one")
+    return ids[0]
 
 
 def letter_token_ids(tokenizer, n: int = 5) -> list[int]:
@@ -152,7 +182,7 @@ def answer_ids(tokenizer, answer_format: str, letter: str, option: str,
         raise ValueError(f"answer_format: must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     if letter not in LETTERS:
         raise ValueError(f"letter: expected one of {LETTERS!r}, got {letter!r}")
-    eos = special_token_ids(tokenizer)["eos"]
+    eos = special_token_ids(tokenizer, regions=False)["eos"]
     if answer_format == "letter":
         return tokenizer.encode(letter, add_special_tokens=False) + [eos], 0
     if answer_format == "rank":
@@ -214,15 +244,22 @@ def restate_regions(prompt: str) -> str:
     return f"{prompt}\n{REGIONS_LINE} {' '.join(objs)}" if objs else prompt
 
 
-def _turn(prompt: str, restate, head: str) -> str:
+def _turn(prompt: str, restate, head: str, tokenizer=None) -> str:
     """One user turn: `head` + the prompt + `<|assistant|>`, the question's regions restated as
     `restate` says: "line" (or True) ends the prompt with `restate_regions`'s line; "answer" puts
     the region tokens right after `<|assistant|>`, so the answer's first token is predicted at the
-    (last) region token's own position (RGPT4DConfig.restate_position)."""
+    (last) region token's own position (RGPT4DConfig.restate_position).
+
+    With a `tokenizer` that has a chat template, the turn is that template's rendering of one user
+    message (`head` + the prompt) with the generation prompt, instead of `<|user|>`...`<|assistant|>`
+    (`head` then holds no `<|user|>`)."""
     mode = _restate_mode(restate)
     if mode == "line":
         prompt = restate_regions(prompt)
     tail = " ".join(question_regions(prompt)) if mode == "answer" else ""
+    if tokenizer is not None and has_chat_template(tokenizer):
+        message = [{"role": "user", "content": f"{head}{_plain_preamble(prompt)}"}]
+        return tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=False) + tail
     return f"{head}{_plain_preamble(prompt)}{ASSISTANT}{tail}"
 
 
@@ -233,21 +270,43 @@ def chat_text(prompt: str, num_visual_tokens: int, restate=False) -> str:
     return _turn(prompt, restate, f"{USER}{IMAGE * num_visual_tokens}\n")
 
 
-def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens: int, answers: Sequence | None = None,
+def _first_turn_ids(tokenizer, prompt: str, visual, restate, image: int) -> list[int]:
+    """The first user turn's ids with the visual block in place.
+
+    visual: an int n (n `<image>` ids followed by the text "\n", `chat_text`'s layout) or a list of
+    ids inserted as they are (RGPT4DConfig.visual_token_ids: per image its `<image>` ids and, NVILA's
+    layout, the frame separator; the prompt text follows the block directly). The turn is tokenized
+    with one `<image>` mark that is then replaced by the block: the text around it tokenizes the
+    same (special tokens split the text), and no separator can merge with the text after it.
+    `image`: the `<image>` id."""
+    block = [image] * visual if isinstance(visual, int) else [int(t) for t in visual]
+    mark = IMAGE + ("\n" if isinstance(visual, int) else "")
+    template = has_chat_template(tokenizer)
+    ids = tokenizer.encode(_turn(prompt, restate, mark if template else USER + mark, tokenizer),
+                           add_special_tokens=False)
+    at = [k for k, t in enumerate(ids) if t == image]
+    if len(at) != 1:
+        raise ValueError(f"prompts: a prompt must not contain {IMAGE!r} itself (the visual tokens go there), "
+                         f"got {prompt[:80]!r}")
+    return ids[:at[0]] + block + ids[at[0] + 1:]
+
+
+def encode_batch(tokenizer, prompts: Sequence[str], num_visual_tokens, answers: Sequence | None = None,
                  *, restate=False):
     """Token ids for a batch (left-padded). With `answers`, each answer is appended and `labels`
     mark only those tokens (-100 elsewhere): the SFT loss is on the answer only. An answer is a
     string (encoded, then `</s>` appended) or a list of token ids used as they are (`answer_ids`).
     `restate` (False, True or "line", "answer"): how each question's regions are restated (`chat_text`).
+    `num_visual_tokens`: an int, or the visual block's ids (RGPT4DConfig.visual_token_ids; `_first_turn_ids`).
 
     Returns dict(input_ids, attention_mask[, labels]) of int64 tensors [B, L].
     """
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"answers: {len(answers)} answers for {len(prompts)} prompts")
-    ids = special_token_ids(tokenizer)
+    ids = special_token_ids(tokenizer, regions=False)
     seqs, labels = [], []
     for i, p in enumerate(prompts):
-        prompt_ids = tokenizer.encode(chat_text(p, num_visual_tokens, restate), add_special_tokens=False)
+        prompt_ids = _first_turn_ids(tokenizer, p, num_visual_tokens, restate, ids["image"])
         if answers is None:
             seqs.append(prompt_ids)
             continue
@@ -271,7 +330,10 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
 
     if len(answers) != len(conversations):
         raise ValueError(f"answers: {len(answers)} answer lists for {len(conversations)} conversations")
-    pad = special_token_ids(tokenizer)["pad"]
+    if has_chat_template(tokenizer) and any(len(c) > 1 for c in conversations):
+        raise ValueError("conversations: multi-turn sequences are written with <|user|>/<|assistant|>; a tokenizer "
+                         "with a chat template takes one question per sequence (questions_per_sequence 1)")
+    ids = special_token_ids(tokenizer, regions=False)
     seqs, labels = [], []
     for c, (prompts, ans) in enumerate(zip(conversations, answers)):
         if not prompts or len(prompts) != len(ans):
@@ -282,16 +344,15 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
             if not len(a):
                 raise ValueError(f"answers: answer {k} of conversation {c} has no tokens")
             if k == 0:
-                text = chat_text(p, num_visual_tokens, restate)
+                p_ids = _first_turn_ids(tokenizer, p, num_visual_tokens, restate, ids["image"])
             else:
                 p = p.replace(PROMPT_PREAMBLE + chr(10), "")
-                text = _turn(p, restate, USER)
-            p_ids = tokenizer.encode(text, add_special_tokens=False)
+                p_ids = tokenizer.encode(_turn(p, restate, USER), add_special_tokens=False)
             seq += p_ids + [int(t) for t in a]
             lab += [-100] * len(p_ids) + [int(t) for t in a]
         seqs.append(seq)
         labels.append(lab)
-    return _left_pad(seqs, labels, pad)
+    return _left_pad(seqs, labels, ids["pad"])
 
 
 def _left_pad(seqs: list[list[int]], labels: list[list[int]] | None, pad: int) -> dict:

@@ -4,6 +4,7 @@
     rgpt4d teacher cache --teacher runs/teacher --data DIR --out runs/cache
     rgpt4d train student --data DIR --teacher-cache runs/cache --out runs/student --preset smoke \
         [--p4d none|latent|explicit|both] [--tpe on|off] [--ops fused|eager] [--resume]
+    rgpt4d train student ... --preset paper --init-from nvila:NVILA-Lite-8B     (or --vision V --llm L [--tokenizer T])
     rgpt4d eval --model runs/student/model --data DIR [--split test]
     rgpt4d eval r4d-bench --root RELEASE --model runs/student/model --out runs/r4d [--limit N] [--skip-bad]
     torchrun --nproc_per_node=2 -m rgpt4d.train student ...        (DDP; docs/training.md)
@@ -33,7 +34,8 @@ _COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "we
 _STUDENT = {"steps": "steps", "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
             "p4d": "p4d", "tpe": "tpe", "decoder": "decoder", "loss_preset": "loss_preset",
             "min_lr_ratio": "min_lr_ratio", "answer_format": "answer_format", "restate": "restate",
-            "questions_per_sequence": "questions_per_sequence"}
+            "questions_per_sequence": "questions_per_sequence", "init_from": "init_from", "vision": "init_vision",
+            "llm": "init_llm", "tokenizer": "init_tokenizer"}
 _TEACHER = {"steps": "teacher_steps", "batch_size": "teacher_batch_size", "lr": "teacher_lr"}
 
 
@@ -81,6 +83,8 @@ def resolve_config(args, fields: dict):
         cfg = train_config(args.preset or "smoke")
     changes = {field: getattr(args, flag) for flag, field in {**_COMMON, **fields}.items()
                if getattr(args, flag, None) is not None}
+    if changes.get("init_vision") or changes.get("init_llm"):
+        changes.setdefault("init_from", "parts")
     if args.preset and args.preset != cfg.preset:
         changes["preset"] = args.preset
     return cfg.replace(**changes)
@@ -206,6 +210,11 @@ def add_train_parsers(sub) -> None:
                          "(right after <|assistant|>, where the answer's first token is predicted); default: the preset's")
     st.add_argument("--questions-per-sequence", type=non_negative(int, "--questions-per-sequence"),
                     help="> 1: up to N questions of one video per multi-turn training sequence (default 1)")
+    st.add_argument("--init-from", help="start from pretrained weights: nvila:PATH (an NVILA folder: NVILA-Lite-8B, "
+                                        "4D-RGPT-8B; docs/checkpoints.md); default: a new student of the preset")
+    st.add_argument("--vision", help="start from Hugging Face parts: a SiglipVisionModel folder (with --llm)")
+    st.add_argument("--llm", help="a Qwen2ForCausalLM folder (with --vision)")
+    st.add_argument("--tokenizer", help="a fast tokenizer folder (tokenizer.json; default: the --llm folder)")
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")
     st.set_defaults(func=_cmd_train_student)
 

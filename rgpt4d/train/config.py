@@ -66,6 +66,13 @@ class TrainConfig:
     teacher_lr: float = 1e-3         # teacher training (train_teacher) uses these three
     teacher_steps: int = 20
     teacher_batch_size: int = 4
+    # the student's starting weights (docs/checkpoints.md): "" a new student of the preset; "nvila:PATH"
+    # an NVILA folder (NVILA-Lite-8B, 4D-RGPT-8B); "parts": init_vision + init_llm + init_tokenizer
+    # (Hugging Face SigLIP / Qwen2 / tokenizer folders; the tokenizer defaults to the LLM's folder)
+    init_from: str = ""
+    init_vision: str = ""
+    init_llm: str = ""
+    init_tokenizer: str = ""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -112,6 +119,11 @@ class TrainConfig:
                              f"{self.grad_accum}")
         if len(self.betas) != 2:
             raise ValueError(f"TrainConfig.betas: expected two numbers, got {self.betas!r}")
+        nvila = self.init_from.startswith("nvila:") and len(self.init_from) > len("nvila:")
+        if self.init_from not in ("", "parts") and not nvila:
+            raise ValueError(f"TrainConfig.init_from: must be '', 'nvila:PATH' or 'parts', got {self.init_from!r}")
+        if self.init_from == "parts" and not (self.init_vision and self.init_llm):
+            raise ValueError("TrainConfig.init_from: 'parts' needs init_vision and init_llm (folders)")
         return self
 
     # -- derived -------------------------------------------------------------------------------

@@ -125,9 +125,32 @@ def _check_cache(teacher_cache: Path, video_ids: set[str]) -> None:
                                 f"e.g. {missing[:3]} (run `rgpt4d teacher cache` on this data)")
 
 
+def _student_overrides(config: TrainConfig) -> dict:
+    overrides = {} if config.answer_format == "auto" else {"answer_format": config.answer_format}
+    if config.restate == "off":
+        overrides["restate_regions"] = False
+    elif config.restate != "auto":
+        overrides.update(restate_regions=True, restate_position=config.restate)
+    return dict(overrides, tpe=config.tpe)
+
+
+def pretrained_student(config: TrainConfig):
+    """(student, tokenizer) from config.init_from (rgpt4d.models.loaders; docs/checkpoints.md), with
+    the preset's frame count and the run's TPE / answer settings."""
+    from rgpt4d.models.configs import student_config
+    from rgpt4d.models.loaders import load_nvila, load_parts
+
+    torch.manual_seed(config.seed)  # the new projector / region encoder
+    overrides = dict(_student_overrides(config), num_frames=student_config(config.preset).num_frames)
+    if config.init_from.startswith("nvila:"):
+        return load_nvila(config.init_from[len("nvila:"):], **overrides)
+    return load_parts(config.init_vision, config.init_llm, config.init_tokenizer or config.init_llm, **overrides)
+
+
 def build_training_model(config: TrainConfig, tokenizer, teacher_cache: Optional[str | Path] = None,
-                         teacher: Optional[str | Path] = None) -> nn.Module:
-    """The model a student run trains: RGPT4DForP4DTraining, or SFTOnly for p4d="none"."""
+                         teacher: Optional[str | Path] = None, student: Optional[nn.Module] = None) -> nn.Module:
+    """The model a student run trains: RGPT4DForP4DTraining, or SFTOnly for p4d="none". `student`:
+    a student to train (pretrained_student's), instead of a new one of the preset."""
     from rgpt4d.models.configs import P4DConfig, get_preset, student_config
     from rgpt4d.models.p4d import RGPT4DForP4DTraining
     from rgpt4d.models.student import RGPT4DForConditionalGeneration
@@ -135,12 +158,8 @@ def build_training_model(config: TrainConfig, tokenizer, teacher_cache: Optional
 
     preset = get_preset(config.preset)
     torch.manual_seed(config.seed)
-    overrides = {} if config.answer_format == "auto" else {"answer_format": config.answer_format}
-    if config.restate == "off":
-        overrides["restate_regions"] = False
-    elif config.restate != "auto":
-        overrides.update(restate_regions=True, restate_position=config.restate)
-    student = RGPT4DForConditionalGeneration(student_config(preset, tokenizer, tpe=config.tpe, **overrides))
+    if student is None:
+        student = RGPT4DForConditionalGeneration(student_config(preset, tokenizer, **_student_overrides(config)))
     if config.p4d == "none":
         return SFTOnly(student)
     if teacher_cache is None:
@@ -190,8 +209,12 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
     dist = setup_distributed(device)
     try:
         with ops_backend(config.ops):
-            tokenizer = _tokenizer(out_dir, get_preset(config.preset).tokenizer_vocab_size, dist)
-            model = build_training_model(config, tokenizer, teacher_cache, teacher).to(device)
+            student = None
+            if config.init_from:
+                student, tokenizer = pretrained_student(config)
+            else:
+                tokenizer = _tokenizer(out_dir, get_preset(config.preset).tokenizer_vocab_size, dist)
+            model = build_training_model(config, tokenizer, teacher_cache, teacher, student).to(device)
             student = model.inference_model()
             add_nvtx_hooks({"vision": student.vision_tower, "projector": student.projector,
                             "regions": student.region_encoder, "llm": student.language_model.model,
