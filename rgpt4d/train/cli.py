@@ -6,6 +6,7 @@
         [--p4d none|latent|explicit|both] [--tpe on|off] [--ops fused|eager] [--resume]
     rgpt4d eval --model runs/student/model --data DIR [--split test]
     torchrun --nproc_per_node=2 -m rgpt4d.train student ...        (DDP; docs/training.md)
+    torchrun --nproc_per_node=8 -m rgpt4d.train student --strategy fsdp ...   (FSDP2 shards)
 
 The run's configuration is the preset's (rgpt4d.train.config), then `--config FILE` (a saved
 config.json), then every flag given. With --resume and no --config, the run's own
@@ -23,7 +24,7 @@ from pathlib import Path
 from rgpt4d.cli import non_negative
 from rgpt4d.models.tokenizer import RESTATE_MODES
 from rgpt4d.train.checkpoint import CheckpointError
-from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
+from rgpt4d.train.config import OPS_MODES, P4D_MODES, STRATEGIES, TRAIN_PRESETS
 
 # flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
 _COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "weight_decay", "warmup": "warmup",
@@ -32,7 +33,7 @@ _COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "we
 _STUDENT = {"steps": "steps", "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
             "p4d": "p4d", "tpe": "tpe", "decoder": "decoder", "loss_preset": "loss_preset",
             "min_lr_ratio": "min_lr_ratio", "answer_format": "answer_format", "restate": "restate",
-            "questions_per_sequence": "questions_per_sequence"}
+            "questions_per_sequence": "questions_per_sequence", "strategy": "strategy"}
 _TEACHER = {"steps": "teacher_steps", "batch_size": "teacher_batch_size", "lr": "teacher_lr"}
 
 
@@ -166,6 +167,9 @@ def add_train_parsers(sub) -> None:
                          "(right after <|assistant|>, where the answer's first token is predicted); default: the preset's")
     st.add_argument("--questions-per-sequence", type=non_negative(int, "--questions-per-sequence"),
                     help="> 1: up to N questions of one video per multi-turn training sequence (default 1)")
+    st.add_argument("--strategy", choices=STRATEGIES,
+                    help="with several processes (torchrun): ddp replicates the model (default); fsdp shards "
+                         "parameters, gradients and optimizer state (FSDP2; docs/training.md)")
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")
     st.set_defaults(func=_cmd_train_student)
 
