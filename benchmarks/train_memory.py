@@ -94,11 +94,14 @@ def count_params(vocab: int) -> dict:
     n = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
     layers = [*student.vision_tower.encoder.layers, *student.language_model.model.layers]
     in_layers = {id(p) for m in layers for p in m.parameters()}
-    root = [p for p in [*student.parameters(), *decoder.parameters()] if id(p) not in in_layers and p.requires_grad]
+    root = [p for p in [*student.parameters(), *decoder.parameters()]
+            if id(p) not in in_layers and p.requires_grad]
     return {
-        "student": n(student.parameters()), "trainable": n(p for p in student.parameters() if p.requires_grad)
-        + n(decoder.parameters()), "vision": n(student.vision_tower.parameters()), "decoder": n(decoder.parameters()),
-        "heads": sum(n(h.parameters()) for h in heads), "llm_layer": n(student.language_model.model.layers[0].parameters()),
+        "student": n(student.parameters()),
+        "trainable": n(p for p in student.parameters() if p.requires_grad) + n(decoder.parameters()),
+        "vision": n(student.vision_tower.parameters()), "decoder": n(decoder.parameters()),
+        "heads": sum(n(h.parameters()) for h in heads),
+        "llm_layer": n(student.language_model.model.layers[0].parameters()),
         "root": n(root), "llm_layers": len(student.language_model.model.layers), "vocab": vocab,
     }
 
@@ -173,8 +176,8 @@ def table(counts: dict, act: float, gpus: list[int]) -> str:
     (the one running and the one prefetched) and one layer's unsharded fp32 gradient before its
     reduce-scatter."""
     P, T, heads = counts["student"] + counts["decoder"], counts["trainable"], counts["heads"]
-    rows = ["| GPUs | strategy | weights | gradients | AdamW moments | bf16 working copies | activations (1 sample) | total |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| GPUs | strategy | weights | gradients | AdamW moments | bf16 working copies | activations (1 sample) "
+            "| total |", "|---|---|---|---|---|---|---|---|"]
     for n in gpus:
         ddp = [4 * (P + heads), 2 * 4 * T, 8 * T, 2 * T, act]
         layer = counts["llm_layer"]

@@ -51,18 +51,20 @@ def _cmd_teacher_cache(args) -> int:
 
 def _teacher_spec(args) -> str:
     """--teacher as Teacher4D.load reads it; an L4P checkpoint (`l4p:PATH` or a .ckpt file) takes
-    --image-size, --num-frames and --hooks into its spec (rgpt4d.models.teacher.l4p_spec)."""
+    --image-size, --num-frames, --hooks and --tasks into its spec (rgpt4d.models.teacher.l4p_spec)."""
     from rgpt4d.models.teacher import l4p_spec, parse_l4p_spec
 
     options = {"image_size": args.image_size, "num_frames": args.num_frames,
-               "hooks": None if args.hooks is None else [int(x) for x in _parse_floats(args.hooks, "hooks")]}
+               "hooks": None if args.hooks is None else [int(x) for x in _parse_floats(args.hooks, "hooks")],
+               "tasks": None if args.tasks is None else [t for t in args.tasks.replace(" ", "").split(",") if t]}
     spec = parse_l4p_spec(args.teacher)
     if spec is None:
         given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: only for an L4P teacher (l4p:PATH or a .ckpt file)")
         return args.teacher
-    return l4p_spec(spec.pop("path"), **{**spec, **{k: v for k, v in options.items() if v is not None}})
+    path = Path(spec.pop("path")).resolve()  # the cache records it: a student run may start elsewhere
+    return l4p_spec(path, **{**spec, **{k: v for k, v in options.items() if v is not None}})
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -154,6 +156,8 @@ def register(subparsers) -> None:
     ca.add_argument("--image-size", type=int, help="L4P teacher: input size (default 224)")
     ca.add_argument("--num-frames", type=int, help="L4P teacher: frames per window (default 16)")
     ca.add_argument("--hooks", help="L4P teacher: the four encoder layers read, e.g. 14,21,28,36 (the default)")
+    ca.add_argument("--tasks", help="L4P teacher: the heads to load, e.g. depth,flow,motion (default: all it has "
+                                    "among depth, flow, motion, camray)")
     ca.add_argument("--data", required=True)
     ca.add_argument("--out", required=True)
     ca.add_argument("--splits", nargs="+", default=["train", "val", "test"])

@@ -162,7 +162,7 @@ class DPTHead(nn.Module):
 def same_structure(heads: Sequence[DPTHead]) -> bool:
     """Whether `dpt_heads_fused` can run these heads together (same features, scales, input width,
     dtype and device)."""
-    if not heads:
+    if not heads or not all(isinstance(h, DPTHead) for h in heads):
         return False
     a = heads[0]
     w0 = a.project[0].weight

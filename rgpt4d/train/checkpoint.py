@@ -232,7 +232,8 @@ class CheckpointManager:
             for name in sorted(names):
                 path = os.path.join(root, name)
                 _fsync_file(path)
-                manifest["files"][os.path.relpath(path, tmp)] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+                manifest["files"][os.path.relpath(path, tmp)] = {"bytes": os.path.getsize(path),
+                                                                 "sha256": _sha256(path)}
             _fsync_dir(root)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)

@@ -291,7 +291,8 @@ def test_teacher_cache_cli_with_l4p(l4p_ckpt, tmp_path):
 
     path, _ = l4p_ckpt
     data, out = tmp_path / "data", tmp_path / "cache"
-    assert main(["data", "make", "--out", str(data), "--num-videos", "4", "--frames", str(FRAMES), "--size", "24",
+    assert main(["data", "make", "--out", str(data), "--num-videos", "12", "--frames", str(FRAMES), "--size", "24",
+                 "--min-objects", "2", "--max-objects", "4",
                  "--workers", "1", "--val-fraction", "0.25", "--test-fraction", "0.25", "--overwrite",
                  "--quiet"]) == 0
     assert main(["teacher", "cache", "--teacher", str(path), "--data", str(data), "--out", str(out),
@@ -309,6 +310,17 @@ def test_teacher_cache_cli_with_l4p(l4p_ckpt, tmp_path):
     torch.testing.assert_close(cached["latent"].float(), want.latent[0], atol=2e-3, rtol=2e-3)  # stored as fp16
     torch.testing.assert_close(cached["flow"].float(), want.flow[0], atol=2e-3, rtol=2e-3)
     assert cached["depth"].shape == (FRAMES, IMAGE, IMAGE)
+    # a student trains with L_LD and L_ED from this cache, through the L4P teacher's frozen heads (the
+    # heads P4D has targets for: the cache holds depth, flow and motion)
+    from rgpt4d.train import train_config, train_student
+
+    cache3 = tmp_path / "cache3"
+    assert main(["teacher", "cache", "--teacher", f"l4p:{path}", "--data", str(data), "--out", str(cache3),
+                 "--image-size", str(IMAGE), "--num-frames", str(FRAMES), "--hooks", ",".join(map(str, HOOKS)),
+                 "--tasks", "depth,flow,motion", "--splits", "train", "--quiet"]) == 0
+    res = train_student(train_config("smoke", steps=1, batch_size=2, warmup=0, device="cpu"), data, cache3,
+                        tmp_path / "student", progress=False, log=None)
+    assert res["steps"] == 1 and res["loss_ld"] > 0 and res["loss_ed"] > 0 and math.isfinite(res["loss"])
     # a folder teacher takes no L4P options
     assert main(["teacher", "cache", "--teacher", str(tmp_path), "--data", str(data), "--out", str(out),
                  "--hooks", "1,2,2,3", "--quiet"]) == 2

@@ -80,7 +80,8 @@ def test_fsdp_matches_ddp(fsdp_run, smoke_data, smoke_teacher_cache, tmp_path):
     # the inference model: one save_pretrained folder gathered from the shards
     res = json.loads((fsdp_run / "results.json").read_text())
     assert res["steps"] == STEPS and Path(res["model_path"]).name == "model"
-    got, want = load_file(str(fsdp_run / "model" / "model.safetensors")), load_file(str(ddp / "model" / "model.safetensors"))
+    got = load_file(str(fsdp_run / "model" / "model.safetensors"))
+    want = load_file(str(ddp / "model" / "model.safetensors"))
     assert got.keys() == want.keys()
     worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
     first = _rows(ddp)[0]
@@ -140,7 +141,8 @@ def test_fsdp_kill_and_resume_exact(fsdp_run, smoke_data, smoke_teacher_cache, t
     for a, b in zip(ref, rows):
         for key in ("loss", "loss_sft", "loss_ld", "loss_ed", "grad_norm", "lr"):
             assert a[key] == b[key], (a["step"], key)
-    got, want = load_file(str(out / "model" / "model.safetensors")), load_file(str(fsdp_run / "model" / "model.safetensors"))
+    got = load_file(str(out / "model" / "model.safetensors"))
+    want = load_file(str(fsdp_run / "model" / "model.safetensors"))
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
