@@ -2,8 +2,8 @@
 
 AdamW, linear warmup then cosine decay, gradient accumulation, gradient clipping, bf16 autocast on
 GPU, DDP or FSDP2 (config.strategy; gloo on CPU, nccl on GPU; started by torchrun's environment), a
-tqdm bar with the loss
-terms and tokens/s, a JSONL metrics log, NVTX ranges, and checkpoints that can be resumed exactly.
+tqdm bar with the loss terms and tokens/s, a JSONL metrics log, NVTX ranges, and checkpoints that can
+be resumed exactly.
 
 Data order: every epoch is a permutation drawn from (seed, epoch) by torch's DistributedSampler
 (one process: world size 1), cut into micro-batches of batch_size / (grad_accum * world) per
