@@ -254,7 +254,8 @@ def _read_state_dict(path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no L4P checkpoint at {path}")
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    # mmap: the tensors are read from the file as the modules copy them (no second copy of ~1B weights)
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"path: {path} is not a Lightning checkpoint (no 'state_dict')")
