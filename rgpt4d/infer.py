@@ -22,12 +22,13 @@ import torch
 from rgpt4d.data.schema import LETTERS, format_prompt
 
 
-def save_inference_model(model, tokenizer, path: str | Path) -> Path:
+def save_inference_model(model, tokenizer, path: str | Path, state_dict: Optional[dict] = None) -> Path:
     """Save the deployed model: the bare student of `model` (a student or an RGPT4DForP4DTraining),
-    with its tokenizer, as safetensors. Returns the path."""
+    with its tokenizer, as safetensors. `state_dict`: the student's weights when its parameters are
+    not whole (FSDP shards, gathered by rgpt4d.train.fsdp.student_state_dict). Returns the path."""
     student = model.inference_model() if hasattr(model, "inference_model") else model
     path = Path(path)
-    student.save_pretrained(path)
+    student.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     return path
 

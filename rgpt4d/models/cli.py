@@ -2,6 +2,7 @@
 
     rgpt4d teacher train --data DIR --out runs/teacher [--preset tiny] [--steps 300] [--batch-size 4]
     rgpt4d teacher cache --teacher runs/teacher --data DIR --out runs/teacher_cache
+    rgpt4d teacher cache --teacher l4p:l4p.ckpt --data DIR --out runs/l4p_cache    (the L4P teacher)
     rgpt4d infer --model PATH --video frames.npy --timestamps 0,0.5,... --boxes "x0,y0,x1,y1;..." \
         --question "How tall is <obj_1>?" --options "0.5 m" "1.0 m" "1.5 m" "2.0 m"
     rgpt4d infer --model PATH --data DIR --split test --out preds.jsonl     (batched, progress bar)
@@ -42,12 +43,31 @@ def _cmd_teacher_cache(args) -> int:
     from rgpt4d.models.teacher_train import cache_teacher
 
     try:
-        n = cache_teacher(args.teacher, args.data, args.out, splits=tuple(args.splits), batch_size=args.batch_size,
+        teacher = _teacher_spec(args)
+        n = cache_teacher(teacher, args.data, args.out, splits=tuple(args.splits), batch_size=args.batch_size,
                           progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
         return _err("teacher cache", e)
     print(f"cached {n} videos in {args.out}")
     return 0
+
+
+def _teacher_spec(args) -> str:
+    """--teacher as Teacher4D.load reads it; an L4P checkpoint (`l4p:PATH` or a .ckpt file) takes
+    --image-size, --num-frames, --hooks and --tasks into its spec (rgpt4d.models.teacher.l4p_spec)."""
+    from rgpt4d.models.teacher import l4p_spec, parse_l4p_spec
+
+    options = {"image_size": args.image_size, "num_frames": args.num_frames,
+               "hooks": None if args.hooks is None else [int(x) for x in _parse_floats(args.hooks, "hooks")],
+               "tasks": None if args.tasks is None else [t for t in args.tasks.replace(" ", "").split(",") if t]}
+    spec = parse_l4p_spec(args.teacher)
+    if spec is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for an L4P teacher (l4p:PATH or a .ckpt file)")
+        return args.teacher
+    path = Path(spec.pop("path")).resolve()  # the cache records it: a student run may start elsewhere
+    return l4p_spec(path, **{**spec, **{k: v for k, v in options.items() if v is not None}})
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -139,7 +159,13 @@ def register(subparsers) -> None:
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_cmd_teacher_train)
     ca = tsub.add_parser("cache", help="write the teacher's latents and explicit outputs per video")
-    ca.add_argument("--teacher", required=True)
+    ca.add_argument("--teacher", required=True,
+                    help="a `rgpt4d teacher train` folder, or an L4P checkpoint: l4p:PATH or a .ckpt file")
+    ca.add_argument("--image-size", type=int, help="L4P teacher: input size (default 224)")
+    ca.add_argument("--num-frames", type=int, help="L4P teacher: frames per window (default 16)")
+    ca.add_argument("--hooks", help="L4P teacher: the four encoder layers read, e.g. 14,21,28,36 (the default)")
+    ca.add_argument("--tasks", help="L4P teacher: the heads to load, e.g. depth,flow,motion (default: all it has "
+                                    "among depth, flow, motion, camray)")
     ca.add_argument("--data", required=True)
     ca.add_argument("--out", required=True)
     ca.add_argument("--splits", nargs="+", default=["train", "val", "test"])

@@ -31,8 +31,9 @@ IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
 
 
-def normalize_frames(frames: Tensor, size: int) -> Tensor:
-    """uint8 (0..255) or float (0..1) frames [B, T, 3, H, W] -> float normalised, resized to size x size."""
+def normalize_frames(frames: Tensor, size: int, mean=IMAGE_MEAN, std=IMAGE_STD) -> Tensor:
+    """uint8 (0..255) or float (0..1) frames [B, T, 3, H, W] -> float (x - mean) / std, resized to
+    size x size; mean and std: one number or one per RGB channel."""
     if frames.dim() != 5 or frames.shape[2] != 3:
         raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
     x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
@@ -40,7 +41,9 @@ def normalize_frames(frames: Tensor, size: int) -> Tensor:
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x.flatten(0, 1), size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True).unflatten(0, (B, T))
-    return (x - IMAGE_MEAN) / IMAGE_STD
+    if not isinstance(mean, (int, float)):
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 def _box_mean(t: Tensor, k: int) -> Tensor:
@@ -160,7 +163,7 @@ class DPTHead(nn.Module):
 def same_structure(heads: Sequence[DPTHead]) -> bool:
     """Whether `dpt_heads_fused` can run these heads together (same features, scales, input width,
     dtype and device)."""
-    if not heads:
+    if not heads or not all(isinstance(h, DPTHead) for h in heads):
         return False
     a = heads[0]
     w0 = a.project[0].weight
@@ -272,7 +275,7 @@ class TeacherOutput:
     depth: Optional[Tensor] = None  # [B, T, H, W] metres
     flow: Optional[Tensor] = None  # [B, T, 2, H, W] pixels
     motion: Optional[Tensor] = None  # [B, T, H, W] logits
-    camray: Optional[Tensor] = None  # [B, T, 6, H, W] Plücker rays (direction, moment), first frame's camera
+    camray: Optional[Tensor] = None  # [B, T, 6, H, W] Plücker rays (direction, moment), first frame's camera (L4P: one per patch)
 
 
 def _videomae_attention_class():
@@ -380,15 +383,76 @@ class Teacher4D(nn.Module):
                   str(path / "teacher.safetensors"))
 
     @classmethod
+    def from_l4p(cls, path: str | Path, *, hooks: Sequence[int] = (14, 21, 28, 36), image_size: int = 224,
+                 num_frames: int = 16, tasks: Optional[Sequence[str]] = None, num_heads: int = 16) -> "Teacher4D":
+        """The L4P teacher (the released 4D-RGPT's) from its Lightning checkpoint, frozen
+        (rgpt4d.models.l4p): its VideoMAEv2 encoder read at `hooks` (the i-th block's output; the last
+        block's after the final norm) and its dense heads. tasks None: every head the checkpoint has
+        among depth, flow_2d_backward, dyn_mask and camray (named depth, flow, motion, camray here;
+        either name is accepted); (): the encoder alone. Widths and depths come from the tensors'
+        shapes; num_heads (16 in L4P's ViT-g) is not stored in the checkpoint."""
+        from rgpt4d.models.l4p import load_l4p
+
+        return load_l4p(path, hooks=hooks, image_size=image_size, num_frames=num_frames, tasks=tasks,
+                        num_heads=num_heads)
+
+    @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "Teacher4D":
+        """A teacher saved by `save` (a folder), or an L4P checkpoint: a `.ckpt` file or
+        `l4p:PATH[?image_size=224&num_frames=16&hooks=14,21,28,36&tasks=depth,flow]` (see l4p_spec)."""
         from safetensors.torch import load_file
 
+        spec = parse_l4p_spec(path)
+        if spec is not None:
+            return cls.from_l4p(spec.pop("path"), **spec).to(map_location)
         path = Path(path)
         if not (path / "teacher_config.json").exists():
             raise FileNotFoundError(f"{path}: no teacher_config.json (train one with `rgpt4d teacher train`)")
         model = cls(TeacherConfig.from_dict(json.loads((path / "teacher_config.json").read_text())))
         model.load_state_dict(load_file(str(path / "teacher.safetensors"), device=map_location))
         return model.freeze()
+
+
+_L4P_INT_KEYS = ("image_size", "num_frames", "num_heads")
+_L4P_LIST_KEYS = ("hooks", "tasks")
+
+
+def l4p_spec(path: str | Path, **options) -> str:
+    """The string Teacher4D.load reads as an L4P teacher: `l4p:PATH?key=value&...` with options among
+    image_size, num_frames, num_heads, hooks, tasks (None values left out). It is what a teacher cache
+    records, so a student run rebuilds the very same teacher."""
+    from urllib.parse import urlencode
+
+    unknown = sorted(set(options) - set(_L4P_INT_KEYS + _L4P_LIST_KEYS))
+    if unknown:
+        raise ValueError(f"l4p_spec: unknown options {unknown}")
+    query = {k: ",".join(str(x) for x in v) if k in _L4P_LIST_KEYS else int(v)
+             for k, v in options.items() if v is not None}
+    return f"l4p:{path}" + (f"?{urlencode(query, safe=',')}" if query else "")
+
+
+def parse_l4p_spec(spec) -> Optional[dict]:
+    """{"path", options...} for `l4p:PATH[?...]` or an existing `.ckpt` file; None for anything else."""
+    from urllib.parse import parse_qsl
+
+    text = str(spec)
+    if not text.startswith("l4p:"):
+        return {"path": text} if text.endswith(".ckpt") and Path(text).is_file() else None
+    path, _, query = text[4:].partition("?")
+    out: dict = {"path": path}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key in _L4P_INT_KEYS:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise ValueError(f"teacher: {key} in {text!r} must be an integer, got {value!r}") from None
+        elif key in _L4P_LIST_KEYS:
+            items = [x for x in value.split(",") if x]
+            out[key] = tuple(int(x) for x in items) if key == "hooks" else tuple(items)
+        else:
+            raise ValueError(f"teacher: unknown option {key!r} in {text!r} (known: "
+                             f"{list(_L4P_INT_KEYS + _L4P_LIST_KEYS)})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

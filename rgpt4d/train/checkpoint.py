@@ -11,6 +11,14 @@ A checkpoint is a folder `step-00000123/` holding
 - `manifest.json`          size and sha256 of each file above. Written last: a folder without a
                            valid manifest is not a checkpoint.
 
+A sharded checkpoint (`--strategy fsdp`, `save_sharded` / `load_sharded`) holds instead of
+model.safetensors and optimizer.safetensors a `dcp/` folder written by torch.distributed.checkpoint
+(each process writes its own shards of the model and of the optimizer state, rank 0 the metadata),
+and each process's RNG state in `rng-<rank>.safetensors` / `rng-<rank>.json`; `trainer.json` and
+the manifest (covering every file, those in dcp/ too) come from rank 0 once all processes wrote.
+It can be loaded with another number of processes (DCP reshards; the RNG of a rank that was not
+there is left as it is).
+
 Writes are atomic: everything goes to a temporary sibling folder, each file is fsync'ed, the
 folder is renamed into place and the parent fsync'ed. A crash mid-write leaves the previous
 checkpoint intact (and a `*.tmp-*` folder that the next save removes). `keep_last` old
@@ -163,37 +171,70 @@ class CheckpointManager:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        files = {}
         model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(model_sd, os.path.join(tmp, "model.safetensors"))
-        files["model.safetensors"] = None
         trainer: dict = {"format_version": FORMAT_VERSION, "step": state.step,
                          "data_position": state.data_position, "metadata": state.metadata}
         if optimizer is not None:
             opt_tensors, opt_meta = _optimizer_to_files(optimizer)
             save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-            files["optimizer.safetensors"] = None
             trainer["optimizer"] = opt_meta
         if scheduler is not None:
             trainer["scheduler"] = scheduler.state_dict()
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
-        files["rng.safetensors"] = None
         trainer["rng"] = rng_meta
+        self._finish(tmp, final, trainer, extra_json)
+        return final
+
+    def save_sharded(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     state: TrainState, rank: int, extra_json: Optional[dict[str, Any]] = None) -> Optional[str]:
+        """The sharded checkpoint `step-<state.step>` of an FSDP model; every process calls it (the
+        folder must be on a file system all processes share). Returns the path on rank 0."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = os.path.join(self.directory, f"step-{state.step:08d}")
+        tmp = f"{final}.tmp-sharded"
+        if rank == 0:
+            os.makedirs(self.directory, exist_ok=True)
+            self._remove_stale_temporaries()
+            os.makedirs(tmp)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"))
+        rng_tensors, rng_meta = _rng_state()
+        save_file(rng_tensors, os.path.join(tmp, f"rng-{rank}.safetensors"))
+        with open(os.path.join(tmp, f"rng-{rank}.json"), "w") as f:
+            json.dump(rng_meta, f)
+        dist.barrier()
+        if rank == 0:
+            trainer = {"format_version": FORMAT_VERSION, "step": state.step, "sharded": True,
+                       "world": dist.get_world_size(), "data_position": state.data_position,
+                       "metadata": state.metadata, "scheduler": scheduler.state_dict()}
+            self._finish(tmp, final, trainer, extra_json)
+        dist.barrier()
+        return final if rank == 0 else None
+
+    def _finish(self, tmp: str, final: str, trainer: dict, extra_json: Optional[dict[str, Any]]) -> None:
+        """Write trainer.json and the extra JSON files into `tmp`, then the manifest over every file
+        in it (fsync'ed), and rename it to `final`."""
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(trainer, f)
-        files["trainer.json"] = None
         for fname, value in (extra_json or {}).items():
-            if fname in files or fname == "manifest.json" or os.sep in fname:
+            if fname == "manifest.json" or os.sep in fname or os.path.exists(os.path.join(tmp, fname)):
                 raise ValueError(f"extra_json: {fname!r} is not a free file name in a checkpoint")
             with open(os.path.join(tmp, fname), "w") as f:
                 json.dump(value, f, indent=1)
-            files[fname] = None
-        manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": {}}
-        for name in files:
-            path = os.path.join(tmp, name)
-            _fsync_file(path)
-            manifest["files"][name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        manifest = {"format_version": FORMAT_VERSION, "step": trainer["step"], "files": {}}
+        for root, _, names in os.walk(tmp):
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                _fsync_file(path)
+                manifest["files"][os.path.relpath(path, tmp)] = {"bytes": os.path.getsize(path),
+                                                                 "sha256": _sha256(path)}
+            _fsync_dir(root)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -208,7 +249,40 @@ class CheckpointManager:
             os.rename(tmp, final)
         _fsync_dir(self.directory)
         self._prune(keep=final)
-        return final
+
+    def load_sharded(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     rank: int, restore_rng: bool = True) -> TrainState:
+        """Load a sharded checkpoint into an FSDP model (every process calls it; verify it first)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        with open(os.path.join(path, "trainer.json")) as f:
+            trainer = json.load(f)
+        if not trainer.get("sharded"):
+            raise CheckpointError(f"checkpoint {path} is not sharded (written without --strategy fsdp); resume it "
+                                  "with the strategy that wrote it")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        rng = os.path.join(path, f"rng-{rank}.safetensors")
+        if restore_rng and os.path.isfile(rng):
+            with open(os.path.join(path, f"rng-{rank}.json")) as f:
+                _set_rng_state(load_file(rng), json.load(f))
+        return TrainState(step=trainer["step"], data_position=trainer["data_position"],
+                          metadata=trainer["metadata"])
+
+    def load_latest_sharded(self, model, optimizer, scheduler, rank: int) -> Optional[TrainState]:
+        """load_latest for an FSDP model: rank 0 finds and verifies the newest valid checkpoint, every
+        process loads it."""
+        import torch.distributed as dist
+
+        box = [self.latest_valid() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return None
+        return self.load_sharded(box[0], model, optimizer, scheduler, rank)
 
     def _remove_stale_temporaries(self) -> None:
         for name in os.listdir(self.directory):
@@ -252,6 +326,9 @@ class CheckpointManager:
              scheduler: Any = None, restore_rng: bool = True, strict: bool = True) -> TrainState:
         """Load one checkpoint into the given objects (verifying it first)."""
         self.verify(path)
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise CheckpointError(f"checkpoint {path} is sharded (written with --strategy fsdp); resume it with "
+                                  "--strategy fsdp")
         model_sd = load_file(os.path.join(path, "model.safetensors"))
         missing, unexpected = model.load_state_dict(model_sd, strict=False)
         if strict and (missing or unexpected):

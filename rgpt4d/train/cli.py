@@ -8,6 +8,7 @@
     rgpt4d eval --model runs/student/model --data DIR [--split test]
     rgpt4d eval r4d-bench --root RELEASE --model runs/student/model --out runs/r4d [--limit N] [--skip-bad]
     torchrun --nproc_per_node=2 -m rgpt4d.train student ...        (DDP; docs/training.md)
+    torchrun --nproc_per_node=8 -m rgpt4d.train student --strategy fsdp ...   (FSDP2 shards)
 
 The run's configuration is the preset's (rgpt4d.train.config), then `--config FILE` (a saved
 config.json), then every flag given. With --resume and no --config, the run's own
@@ -25,7 +26,7 @@ from pathlib import Path
 from rgpt4d.cli import non_negative
 from rgpt4d.models.tokenizer import RESTATE_MODES
 from rgpt4d.train.checkpoint import CheckpointError
-from rgpt4d.train.config import OPS_MODES, P4D_MODES, TRAIN_PRESETS
+from rgpt4d.train.config import OPS_MODES, P4D_MODES, STRATEGIES, TRAIN_PRESETS
 
 # flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
 _COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "weight_decay", "warmup": "warmup",
@@ -35,7 +36,7 @@ _STUDENT = {"steps": "steps", "epochs": "epochs", "batch_size": "batch_size", "g
             "p4d": "p4d", "tpe": "tpe", "decoder": "decoder", "loss_preset": "loss_preset",
             "min_lr_ratio": "min_lr_ratio", "answer_format": "answer_format", "restate": "restate",
             "questions_per_sequence": "questions_per_sequence", "init_from": "init_from", "vision": "init_vision",
-            "llm": "init_llm", "tokenizer": "init_tokenizer"}
+            "llm": "init_llm", "tokenizer": "init_tokenizer", "strategy": "strategy"}
 _TEACHER = {"steps": "teacher_steps", "batch_size": "teacher_batch_size", "lr": "teacher_lr"}
 
 
@@ -215,6 +216,9 @@ def add_train_parsers(sub) -> None:
     st.add_argument("--vision", help="start from Hugging Face parts: a SiglipVisionModel folder (with --llm)")
     st.add_argument("--llm", help="a Qwen2ForCausalLM folder (with --vision)")
     st.add_argument("--tokenizer", help="a fast tokenizer folder (tokenizer.json; default: the --llm folder)")
+    st.add_argument("--strategy", choices=STRATEGIES,
+                    help="with several processes (torchrun): ddp replicates the model (default); fsdp shards "
+                         "parameters, gradients and optimizer state (FSDP2; docs/training.md)")
     st.add_argument("--eval-split", help="after training, evaluate the model on this split (e.g. test)")
     st.set_defaults(func=_cmd_train_student)
 

@@ -29,6 +29,7 @@ TRAIN_PRESETS = ("smoke", "tiny", "small", "paper")
 P4D_MODES = ("none", "latent", "explicit", "both")
 OPS_MODES = ("fused", "eager")
 DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"             # auto (cuda if available) | cpu | cuda
     bf16: bool = True                # bf16 autocast on GPU (ignored on CPU: fp32 there)
+    strategy: str = "ddp"            # several processes: ddp (replicas) | fsdp (FSDP2 shards; rgpt4d.train.fsdp)
     log_every: int = 1               # metrics.jsonl / progress bar every N steps
     ckpt_every: int = 0              # checkpoint every N steps (0: only at the end)
     keep_last: int = 3               # checkpoints kept
@@ -88,6 +90,7 @@ class TrainConfig:
         choice("p4d", P4D_MODES)
         choice("ops", OPS_MODES)
         choice("device", DEVICES)
+        choice("strategy", STRATEGIES)
         choice("decoder", ("mlp", "linear"))
         choice("answer_format", ("auto", "letter", "option", "rank"))
         choice("restate", ("auto", "off", *RESTATE_MODES))

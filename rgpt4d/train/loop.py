@@ -1,8 +1,9 @@
 """The training loop shared by the teacher and the student.
 
 AdamW, linear warmup then cosine decay, gradient accumulation, gradient clipping, bf16 autocast on
-GPU, DDP (gloo on CPU, nccl on GPU; started by torchrun's environment), a tqdm bar with the loss
-terms and tokens/s, a JSONL metrics log, NVTX ranges, and checkpoints that can be resumed exactly.
+GPU, DDP or FSDP2 (config.strategy; gloo on CPU, nccl on GPU; started by torchrun's environment), a
+tqdm bar with the loss terms and tokens/s, a JSONL metrics log, NVTX ranges, and checkpoints that can
+be resumed exactly.
 
 Data order: every epoch is a permutation drawn from (seed, epoch) by torch's DistributedSampler
 (one process: world size 1), cut into micro-batches of batch_size / (grad_accum * world) per
@@ -226,6 +227,13 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
     total = total_steps(n_items, config, dist.world)
     per_epoch = steps_per_epoch(n_items, config, dist.world)
     warmup = config.warmup_steps(total)
+    use_amp = device.type == "cuda" and config.bf16
+    # FSDP2 shards before the optimizer is made (it holds the shards); one process has nothing to shard
+    sharded = config.strategy == "fsdp" and dist.world > 1
+    if sharded:
+        from rgpt4d.train.fsdp import shard_model
+
+        shard_model(model, device, dist.world, bf16=use_amp)
     optimizer = make_optimizer(model, config, lr)
     scheduler = cosine_schedule(optimizer, total, warmup, config.min_lr_ratio)
     ckpts = CheckpointManager(str(out_dir / "checkpoints"), keep_last=config.keep_last)
@@ -233,7 +241,8 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
 
     step, epoch, in_epoch, resumed_from = 0, 0, 0, None
     if resume:
-        state = ckpts.load_latest(model, optimizer, scheduler)
+        state = (ckpts.load_latest_sharded(model, optimizer, scheduler, dist.rank) if sharded
+                 else ckpts.load_latest(model, optimizer, scheduler))
         if state is not None:
             step, resumed_from = state.step, state.step
             epoch = int(state.data_position.get("epoch", 0))
@@ -248,12 +257,11 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
     end = total if stop_at_step is None else min(total, stop_at_step)
 
     train_model: nn.Module = model
-    if dist.world > 1:
+    if dist.world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                           find_unused_parameters=True)
-    use_amp = device.type == "cuda" and config.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
     metrics_path = out_dir / "metrics.jsonl"
@@ -289,7 +297,14 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
                 with nvtx_range("data"):
                     batch = _to_device(next(it), device)
                 sync = micro == config.grad_accum - 1 or dist.world == 1
-                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
+                if sync:
+                    ctx = contextlib.nullcontext()
+                elif sharded:
+                    from rgpt4d.train.fsdp import no_gradient_sync
+
+                    ctx = no_gradient_sync(model)
+                else:
+                    ctx = train_model.no_sync()
                 with ctx:
                     with nvtx_range("forward"), autocast():
                         loss, terms, ntok = loss_fn(train_model, batch)
@@ -337,7 +352,7 @@ def run_loop(model: nn.Module, dataset: Dataset, collate_fn: Callable, loss_fn: 
                 bar.update(1)
             if (config.ckpt_every and step % config.ckpt_every == 0) or step == end:
                 position = (epoch + 1, 0) if in_epoch == per_epoch else (epoch, in_epoch)
-                saved = _save(ckpts, model, optimizer, scheduler, step, *position, meta, dist) or saved
+                saved = _save(ckpts, model, optimizer, scheduler, step, *position, meta, dist, sharded) or saved
         del it, loader
         if in_epoch == per_epoch:
             epoch, in_epoch = epoch + 1, 0
@@ -356,13 +371,16 @@ def _trim_metrics(path: Path, keep_until: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _save(ckpts: CheckpointManager, model, optimizer, scheduler, step, epoch, in_epoch, meta, dist: Dist):
+def _save(ckpts: CheckpointManager, model, optimizer, scheduler, step, epoch, in_epoch, meta, dist: Dist,
+          sharded: bool = False):
+    state = TrainState(step=step, data_position={"epoch": epoch, "step_in_epoch": in_epoch}, metadata=meta)
+    if sharded:  # every process writes its shards
+        with nvtx_range("checkpoint"):
+            return ckpts.save_sharded(model, optimizer, scheduler, state, dist.rank,
+                                      extra_json={"config.json": meta["config"]})
     path = None
     if dist.main:
         with nvtx_range("checkpoint"):
-            path = ckpts.save(model, optimizer, scheduler,
-                              TrainState(step=step, data_position={"epoch": epoch, "step_in_epoch": in_epoch},
-                                         metadata=meta),
-                              extra_json={"config.json": meta["config"]})
+            path = ckpts.save(model, optimizer, scheduler, state, extra_json={"config.json": meta["config"]})
     barrier(dist)
     return path

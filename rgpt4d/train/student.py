@@ -174,6 +174,21 @@ def build_training_model(config: TrainConfig, tokenizer, teacher_cache: Optional
     return RGPT4DForP4DTraining(student, t, p4d)
 
 
+def _save_model(model, tokenizer, path: Path, config: TrainConfig, dist) -> Optional[str]:
+    """The inference student as one save_pretrained folder (rank 0; under FSDP every process takes
+    part in gathering the shards). Returns the path on rank 0."""
+    from rgpt4d.infer import save_inference_model
+
+    state_dict = None
+    if config.strategy == "fsdp" and dist.world > 1:
+        from rgpt4d.train.fsdp import student_state_dict
+
+        state_dict = student_state_dict(model)
+    if not dist.main:
+        return None
+    return str(save_inference_model(model, tokenizer, path, state_dict=state_dict))
+
+
 def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Optional[str | Path] = None,
                   out_dir: str | Path = "runs/student", *, resume: bool = False, progress: bool = True,
                   teacher: Optional[str | Path] = None, stop_at_step: Optional[int] = None,
@@ -227,10 +242,8 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
                            metadata={"data_dir": str(data_dir), "teacher_cache": str(teacher_cache)}, dist=dist,
                            device=device, log=log)
             model_path = None
-            if res.steps >= total_steps(len(dataset), config, dist.world) and dist.main:
-                from rgpt4d.infer import save_inference_model
-
-                model_path = str(save_inference_model(model, tokenizer, out_dir / "model"))
+            if res.steps >= total_steps(len(dataset), config, dist.world):
+                model_path = _save_model(model, tokenizer, out_dir / "model", config, dist)
         result = {"steps": res.steps, "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
                   **{k: res.last.get(k) for k in ("loss", "loss_sft", "loss_ld", "loss_ed")},
                   "model_path": model_path, "checkpoint": res.checkpoint,
