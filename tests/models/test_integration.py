@@ -3,6 +3,7 @@ here from the contract (not from the adapters): TPE through a hook on the projec
 float64, region grids and box scales, P4D latent + explicit losses."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +322,41 @@ def test_patching_twice_is_refused_and_remove_is_idempotent():
     assert "forward" not in model.__dict__
     assert not model.model.multi_modal_projector._forward_pre_hooks
     assert not model.model.language_model._forward_pre_hooks
+
+
+def test_kernels_flag_applies_and_removes_the_kernel_swaps(monkeypatch):
+    import rgpt4d.integrations.kernels as kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "apply_kernels", lambda m: calls.append(("apply", m)))
+    monkeypatch.setattr(kernels, "remove_kernels", lambda m: calls.append(("remove", m)))
+    model = tiny_model("llava")
+    apply_rgpt4d(model)
+    remove_rgpt4d(model)
+    assert calls == []
+    apply_rgpt4d(model, kernels=True)
+    assert calls == [("apply", model)]
+    remove_rgpt4d(model)
+    assert calls == [("apply", model), ("remove", model)]
+
+
+EXAMPLES = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*_dropin.py"))
+
+
+def test_there_is_an_example_per_family():
+    assert EXAMPLES == sorted(f"{f}_dropin.py" for f in ("llava", "llava_onevision", "llava_next_video", "qwen2_vl",
+                                                         "qwen2_5_vl", "qwen3_vl", "internvl"))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_the_example_runs(name, capsys, monkeypatch):
+    import runpy
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    monkeypatch.syspath_prepend(str(root))
+    runpy.run_path(str(root / name), run_name="__main__")
+    out = capsys.readouterr().out
+    runs = out.count("== ")
+    assert runs >= 1
+    assert out.count("unchanged: True") == runs and out.count("patch removed before saving: True") == runs
+    assert out.count("P4D loss") == runs
