@@ -54,7 +54,7 @@ def walkthrough(family: str, *, video: bool, frames: int = 4) -> None:
     loss = p4d_loss(model, out.hidden_states[-1], inputs["input_ids"], targets, teacher_heads=FrozenHeads(dim))
     loss.total.backward()
     terms = ", ".join(f"{k} {float(v.detach()):.4f}" for k, v in loss.terms.items())
-    print(f"P4D loss {float(loss.total):.4f} ({terms}); the LM grid per frame is {h}x{w} over {T} frame(s)")
+    print(f"P4D loss {float(loss.total.detach()):.4f} ({terms}); the LM grid per frame is {h}x{w} over {T} frame(s)")
 
     detach_p4d(model)
     remove_rgpt4d(model)

@@ -45,8 +45,11 @@ def tiny_model(family: str) -> torch.nn.Module:
         return tf.LlavaForConditionalGeneration(cfg).eval()
     if family in ("llava_onevision", "llava_next_video"):
         pin = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+        g = size // PATCH
+        # the *_seq_length settings tell transformers 4.x the inputs are already expanded (as a processor does)
         common = dict(vision_config=_siglip(size), text_config=_text(model_type="qwen2"), image_grid_pinpoints=pin,
-                      vision_feature_select_strategy="full", vision_feature_layer=-1, **tokens)
+                      vision_feature_select_strategy="full", vision_feature_layer=-1, image_seq_length=g * g,
+                      video_seq_length=(-(-g // 2)) ** 2, **tokens)
         if family == "llava_onevision":
             return tf.LlavaOnevisionForConditionalGeneration(tf.LlavaOnevisionConfig(**common)).eval()
         cfg = tf.LlavaNextVideoConfig(spatial_pool_stride=2, spatial_pool_mode="average", **common)
@@ -60,15 +63,16 @@ def tiny_model(family: str) -> torch.nn.Module:
     qwen = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
     vis = dict(depth=2, num_heads=2, in_channels=3, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2_vl":
+        # text settings flat on the config: transformers 4.x reads them there, 5.x moves them to text_config
         cfg = tf.Qwen2VLConfig(vision_config=dict(vis, embed_dim=32, hidden_size=64, mlp_ratio=2),
-                               text_config=_text(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}), **qwen)
+                               **_text(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}), **qwen)
         return tf.Qwen2VLForConditionalGeneration(cfg).eval()
     if family == "qwen2_5_vl":
         # window 16 px = 2 x 2 merged tokens: a 32 px frame (4 x 4 merged) has 4 windows, so the
         # tower's window reordering is exercised; block 1 attends across the whole frame
         cfg = tf.Qwen2_5_VLConfig(vision_config=dict(vis, hidden_size=32, intermediate_size=64, out_hidden_size=64,
                                                      window_size=16, fullatt_block_indexes=[1]),
-                                  text_config=_text(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}), **qwen)
+                                  **_text(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}), **qwen)
         return tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
     if family == "qwen3_vl":
         cfg = tf.Qwen3VLConfig(vision_config=dict(vis, hidden_size=32, intermediate_size=64, out_hidden_size=64,
@@ -121,6 +125,11 @@ def tiny_inputs(family: str, model, *, batch: int = 2, frames: int = 4, video: b
         if family == "llava_next_video":
             raise ValueError("tiny_inputs: LLaVA-NeXT-Video images are any-resolution crops; use video=True")
         if family == "llava_onevision":  # several images per sample: one crop each (no any-res tiling)
+            import inspect
+
+            if "batch_num_images" not in inspect.signature(type(model).forward).parameters:
+                raise NotImplementedError("tiny_inputs: this transformers' LLaVA-OneVision has no multi-image input "
+                                          "(batch_num_images)")
             kw["pixel_values"] = torch.randn(batch * frames, 1, 3, size, size, generator=g)
             kw["image_sizes"] = torch.tensor([[size, size]] * (batch * frames))
             kw["batch_num_images"] = torch.tensor([frames] * batch)

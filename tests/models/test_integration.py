@@ -23,8 +23,14 @@ IDS = [f"{f}-{'video' if v else 'images'}" for f, v in CASES]
 FRAMES = 4
 
 
-def _have(family):
+def _have(family, video=True):
+    import inspect
+
     import transformers
+
+    if family == "llava_onevision" and not video and "batch_num_images" not in inspect.signature(
+            transformers.LlavaOnevisionForConditionalGeneration.forward).parameters:
+        pytest.skip(f"transformers {transformers.__version__}'s LLaVA-OneVision takes no multi-image input")
 
     name = {"llava": "LlavaForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
             "llava_next_video": "LlavaNextVideoForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
@@ -34,10 +40,14 @@ def _have(family):
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
 
 
+def part(model, name):
+    """model.<name> (transformers 4.x) or model.model.<name> (5.x)."""
+    return getattr(model, name) if hasattr(model, name) else getattr(model.model, name)
+
+
 def projector_of(model, family):
-    """The projector, named here independently of the adapters (transformers 5 layout)."""
-    inner = model.model
-    return inner.visual.merger if family.startswith("qwen") else inner.multi_modal_projector
+    """The projector, named here independently of the adapters."""
+    return part(model, "visual").merger if family.startswith("qwen") else part(model, "multi_modal_projector")
 
 
 def row_timestamps(family, model, ts, video):
@@ -59,27 +69,35 @@ def sinusoid(t, D):
     return torch.where(torch.arange(D) % 2 == 0, torch.sin(angle), torch.cos(angle))  # float64
 
 
-def eager_tpe_logits(model, family, kw, ts, video):
-    """The unpatched model with the encoding added to the projector input by hand, in float64."""
-    rows = row_timestamps(family, model, ts, video)
+class eager_tpe:
+    """Within it, the unpatched model gets the encoding added to its projector input by hand, in
+    float64."""
 
-    def hook(module, args):
-        x = args[0]
+    def __init__(self, model, family, ts, video):
+        self.rows = row_timestamps(family, model, ts, video)
+        self.projector = projector_of(model, family)
+
+    def hook(self, module, args):
+        x, rows = args[0], self.rows
         assert x.shape[0] == rows.numel()
         enc = sinusoid(rows, x.shape[-1]).view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
         return ((x.double() + enc).to(x.dtype),) + args[1:]
 
-    h = projector_of(model, family).register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            return model(**kw).logits
-    finally:
-        h.remove()
+    def __enter__(self):
+        self.handle = self.projector.register_forward_pre_hook(self.hook)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def eager_tpe_logits(model, family, kw, ts, video):
+    with eager_tpe(model, family, ts, video), torch.no_grad():
+        return model(**kw).logits
 
 
 @pytest.mark.parametrize("family,video", CASES, ids=IDS)
 def test_tpe_matches_the_eager_encoding_at_the_projector(family, video):
-    _have(family)
+    _have(family, video)
     model = tiny_model(family)
     kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video)
     with torch.no_grad():
@@ -106,19 +124,24 @@ GEN_CASES = [("llava", False), ("llava_onevision", True), ("llava_next_video", T
 
 @pytest.mark.parametrize("family,video", GEN_CASES, ids=[f"{f}-{'video' if v else 'images'}" for f, v in GEN_CASES])
 def test_generate_uses_the_timestamps_and_regions(family, video):
-    _have(family)
+    _have(family, video)
     model = tiny_model(family)
     kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video, obj=True)
-    ref = eager_tpe_logits(model, family, kw, ts, video)[:, -1]
-    apply_rgpt4d(model)
     gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
                pad_token_id=0)
+    with eager_tpe(model, family, ts, video):
+        ref = model.generate(**kw, **gen).logits[0]
+    # how far this transformers' generate is from its own forward (4.46's Qwen2-VL video: 3e-3)
+    with torch.no_grad():
+        plain = model(**kw).logits[:, -1]
+    drift = float((model.generate(**kw, **gen).logits[0] - plain).abs().max())
+    apply_rgpt4d(model)
     out = model.generate(**kw, timestamps=ts, **gen)
     assert out.sequences.shape == (2, kw["input_ids"].shape[1] + 3)
     torch.testing.assert_close(out.logits[0], ref, atol=2e-4, rtol=2e-4)
     # after generate the model is back to no timestamps
     with torch.no_grad():
-        assert not torch.allclose(model(**kw).logits[:, -1], ref, atol=1e-3)
+        assert torch.equal(model(**kw).logits[:, -1], plain)
     # region tokens at <obj_1> in generate: the first step is the patched forward's last position
     remove_rgpt4d(model)
     apply_rgpt4d(model, obj_token_ids=list(OBJ))
@@ -126,8 +149,8 @@ def test_generate_uses_the_timestamps_and_regions(family, video):
     with torch.no_grad():
         fwd = model(**kw, timestamps=ts, boxes=boxes).logits[:, -1]
     out = model.generate(**kw, timestamps=ts, boxes=boxes, **gen)
-    torch.testing.assert_close(out.logits[0], fwd, atol=2e-4, rtol=2e-4)
-    assert not torch.allclose(fwd, ref, atol=1e-3), "the region token changed nothing"
+    torch.testing.assert_close(out.logits[0], fwd, atol=2e-4 + 2 * drift, rtol=2e-4)
+    assert not torch.allclose(out.logits[0], ref, atol=1e-3), "the region token changed nothing in generate"
 
 
 def test_timestamp_count_must_match_the_frames():
@@ -156,7 +179,7 @@ def _region_case(family, video):
 
 @pytest.mark.parametrize("family,video", CASES, ids=IDS)
 def test_region_tokens_read_the_grid_actually_pooled(family, video):
-    _have(family)
+    _have(family, video)
     model, kw, ts = _region_case(family, video)
     captured = {}
     proj = projector_of(model, family)
@@ -191,7 +214,8 @@ def test_region_tokens_read_the_grid_actually_pooled(family, video):
                 merged = proj(feats.reshape(-1, x.shape[-1]))
                 key = "pixel_values_videos" if video else "pixel_values"
                 thw = kw["video_grid_thw" if video else "image_grid_thw"]
-                tower = model.model.visual(kw[key], grid_thw=thw).pooler_output
+                tower = part(model, "visual")(kw[key], grid_thw=thw)
+                tower = getattr(tower, "pooler_output", tower)
             torch.testing.assert_close(merged, tower, atol=1e-5, rtol=1e-5)
         else:
             torch.testing.assert_close(feats.reshape(-1, m * m * x.shape[-1]), x.reshape(-1, m * m * x.shape[-1]))
@@ -246,7 +270,7 @@ class Heads(torch.nn.Module):
 
 @pytest.mark.parametrize("family,video", CASES, ids=IDS)
 def test_p4d_latent_and_explicit_losses_match_eager(family, video):
-    _have(family)
+    _have(family, video)
     model = apply_rgpt4d(tiny_model(family))
     names = sorted(n for n, _ in model.named_parameters())
     T, h, w, per, extra = lm_grid(family, video)
@@ -308,20 +332,21 @@ def test_an_unsupported_model_names_its_class_and_what_is_missing():
     with pytest.raises(TypeError, match=r"Qwen2ForCausalLM is not supported: .*multi_modal_projector.*merger"):
         apply_rgpt4d(lm)
     model = tiny_model("llava")
-    del model.model.multi_modal_projector
+    owner = model if hasattr(model, "multi_modal_projector") else model.model
+    del owner.multi_modal_projector
     with pytest.raises(TypeError, match=r"LlavaForConditionalGeneration lacks a `multi_modal_projector` module"):
         apply_rgpt4d(model)
 
 
 def test_patching_twice_is_refused_and_remove_is_idempotent():
-    model = apply_rgpt4d(tiny_model("internvl"))
+    model = apply_rgpt4d(tiny_model("llava"))
     with pytest.raises(RuntimeError, match="already patched"):
         apply_rgpt4d(model)
     remove_rgpt4d(model)
     remove_rgpt4d(model)
     assert "forward" not in model.__dict__
-    assert not model.model.multi_modal_projector._forward_pre_hooks
-    assert not model.model.language_model._forward_pre_hooks
+    assert not part(model, "multi_modal_projector")._forward_pre_hooks
+    assert not part(model, "language_model")._forward_pre_hooks
 
 
 def test_kernels_flag_applies_and_removes_the_kernel_swaps(monkeypatch):
@@ -351,6 +376,8 @@ def test_there_is_an_example_per_family():
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_the_example_runs(name, capsys, monkeypatch):
     import runpy
+
+    _have(name[:-len("_dropin.py")], video=False)
 
     root = Path(__file__).resolve().parents[2] / "examples"
     monkeypatch.syspath_prepend(str(root))
