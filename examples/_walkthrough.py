@@ -5,8 +5,14 @@ timestamps and a region box, one P4D step with frozen teacher heads, and the pat
 import torch
 
 from rgpt4d.integrations.tiny import OBJ, tiny_inputs, tiny_model
-from rgpt4d.integrations.transformers import (apply_rgpt4d, attach_p4d, detach_p4d, p4d_loss, remove_rgpt4d,
-                                              visual_hidden)
+from rgpt4d.integrations.transformers import (
+    apply_rgpt4d,
+    attach_p4d,
+    detach_p4d,
+    p4d_loss,
+    remove_rgpt4d,
+    visual_hidden,
+)
 
 
 class FrozenHeads(torch.nn.Module):

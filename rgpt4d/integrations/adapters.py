@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ class VisualCall:
     pixels: tuple              # (H, W) pixels of one frame as given to the model
     token_id: int              # the placeholder id of this call's tokens in input_ids
     region_groups: Tensor      # [Gr] long: the groups a frame's region grid is read from
-    lm_grid: Optional[tuple] = None  # (h, w, tokens per group, extra tokens per sample) in the LM; None: no P4D
+    lm_grid: tuple | None = None  # (h, w, tokens per group, extra tokens per sample) in the LM; None: no P4D
     extra: dict = field(default_factory=dict)  # adapter-private (grid_thw, window order)
 
     def row_timestamps(self, ts: Tensor) -> Tensor:
@@ -46,7 +45,7 @@ class VisualCall:
         return ts[self.group_frames].mean(-1)
 
 
-def _find(model: nn.Module, *names: str) -> Optional[nn.Module]:
+def _find(model: nn.Module, *names: str) -> nn.Module | None:
     """The first of `names` on model or model.model (transformers 4.x / 5.x layouts)."""
     for owner in (model, getattr(model, "model", None)):
         for name in names:
@@ -65,7 +64,7 @@ def _as_int(v) -> int:
     return int(v)
 
 
-def _token_id(config, *names: str) -> Optional[int]:
+def _token_id(config, *names: str) -> int | None:
     for n in names:
         v = getattr(config, n, None)
         if v is not None:
@@ -113,7 +112,7 @@ class Adapter:
     def language_model(self, model: nn.Module) -> nn.Module:
         return _find(model, "language_model")
 
-    def start_call(self, model: nn.Module, call: "VisualCall", args: tuple, kwargs: dict) -> None:
+    def start_call(self, model: nn.Module, call: VisualCall, args: tuple, kwargs: dict) -> None:
         """At the call module's pre-hook, before the projector sees the call's rows."""
 
     # -- calls ------------------------------------------------------------------------------------
@@ -128,7 +127,7 @@ class Adapter:
         return [self._frames_call("image", pv.shape[0], pv.shape[-2:], image_id, (None, None, 0))]
 
     @staticmethod
-    def _frames_call(kind, n, pixels, token_id, lm, crops: Optional[Tensor] = None) -> VisualCall:
+    def _frames_call(kind, n, pixels, token_id, lm, crops: Tensor | None = None) -> VisualCall:
         """n frames; each frame `crops[i]` rows (1 by default), its first row its full-frame grid."""
         crops = torch.ones(n, dtype=torch.long) if crops is None else crops
         first = torch.cat([crops.new_zeros(1), crops.cumsum(0)[:-1]])
@@ -168,7 +167,7 @@ class LlavaNextAdapter(Adapter):
         import importlib
 
         mod = importlib.import_module(type(model).__module__)
-        to_num = getattr(mod, "image_size_to_num_patches")
+        to_num = mod.image_size_to_num_patches
         need = [True] * len(image_sizes) if batch_num_images is None else [
             int(n) == 1 for n in batch_num_images for _ in range(int(n))]
         cfg = model.config

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -53,19 +54,19 @@ class _State:
         self.kernels = False
         self.depth = 0  # > 0 inside a patched forward / generate
         # per forward / generate call
-        self.timestamps: Optional[Tensor] = None  # [num_frames] float32 seconds
-        self.boxes: Optional[Tensor] = None
-        self.region_mask: Optional[Tensor] = None
+        self.timestamps: Tensor | None = None  # [num_frames] float32 seconds
+        self.boxes: Tensor | None = None
+        self.region_mask: Tensor | None = None
         # per forward
         self.queue: list[VisualCall] = []
-        self.current: Optional[VisualCall] = None
-        self.main_call: Optional[VisualCall] = None  # the call regions and P4D read
+        self.current: VisualCall | None = None
+        self.main_call: VisualCall | None = None  # the call regions and P4D read
         self.batch = 0
-        self.input_ids: Optional[Tensor] = None
-        self.region_grid: Optional[Tensor] = None  # [B, T, h, w, C] raw projector input of main_call
+        self.input_ids: Tensor | None = None
+        self.region_grid: Tensor | None = None  # [B, T, h, w, C] raw projector input of main_call
         self.region_scale: tuple = (1.0, 1.0)  # grid cells per pixel (x, y)
         # kept after the forward: where the last visual forward put its main call's tokens (P4D)
-        self.p4d_layout: Optional[tuple] = None
+        self.p4d_layout: tuple | None = None
 
 
 def _check_timestamps(timestamps) -> Tensor:
@@ -80,7 +81,7 @@ def _check_timestamps(timestamps) -> Tensor:
     return t
 
 
-def _check_boxes(boxes, region_mask, state: _State) -> tuple[Tensor, Optional[Tensor]]:
+def _check_boxes(boxes, region_mask, state: _State) -> tuple[Tensor, Tensor | None]:
     if not state.obj_token_ids:
         raise ValueError("boxes: this model was patched without obj_token_ids (apply_rgpt4d(..., obj_token_ids=[...]))")
     boxes = torch.as_tensor(boxes).detach().to(torch.float32)
@@ -138,11 +139,11 @@ def _plan(model: nn.Module, state: _State, kwargs: dict) -> None:
 def _call_pre_hook(model: nn.Module, state: _State):
     def hook(module, args, kwargs):
         if state.depth == 0:
-            return None
+            return
         state.current = state.queue.pop(0) if state.queue else None
         if state.current is not None:
             state.adapter.start_call(model, state.current, args, kwargs)
-        return None
+        return
     return hook
 
 
@@ -217,7 +218,7 @@ def _first_linear(module: nn.Module) -> nn.Linear:
 
 
 def apply_rgpt4d(model: nn.Module, *, tpe: bool = True, tpe_base: float = 10000.0,
-                 obj_token_ids: Optional[Sequence[int]] = None, region_hidden_size: Optional[int] = None,
+                 obj_token_ids: Sequence[int] | None = None, region_hidden_size: int | None = None,
                  kernels: bool = False) -> nn.Module:
     """Patch `model` in place (and return it): `timestamps=` (and `boxes=`, `region_mask=` with
     `obj_token_ids`) on forward and generate; `kernels=True` also swaps the language model's layers

@@ -2,7 +2,6 @@
 here from the contract (not from the adapters): TPE through a hook on the projector input in
 float64, region grids and box scales, P4D latent + explicit losses."""
 
-import math
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers", reason="the integration needs transformers")
 
-from rgpt4d.integrations.tiny import IMAGE, OBJ, VIDEO, tiny_inputs, tiny_model  # noqa: E402
-from rgpt4d.integrations.transformers import (apply_rgpt4d, attach_p4d, detach_p4d, p4d_loss,  # noqa: E402
-                                              remove_rgpt4d)
+from rgpt4d.integrations.tiny import IMAGE, OBJ, VIDEO, tiny_inputs, tiny_model
+from rgpt4d.integrations.transformers import apply_rgpt4d, attach_p4d, detach_p4d, p4d_loss, remove_rgpt4d
 
 # (family, video): every family, images as frames and videos where the family takes them
 CASES = [("llava", False), ("llava_onevision", False), ("llava_onevision", True), ("llava_next_video", True),
@@ -350,7 +348,7 @@ def test_patching_twice_is_refused_and_remove_is_idempotent():
 
 
 def test_kernels_flag_applies_and_removes_the_kernel_swaps(monkeypatch):
-    import rgpt4d.integrations.kernels as kernels
+    from rgpt4d.integrations import kernels
 
     calls = []
     monkeypatch.setattr(kernels, "apply_kernels", lambda m: calls.append(("apply", m)))
@@ -387,3 +385,40 @@ def test_the_example_runs(name, capsys, monkeypatch):
     assert runs >= 1
     assert out.count("unchanged: True") == runs and out.count("patch removed before saving: True") == runs
     assert out.count("P4D loss") == runs
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video"])
+def test_tpe_on_any_resolution_images_gives_every_crop_its_image_time(family):
+    """One image per sample at 32 x 32 pixels: the base crop and four 16-pixel tiles, all from one
+    frame, all get that image's timestamp."""
+    _have(family)
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    pv = torch.randn(2, 5, 3, 16, 16, generator=g)
+    sizes = torch.tensor([[32, 32], [32, 32]])
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=pv, image_sizes=sizes)
+    feats = getattr(feats, "pooler_output", feats)
+    if isinstance(feats, tuple) and len(feats) == 2 and not isinstance(feats[0], torch.Tensor):
+        feats = feats[0]
+    n = feats[0].shape[0]
+    ids = torch.cat([torch.full((2, 1), 5), torch.full((2, n), IMAGE), torch.randint(1, 50, (2, 3), generator=g)], 1)
+    kw = {"input_ids": ids, "pixel_values": pv, "image_sizes": sizes}
+    ts = torch.tensor([1.5, 7.25])
+    rows = ts.double().repeat_interleave(5)
+
+    def hook(module, args):
+        x = args[0]
+        assert x.shape[0] == rows.numel()
+        return ((x.double() + sinusoid(rows, x.shape[-1])[:, None]).to(x.dtype),)
+
+    h = projector_of(model, family).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        ref = model(**kw).logits
+    h.remove()
+    apply_rgpt4d(model)
+    with torch.no_grad():
+        patched = model(**kw, timestamps=ts).logits
+    torch.testing.assert_close(patched, ref, atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="got 10 timestamps for 2 image frame"):
+        model(**kw, timestamps=ts.repeat_interleave(5))
