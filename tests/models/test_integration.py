@@ -396,11 +396,13 @@ def test_tpe_on_any_resolution_images_gives_every_crop_its_image_time(family):
     g = torch.Generator().manual_seed(3)
     pv = torch.randn(2, 5, 3, 16, 16, generator=g)
     sizes = torch.tensor([[32, 32], [32, 32]])
-    with torch.no_grad():
-        feats = model.get_image_features(pixel_values=pv, image_sizes=sizes)
-    feats = getattr(feats, "pooler_output", feats)
-    if isinstance(feats, tuple) and len(feats) == 2 and not isinstance(feats[0], torch.Tensor):
-        feats = feats[0]
+    with torch.no_grad():  # the number of image tokens the model places (base + unpadded tiles + newlines)
+        feats = model.get_image_features(pixel_values=pv, image_sizes=sizes, vision_feature_layer=-1,
+                                         vision_feature_select_strategy="full")
+        feats = getattr(feats, "pooler_output", feats)
+    if feats[0].dim() == 3:
+        pytest.skip("this transformers' get_image_features returns unpacked crops: the test cannot count the image "
+                    "tokens (transformers 5 returns them packed)")
     n = feats[0].shape[0]
     ids = torch.cat([torch.full((2, 1), 5), torch.full((2, n), IMAGE), torch.randint(1, 50, (2, 3), generator=g)], 1)
     kw = {"input_ids": ids, "pixel_values": pv, "image_sizes": sizes}
