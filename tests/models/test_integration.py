@@ -424,3 +424,21 @@ def test_tpe_on_any_resolution_images_gives_every_crop_its_image_time(family):
     torch.testing.assert_close(patched, ref, atol=2e-4, rtol=2e-4)
     with pytest.raises(ValueError, match="got 10 timestamps for 2 image frame"):
         model(**kw, timestamps=ts.repeat_interleave(5))
+
+
+@pytest.mark.parametrize("family,video", [("llava", False), ("qwen2_5_vl", True)])
+def test_bf16_model(family, video):
+    """A bf16 model: TPE (computed in fp32 by the op) and region tokens run, close to the eager hook."""
+    _have(family, video)
+    model = tiny_model(family).to(torch.bfloat16)
+    kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video, obj=True)
+    for k in ("pixel_values", "pixel_values_videos"):
+        if k in kw:
+            kw[k] = kw[k].to(torch.bfloat16)
+    ref = eager_tpe_logits(model, family, kw, ts, video).float()
+    apply_rgpt4d(model, obj_token_ids=list(OBJ))
+    with torch.no_grad():
+        patched = model(**kw, timestamps=ts).logits.float()
+        regions = model(**kw, timestamps=ts, boxes=torch.tensor([[[0.0, 0, 8, 8]], [[1.0, 1, 9, 9]]])).logits
+    torch.testing.assert_close(patched, ref, atol=3e-2, rtol=3e-2)
+    assert regions.dtype == torch.bfloat16 and bool(torch.isfinite(regions).all())
