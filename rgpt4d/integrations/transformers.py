@@ -101,6 +101,8 @@ def _plan(model: nn.Module, state: _State, kwargs: dict) -> None:
     wanted = state.timestamps is not None or state.boxes is not None or hasattr(model, "rgpt4d_p4d")
     calls = state.adapter.plan(model, kwargs) if wanted else []
     if not calls:  # a forward without visual input keeps what the call around it recorded
+        if state.depth == 0 and state.boxes is not None:
+            raise ValueError("boxes: given without frames (pixel_values / pixel_values_videos) to pool regions from")
         return
     state.current, state.region_grid = None, None
     frames = sum(c.num_frames for c in calls)
@@ -130,7 +132,7 @@ def _plan(model: nn.Module, state: _State, kwargs: dict) -> None:
             bad = (~ok).nonzero()[0].tolist()
             raise ValueError(f"boxes: must lie inside the {W}x{H} (width x height) first frame of the {main.kind}s, "
                              f"x0 <= x1, y0 <= y1 (pixels); box {bad} is {b[bad[0], bad[1]].tolist()}")
-    if len(main.region_groups) % state.batch:
+    if (state.boxes is not None or hasattr(model, "rgpt4d_p4d")) and len(main.region_groups) % state.batch:
         raise ValueError(f"the {main.kind}s give {len(main.region_groups)} frames for {state.batch} samples: "
                          f"regions and P4D need the same number of frames per sample")
     state.queue, state.main_call = list(calls), main
@@ -177,8 +179,14 @@ def _record_main(state: _State, call: VisualCall, x: Tensor) -> None:
         H, W = call.pixels
         state.region_scale = (grid.shape[2] / W, grid.shape[1] / H)
         state.region_grid = grid.reshape(B, grid.shape[0] // B, *grid.shape[1:])
-    h, w, per, extra = state.adapter.lm_layout(call, x) if call.lm_grid is not None else (None,) * 4
-    state.p4d_layout = None if h is None else (call.token_id, B, len(call.region_groups) // B, h, w, per, extra)
+    state.p4d_layout = None
+    if call.lm_grid is None or len(call.region_groups) % B:
+        return
+    try:
+        h, w, per, extra = state.adapter.lm_layout(call, x)
+    except ValueError:  # no grid per frame (e.g. a CLS token kept): P4D says so when asked
+        return
+    state.p4d_layout = (call.token_id, B, len(call.region_groups) // B, h, w, per, extra)
 
 
 def _language_model_pre_hook(model: nn.Module, state: _State):

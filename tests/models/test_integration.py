@@ -442,3 +442,22 @@ def test_bf16_model(family, video):
         regions = model(**kw, timestamps=ts, boxes=torch.tensor([[[0.0, 0, 8, 8]], [[1.0, 1, 9, 9]]])).logits
     torch.testing.assert_close(patched, ref, atol=3e-2, rtol=3e-2)
     assert regions.dtype == torch.bfloat16 and bool(torch.isfinite(regions).all())
+
+
+def test_tpe_only_needs_no_grid_and_no_equal_frames_per_sample():
+    """TPE alone works with frames spread unevenly over the samples; boxes without frames are an error."""
+    model = tiny_model("llava")
+    kw, ts = tiny_inputs("llava", model, batch=2, frames=FRAMES)
+    kw["pixel_values"] = kw["pixel_values"][:7]  # 7 images: sample 0 has 4, sample 1 has 3
+    P = (16 // 4) ** 2
+    kw["input_ids"][1, 1 + 3 * P:1 + 4 * P] = 7
+    flat = ts.reshape(-1)[:7]
+    ref = eager_tpe_logits(model, "llava", kw, flat, False)
+    apply_rgpt4d(model, obj_token_ids=list(OBJ))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw, timestamps=flat).logits, ref, atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="need the same number of frames per sample"):
+        model(**kw, timestamps=flat, boxes=torch.zeros(2, 1, 4))
+    kw.pop("pixel_values")
+    with pytest.raises(ValueError, match="boxes: given without frames"):
+        model(**kw, boxes=torch.zeros(2, 1, 4))
