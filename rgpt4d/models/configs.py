@@ -16,7 +16,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import PreTrainedConfig
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4.x spells it PretrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 from rgpt4d.models.tokenizer import RESTATE_MODES
 

@@ -1,131 +1,463 @@
-"""Drop-in integration on a tiny LlavaForConditionalGeneration (SigLIP + Qwen2), against a hand-written
-eager equivalent."""
+"""apply_rgpt4d on a tiny model of every supported family, against eager computations written
+here from the contract (not from the adapters): TPE through a hook on the projector input in
+float64, region grids and box scales, P4D latent + explicit losses."""
 
-import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rgpt4d.integrations.transformers import (apply_rgpt4d, attach_p4d, detach_p4d, p4d_latent_loss,
-                                              remove_rgpt4d)
+pytest.importorskip("transformers", reason="the integration needs transformers")
 
-IMG, PATCH, P, T, IMAGE_ID = 32, 8, 16, 3, 99
+from rgpt4d.integrations.tiny import IMAGE, OBJ, VIDEO, tiny_inputs, tiny_model
+from rgpt4d.integrations.transformers import apply_rgpt4d, attach_p4d, detach_p4d, p4d_loss, remove_rgpt4d
 
-
-def tiny_llava():
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
-
-    torch.manual_seed(0)
-    vc = SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                            image_size=IMG, patch_size=PATCH, vision_use_head=False)
-    tc = Qwen2Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)
-    cfg = LlavaConfig(vision_config=vc.to_dict() | {"model_type": "siglip_vision_model"},
-                      text_config=tc.to_dict() | {"model_type": "qwen2"}, image_token_index=IMAGE_ID,
-                      vision_feature_select_strategy="full", vision_feature_layer=-1, image_seq_length=P)
-    return LlavaForConditionalGeneration(cfg).eval()
+# (family, video): every family, images as frames and videos where the family takes them
+CASES = [("llava", False), ("llava_onevision", False), ("llava_onevision", True), ("llava_next_video", True),
+         ("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", False), ("qwen2_5_vl", True),
+         ("qwen3_vl", False), ("qwen3_vl", True), ("internvl", False)]
+IDS = [f"{f}-{'video' if v else 'images'}" for f, v in CASES]
+FRAMES = 4
 
 
-def inputs(B=2):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.full((B, 1), 5), torch.full((B, T * P), IMAGE_ID), torch.randint(1, 50, (B, 4), generator=g)], 1)
-    pv = torch.randn(B * T, 3, IMG, IMG, generator=g)
-    ts = torch.tensor([[0.0, 0.4, 1.3], [2.0, 7.5, 11.0]])[:B]
-    return ids, pv, ts
+def _have(family, video=True):
+    import inspect
+
+    import transformers
+
+    if family == "llava_onevision" and not video and "batch_num_images" not in inspect.signature(
+            transformers.LlavaOnevisionForConditionalGeneration.forward).parameters:
+        pytest.skip(f"transformers {transformers.__version__}'s LLaVA-OneVision takes no multi-image input")
+
+    name = {"llava": "LlavaForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+            "llava_next_video": "LlavaNextVideoForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+            "internvl": "InternVLForConditionalGeneration"}[family]
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
 
 
-def eager_reference(model, ids, pv, ts):
-    """What the patched model must compute, written out by hand from the paper's formula."""
-    vis = model.model.vision_tower(pixel_values=pv, output_hidden_states=True).hidden_states[-1]  # [N, P, D]
-    D = vis.shape[-1]
-    t = ts.reshape(-1, 1, 1).double()
+def part(model, name):
+    """model.<name> (transformers 4.x) or model.model.<name> (5.x)."""
+    return getattr(model, name) if hasattr(model, name) else getattr(model.model, name)
+
+
+def projector_of(model, family):
+    """The projector, named here independently of the adapters."""
+    return part(model, "visual").merger if family.startswith("qwen") else part(model, "multi_modal_projector")
+
+
+def row_timestamps(family, model, ts, video):
+    """Seconds of each projector-input row, from the contract: a row is one frame's tokens
+    (LLaVA family, InternVL) or one patch vector (Qwen, its frame group's mean timestamp)."""
+    flat = ts.reshape(-1).double()
+    if not family.startswith("qwen"):
+        return flat
+    vc = model.config.vision_config
+    patches = (32 // vc.patch_size) ** 2  # the tiny Qwen frames are 32 x 32 pixels
+    if video:
+        flat = flat.view(-1, vc.temporal_patch_size).mean(-1)  # frames merged in time: their mean
+    return flat.repeat_interleave(patches)
+
+
+def sinusoid(t, D):
     i = torch.arange(D) // 2
-    angle = t / (10000.0 ** (2.0 * i / D))
-    enc = torch.where(torch.arange(D) % 2 == 0, torch.sin(angle), torch.cos(angle)).float()  # [N, 1, D]
-    feats = model.model.multi_modal_projector(vis + enc)
-    emb = model.get_input_embeddings()(ids)
-    emb = emb.masked_scatter((ids == IMAGE_ID)[..., None], feats.reshape(-1, feats.shape[-1]))
-    h = model.model.language_model(inputs_embeds=emb).last_hidden_state
-    return model.lm_head(h)
+    angle = t[:, None] / (10000.0 ** (2.0 * i / D))
+    return torch.where(torch.arange(D) % 2 == 0, torch.sin(angle), torch.cos(angle))  # float64
 
 
-def test_tpe_matches_the_eager_equivalent_and_nothing_changes_without_timestamps():
-    model = tiny_llava()
-    ids, pv, ts = inputs()
+class eager_tpe:
+    """Within it, the unpatched model gets the encoding added to its projector input by hand, in
+    float64."""
+
+    def __init__(self, model, family, ts, video):
+        self.rows = row_timestamps(family, model, ts, video)
+        self.projector = projector_of(model, family)
+
+    def hook(self, module, args):
+        x, rows = args[0], self.rows
+        assert x.shape[0] == rows.numel()
+        enc = sinusoid(rows, x.shape[-1]).view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
+        return ((x.double() + enc).to(x.dtype),) + args[1:]
+
+    def __enter__(self):
+        self.handle = self.projector.register_forward_pre_hook(self.hook)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def eager_tpe_logits(model, family, kw, ts, video):
+    with eager_tpe(model, family, ts, video), torch.no_grad():
+        return model(**kw).logits
+
+
+@pytest.mark.parametrize("family,video", CASES, ids=IDS)
+def test_tpe_matches_the_eager_encoding_at_the_projector(family, video):
+    _have(family, video)
+    model = tiny_model(family)
+    kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video)
     with torch.no_grad():
-        before = model(input_ids=ids, pixel_values=pv).logits
-        apply_rgpt4d(model)
-        same = model(input_ids=ids, pixel_values=pv).logits
-        patched = model(input_ids=ids, pixel_values=pv, timestamps=ts).logits
-        flat = model(input_ids=ids, pixel_values=pv, timestamps=ts.reshape(-1)).logits  # [num_images] also works
-        ref = eager_reference(model, ids, pv, ts)
-    assert torch.equal(before, same)
-    assert not torch.allclose(before, patched, atol=1e-3)
+        before = model(**kw).logits
+    ref = eager_tpe_logits(model, family, kw, ts, video)
+    apply_rgpt4d(model)
+    with torch.no_grad():
+        same = model(**kw).logits
+        patched = model(**kw, timestamps=ts).logits
+        flat = model(**kw, timestamps=ts.reshape(-1)).logits  # [num_frames] works too
+    assert torch.equal(before, same), "without timestamps the patched model must be bit-identical"
+    assert not torch.allclose(before, patched, atol=1e-3), "timestamps changed nothing"
     torch.testing.assert_close(patched, ref, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(flat, patched)
     remove_rgpt4d(model)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, pixel_values=pv).logits, before)
+        assert torch.equal(model(**kw).logits, before)
 
 
-def test_generate_with_timestamps():
-    model = apply_rgpt4d(tiny_llava())
-    ids, pv, ts = inputs()
-    out = model.generate(input_ids=ids, pixel_values=pv, timestamps=ts, max_new_tokens=3, min_new_tokens=3,
-                         do_sample=False)
-    assert out.shape == (2, ids.shape[1] + 3)
+GEN_CASES = [("llava", False), ("llava_onevision", True), ("llava_next_video", True), ("qwen2_vl", True),
+             ("qwen2_5_vl", False), ("qwen3_vl", True), ("internvl", False)]
+
+
+@pytest.mark.parametrize("family,video", GEN_CASES, ids=[f"{f}-{'video' if v else 'images'}" for f, v in GEN_CASES])
+def test_generate_uses_the_timestamps_and_regions(family, video):
+    _have(family, video)
+    model = tiny_model(family)
+    kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video, obj=True)
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+               pad_token_id=0)
+    with eager_tpe(model, family, ts, video):
+        ref = model.generate(**kw, **gen).logits[0]
+    # how far this transformers' generate is from its own forward (4.46's Qwen2-VL video: 3e-3)
     with torch.no_grad():
-        first = model(input_ids=ids, pixel_values=pv, timestamps=ts).logits[:, -1].argmax(-1)
-    assert torch.equal(out[:, ids.shape[1]], first)
+        plain = model(**kw).logits[:, -1]
+    drift = float((model.generate(**kw, **gen).logits[0] - plain).abs().max())
+    apply_rgpt4d(model)
+    out = model.generate(**kw, timestamps=ts, **gen)
+    assert out.sequences.shape == (2, kw["input_ids"].shape[1] + 3)
+    torch.testing.assert_close(out.logits[0], ref, atol=2e-4, rtol=2e-4)
+    # after generate the model is back to no timestamps
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits[:, -1], plain)
+    # region tokens at <obj_1> in generate: the first step is the patched forward's last position
+    remove_rgpt4d(model)
+    apply_rgpt4d(model, obj_token_ids=list(OBJ))
+    boxes = torch.tensor([[[1.0, 2.0, 9.0, 10.0]], [[3.0, 3.0, 12.0, 15.0]]])
+    with torch.no_grad():
+        fwd = model(**kw, timestamps=ts, boxes=boxes).logits[:, -1]
+    out = model.generate(**kw, timestamps=ts, boxes=boxes, **gen)
+    torch.testing.assert_close(out.logits[0], fwd, atol=2e-4 + 2 * drift, rtol=2e-4)
+    assert not torch.allclose(out.logits[0], ref, atol=1e-3), "the region token changed nothing in generate"
 
 
-def test_timestamp_count_must_match_images():
-    model = apply_rgpt4d(tiny_llava())
-    ids, pv, ts = inputs()
-    with pytest.raises(ValueError, match="timestamps: one per image of pixel_values; got 5 timestamps for 6 images"):
-        model(input_ids=ids, pixel_values=pv, timestamps=ts.reshape(-1)[:5])
+def test_timestamp_count_must_match_the_frames():
+    model = apply_rgpt4d(tiny_model("qwen2_vl"))
+    kw, ts = tiny_inputs("qwen2_vl", model, frames=FRAMES, video=True)
+    with pytest.raises(ValueError, match=r"timestamps: one per frame given; got 7 timestamps for 8 video frame"):
+        model(**kw, timestamps=ts.reshape(-1)[:7])
+    with pytest.raises(ValueError, match="timestamps: must be finite"):
+        model(**kw, timestamps=ts * float("nan"))
+    model = apply_rgpt4d(tiny_model("llava"))
+    kw, ts = tiny_inputs("llava", model, frames=FRAMES)
+    with pytest.raises(ValueError, match="got 5 timestamps for 8 image frame"):
+        model(**kw, timestamps=ts.reshape(-1)[:5])
 
 
-def test_region_tokens_at_obj_positions():
-    model = apply_rgpt4d(tiny_llava(), obj_token_ids=[60, 61])
-    ids, pv, ts = inputs()
-    ids[:, -2] = 60
-    boxes = torch.tensor([[[1.0, 1.0, 20.0, 20.0]], [[4.0, 8.0, 30.0, 31.0]]])
-    out = model(input_ids=ids, pixel_values=pv, timestamps=ts, boxes=boxes)
+# ---------------------------------------------------------------------------------------------
+# Regions
+# ---------------------------------------------------------------------------------------------
+
+
+def _region_case(family, video):
+    model = tiny_model(family)
+    kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video, obj=True)
+    return model, kw, ts
+
+
+@pytest.mark.parametrize("family,video", CASES, ids=IDS)
+def test_region_tokens_read_the_grid_actually_pooled(family, video):
+    _have(family, video)
+    model, kw, ts = _region_case(family, video)
+    captured = {}
+    proj = projector_of(model, family)
+    h0 = proj.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0].detach().clone()))
+    apply_rgpt4d(model, obj_token_ids=list(OBJ))
+    enc_in = {}
+
+    def grab(mod, args):
+        enc_in["features"], enc_in["boxes"], enc_in["valid"], enc_in["ts"] = args
+
+    h1 = model.rgpt4d_region_encoder.register_forward_pre_hook(grab)
+    H = W = 32 if family.startswith("qwen") else 16
+    boxes = torch.tensor([[[0.0, 0.0, W, H]], [[2.0, 4.0, 9.0, 13.0]]])
+    out = model(**kw, timestamps=ts, boxes=boxes)
+    h0.remove(), h1.remove()
+    x = captured["x"]
+    feats = enc_in["features"]
+    B, T = feats.shape[:2]
+    gh, gw = feats.shape[2:4]
+    # the box scale is the grid the region encoder receives over the frame's pixels
+    torch.testing.assert_close(enc_in["boxes"], boxes * torch.tensor([gw / W, gh / H] * 2))
+    torch.testing.assert_close(enc_in["boxes"][0, 0], torch.tensor([0.0, 0.0, gw, gh]))
+    if family == "llava_next_video":
+        assert (gh, gw) == (2, 2), "NeXT-Video pools the 4x4 patch grid to 2x2 before the projector"
+    # the grid is the projector input laid out per frame (Qwen: m x m windows concatenated, raster order)
+    if family.startswith("qwen"):
+        vc = model.config.vision_config
+        m = vc.spatial_merge_size
+        if family == "qwen2_5_vl":
+            # merging the grid in raster order must give what the tower outputs (reordered back)
+            with torch.no_grad():
+                merged = proj(feats.reshape(-1, x.shape[-1]))
+                key = "pixel_values_videos" if video else "pixel_values"
+                thw = kw["video_grid_thw" if video else "image_grid_thw"]
+                tower = part(model, "visual")(kw[key], grid_thw=thw)
+                tower = getattr(tower, "pooler_output", tower)
+            torch.testing.assert_close(merged, tower, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(feats.reshape(-1, m * m * x.shape[-1]), x.reshape(-1, m * m * x.shape[-1]))
+        frames_per_sample = FRAMES // vc.temporal_patch_size if video else FRAMES
+        assert T == frames_per_sample
+        if video:  # region timestamps are the merged frames' means
+            torch.testing.assert_close(enc_in["ts"], ts.view(B, T, -1).mean(-1))
+    else:
+        rows = x[:, :] if x.dim() == 3 else x
+        torch.testing.assert_close(feats.reshape(B * T, gh * gw, -1), rows)
+        torch.testing.assert_close(enc_in["ts"], ts)
+    # the tokens land at <obj_1> and are trainable
     out.logits.sum().backward()
-    assert model.rgpt4d_region_encoder.encoder.proj.weight.grad.abs().sum() > 0
+    assert model.rgpt4d_region_encoder.linear_2.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        moved = model(input_ids=ids, pixel_values=pv, timestamps=ts, boxes=boxes.flip(0)).logits
+        moved = model(**kw, timestamps=ts, boxes=boxes.flip(0)).logits
     assert not torch.allclose(moved, out.logits.detach())
-    ids[0, -1] = 61  # <obj_2> with one region
+    with pytest.raises(ValueError, match=rf"boxes: must lie inside the {W}x{H}"):
+        model(**kw, timestamps=ts, boxes=boxes + W)
+    kw["input_ids"][0, -1] = OBJ[1]  # <obj_2> with one region
     with pytest.raises(ValueError, match="refers to <obj_2> but only 1 region"):
-        model(input_ids=ids, pixel_values=pv, timestamps=ts, boxes=boxes)
-    with pytest.raises(ValueError, match="boxes: must lie inside the 32x32 image"):
-        model(input_ids=ids, pixel_values=pv, timestamps=ts, boxes=boxes + 20)
+        model(**kw, timestamps=ts, boxes=boxes)
 
 
-def test_p4d_heads_attach_and_detach():
-    model = apply_rgpt4d(tiny_llava())
+# ---------------------------------------------------------------------------------------------
+# P4D
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_grid(family, video):
+    """(frames T in the LM, h, w, tokens per frame, extra tokens per sample) of the tiny inputs."""
+    if family.startswith("qwen"):
+        return (FRAMES // 2 if video else FRAMES), 4, 4, 16, 0
+    if family == "internvl":
+        return FRAMES, 2, 2, 4, 0
+    if video:
+        return FRAMES, 2, 2, 4, (1 if family == "llava_onevision" else 0)
+    return FRAMES, 4, 4, 16 + (1 if family == "llava_onevision" else 0), 0
+
+
+class Heads(torch.nn.Module):
+    """Frozen stand-in teacher heads: depth from the last grid, flow from the first."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.depth, self.flow = torch.nn.Linear(c, 1), torch.nn.Linear(c, 2)
+        self.requires_grad_(False)
+
+    def forward(self, grids):
+        return {"depth": self.depth(grids[-1]).squeeze(-1), "flow": self.flow(grids[0])}
+
+
+@pytest.mark.parametrize("family,video", CASES, ids=IDS)
+def test_p4d_latent_and_explicit_losses_match_eager(family, video):
+    _have(family, video)
+    model = apply_rgpt4d(tiny_model(family))
     names = sorted(n for n, _ in model.named_parameters())
-    attach_p4d(model, teacher_dim=16, teacher_grid=(1, 4, 4), tubelet=2)
-    ids, pv, ts = inputs()
-    out = model(input_ids=ids, pixel_values=pv, timestamps=ts, output_hidden_states=True)
-    loss = p4d_latent_loss(model, out.hidden_states[-1], ids, T, torch.randn(2, 1, 4, 4, 16))
-    loss.backward()
-    assert model.rgpt4d_p4d.fc1.weight.grad is not None
-    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    T, h, w, per, extra = lm_grid(family, video)
+    Ct, teacher_grid, tubelet = 8, (T // 2, 2, 3), 2
+    attach_p4d(model, teacher_dim=Ct, teacher_grid=teacher_grid, tubelet=tubelet)
+    kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video)
+    g = torch.Generator().manual_seed(1)
+    B = kw["input_ids"].shape[0]
+    targets = {"latent": torch.randn(B, *teacher_grid, Ct, generator=g),
+               "depth": torch.randn(B, *teacher_grid, generator=g),
+               "flow": torch.randn(B, *teacher_grid, 2, generator=g)}
+    heads = Heads(Ct)
+    out = model(**kw, timestamps=ts, output_hidden_states=True)
+    hid = out.hidden_states[-1]
+    lat = p4d_loss(model, hid, kw["input_ids"], targets)
+    both = p4d_loss(model, hid, kw["input_ids"], targets, teacher_heads=heads)
+
+    # eager, float64: the visual tokens in order, frames every `tubelet`, bilinear resize, D_4DP, losses
+    ids = kw["input_ids"]
+    tok = VIDEO if video else IMAGE
+    vis = hid.double()[ids == tok].view(B, -1, hid.shape[-1])[:, :T * per].view(B, T, per, -1)[:, :, :h * w]
+    vis = vis.reshape(B, T, h, w, -1)[:, ::tubelet]
+    y = F.interpolate(vis.flatten(0, 1).permute(0, 3, 1, 2), size=teacher_grid[1:], mode="bilinear",
+                      align_corners=False).permute(0, 2, 3, 1).unflatten(0, (B, teacher_grid[0]))
+    d = model.rgpt4d_p4d
+    lin = [(m.weight.double(), m.bias.double()) for m in (d.fc1, d.fc2, d.fc3)]
+    z = F.gelu(F.linear(F.gelu(F.linear(y, *lin[0])), *lin[1]))
+    latent = F.linear(z, *lin[2])
+    ld = F.smooth_l1_loss(latent, targets["latent"].double())
+    heads64 = Heads(Ct).double()
+    heads64.load_state_dict(heads.state_dict())
+    preds = heads64([latent] * 4)
+    l_depth = F.smooth_l1_loss(preds["depth"], targets["depth"].double())
+    l_flow = F.smooth_l1_loss(preds["flow"], targets["flow"].double())
+    total = 0.5 * ld + 0.1 * (1.0 * l_depth + 0.1 * l_flow)  # the paper preset's weights
+
+    torch.testing.assert_close(lat.total.double(), 0.5 * ld, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both.total.double(), total, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both.terms["depth"].double(), l_depth, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both.terms["flow"].double(), l_flow, atol=1e-5, rtol=1e-4)
+    both.total.backward()
+    assert d.fc1.weight.grad.abs().sum() > 0
+    assert heads.depth.weight.grad is None, "the teacher heads stay frozen"
+    assert projector_of(model, family).parameters().__next__().grad is not None
     detach_p4d(model)
     assert sorted(n for n, _ in model.named_parameters()) == names
 
 
-def test_the_example_runs(capsys):
-    import importlib.util
-    from pathlib import Path
+# ---------------------------------------------------------------------------------------------
+# Unsupported models, kernels flag, examples
+# ---------------------------------------------------------------------------------------------
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "llava_dropin.py"
-    spec = importlib.util.spec_from_file_location("llava_dropin", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main()
+
+def test_an_unsupported_model_names_its_class_and_what_is_missing():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=32))
+    with pytest.raises(TypeError, match=r"Qwen2ForCausalLM is not supported: .*multi_modal_projector.*merger"):
+        apply_rgpt4d(lm)
+    model = tiny_model("llava")
+    owner = model if hasattr(model, "multi_modal_projector") else model.model
+    del owner.multi_modal_projector
+    with pytest.raises(TypeError, match=r"LlavaForConditionalGeneration lacks a `multi_modal_projector` module"):
+        apply_rgpt4d(model)
+
+
+def test_patching_twice_is_refused_and_remove_is_idempotent():
+    model = apply_rgpt4d(tiny_model("llava"))
+    with pytest.raises(RuntimeError, match="already patched"):
+        apply_rgpt4d(model)
+    remove_rgpt4d(model)
+    remove_rgpt4d(model)
+    assert "forward" not in model.__dict__
+    assert not part(model, "multi_modal_projector")._forward_pre_hooks
+    assert not part(model, "language_model")._forward_pre_hooks
+
+
+def test_kernels_flag_applies_and_removes_the_kernel_swaps(monkeypatch):
+    from rgpt4d.integrations import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "apply_kernels", lambda m: calls.append(("apply", m)))
+    monkeypatch.setattr(kernels, "remove_kernels", lambda m: calls.append(("remove", m)))
+    model = tiny_model("llava")
+    apply_rgpt4d(model)
+    remove_rgpt4d(model)
+    assert calls == []
+    apply_rgpt4d(model, kernels=True)
+    assert calls == [("apply", model)]
+    remove_rgpt4d(model)
+    assert calls == [("apply", model), ("remove", model)]
+
+
+EXAMPLES = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*_dropin.py"))
+
+
+def test_there_is_an_example_per_family():
+    assert EXAMPLES == sorted(f"{f}_dropin.py" for f in ("llava", "llava_onevision", "llava_next_video", "qwen2_vl",
+                                                         "qwen2_5_vl", "qwen3_vl", "internvl"))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_the_example_runs(name, capsys, monkeypatch):
+    import runpy
+
+    _have(name[:-len("_dropin.py")], video=False)
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    monkeypatch.syspath_prepend(str(root))
+    runpy.run_path(str(root / name), run_name="__main__")
     out = capsys.readouterr().out
-    assert "unchanged: True" in out and "removed before saving: True" in out
+    runs = out.count("== ")
+    assert runs >= 1
+    assert out.count("unchanged: True") == runs and out.count("patch removed before saving: True") == runs
+    assert out.count("P4D loss") == runs
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video"])
+def test_tpe_on_any_resolution_images_gives_every_crop_its_image_time(family):
+    """One image per sample at 32 x 32 pixels: the base crop and four 16-pixel tiles, all from one
+    frame, all get that image's timestamp."""
+    _have(family)
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    pv = torch.randn(2, 5, 3, 16, 16, generator=g)
+    sizes = torch.tensor([[32, 32], [32, 32]])
+    with torch.no_grad():  # the number of image tokens the model places (base + unpadded tiles + newlines)
+        feats = model.get_image_features(pixel_values=pv, image_sizes=sizes, vision_feature_layer=-1,
+                                         vision_feature_select_strategy="full")
+        feats = getattr(feats, "pooler_output", feats)
+    if feats[0].dim() == 3:
+        pytest.skip("this transformers' get_image_features returns unpacked crops: the test cannot count the image "
+                    "tokens (transformers 5 returns them packed)")
+    n = feats[0].shape[0]
+    ids = torch.cat([torch.full((2, 1), 5), torch.full((2, n), IMAGE), torch.randint(1, 50, (2, 3), generator=g)], 1)
+    kw = {"input_ids": ids, "pixel_values": pv, "image_sizes": sizes}
+    ts = torch.tensor([1.5, 7.25])
+    rows = ts.double().repeat_interleave(5)
+
+    def hook(module, args):
+        x = args[0]
+        assert x.shape[0] == rows.numel()
+        return ((x.double() + sinusoid(rows, x.shape[-1])[:, None]).to(x.dtype),)
+
+    h = projector_of(model, family).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        ref = model(**kw).logits
+    h.remove()
+    apply_rgpt4d(model)
+    with torch.no_grad():
+        patched = model(**kw, timestamps=ts).logits
+    torch.testing.assert_close(patched, ref, atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="got 10 timestamps for 2 image frame"):
+        model(**kw, timestamps=ts.repeat_interleave(5))
+
+
+@pytest.mark.parametrize("family,video", [("llava", False), ("qwen2_5_vl", True)])
+def test_bf16_model(family, video):
+    """A bf16 model: TPE (computed in fp32 by the op) and region tokens run, close to the eager hook."""
+    _have(family, video)
+    model = tiny_model(family).to(torch.bfloat16)
+    kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video, obj=True)
+    for k in ("pixel_values", "pixel_values_videos"):
+        if k in kw:
+            kw[k] = kw[k].to(torch.bfloat16)
+    ref = eager_tpe_logits(model, family, kw, ts, video).float()
+    apply_rgpt4d(model, obj_token_ids=list(OBJ))
+    with torch.no_grad():
+        patched = model(**kw, timestamps=ts).logits.float()
+        regions = model(**kw, timestamps=ts, boxes=torch.tensor([[[0.0, 0, 8, 8]], [[1.0, 1, 9, 9]]])).logits
+    torch.testing.assert_close(patched, ref, atol=3e-2, rtol=3e-2)
+    assert regions.dtype == torch.bfloat16 and bool(torch.isfinite(regions).all())
+
+
+def test_tpe_only_needs_no_grid_and_no_equal_frames_per_sample():
+    """TPE alone works with frames spread unevenly over the samples; boxes without frames are an error."""
+    model = tiny_model("llava")
+    kw, ts = tiny_inputs("llava", model, batch=2, frames=FRAMES)
+    kw["pixel_values"] = kw["pixel_values"][:7]  # 7 images: sample 0 has 4, sample 1 has 3
+    P = (16 // 4) ** 2
+    kw["input_ids"][1, 1 + 3 * P:1 + 4 * P] = 7
+    flat = ts.reshape(-1)[:7]
+    ref = eager_tpe_logits(model, "llava", kw, flat, False)
+    apply_rgpt4d(model, obj_token_ids=list(OBJ))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw, timestamps=flat).logits, ref, atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="need the same number of frames per sample"):
+        model(**kw, timestamps=flat, boxes=torch.zeros(2, 1, 4))
+    kw.pop("pixel_values")
+    with pytest.raises(ValueError, match="boxes: given without frames"):
+        model(**kw, boxes=torch.zeros(2, 1, 4))

@@ -1,0 +1,145 @@
+"""Tiny, randomly initialised models of each supported family, built offline from configs, with
+inputs laid out as the family's processor would (placeholder tokens, pixel layouts): for trying the
+integration in seconds on a CPU (examples/) and for its tests.
+
+    model = tiny_model("qwen2_vl")
+    inputs, timestamps = tiny_inputs("qwen2_vl", model, video=True)
+    model(**inputs)
+
+Token ids of the tiny vocabulary: IMAGE, VIDEO (placeholders), VSTART/VEND (Qwen's vision
+start/end), OBJ (the `<obj_1>`, `<obj_2>` tokens the region tokens replace).
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB, IMAGE, VIDEO, VSTART, VEND = 128, 100, 101, 102, 103
+OBJ = (60, 61)
+FAMILIES = ("llava", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
+IMG = {"qwen2_vl": 32, "qwen2_5_vl": 32, "qwen3_vl": 32}  # pixels per side (16 for the others)
+PATCH = 4
+
+
+def _text(**extra) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, **extra)
+
+
+def _siglip(size: int) -> dict:
+    return dict(model_type="siglip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, image_size=size, patch_size=PATCH, vision_use_head=False)
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    """A tiny `family` model in eval mode, seeded (same weights on every call)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    size = IMG.get(family, 16)
+    tokens = dict(image_token_id=IMAGE, image_token_index=IMAGE, video_token_id=VIDEO, video_token_index=VIDEO)
+    if family == "llava":
+        cfg = tf.LlavaConfig(vision_config=_siglip(size), text_config=_text(model_type="qwen2"),
+                             vision_feature_select_strategy="full", vision_feature_layer=-1,
+                             image_seq_length=(size // PATCH) ** 2, **tokens)
+        return tf.LlavaForConditionalGeneration(cfg).eval()
+    if family in ("llava_onevision", "llava_next_video"):
+        pin = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+        g = size // PATCH
+        # the *_seq_length settings tell transformers 4.x the inputs are already expanded (as a processor does)
+        common = dict(vision_config=_siglip(size), text_config=_text(model_type="qwen2"), image_grid_pinpoints=pin,
+                      vision_feature_select_strategy="full", vision_feature_layer=-1, image_seq_length=g * g,
+                      video_seq_length=(-(-g // 2)) ** 2, **tokens)
+        if family == "llava_onevision":
+            return tf.LlavaOnevisionForConditionalGeneration(tf.LlavaOnevisionConfig(**common)).eval()
+        cfg = tf.LlavaNextVideoConfig(spatial_pool_stride=2, spatial_pool_mode="average", **common)
+        return tf.LlavaNextVideoForConditionalGeneration(cfg).eval()
+    if family == "internvl":
+        vc = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  image_size=[size, size], patch_size=[PATCH, PATCH])
+        cfg = tf.InternVLConfig(vision_config=vc, text_config=_text(model_type="qwen2"), image_token_id=IMAGE,
+                                image_seq_length=(size // PATCH // 2) ** 2)
+        return tf.InternVLForConditionalGeneration(cfg).eval()
+    qwen = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    vis = dict(depth=2, num_heads=2, in_channels=3, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        # text settings flat on the config: transformers 4.x reads them there, 5.x moves them to text_config
+        cfg = tf.Qwen2VLConfig(vision_config=dict(vis, embed_dim=32, hidden_size=64, mlp_ratio=2),
+                               **_text(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}), **qwen)
+        return tf.Qwen2VLForConditionalGeneration(cfg).eval()
+    if family == "qwen2_5_vl":
+        # window 16 px = 2 x 2 merged tokens: a 32 px frame (4 x 4 merged) has 4 windows, so the
+        # tower's window reordering is exercised; block 1 attends across the whole frame
+        cfg = tf.Qwen2_5_VLConfig(vision_config=dict(vis, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                     window_size=16, fullatt_block_indexes=[1]),
+                                  **_text(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}), **qwen)
+        return tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    if family == "qwen3_vl":
+        cfg = tf.Qwen3VLConfig(vision_config=dict(vis, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                  num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                               text_config=_text(head_dim=16, rope_parameters={
+                                   "rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+                               **qwen)
+        return tf.Qwen3VLForConditionalGeneration(cfg).eval()
+    raise ValueError(f"family: one of {FAMILIES}, got {family!r}")
+
+
+def tiny_inputs(family: str, model, *, batch: int = 2, frames: int = 4, video: bool = False, seed: int = 0,
+                obj: bool = False) -> tuple[dict, torch.Tensor]:
+    """(forward kwargs, timestamps [batch, frames] seconds): `frames` frames per sample, as images
+    (each image a frame) or, with video=True, as one video per sample; a few text tokens after,
+    `<obj_1>` among them with obj=True."""
+    g = torch.Generator().manual_seed(seed)
+    size = IMG.get(family, 16)
+    ts = torch.sort(torch.rand(batch, frames, generator=g) * 10, dim=1).values
+    text = torch.randint(1, 50, (batch, 4), generator=g)
+    if obj:
+        text[:, 1] = OBJ[0]
+    kw: dict = {}
+    if family.startswith("qwen"):
+        vc = model.config.vision_config
+        m, tps, C = vc.spatial_merge_size, vc.temporal_patch_size, vc.in_channels
+        n = size // PATCH  # patches per side
+        per = (n // m) ** 2  # LM tokens per merged frame
+        row = C * tps * PATCH * PATCH
+        if video:
+            t = frames // tps
+            kw["pixel_values_videos"] = torch.randn(batch * t * n * n, row, generator=g)
+            kw["video_grid_thw"] = torch.tensor([[t, n, n]] * batch)
+            # Qwen3-VL's processor wraps each merged frame in vision start/end; Qwen2(.5)-VL the video
+            blocks = [[VSTART] + [VIDEO] * per + [VEND]] * t if family == "qwen3_vl" else \
+                [[VSTART] + [VIDEO] * per * t + [VEND]]
+        else:
+            kw["pixel_values"] = torch.randn(batch * frames * n * n, row, generator=g)
+            kw["image_grid_thw"] = torch.tensor([[1, n, n]] * (batch * frames))
+            blocks = [[VSTART] + [IMAGE] * per + [VEND]] * frames
+        vis = torch.tensor(sum(blocks, []))
+    elif video:
+        kw["pixel_values_videos"] = torch.randn(batch, frames, 3, size, size, generator=g)
+        g2 = size // PATCH
+        per = (-(-g2 // 2)) ** 2 * frames + (1 if family == "llava_onevision" else 0)
+        vis = torch.full((per,), VIDEO)
+    else:
+        n = size // PATCH
+        per = {"internvl": (n // 2) ** 2, "llava_onevision": n * n + 1}.get(family, n * n)
+        if family == "llava_next_video":
+            raise ValueError("tiny_inputs: LLaVA-NeXT-Video images are any-resolution crops; use video=True")
+        if family == "llava_onevision":  # several images per sample: one crop each (no any-res tiling)
+            import inspect
+
+            if "batch_num_images" not in inspect.signature(type(model).forward).parameters:
+                raise NotImplementedError("tiny_inputs: this transformers' LLaVA-OneVision has no multi-image input "
+                                          "(batch_num_images)")
+            kw["pixel_values"] = torch.randn(batch * frames, 1, 3, size, size, generator=g)
+            kw["image_sizes"] = torch.tensor([[size, size]] * (batch * frames))
+            kw["batch_num_images"] = torch.tensor([frames] * batch)
+        else:
+            kw["pixel_values"] = torch.randn(batch * frames, 3, size, size, generator=g)
+        vis = torch.full((per * frames,), IMAGE)
+    ids = torch.cat([torch.full((batch, 1), 5), vis.expand(batch, -1), text], 1)
+    kw["input_ids"] = ids
+    import inspect
+
+    if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:  # transformers 5 M-RoPE
+        kw["mm_token_type_ids"] = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
+    return kw, ts
