@@ -294,8 +294,8 @@ def apply_kernels(model: nn.Module) -> None:
         ("an attention calling Llama's apply_rotary_pos_emb on q and k (e.g. LlamaAttention, Qwen2VLAttention)",
          attns)) if not found]
     if missing:
-        raise TypeError(f"apply_kernels: {name} is not supported: its language model {type(lm).__name__} has no "
-                        + "; no ".join(missing))
+        raise TypeError(f"apply_kernels: {name} is not supported: its language model {type(lm).__name__} lacks "
+                        + "; and ".join(missing))
 
     state = _State()
     for module in norms:
