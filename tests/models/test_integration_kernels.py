@@ -246,5 +246,9 @@ def test_torch_compile_of_the_patched_model():
     out.loss.backward()
     assert out.logits is None
     torch.testing.assert_close(out.loss.detach(), loss_ref)
-    for n, p in pat.named_parameters():
-        torch.testing.assert_close(p.grad, g_ref[n], atol=1e-6, rtol=1e-4)
+    g_pat = {n: p.grad for n, p in pat.named_parameters() if p.grad is not None}
+    assert g_ref.keys() <= g_pat.keys()
+    # the compiled graph gives unused parameters (SigLIP's post_layernorm here) zeros instead of None
+    assert all(not g_pat[n].any() for n in g_pat.keys() - g_ref.keys())
+    for n in g_ref:
+        torch.testing.assert_close(g_pat[n], g_ref[n], atol=1e-6, rtol=1e-4)
