@@ -194,12 +194,15 @@ def test_generate_gives_the_unpatched_tokens():
     assert torch.equal(a, b)
 
 
-def test_a_plain_causal_lm_is_patched_too():
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_plain_causal_lm_is_patched_too(tied):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     ref = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=64)).train()
+                                       num_key_value_heads=2, intermediate_size=64,
+                                       tie_word_embeddings=tied)).train()
+    assert (ref.lm_head.weight is ref.model.embed_tokens.weight) == tied  # tied: one gradient from both uses
     pat = copy.deepcopy(ref)
     apply_kernels(pat)
     ids = torch.randint(0, 64, (2, 9))
