@@ -57,11 +57,12 @@ _ROPE_NAME = "apply_rotary_pos_emb"
 # ---------------------------------------------------------------------------------------------
 
 
-def _signature(fn) -> tuple:
+def _signature(fn) -> Optional[tuple]:
     """What a function computes, given the same globals: its bytecode, the names it reads and its
     non-string constants (docstrings and comments may differ between transformers' copies)."""
-    fn = getattr(fn, "__wrapped__", fn)
-    code = fn.__code__
+    code = getattr(getattr(fn, "__wrapped__", fn), "__code__", None)
+    if code is None:  # not a Python function (a builtin, a callable object): nothing to compare
+        return None
     return code.co_code, code.co_names, tuple(c for c in code.co_consts if not isinstance(c, str))
 
 

@@ -40,10 +40,9 @@ _CLASS = {"llava": "LlavaForConditionalGeneration", "llava_mistral": "LlavaForCo
 
 def _text(kind: str, size: str) -> dict:
     h, n, a, kv, i, v, _ = _SIZES[size]
-    d = dict(vocab_size=v, hidden_size=h, num_hidden_layers=n, num_attention_heads=a, num_key_value_heads=kv,
-             intermediate_size=i, max_position_embeddings=2048, model_type=kind, tie_word_embeddings=False, bos_token_id=1,
-             eos_token_id=2, pad_token_id=0)
-    return d
+    return dict(vocab_size=v, hidden_size=h, num_hidden_layers=n, num_attention_heads=a, num_key_value_heads=kv,
+                intermediate_size=i, max_position_embeddings=2048, model_type=kind, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def _siglip(image: int, patch: int) -> dict:
@@ -57,8 +56,8 @@ def _sequence(g, B: int, n_visual: int, token: int, size: str, start: int | None
     n_text = _SIZES[size][6]
     vocab = _SIZES[size][5]
     head = [torch.full((B, 1), 5)] + ([torch.full((B, 1), start)] if start is not None else [])
-    tail = ([torch.full((B, 1), end)] if end is not None else []) + [torch.randint(10, min(vocab, 140), (B, n_text),
-                                                                                      generator=g)]
+    text = torch.randint(10, min(vocab, 140), (B, n_text), generator=g)  # below the special ids (150+)
+    tail = ([torch.full((B, 1), end)] if end is not None else []) + [text]
     ids = torch.cat(head + [torch.full((B, n_visual), token)] + tail, 1)
     labels = torch.full_like(ids, -100)
     labels[:, -n_text // 2:] = ids[:, -n_text // 2:]
