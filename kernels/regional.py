@@ -24,6 +24,7 @@ tensors.
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -469,8 +470,7 @@ def _device_guarded(fn):
         t = args[0]
         with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
             return fn(*args, **kwargs)
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
+    return functools.wraps(fn)(wrapper)
 
 
 def _empty_like_layout(sizes, device, dtype, channels_last):
@@ -482,17 +482,18 @@ def _empty_like_layout(sizes, device, dtype, channels_last):
     return torch.empty(cl, device=device, dtype=dtype).permute(list(range(d - 3)) + [d - 1, d - 3, d - 2])
 
 
-def _pool_blocks(P, C, sampling_ratio, device):
+def _pool_blocks(P, C, sampling_ratio, device, acc_torch=torch.float32):
     """(BLOCK_P, BLOCK_S, BLOCK_C, num_warps): all bins, a chunk of samples per bin, a channel block.
-    Tiles up to 2K elements on a GPU, 16K under the interpreter (fewer, larger programs). A 2K tile
-    over 4 warps compiles for sm_90 without spills; 8K over 8 warps used all 255 registers and spilled
-    1.2-1.5 KB (tests/ops/test_regional_triton_gpu_compile.py prints ptxas's counts)."""
+    Tiles up to 1K elements on a GPU (4 warps; 8 for fp64), 16K under the interpreter (fewer, larger
+    programs). At the paper shapes these compile for sm_90 without spills; 8K-element tiles over 8
+    warps used all 255 registers and spilled 0.2-1.5 KB, 2K-element ones still up to 0.6 KB in fp64
+    (tests/ops/test_regional_triton_gpu_compile.py prints ptxas's counts)."""
     BLOCK_P = triton.next_power_of_2(max(P, 1))
     BLOCK_S = min(triton.next_power_of_2(sampling_ratio * sampling_ratio), 64) if sampling_ratio > 0 else 16
-    cap = 2048 if device.type == "cuda" else 16384
+    cap = 1024 if device.type == "cuda" else 16384
     BLOCK_S = max(1, min(BLOCK_S, cap // BLOCK_P))
     BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(1, cap // (BLOCK_P * BLOCK_S)), 1024))
-    return BLOCK_P, BLOCK_S, BLOCK_C, 4
+    return BLOCK_P, BLOCK_S, BLOCK_C, (8 if acc_torch == torch.float64 else 4)
 
 
 def _roi_images_from_rois(rois, N):
@@ -507,7 +508,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
     if K == 0 or C == 0:
         return out
     acc_tl, acc_torch = _acc(feat.dtype)
-    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, feat.device)
+    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, feat.device, acc_torch)
     ts, tab, has_table = enc
     boxes = boxes.to(acc_torch).contiguous()
     if ts is None:  # no TPE: any tensor for the unused pointers
@@ -588,7 +589,7 @@ def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spa
     gbuf = _empty_like_layout(sizes, grad.device, acc_torch, channels_last).zero_()
     s_outer, s_inner = gbuf.stride(0), (gbuf.stride(1) if img_inner > 1 else 0)
     sC, sH, sW = gbuf.stride(-3), gbuf.stride(-2), gbuf.stride(-1)
-    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, grad.device)
+    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, grad.device, acc_torch)
     _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
         grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
         _host_scalar(spatial_scale, acc_torch, grad.device), ph, pw, sampling_ratio, ALIGNED=bool(aligned),
@@ -668,11 +669,13 @@ def _resize(masks, H, W, eps, acc_tl, acc_torch):
 
 
 def _mm_blocks(R, C, HW, acc_torch):
+    """(USE_DOT, BLOCK_R, BLOCK_P, BLOCK_C) of the mask-pool matmul kernels. 32 pixels per step: with
+    64 the fp32 forward (16 x 64 x 64, 4 warps) spilled 512 B on sm_90, the fp64 feature gradient 72 B."""
     use_dot = acc_torch == torch.float32
     lo = 16 if use_dot else 1
     BLOCK_R = max(lo, min(triton.next_power_of_2(max(R, 1)), 64))
     BLOCK_C = max(lo, min(triton.next_power_of_2(max(C, 1)), 64))
-    BLOCK_P = max(lo, min(triton.next_power_of_2(max(HW, 1)), 64))
+    BLOCK_P = max(lo, min(triton.next_power_of_2(max(HW, 1)), 32))
     return use_dot, BLOCK_R, BLOCK_P, BLOCK_C
 
 

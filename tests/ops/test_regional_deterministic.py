@@ -128,3 +128,58 @@ def test_region_pool_with_valid_mask():
     ref = torch.autograd.grad(ref_out, f64, g.double())[0]
     torch.testing.assert_close(det.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(det, atomic, atol=1e-5, rtol=1e-5)
+
+
+# ---- the CUDA version's shared math (csrc/regional/regional_math.h), run by the CPU build ----------
+
+def _need_extension():
+    from rgpt4d.ops import _backend
+    if not _backend.extension_loaded():
+        pytest.skip(f"the compiled extension is not built: {_backend.unavailable_reasons()}")
+
+
+@pytest.mark.parametrize("sr, aligned", [(2, True), (-1, False)])
+def test_cuda_entry_math_matches_triton_and_gives_the_reference_gradient(sr, aligned):
+    _need_extension()
+    torch.manual_seed(5)
+    N, C, H, W, ph, pw = 2, 3, 7, 6, 2, 3
+    x = torch.randn(N, C, H, W)
+    rois = make_rois(9, N, 2 * H, 2 * W, max_size=12.0)
+    rois[4, 0] = -1.0  # skipped
+    g = torch.randn(9, C, ph, pw)
+    roi_img = K._roi_images_from_rois(rois, N)
+    boxes = rois[:, 1:].contiguous()
+    keys, rows, w = torch.ops.rgpt4d._roi_backward_entries(boxes, roi_img, 0.5, ph, pw, sr, aligned, N, H, W)
+    # the Triton kernels build the same list (same order, same keys and rows)
+    counts = torch.empty(9, dtype=torch.int64)
+    common = dict(ALIGNED=aligned, ACC=K.tl.float32)
+    K._roi_sample_counts_kernel[(1,)](boxes, roi_img, counts, 9, 0.5, ph, pw, sr, BLOCK_K=16, **common)
+    total = int(counts.sum())
+    assert keys.numel() == 4 * total
+    tk, tr, tw = (torch.empty(4 * total, dtype=d) for d in (torch.int64, torch.int64, torch.float32))
+    K._roi_entries_kernel[(9,)](boxes, roi_img, torch.cumsum(counts, 0) - counts, tk, tr, tw, 0, total, N * H * W, H, W,
+                                0.5, ph, pw, sr, BLOCK_S=64, **common)
+    assert torch.equal(keys, tk) and torch.equal(rows, tr)
+    torch.testing.assert_close(w, tw, atol=1e-6, rtol=1e-6)
+    # sorted by pixel and summed, the list is the gradient
+    keys, perm = torch.sort(keys, stable=True)
+    gt = g.double().reshape(9, C, ph * pw).transpose(1, 2).reshape(-1, C)
+    flat = torch.zeros(N * H * W + 1, C, dtype=torch.float64)
+    flat.index_add_(0, keys, w[perm].double()[:, None] * gt[rows[perm]])
+    got = flat[:-1].view(N, H, W, C).permute(0, 3, 1, 2)
+    keep = roi_img >= 0
+    torch.testing.assert_close(got, _reference(x, rois[keep], g[keep], (ph, pw), sr, aligned), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_grid_rows_cover_more_than_65535_rows():
+    _need_extension()
+    grid_rows = torch.ops.rgpt4d._regional_grid_rows
+    assert [grid_rows(n) for n in (0, 1, 7, 65535)] == [1, 1, 7, 65535]
+    for rows in (65536, 70001, 3 * 65535 + 2):  # B*T*R masks (mask_pool's resize transpose), B*T frames
+        grid = grid_rows(rows)
+        assert grid <= 65535
+        # the kernels stride blockIdx.y, + gridDim.y, ...: every row exactly once
+        seen = torch.zeros(rows, dtype=torch.int64)
+        for y in range(grid):
+            seen[y::grid] += 1
+        assert bool((seen == 1).all())

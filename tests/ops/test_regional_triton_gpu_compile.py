@@ -57,7 +57,7 @@ for ACC, f, feat in ((tl.float32, "*fp32", "*bf16"), (tl.float64, "*fp64", "*fp6
     # 4D-RGPT: region_pool C=1152 at 1x1 and 2x2 (adaptive), TPE table
     for P, ph, pw, C, sr, enc in ((49, 7, 7, 256, 2, False), (49, 7, 7, 256, -1, False), (1, 1, 1, 1152, -1, True),
                                   (4, 2, 2, 1152, -1, True)):
-        BP, BS, BC, nw = K._pool_blocks(P, C, sr, GPU)
+        BP, BS, BC, nw = K._pool_blocks(P, C, sr, GPU, torch.float32 if ACC == tl.float32 else torch.float64)
         label = f"{name} P{P} C{C} sr{sr}"
         compile_one(K._roi_pool_fwd_kernel, types, dict(ALIGNED=True, HAS_ENC=enc, HAS_TABLE=enc, ACC=ACC, BLOCK_P=BP,
                     BLOCK_S=BS, BLOCK_C=BC), nw, label)
