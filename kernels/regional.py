@@ -247,6 +247,7 @@ def _roi_entries_kernel(boxes_ptr, img_ptr, first_ptr, key_ptr, row_ptr, w_ptr, 
         ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
         xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
         valid = yin & xin
+        scale = tl.where(valid, inv_count, 0.0)  # outside: weight 0 too (key NPIX: never summed)
         e = 4 * (first + s - s_lo)
         row = k * (ph * pw) + q
         tl.store(key_ptr + e, tl.where(valid, pix + ylo * W + xlo, NPIX), mask=sm)
@@ -257,10 +258,10 @@ def _roi_entries_kernel(boxes_ptr, img_ptr, first_ptr, key_ptr, row_ptr, w_ptr, 
         tl.store(row_ptr + e + 1, row, mask=sm)
         tl.store(row_ptr + e + 2, row, mask=sm)
         tl.store(row_ptr + e + 3, row, mask=sm)
-        tl.store(w_ptr + e, wyl * wxl * inv_count, mask=sm)
-        tl.store(w_ptr + e + 1, wyl * wxh * inv_count, mask=sm)
-        tl.store(w_ptr + e + 2, wyh * wxl * inv_count, mask=sm)
-        tl.store(w_ptr + e + 3, wyh * wxh * inv_count, mask=sm)
+        tl.store(w_ptr + e, wyl * wxl * scale, mask=sm)
+        tl.store(w_ptr + e + 1, wyl * wxh * scale, mask=sm)
+        tl.store(w_ptr + e + 2, wyh * wxl * scale, mask=sm)
+        tl.store(w_ptr + e + 3, wyh * wxh * scale, mask=sm)
 
 
 @triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
