@@ -13,12 +13,18 @@
         1 / (sum + eps), which the backward takes instead of resizing the masks again.
 
 Features are read through their strides (any layout, no copy). Arithmetic in fp32 (fp64 for fp64
-inputs). Backward: float atomics by default; with deterministic=True one program owns an image x
-channel slice of the gradient and adds its RoIs in order (no atomics, bitwise repeatable). Non-finite
-box coordinates: the RoI samples nothing (zeros). Set TRITON_INTERPRET=1 before importing this file
-to run the kernels on CPU tensors.
+inputs: host floats reach fp64 kernels as 1-element fp64 tensors, since a Python float argument is
+compiled as fp32). Backward: float atomics by default; with deterministic=True every bilinear tap
+becomes an entry (target pixel, gradient row, weight), the entries are sorted by target pixel
+(stable sort: a fixed order) and one program per pixel tile x channel block sums each pixel's
+entries in that order (no atomics, bitwise repeatable, the whole GPU busy). Non-finite box
+coordinates: the RoI samples nothing (zeros). Every launch runs under the input's device
+(torch.cuda.device). Set TRITON_INTERPRET=1 before importing this file to run the kernels on CPU
+tensors.
 """
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -31,16 +37,28 @@ except ImportError:  # copied next to tpe.py as top-level modules
     from tpe import _encoder_inputs, _frame_encoding
 
 
-# ---- RoI geometry and bilinear taps ----------------------------------------------------------
+# ---- host scalars, RoI geometry and bilinear taps --------------------------------------------
 
 @triton.jit
-def _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw, sampling_ratio,
-                  ALIGNED: tl.constexpr, ACC: tl.constexpr):
+def _scalar(v, ACC: tl.constexpr):
+    """A host float in ACC: fp64 kernels get it as a 1-element fp64 tensor (_host_scalar), since the
+    compiler types a Python float argument as fp32."""
+    if ACC == tl.float64:
+        r = tl.load(v)
+    else:
+        r = v
+    return r
+
+
+@triton.jit
+def _roi_geometry(boxes_ptr, k, ok, spatial_scale, ph, pw, sampling_ratio, ALIGNED: tl.constexpr, ACC: tl.constexpr):
     """(y0, x0, bin_h, bin_w, grid_h, grid_w, 1/count) of RoI k; grid 0 when not ok or non-finite."""
-    bx1 = tl.load(boxes_ptr + 4 * k + 0).to(ACC)
-    by1 = tl.load(boxes_ptr + 4 * k + 1).to(ACC)
-    bx2 = tl.load(boxes_ptr + 4 * k + 2).to(ACC)
-    by2 = tl.load(boxes_ptr + 4 * k + 3).to(ACC)
+    bx1 = tl.load(boxes_ptr + 4 * k + 0, mask=ok, other=0.0).to(ACC)
+    by1 = tl.load(boxes_ptr + 4 * k + 1, mask=ok, other=0.0).to(ACC)
+    bx2 = tl.load(boxes_ptr + 4 * k + 2, mask=ok, other=0.0).to(ACC)
+    by2 = tl.load(boxes_ptr + 4 * k + 3, mask=ok, other=0.0).to(ACC)
+    spatial_scale = _scalar(spatial_scale, ACC)
+    offset = 0.5 if ALIGNED else 0.0
     x0 = bx1 * spatial_scale - offset
     y0 = by1 * spatial_scale - offset
     x1 = bx2 * spatial_scale - offset
@@ -103,7 +121,7 @@ def _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s, H, W, Hf, Wf):
 @triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_ptr,
                          C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
-                         spatial_scale, offset, ph, pw, sampling_ratio, log_base,
+                         spatial_scale, ph, pw, sampling_ratio, log_base,
                          ALIGNED: tl.constexpr, HAS_ENC: tl.constexpr, HAS_TABLE: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     # program = (RoI k, channel block); tile = [bins, samples, channels], BLOCK_S samples of every
@@ -118,7 +136,7 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
     cell_j = (offs_p % pw).to(ACC)
     img = tl.load(img_ptr + k)
     ok = img >= 0
-    y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw,
+    y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, ph, pw,
                                                             sampling_ratio, ALIGNED, ACC)
     base = feat_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + (offs_c * sC)[None, None, :]
     Hf = H.to(ACC)
@@ -137,7 +155,8 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
         acc += tl.sum(v, axis=1)
     acc = acc * inv_count
     if HAS_ENC:
-        enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, log_base, HAS_TABLE, ACC)
+        enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, _scalar(log_base, ACC),
+                              HAS_TABLE, ACC)
         acc += tl.where(ok, enc, 0.0)[None, :]
     omask = pmask[:, None] & cmask[None, :]
     tl.store(out_ptr + (k * C + offs_c[None, :]) * P + offs_p[:, None], acc.to(out_ptr.dtype.element_ty), mask=omask)
@@ -148,7 +167,7 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
 @triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
                                 C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
-                                spatial_scale, offset, ph, pw, sampling_ratio,
+                                spatial_scale, ph, pw, sampling_ratio,
                                 ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
@@ -161,7 +180,7 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
     cell_j = (offs_p % pw).to(ACC)
     img = tl.load(img_ptr + k)
     ok = img >= 0
-    y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, offset, ph, pw,
+    y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, ok, spatial_scale, ph, pw,
                                                             sampling_ratio, ALIGNED, ACC)
     g = tl.load(grad_ptr + (k * C + offs_c[None, :]) * P + offs_p[:, None],
                 mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC) * inv_count
@@ -181,45 +200,100 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
         tl.atomic_add(base + (yhi * sH + xhi * sW)[:, :, None], (wyh * wxh)[:, :, None] * g, mask=m)
 
 
+# Deterministic backward: (1) samples per RoI, (2) entries, (3) a stable sort by target pixel on the
+# host side, (4) segmented sums. Sample s of a RoI is bin q = s // (gh * gw), then sample row, then
+# sample column; its taps are entries 4 s .. 4 s + 3 (lo/lo, lo/hi, hi/lo, hi/hi), numbered from the
+# pass's first sample. An entry is (key = image * H * W + y * W + x, or NPIX when the sample lies
+# outside; row of the transposed gradient k * P + q; weight wy * wx / count).
+
+@triton.jit
+def _roi_sample_counts_kernel(boxes_ptr, img_ptr, cnt_ptr, K, spatial_scale, ph, pw, sampling_ratio,
+                              ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = k < K
+    img = tl.load(img_ptr + k, mask=km, other=-1)
+    _, _, _, _, gh, gw, _ = _roi_geometry(boxes_ptr, k, km & (img >= 0), spatial_scale, ph, pw, sampling_ratio,
+                                          ALIGNED, ACC)
+    tl.store(cnt_ptr + k, gh.to(tl.int64) * gw.to(tl.int64) * (ph * pw), mask=km)
+
+
 @triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
-def _roi_pool_bwd_ordered_kernel(grad_ptr, boxes_ptr, order_ptr, start_ptr, gbuf_ptr,
-                                 C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
-                                 spatial_scale, offset, ph, pw, sampling_ratio,
-                                 ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    # program = (image, channel block): owns that slice of the gradient and adds the image's RoIs,
-    # bins, samples and taps in a fixed order with plain read-modify-writes (no atomics).
-    img = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    P = ph * pw
-    base = gbuf_ptr + _image_base(img, IMG_INNER, s_outer, s_inner) + offs_c * sC
+def _roi_entries_kernel(boxes_ptr, img_ptr, first_ptr, key_ptr, row_ptr, w_ptr, s_lo, s_hi, NPIX, H, W,
+                        spatial_scale, ph, pw, sampling_ratio,
+                        ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    # program = RoI k: the entries of its samples that fall in the pass's sample range [s_lo, s_hi).
+    k = tl.program_id(0).to(tl.int64)
+    img = tl.load(img_ptr + k)
+    y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, img >= 0, spatial_scale, ph, pw,
+                                                            sampling_ratio, ALIGNED, ACC)
+    gh = gh.to(tl.int64)
+    gw = gw.to(tl.int64)
+    ng = tl.maximum(gh * gw, 1)
+    first = tl.load(first_ptr + k)
+    a = tl.maximum(first, s_lo) - first
+    b = tl.minimum(first + gh * gw * (ph * pw), s_hi) - first
     Hf = H.to(ACC)
     Wf = W.to(ACC)
-    n0 = tl.load(start_ptr + img)
-    n1 = tl.load(start_ptr + img + 1)
-    for n in range(n0, n1):
-        k = tl.load(order_ptr + n)
-        y0, x0, bin_h, bin_w, gh, gw, inv_count = _roi_geometry(boxes_ptr, k, k >= 0, spatial_scale, offset, ph, pw,
-                                                                sampling_ratio, ALIGNED, ACC)
-        for q in range(0, P):
-            g = tl.load(grad_ptr + (k * C + offs_c) * P + q, mask=cmask, other=0.0).to(ACC) * inv_count
-            ci = (q // pw).to(ACC)
-            cj = (q % pw).to(ACC)
-            for iy in range(0, gh):
-                y = y0 + ci * bin_h + (iy + 0.5) * bin_h / gh
-                ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
-                for ix in range(0, gw):
-                    x = x0 + cj * bin_w + (ix + 0.5) * bin_w / gw
-                    xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
-                    m = tl.where(yin & xin, cmask, False)  # (block & scalar bool fails in the interpreter)
-                    p00 = base + ylo * sH + xlo * sW
-                    tl.store(p00, tl.load(p00, mask=m, other=0.0) + wyl * wxl * g, mask=m)
-                    p01 = base + ylo * sH + xhi * sW
-                    tl.store(p01, tl.load(p01, mask=m, other=0.0) + wyl * wxh * g, mask=m)
-                    p10 = base + yhi * sH + xlo * sW
-                    tl.store(p10, tl.load(p10, mask=m, other=0.0) + wyh * wxl * g, mask=m)
-                    p11 = base + yhi * sH + xhi * sW
-                    tl.store(p11, tl.load(p11, mask=m, other=0.0) + wyh * wxh * g, mask=m)
+    pix = tl.maximum(img, 0) * H * W
+    for t0 in range(a, b, BLOCK_S):
+        s = t0 + tl.arange(0, BLOCK_S)
+        sm = s < b
+        q = s // ng
+        r = s - q * ng
+        iy = r // gw
+        ix = r - iy * gw
+        y = y0 + (q // pw).to(ACC) * bin_h + (iy.to(ACC) + 0.5) * bin_h / gh.to(ACC)
+        x = x0 + (q % pw).to(ACC) * bin_w + (ix.to(ACC) + 0.5) * bin_w / gw.to(ACC)
+        ylo, yhi, wyl, wyh, yin = _axis_tap(y, H, Hf)
+        xlo, xhi, wxl, wxh, xin = _axis_tap(x, W, Wf)
+        valid = yin & xin
+        scale = tl.where(valid, inv_count, 0.0)  # outside: weight 0 too (key NPIX: never summed)
+        e = 4 * (first + s - s_lo)
+        row = k * (ph * pw) + q
+        tl.store(key_ptr + e, tl.where(valid, pix + ylo * W + xlo, NPIX), mask=sm)
+        tl.store(key_ptr + e + 1, tl.where(valid, pix + ylo * W + xhi, NPIX), mask=sm)
+        tl.store(key_ptr + e + 2, tl.where(valid, pix + yhi * W + xlo, NPIX), mask=sm)
+        tl.store(key_ptr + e + 3, tl.where(valid, pix + yhi * W + xhi, NPIX), mask=sm)
+        tl.store(row_ptr + e, row, mask=sm)
+        tl.store(row_ptr + e + 1, row, mask=sm)
+        tl.store(row_ptr + e + 2, row, mask=sm)
+        tl.store(row_ptr + e + 3, row, mask=sm)
+        tl.store(w_ptr + e, wyl * wxl * scale, mask=sm)
+        tl.store(w_ptr + e + 1, wyl * wxh * scale, mask=sm)
+        tl.store(w_ptr + e + 2, wyh * wxl * scale, mask=sm)
+        tl.store(w_ptr + e + 3, wyh * wxh * scale, mask=sm)
+
+
+@triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
+def _roi_segment_sum_kernel(start_ptr, row_ptr, w_ptr, gt_ptr, out_ptr, NPIX, C, H, W, IMG_INNER, s_outer, s_inner,
+                            sC, sH, sW, ACCUMULATE: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+    # program = (pixel tile, channel block): the only writer of that slice of the gradient. Pixel p's
+    # entries are start[p] .. start[p + 1] of the sorted list, summed in that order.
+    pix = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = pix < NPIX
+    cmask = offs_c < C
+    lo = tl.load(start_ptr + pix, mask=pm, other=0)
+    hi = tl.load(start_ptr + pix + 1, mask=pm, other=0)
+    acc = tl.zeros([BLOCK_X, BLOCK_C], dtype=ACC)
+    for i in range(0, tl.max(hi - lo, axis=0)):
+        e = lo + i
+        em = e < hi
+        row = tl.load(row_ptr + e, mask=em, other=0)
+        w = tl.load(w_ptr + e, mask=em, other=0.0)
+        g = tl.load(gt_ptr + row[:, None] * C + offs_c[None, :], mask=em[:, None] & cmask[None, :], other=0.0)
+        acc += w[:, None] * g.to(ACC)
+    HW = H * W
+    img = pix // HW
+    p = pix - img * HW
+    y = p // W
+    dst = out_ptr + (_image_base(img, IMG_INNER, s_outer, s_inner) + y * sH + (p - y * W) * sW)[:, None] + \
+        offs_c[None, :] * sC
+    m = pm[:, None] & cmask[None, :]
+    if ACCUMULATE:  # a later pass of a list too long for one: add to the earlier passes' sums
+        acc += tl.load(dst, mask=m, other=0.0).to(ACC)
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ---- mask pooling ------------------------------------------------------------------------------
@@ -259,7 +333,7 @@ def _resize_masks_kernel(m_ptr, mt_ptr, invz_ptr, R, T, s0, s1, s2, sy, sx, Hm, 
         v = tl.where(pm, wyl * top + wyh * bot, 0.0)
         tl.store(mt_ptr + mi * HW + p, v, mask=pm)
         total += v
-    tl.store(invz_ptr + mi, 1.0 / (tl.sum(total, axis=0) + eps))
+    tl.store(invz_ptr + mi, 1.0 / (tl.sum(total, axis=0) + _scalar(eps, ACC)))
 
 
 @triton.jit
@@ -293,7 +367,8 @@ def _mask_pool_fwd_kernel(feat_ptr, mt_ptr, invz_ptr, ts_ptr, table_ptr, out_ptr
         acc += _mm(m, f, USE_DOT)
     acc = acc * tl.load(invz_ptr + bt * R + offs_r, mask=rmask, other=0.0)[:, None]
     if HAS_ENC:
-        acc += _frame_encoding(ts_ptr, table_ptr, bt, offs_c, cmask, C, log_base, HAS_TABLE, ACC)[None, :]
+        acc += _frame_encoding(ts_ptr, table_ptr, bt, offs_c, cmask, C, _scalar(log_base, ACC), HAS_TABLE,
+                               ACC)[None, :]
     tl.store(out_ptr + (bt * R + offs_r[:, None]) * C + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
@@ -361,17 +436,21 @@ def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.const
     sw = Wm.to(ACC) / W.to(ACC)
     # resized pixel o reads source i when its source coordinate lies in [i - 1, i + 1): the
     # candidates start one below floor((i - 0.5) / scale - 0.5); NY / NX of them cover the range.
-    y = tl.maximum(tl.floor((sy.to(ACC) - 0.5) / sh - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NY)[None, :]
+    # One candidate row at a time: a [BLOCK_Q, NX] tile (a [BLOCK_Q, NY, NX] tile spilled 35 KB).
+    y0 = tl.maximum(tl.floor((sy.to(ACC) - 0.5) / sh - 0.5).to(tl.int64) - 1, 0)
     x = tl.maximum(tl.floor((sx.to(ACC) - 0.5) / sw - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NX)[None, :]
-    ylo, yhi, wyl, wyh = _resize_tap(y, Hm, sh)
     xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
-    wy = tl.where((ylo == sy[:, None]) & (y < H), wyl, 0.0) + tl.where((yhi == sy[:, None]) & (y < H), wyh, 0.0)
     wx = tl.where((xlo == sx[:, None]) & (x < W), wxl, 0.0) + tl.where((xhi == sx[:, None]) & (x < W), wxh, 0.0)
-    w = wy[:, :, None] * wx[:, None, :]  # [q, candidate rows, candidate columns]
-    m = qm[:, None, None] & (w != 0.0)
-    v = tl.load(gfr_ptr + mi * H * W + y[:, :, None] * W + x[:, None, :], mask=m, other=0.0)
     s = tl.load(s_ptr + mi)
-    acc = tl.sum(tl.sum(tl.where(m, w * (v - s), 0.0), axis=2), axis=1)
+    acc = tl.zeros([BLOCK_Q], dtype=ACC)
+    for i in range(NY):
+        y = y0 + i
+        ylo, yhi, wyl, wyh = _resize_tap(y, Hm, sh)
+        wy = tl.where((ylo == sy) & (y < H), wyl, 0.0) + tl.where((yhi == sy) & (y < H), wyh, 0.0)
+        w = wy[:, None] * wx
+        m = qm[:, None] & (w != 0.0)
+        v = tl.load(gfr_ptr + mi * H * W + y[:, None] * W + x, mask=m, other=0.0)
+        acc += tl.sum(tl.where(m, w * (v - s), 0.0), axis=1)
     tl.store(gm_ptr + mi * HWm + q, acc, mask=qm)
 
 
@@ -379,6 +458,20 @@ def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.const
 
 def _acc(dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _host_scalar(v, acc_torch, device):
+    """A host float as an fp64 kernel reads it (_scalar): a 1-element fp64 tensor (a fill, no host copy)."""
+    return torch.full((1,), float(v), dtype=torch.float64, device=device) if acc_torch == torch.float64 else float(v)
+
+
+def _device_guarded(fn):
+    """Runs fn under the device of its first tensor argument, so a cuda:1 tensor launches on cuda:1."""
+    def wrapper(*args, **kwargs):
+        t = args[0]
+        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+    return functools.wraps(fn)(wrapper)
 
 
 def _empty_like_layout(sizes, device, dtype, channels_last):
@@ -390,14 +483,18 @@ def _empty_like_layout(sizes, device, dtype, channels_last):
     return torch.empty(cl, device=device, dtype=dtype).permute(list(range(d - 3)) + [d - 1, d - 3, d - 2])
 
 
-def _pool_blocks(P, C, sampling_ratio, device):
+def _pool_blocks(P, C, sampling_ratio, device, acc_torch=torch.float32):
     """(BLOCK_P, BLOCK_S, BLOCK_C, num_warps): all bins, a chunk of samples per bin, a channel block.
-    Tiles up to 8K elements on a GPU (registers), 16K under the interpreter (fewer, larger programs)."""
+    Tiles up to 1K elements on a GPU (4 warps; 8 for fp64), 16K under the interpreter (fewer, larger
+    programs). At the paper shapes these compile for sm_90 without spills; 8K-element tiles over 8
+    warps used all 255 registers and spilled 0.2-1.5 KB, 2K-element ones still up to 0.6 KB in fp64
+    (tests/ops/test_regional_triton_gpu_compile.py prints ptxas's counts)."""
     BLOCK_P = triton.next_power_of_2(max(P, 1))
     BLOCK_S = min(triton.next_power_of_2(sampling_ratio * sampling_ratio), 64) if sampling_ratio > 0 else 16
-    cap = 8192 if device.type == "cuda" else 16384
+    cap = 1024 if device.type == "cuda" else 16384
+    BLOCK_S = max(1, min(BLOCK_S, cap // BLOCK_P))
     BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), max(1, cap // (BLOCK_P * BLOCK_S)), 1024))
-    return BLOCK_P, BLOCK_S, BLOCK_C, (8 if BLOCK_P * BLOCK_S * BLOCK_C >= 4096 else 4)
+    return BLOCK_P, BLOCK_S, BLOCK_C, (8 if acc_torch == torch.float64 else 4)
 
 
 def _roi_images_from_rois(rois, N):
@@ -406,25 +503,13 @@ def _roi_images_from_rois(rois, N):
     return torch.where(ok, idx.nan_to_num(0.0).clamp(-1, N).trunc(), torch.full_like(idx, -1)).to(torch.int64).contiguous()
 
 
-def _order_by_image(roi_img, images):
-    """RoIs grouped by image, in RoI order: (order [K], start [images + 1])."""
-    keep = roi_img >= 0
-    ids = torch.arange(roi_img.numel(), device=roi_img.device)[keep]
-    img = roi_img[keep]
-    order = ids[torch.sort(img, stable=True).indices]
-    counts = torch.bincount(img, minlength=images)
-    start = torch.zeros(images + 1, dtype=torch.int64, device=roi_img.device)
-    start[1:] = torch.cumsum(counts, 0)
-    return order.contiguous(), start
-
-
 def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inner, strides, spatial_scale, ph, pw,
               sampling_ratio, aligned, base):
     K = boxes.shape[0]
     if K == 0 or C == 0:
         return out
     acc_tl, acc_torch = _acc(feat.dtype)
-    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, feat.device)
+    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, feat.device, acc_torch)
     ts, tab, has_table = enc
     boxes = boxes.to(acc_torch).contiguous()
     if ts is None:  # no TPE: any tensor for the unused pointers
@@ -432,10 +517,61 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
     sC, sH, sW = strides
     _roi_pool_fwd_kernel[(K, triton.cdiv(C, BLOCK_C))](
         feat, boxes, roi_img, ts, tab, out, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
-        spatial_scale, 0.5 if aligned else 0.0, ph, pw, sampling_ratio, math.log(base),
+        _host_scalar(spatial_scale, acc_torch, feat.device), ph, pw, sampling_ratio,
+        _host_scalar(math.log(base), acc_torch, feat.device),
         ALIGNED=bool(aligned), HAS_ENC=enc[0] is not None, HAS_TABLE=has_table, ACC=acc_tl, BLOCK_P=BLOCK_P,
         BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return out
+
+
+# Entries per pass of the deterministic backward: 2^24 taps (about 0.5 GB of keys, rows, weights and
+# sort buffers); longer lists run in several passes that add to the earlier passes' sums.
+_MAX_ENTRIES = 1 << 24
+
+
+def _segment_blocks(C):
+    """(BLOCK_X pixels, BLOCK_C channels) of the segmented sum: a 1K tile, channels first."""
+    BLOCK_C = max(1, min(triton.next_power_of_2(max(C, 1)), 64))
+    return 1024 // BLOCK_C, BLOCK_C
+
+
+def _pool_bwd_sorted(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spatial_scale, ph, pw,
+                     sampling_ratio, aligned, max_entries=None, blocks=None):
+    """Deterministic RoI-pooling gradient: entries sorted by target pixel, segmented sums (see the kernels)."""
+    C, H, W = sizes[-3:]
+    K, P = boxes.shape[0], ph * pw
+    acc_tl, acc_torch = _acc(grad.dtype)
+    dev = grad.device
+    scale = _host_scalar(spatial_scale, acc_torch, dev)
+    common = dict(ALIGNED=bool(aligned), ACC=acc_tl)
+    counts = torch.empty(K, dtype=torch.int64, device=dev)
+    _roi_sample_counts_kernel[(triton.cdiv(K, 256),)](boxes, roi_img, counts, K, scale, ph, pw, sampling_ratio,
+                                                      BLOCK_K=256, **common)
+    first = torch.cumsum(counts, 0) - counts  # first sample of each RoI in the flat list
+    total = int(counts.sum())  # samples (4 entries each): sizes the buffers (a device sync)
+    per_pass = max(1, (max_entries or _MAX_ENTRIES) // 4)
+    passes = max(1, triton.cdiv(total, per_pass))
+    out = _empty_like_layout(sizes, dev, grad.dtype if passes == 1 else acc_torch, channels_last)
+    gt = grad.reshape(K, C, P).transpose(1, 2).contiguous()  # [K, P, C]: an entry's channels contiguous
+    npix = images * H * W
+    pixels = torch.arange(npix + 1, device=dev)
+    BLOCK_X, BLOCK_C = blocks or _segment_blocks(C)
+    strides = (out.stride(0), out.stride(1) if img_inner > 1 else 0, out.stride(-3), out.stride(-2), out.stride(-1))
+    for j in range(passes):
+        s_lo, s_hi = j * per_pass, min(total, (j + 1) * per_pass)
+        n = 4 * (s_hi - s_lo)
+        keys = torch.empty(n, dtype=torch.int64, device=dev)
+        rows = torch.empty(n, dtype=torch.int64, device=dev)
+        w = torch.empty(n, dtype=acc_torch, device=dev)
+        if n:
+            _roi_entries_kernel[(K,)](boxes, roi_img, first, keys, rows, w, s_lo, s_hi, npix, H, W, scale, ph, pw,
+                                      sampling_ratio, BLOCK_S=128, **common)
+        keys, perm = torch.sort(keys, stable=True)  # stable: a pixel's entries keep their list order
+        start = torch.searchsorted(keys, pixels)
+        _roi_segment_sum_kernel[(triton.cdiv(npix, BLOCK_X), triton.cdiv(C, BLOCK_C))](
+            start, rows[perm], w[perm], gt, out, npix, C, H, W, img_inner, *strides, ACCUMULATE=j > 0, ACC=acc_tl,
+            BLOCK_X=BLOCK_X, BLOCK_C=BLOCK_C)
+    return out.to(grad.dtype)
 
 
 def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spatial_scale, ph, pw, sampling_ratio,
@@ -443,30 +579,26 @@ def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spa
     """Gradient [..., C, H, W] (grad's dtype, layout per channels_last) of the RoI pooling."""
     C, H, W = sizes[-3:]
     acc_tl, acc_torch = _acc(grad.dtype)
-    gbuf = _empty_like_layout(sizes, grad.device, acc_torch, channels_last).zero_()
     K = boxes.shape[0]
     if K == 0 or C == 0 or H * W == 0 or images == 0:
-        return gbuf.to(grad.dtype)
+        return _empty_like_layout(sizes, grad.device, grad.dtype, channels_last).zero_()
     grad = grad.contiguous()
     boxes = boxes.to(acc_torch).contiguous()
+    if deterministic:
+        return _pool_bwd_sorted(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spatial_scale, ph, pw,
+                                sampling_ratio, aligned)
+    gbuf = _empty_like_layout(sizes, grad.device, acc_torch, channels_last).zero_()
     s_outer, s_inner = gbuf.stride(0), (gbuf.stride(1) if img_inner > 1 else 0)
     sC, sH, sW = gbuf.stride(-3), gbuf.stride(-2), gbuf.stride(-1)
-    common = dict(ALIGNED=bool(aligned), ACC=acc_tl)
-    off = 0.5 if aligned else 0.0
-    if deterministic:
-        order, start = _order_by_image(roi_img, images)
-        BLOCK_C = max(1, min(triton.next_power_of_2(C), 256))
-        _roi_pool_bwd_ordered_kernel[(images, triton.cdiv(C, BLOCK_C))](
-            grad, boxes, order, start, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
-            ph, pw, sampling_ratio, BLOCK_C=BLOCK_C, **common)
-    else:
-        BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, grad.device)
-        _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
-            grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW, spatial_scale, off,
-            ph, pw, sampling_ratio, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps, **common)
+    BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, grad.device, acc_torch)
+    _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
+        grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
+        _host_scalar(spatial_scale, acc_torch, grad.device), ph, pw, sampling_ratio, ALIGNED=bool(aligned),
+        ACC=acc_tl, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return gbuf.to(grad.dtype)
 
 
+@_device_guarded
 def roi_align_fwd(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):
     N, C, H, W = input.shape
     K = rois.shape[0]
@@ -479,6 +611,7 @@ def roi_align_fwd(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):
                      aligned, 10000.0)
 
 
+@_device_guarded
 def roi_align_bwd(grad, rois, spatial_scale, ph, pw, sampling_ratio, aligned, N, H, W, channels_last, deterministic):
     C = grad.shape[1]
     roi_img = _roi_images_from_rois(rois, N)
@@ -494,6 +627,7 @@ def _region_images(boxes, valid):
     return img.contiguous()
 
 
+@_device_guarded
 def region_pool_fwd(features, boxes, valid, timestamps, table, spatial_scale, ph, pw, sampling_ratio, aligned,
                     base=10000.0):
     B, T, C, H, W = features.shape
@@ -512,6 +646,7 @@ def region_pool_fwd(features, boxes, valid, timestamps, table, spatial_scale, ph
                      sampling_ratio, aligned, base)
 
 
+@_device_guarded
 def region_pool_bwd(grad, boxes, valid, spatial_scale, ph, pw, sampling_ratio, aligned, H, W, channels_last,
                     deterministic):
     B, T, R, C = grad.shape[:4]
@@ -528,20 +663,32 @@ def _resize(masks, H, W, eps, acc_tl, acc_torch):
     invz = torch.empty(n, device=masks.device, dtype=acc_torch)
     if n:
         _resize_masks_kernel[(n,)](masks, mt, invz, R, T, masks.stride(0), masks.stride(1), masks.stride(2),
-                                   masks.stride(3), masks.stride(4), Hm, Wm, H, W, eps,
+                                   masks.stride(3), masks.stride(4), Hm, Wm, H, W,
+                                   _host_scalar(eps, acc_torch, masks.device),
                                    ACC=acc_tl, BLOCK_P=min(triton.next_power_of_2(H * W), 1024))
     return mt, invz
 
 
 def _mm_blocks(R, C, HW, acc_torch):
+    """(USE_DOT, BLOCK_R, BLOCK_P, BLOCK_C) of the mask-pool matmul kernels. 32 pixels per step: with
+    64 the fp32 forward (16 x 64 x 64, 4 warps) spilled 512 B on sm_90, the fp64 feature gradient 72 B."""
     use_dot = acc_torch == torch.float32
     lo = 16 if use_dot else 1
     BLOCK_R = max(lo, min(triton.next_power_of_2(max(R, 1)), 64))
     BLOCK_C = max(lo, min(triton.next_power_of_2(max(C, 1)), 64))
-    BLOCK_P = max(lo, min(triton.next_power_of_2(max(HW, 1)), 64))
+    BLOCK_P = max(lo, min(triton.next_power_of_2(max(HW, 1)), 32))
     return use_dot, BLOCK_R, BLOCK_P, BLOCK_C
 
 
+def _transpose_blocks(Hm, Wm, H, W):
+    """(NY, NX, BLOCK_Q) of _resize_transpose_kernel: candidate rows / columns per source pixel, and
+    source pixels per program (a 2K-element [BLOCK_Q, NX] tile)."""
+    NY = triton.next_power_of_2(math.ceil(2 * H / Hm) + 4)
+    NX = triton.next_power_of_2(math.ceil(2 * W / Wm) + 4)
+    return NY, NX, max(1, min(triton.next_power_of_2(Hm * Wm), 2048 // NX))
+
+
+@_device_guarded
 def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
     """Returns (out [B, T, R, C], the resized masks [B, T, R, H, W] and 1 / (sum + eps) [B, T, R] in the
     accumulation dtype): mask_pool_bwd takes the last two instead of resizing the masks again."""
@@ -559,11 +706,13 @@ def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
     use_dot, BLOCK_R, BLOCK_P, BLOCK_C = _mm_blocks(R, C, H * W, acc_torch)
     _mask_pool_fwd_kernel[(B * T, triton.cdiv(C, BLOCK_C), triton.cdiv(R, BLOCK_R))](
         features, mt, invz, ts, tab, out, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
-        features.stride(3), features.stride(4), math.log(base), HAS_ENC=timestamps is not None, HAS_TABLE=table is not None,
+        features.stride(3), features.stride(4),
+        _host_scalar(math.log(base), acc_torch, features.device), HAS_ENC=timestamps is not None, HAS_TABLE=table is not None,
         ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     return result
 
 
+@_device_guarded
 def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, need_masks_grad, channels_last):
     B, T, C, H, W = features.shape
     R, Hm, Wm = masks.shape[2:]
@@ -590,9 +739,7 @@ def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, nee
         # d out / d m~_p = (f_p - out) / Z: the mean term s_r = sum_p (m~_p / Z) GF_p, GF carrying 1 / Z.
         s = ((mt * gfr).sum(-1) * invz).contiguous()
         gmb = torch.empty(B * T * R, Hm * Wm, device=masks.device, dtype=acc_torch)
-        NY = triton.next_power_of_2(math.ceil(2 * H / Hm) + 4)
-        NX = triton.next_power_of_2(math.ceil(2 * W / Wm) + 4)
-        BLOCK_Q = max(1, min(triton.next_power_of_2(Hm * Wm), 16384 // (NY * NX)))
+        NY, NX, BLOCK_Q = _transpose_blocks(Hm, Wm, H, W)
         _resize_transpose_kernel[(B * T * R, triton.cdiv(Hm * Wm, BLOCK_Q))](
             gfr, s, gmb, Hm, Wm, H, W, ACC=acc_tl, NY=NY, NX=NX, BLOCK_Q=BLOCK_Q)
         gm.copy_(gmb.view(masks.shape))

@@ -1450,9 +1450,66 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   return {gf, gm};
 }
 
+// ---- the GPU deterministic backward's shared math (regional_math.h), run on the CPU for the tests ----
+// The entries of the sorted-by-pixel RoI backward for boxes [K, 4] (fp32 / fp64) on images roi_img
+// [K] (outside [0, images): skipped), in list order (RoI, then sample, then tap): (keys, gradient
+// rows, weights), 4 per sample. The CUDA kernels build the same list with the same functions.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> roi_backward_entries_cpu(const at::Tensor& boxes,
+                                                                        const at::Tensor& roi_img, double spatial_scale,
+                                                                        int64_t ph, int64_t pw, int64_t sampling_ratio,
+                                                                        bool aligned, int64_t images, int64_t H,
+                                                                        int64_t W) {
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "_roi_backward_entries: boxes must be [K, 4], got ",
+              boxes.sizes());
+  TORCH_CHECK(boxes.scalar_type() == at::kFloat || boxes.scalar_type() == at::kDouble,
+              "_roi_backward_entries: boxes must be float32 or float64, got ", boxes.scalar_type());
+  TORCH_CHECK(roi_img.dim() == 1 && roi_img.size(0) == boxes.size(0) && roi_img.scalar_type() == at::kLong,
+              "_roi_backward_entries: roi_img must be int64 [K] with K = ", boxes.size(0));
+  check_pool_params(ph, pw, sampling_ratio, "_roi_backward_entries");
+  const at::Tensor b = boxes.contiguous(), img = roi_img.contiguous();
+  const int64_t K = b.size(0), P = ph * pw, npix = images * H * W;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "_roi_backward_entries", [&] {
+    using A = scalar_t;
+    const A* bx = b.data_ptr<A>();
+    const int64_t* ki = img.data_ptr<int64_t>();
+    std::vector<RoiGeom<A>> geo(K);
+    int64_t total = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      geo[k] = roi_geometry<A>(bx[4 * k], bx[4 * k + 1], bx[4 * k + 2], bx[4 * k + 3], static_cast<A>(spatial_scale),
+                               aligned, ph, pw, sampling_ratio);
+      if (ki[k] >= 0 && ki[k] < images) total += geo[k].grid_h * geo[k].grid_w * P;
+    }
+    at::Tensor keys = at::empty({4 * total}, img.options()), rows = at::empty({4 * total}, img.options());
+    at::Tensor w = at::empty({4 * total}, b.options());
+    int64_t* kp = keys.data_ptr<int64_t>();
+    int64_t* rp = rows.data_ptr<int64_t>();
+    A* wp = w.data_ptr<A>();
+    int64_t e = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      if (ki[k] < 0 || ki[k] >= images) continue;
+      const int64_t n = geo[k].grid_h * geo[k].grid_w * P;
+      for (int64_t s = 0; s < n; ++s, e += 4) {
+        roi_sample_entries<A>(geo[k], s, pw, H, W, ki[k], npix, kp + e, wp + e);
+        rp[e] = rp[e + 1] = rp[e + 2] = rp[e + 3] = k * P + roi_sample_index(s, geo[k].grid_h, geo[k].grid_w).q;
+      }
+    }
+    result = {keys, rows, w};
+  });
+  return result;
+}
+
+// The grid.y / grid.z size the CUDA launchers use for `rows` rows (frames, masks, tiles).
+int64_t regional_grid_rows(int64_t rows) { return grid_rows(rows); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
+  // internal: the shared device math of the CUDA kernels, exposed for the CPU tests
+  m.def(
+      "_roi_backward_entries(Tensor boxes, Tensor roi_img, float spatial_scale, int ph, int pw, int sampling_ratio, "
+      "bool aligned, int images, int H, int W) -> (Tensor, Tensor, Tensor)");
+  m.def("_regional_grid_rows(int rows) -> int", &regional_grid_rows);
   m.def("roi_align(Tensor input, Tensor rois, float spatial_scale, int ph, int pw, int sampling_ratio, bool aligned) "
         "-> Tensor");
   m.def(
@@ -1479,6 +1536,7 @@ TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
   m.impl("region_pool_backward", &region_pool_backward_cpu);
   m.impl("mask_pool", &mask_pool_cpu);
   m.impl("mask_pool_backward", &mask_pool_backward_cpu);
+  m.impl("_roi_backward_entries", &roi_backward_entries_cpu);
 }
 
 }  // namespace rgpt4d

@@ -88,17 +88,6 @@ at::Tensor region_images(const at::Tensor& boxes, const c10::optional<at::Tensor
   return img.contiguous();
 }
 
-// RoIs grouped by image in RoI order (the deterministic backward's work lists).
-std::pair<at::Tensor, at::Tensor> order_by_image(const at::Tensor& roi_img, int64_t images) {
-  const at::Tensor keep = roi_img.ge(0);
-  const at::Tensor ids = at::arange(roi_img.numel(), roi_img.options()).masked_select(keep);
-  const at::Tensor img = roi_img.masked_select(keep);
-  const at::Tensor order = ids.index_select(0, std::get<1>(img.sort(/*stable=*/true, 0, false))).contiguous();
-  at::Tensor start = at::zeros({images + 1}, roi_img.options());
-  if (img.numel() > 0) start.narrow(0, 1, images).copy_(at::bincount(img, {}, images).cumsum(0));
-  return {order, start};
-}
-
 at::Tensor pool_forward(const at::Tensor& feat, const at::Tensor& boxes_acc, const at::Tensor& roi_img,
                         const cuda::EncArgs& enc, const cuda::PoolArgs& pa, at::Tensor out, const char* op) {
   const int64_t K = boxes_acc.size(0);
@@ -107,6 +96,47 @@ at::Tensor pool_forward(const at::Tensor& feat, const at::Tensor& boxes_acc, con
                                        c10::cuda::getCurrentCUDAStream()),
              op);
   return out;
+}
+
+// Entries per pass of the deterministic backward: 2^24 taps (about 0.5 GB of keys, rows, weights and
+// sort buffers); longer lists run in several passes that add to the earlier passes' sums.
+constexpr int64_t kMaxEntries = int64_t(1) << 24;
+
+// The deterministic RoI backward into buf (layout pa): entries (regional_math.h), a stable sort by
+// target pixel, then one thread per gradient element sums its pixel's entries in that order.
+void deterministic_backward(const at::Tensor& g, const at::Tensor& boxes_acc, const at::Tensor& roi_img,
+                            const cuda::PoolArgs& pa, at::Tensor& buf, const char* op) {
+  const int64_t K = boxes_acc.size(0), P = pa.ph * pa.pw;
+  const bool fp64 = boxes_acc.scalar_type() == at::kDouble;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::TensorOptions lopt = roi_img.options().dtype(at::kLong);
+  at::Tensor counts = at::empty({K}, lopt);
+  check_cuda(cuda::roi_sample_counts_launch(fp64, boxes_acc.data_ptr(), roi_img.data_ptr<int64_t>(), K, pa,
+                                            counts.data_ptr<int64_t>(), stream),
+             op);
+  const at::Tensor first = (counts.cumsum(0) - counts).contiguous();
+  const int64_t total = counts.sum().item<int64_t>();  // sizes the buffers (a device sync)
+  const at::Tensor gt = g.reshape({K, pa.C, P}).transpose(1, 2).contiguous();  // an entry's channels contiguous
+  const at::Tensor pixels = at::arange(pa.images * pa.H * pa.W + 1, lopt);
+  const int64_t per_pass = kMaxEntries / 4, passes = std::max<int64_t>(1, (total + per_pass - 1) / per_pass);
+  for (int64_t j = 0; j < passes; ++j) {
+    const int64_t s_lo = j * per_pass, s_hi = std::min(total, s_lo + per_pass), n = 4 * (s_hi - s_lo);
+    at::Tensor keys = at::empty({n}, lopt), rows = at::empty({n}, lopt);
+    at::Tensor w = at::empty({n}, boxes_acc.options());
+    check_cuda(cuda::roi_entries_launch(fp64, boxes_acc.data_ptr(), roi_img.data_ptr<int64_t>(),
+                                        first.data_ptr<int64_t>(), K, s_lo, s_hi, pa, keys.data_ptr<int64_t>(),
+                                        rows.data_ptr<int64_t>(), w.data_ptr(), stream),
+               op);
+    // stable: a pixel's entries keep their list order, so every run adds them in the same order
+    const auto sorted = keys.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor perm = std::get<1>(sorted);
+    const at::Tensor start = at::searchsorted(std::get<0>(sorted), pixels);
+    const at::Tensor rows_s = rows.index_select(0, perm), w_s = w.index_select(0, perm);
+    check_cuda(cuda::roi_segment_sum_launch(to_dtype(g.scalar_type()), start.data_ptr<int64_t>(),
+                                            rows_s.data_ptr<int64_t>(), w_s.data_ptr(), gt.data_ptr(), pa, j > 0,
+                                            buf.data_ptr(), stream),
+               op);
+  }
 }
 
 at::Tensor pool_backward(const at::Tensor& grad, const at::Tensor& boxes_acc, const at::Tensor& roi_img,
@@ -118,14 +148,14 @@ at::Tensor pool_backward(const at::Tensor& grad, const at::Tensor& boxes_acc, co
   const int64_t K = boxes_acc.size(0);
   if (K > 0 && buf.numel() > 0) {
     const at::Tensor g = grad.contiguous();
-    at::Tensor order, start;
-    if (deterministic) std::tie(order, start) = order_by_image(roi_img, pa.images);
-    check_cuda(cuda::roi_pool_bwd_launch(to_dtype(g.scalar_type()), g.data_ptr(), boxes_acc.data_ptr(),
-                                         roi_img.data_ptr<int64_t>(),
-                                         deterministic ? order.data_ptr<int64_t>() : nullptr,
-                                         deterministic ? start.data_ptr<int64_t>() : nullptr, K, pa, buf.data_ptr(),
-                                         deterministic, c10::cuda::getCurrentCUDAStream()),
-               op);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (deterministic) {
+      deterministic_backward(g, boxes_acc, roi_img, pa, buf, op);
+    } else {
+      check_cuda(cuda::roi_pool_bwd_launch(to_dtype(g.scalar_type()), g.data_ptr(), boxes_acc.data_ptr(),
+                                           roi_img.data_ptr<int64_t>(), K, pa, buf.data_ptr(), stream),
+                 op);
+    }
   }
   return buf.scalar_type() == grad.scalar_type() ? buf : buf.to(grad.scalar_type());
 }

@@ -26,12 +26,25 @@ struct PoolArgs {
 cudaError_t roi_pool_fwd_launch(DType dt, const void* feat, const void* boxes_acc, const int64_t* roi_img,
                                 EncArgs enc, int64_t K, PoolArgs pa, void* out, cudaStream_t stream);
 
-// gbuf_acc (zero-initialised, layout pa) += adjoint of the pooling applied to grad [K, C, ph, pw].
-// deterministic: one thread per (image, channel) adds the image's RoIs (order[start[i]..start[i+1]))
-// in order, no atomics. Otherwise one thread per (RoI, channel, bin) with float atomics.
-cudaError_t roi_pool_bwd_launch(DType dt, const void* grad, const void* boxes_acc, const int64_t* roi_img,
-                                const int64_t* order, const int64_t* start, int64_t K, PoolArgs pa, void* gbuf_acc,
-                                bool deterministic, cudaStream_t stream);
+// gbuf_acc (zero-initialised, layout pa) += adjoint of the pooling applied to grad [K, C, ph, pw],
+// one thread per (RoI, channel, bin) with float atomics.
+cudaError_t roi_pool_bwd_launch(DType dt, const void* grad, const void* boxes_acc, const int64_t* roi_img, int64_t K,
+                                PoolArgs pa, void* gbuf_acc, cudaStream_t stream);
+
+// The deterministic backward (entries sorted by target pixel: regional_math.h), in three launches
+// around a stable sort done by the caller. boxes_acc / w_acc: double when fp64, else float.
+// counts [K] = samples of each RoI (0 when roi_img[k] is outside [0, images)).
+cudaError_t roi_sample_counts_launch(bool fp64, const void* boxes_acc, const int64_t* roi_img, int64_t K, PoolArgs pa,
+                                     int64_t* counts, cudaStream_t stream);
+// keys / rows / w_acc [4 (s_hi - s_lo)]: the entries of the samples s_lo .. s_hi of the flat list in
+// which RoI k's samples start at first[k].
+cudaError_t roi_entries_launch(bool fp64, const void* boxes_acc, const int64_t* roi_img, const int64_t* first,
+                               int64_t K, int64_t s_lo, int64_t s_hi, PoolArgs pa, int64_t* keys, int64_t* rows,
+                               void* w_acc, cudaStream_t stream);
+// gbuf_acc[pixel p, c] = (accumulate ? gbuf_acc : 0) + sum over the sorted entries i in
+// [start[p], start[p + 1]) of w[i] * gt[rows[i], c], in order. gt: grad as [K * ph * pw, C] (dt).
+cudaError_t roi_segment_sum_launch(DType dt, const int64_t* start, const int64_t* rows, const void* w_acc,
+                                   const void* gt, PoolArgs pa, bool accumulate, void* gbuf_acc, cudaStream_t stream);
 
 // Mask pooling. Features [B, T, C, H, W] through strides (s0, s1, sC, sH, sW); masks_acc
 // [B*T*R, Hm, Wm] contiguous in the accumulation type.

@@ -110,36 +110,57 @@ __global__ void roi_pool_bwd_atomic_kernel(const T* __restrict__ grad, const A* 
   }
 }
 
-// ---- RoI pooling: deterministic backward. Thread = (image, channel): it alone writes that channel
-// of that image, adding the image's RoIs, bins, samples and taps in a fixed order (no atomics).
-template <typename T, typename A>
-__global__ void roi_pool_bwd_ordered_kernel(const T* __restrict__ grad, const A* __restrict__ boxes,
-                                            const int64_t* __restrict__ order, const int64_t* __restrict__ start,
-                                            PoolArgs pa, A* gbuf) {
-  const int64_t img = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t C = pa.C, P = pa.ph * pa.pw;
-  if (c >= C) return;
-  A* plane = gbuf + image_base(pa, img) + c * pa.sC;
-  for (int64_t n = start[img]; n < start[img + 1]; ++n) {
-    const int64_t k = order[n];
+// ---- RoI pooling: deterministic backward (regional_math.h: entries sorted by target pixel) --------
+// Samples per RoI (0 for a skipped RoI).
+template <typename A>
+__global__ void roi_sample_counts_kernel(const A* __restrict__ boxes, const int64_t* __restrict__ roi_img, int64_t K,
+                                         PoolArgs pa, int64_t* counts) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < K;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t img = roi_img[k];
     const RoiGeom<A> g = geometry<A>(boxes, k, pa);
-    for (int64_t q = 0; q < P; ++q) {
-      const int64_t i = q / pa.pw, j = q - (q / pa.pw) * pa.pw;
-      const A gq = ld<A>(grad + (k * C + c) * P + q) * g.inv_count;
-      for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-        const AxisTap<A> ty = roi_axis_tap<A>(roi_sample_coord<A>(g.y0, g.bin_h, i, iy, g.grid_h), pa.H);
-        if (!ty.valid) continue;
-        for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-          const AxisTap<A> tx = roi_axis_tap<A>(roi_sample_coord<A>(g.x0, g.bin_w, j, ix, g.grid_w), pa.W);
-          if (!tx.valid) continue;
-          plane[ty.lo * pa.sH + tx.lo * pa.sW] += gq * ty.w_lo * tx.w_lo;
-          plane[ty.lo * pa.sH + tx.hi * pa.sW] += gq * ty.w_lo * tx.w_hi;
-          plane[ty.hi * pa.sH + tx.lo * pa.sW] += gq * ty.w_hi * tx.w_lo;
-          plane[ty.hi * pa.sH + tx.hi * pa.sW] += gq * ty.w_hi * tx.w_hi;
-        }
-      }
+    counts[k] = (img >= 0 && img < pa.images) ? g.grid_h * g.grid_w * pa.ph * pa.pw : 0;
+  }
+}
+
+// Block = RoI k: the entries of its samples in the pass's sample range [s_lo, s_hi), at 4 (sample - s_lo).
+template <typename A>
+__global__ void roi_entries_kernel(const A* __restrict__ boxes, const int64_t* __restrict__ roi_img,
+                                   const int64_t* __restrict__ first, int64_t K, int64_t s_lo, int64_t s_hi, PoolArgs pa,
+                                   int64_t* keys, int64_t* rows, A* w) {
+  const int64_t npix = pa.images * pa.H * pa.W, P = pa.ph * pa.pw;
+  for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
+    const int64_t img = roi_img[k];
+    if (img < 0 || img >= pa.images) continue;
+    const RoiGeom<A> g = geometry<A>(boxes, k, pa);
+    const int64_t f = first[k], n = g.grid_h * g.grid_w * P;
+    const int64_t a = (f > s_lo ? f : s_lo) - f, b = (f + n < s_hi ? f + n : s_hi) - f;
+    for (int64_t s = a + threadIdx.x; s < b; s += blockDim.x) {
+      const int64_t e = 4 * (f + s - s_lo);
+      roi_sample_entries<A>(g, s, pa.pw, pa.H, pa.W, img, npix, keys + e, w + e);
+      const int64_t row = k * P + roi_sample_index(s, g.grid_h, g.grid_w).q;
+      rows[e] = rows[e + 1] = rows[e + 2] = rows[e + 3] = row;
     }
+  }
+}
+
+// Thread = (pixel, channel) of the gradient, its only writer: the pixel's sorted entries
+// start[p] .. start[p + 1] summed in order. gt = grad as [K * P, C] (a gradient row's channels
+// contiguous). Channel fastest: the lanes of a warp read the same entries (one broadcast load) and
+// one gradient row (coalesced); planar buffers take strided stores, merged in the L2.
+template <typename T, typename A>
+__global__ void roi_segment_sum_kernel(const int64_t* __restrict__ start, const int64_t* __restrict__ rows,
+                                       const A* __restrict__ w, const T* __restrict__ gt, PoolArgs pa, bool accumulate,
+                                       A* gbuf) {
+  const int64_t HW = pa.H * pa.W, npix = pa.images * HW, C = pa.C;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < npix * C;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = e / C, c = e - p * C;
+    const int64_t img = p / HW, yx = p - img * HW, y = yx / pa.W, x = yx - y * pa.W;
+    A* dst = gbuf + image_base(pa, img) + c * pa.sC + y * pa.sH + x * pa.sW;
+    A acc = accumulate ? *dst : A(0);
+    for (int64_t i = start[p]; i < start[p + 1]; ++i) acc += w[i] * ld<A>(gt + rows[i] * C + c);
+    *dst = acc;
   }
 }
 
@@ -166,13 +187,11 @@ __global__ void mask_resize_kernel(const A* __restrict__ masks, MaskArgs ma, A e
 
 constexpr int kRegionTile = 8;  // regions per thread in the pooling kernel (features read once per tile)
 
-// grid = (frame, channel tiles, region tiles); thread = one channel, kRegionTile accumulators.
+// One (frame, channel, tile of kRegionTile regions from r0) of the pooling.
 template <typename T, typename A>
-__global__ void mask_pool_fwd_kernel(const T* __restrict__ feat, const A* __restrict__ mt,
-                                     const A* __restrict__ invz, EncArgs enc, MaskArgs ma, T* out) {
-  const int64_t bt = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.z) * kRegionTile;
+__device__ __forceinline__ void mask_pool_fwd_tile(const T* __restrict__ feat, const A* __restrict__ mt,
+                                                   const A* __restrict__ invz, const EncArgs& enc, const MaskArgs& ma,
+                                                   int64_t bt, int64_t c, int64_t r0, T* out) {
   if (c >= ma.C) return;
   const int64_t HW = ma.H * ma.W, nr = min(static_cast<int64_t>(kRegionTile), ma.R - r0);
   const T* plane = feat + (bt / ma.T) * ma.s0 + (bt % ma.T) * ma.s1 + c * ma.sC;
@@ -194,11 +213,24 @@ __global__ void mask_pool_fwd_kernel(const T* __restrict__ feat, const A* __rest
   }
 }
 
+// grid = (frame, channel tiles, region tiles), y and z capped at grid_rows (regional_math.h) and
+// strided; thread = one channel, kRegionTile accumulators.
+template <typename T, typename A>
+__global__ void mask_pool_fwd_kernel(const T* __restrict__ feat, const A* __restrict__ mt,
+                                     const A* __restrict__ invz, EncArgs enc, MaskArgs ma, T* out) {
+  const int64_t bt = blockIdx.x;
+  for (int64_t cb = blockIdx.y; cb * blockDim.x < ma.C; cb += gridDim.y)
+    for (int64_t r0 = static_cast<int64_t>(blockIdx.z) * kRegionTile; r0 < ma.R;
+         r0 += static_cast<int64_t>(gridDim.z) * kRegionTile)
+      mask_pool_fwd_tile<T, A>(feat, mt, invz, enc, ma, bt, cb * blockDim.x + threadIdx.x, r0, out);
+}
+
 // thread = one (channel, pixel) of grad_f: sum over regions.
 template <typename T, typename A>
 __global__ void mask_pool_dfeat_kernel(const A* __restrict__ gn, const A* __restrict__ mt, MaskArgs ma, T* gf) {
-  const int64_t bt = blockIdx.y, HW = ma.H * ma.W, n = ma.C * HW;
+  const int64_t HW = ma.H * ma.W, n = ma.C * HW;
   const bool c_fast = ma.sC == 1;
+  for (int64_t bt = blockIdx.y; bt < ma.B * ma.T; bt += gridDim.y)
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int64_t c, p;
@@ -213,13 +245,13 @@ __global__ void mask_pool_dfeat_kernel(const A* __restrict__ gn, const A* __rest
 // thread = one (region, pixel): GF = sum over channels of gn * f.
 template <typename T, typename A>
 __global__ void mask_pool_gf_kernel(const A* __restrict__ gn, const T* __restrict__ feat, MaskArgs ma, A* gfr) {
-  const int64_t bt = blockIdx.y, HW = ma.H * ma.W, n = ma.R * HW;
-  const T* base = feat + (bt / ma.T) * ma.s0 + (bt % ma.T) * ma.s1;
+  const int64_t HW = ma.H * ma.W, n = ma.R * HW;
+  for (int64_t bt = blockIdx.y; bt < ma.B * ma.T; bt += gridDim.y)
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / HW, p = e - (e / HW) * HW;
     const int64_t y = p / ma.W, x = p - (p / ma.W) * ma.W;
-    const T* pix = base + y * ma.sH + x * ma.sW;
+    const T* pix = feat + (bt / ma.T) * ma.s0 + (bt % ma.T) * ma.s1 + y * ma.sH + x * ma.sW;
     const A* g = gn + (bt * ma.R + r) * ma.C;
     A acc = 0;
     for (int64_t c = 0; c < ma.C; ++c) acc += g[c] * ld<A>(pix + c * ma.sC);
@@ -231,7 +263,8 @@ __global__ void mask_pool_gf_kernel(const A* __restrict__ gn, const T* __restric
 template <typename A>
 __global__ void mask_resize_transpose_kernel(const A* __restrict__ gfr, const A* __restrict__ s, MaskArgs ma,
                                              A* gm) {
-  const int64_t m = blockIdx.y, HWm = ma.Hm * ma.Wm, HW = ma.H * ma.W;
+  const int64_t HWm = ma.Hm * ma.Wm, HW = ma.H * ma.W;
+  for (int64_t m = blockIdx.y; m < ma.B * ma.T * ma.R; m += gridDim.y)
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < HWm;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t sy = q / ma.Wm, sx = q - (q / ma.Wm) * ma.Wm;
@@ -278,24 +311,58 @@ cudaError_t roi_pool_fwd_launch(DType dt, const void* feat, const void* boxes_ac
   return cudaGetLastError();
 }
 
-cudaError_t roi_pool_bwd_launch(DType dt, const void* grad, const void* boxes_acc, const int64_t* roi_img,
-                                const int64_t* order, const int64_t* start, int64_t K, PoolArgs pa, void* gbuf_acc,
-                                bool deterministic, cudaStream_t stream) {
+cudaError_t roi_pool_bwd_launch(DType dt, const void* grad, const void* boxes_acc, const int64_t* roi_img, int64_t K,
+                                PoolArgs pa, void* gbuf_acc, cudaStream_t stream) {
   const int64_t elems = pa.C * pa.ph * pa.pw;
   if (K == 0 || elems == 0 || pa.images == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(K), grid_y_for(elems, K));
   RGPT4D_DISPATCH_DTYPE(dt, {
     using A = typename AccOf<scalar_t>::type;
-    const scalar_t* g = static_cast<const scalar_t*>(grad);
-    const A* b = static_cast<const A*>(boxes_acc);
-    A* gb = static_cast<A*>(gbuf_acc);
-    if (deterministic) {
-      constexpr int kChan = 128;
-      const dim3 grid(static_cast<unsigned>(pa.images), static_cast<unsigned>(ceil_div(pa.C, kChan)));
-      roi_pool_bwd_ordered_kernel<scalar_t, A><<<grid, kChan, 0, stream>>>(g, b, order, start, pa, gb);
-    } else {
-      const dim3 grid(static_cast<unsigned>(K), grid_y_for(elems, K));
-      roi_pool_bwd_atomic_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(g, b, roi_img, pa, gb);
-    }
+    roi_pool_bwd_atomic_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(grad), static_cast<const A*>(boxes_acc), roi_img, pa, static_cast<A*>(gbuf_acc));
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t roi_sample_counts_launch(bool fp64, const void* boxes_acc, const int64_t* roi_img, int64_t K, PoolArgs pa,
+                                     int64_t* counts, cudaStream_t stream) {
+  if (K == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(K, kThreads), 4096));
+  if (fp64) {
+    roi_sample_counts_kernel<double><<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(boxes_acc), roi_img, K,
+                                                                      pa, counts);
+  } else {
+    roi_sample_counts_kernel<float><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(boxes_acc), roi_img, K,
+                                                                     pa, counts);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t roi_entries_launch(bool fp64, const void* boxes_acc, const int64_t* roi_img, const int64_t* first,
+                               int64_t K, int64_t s_lo, int64_t s_hi, PoolArgs pa, int64_t* keys, int64_t* rows,
+                               void* w_acc, cudaStream_t stream) {
+  if (K == 0 || s_hi <= s_lo) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(K, 1 << 20));
+  if (fp64) {
+    roi_entries_kernel<double><<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(boxes_acc), roi_img, first, K,
+                                                                s_lo, s_hi, pa, keys, rows, static_cast<double*>(w_acc));
+  } else {
+    roi_entries_kernel<float><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(boxes_acc), roi_img, first, K,
+                                                               s_lo, s_hi, pa, keys, rows, static_cast<float*>(w_acc));
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t roi_segment_sum_launch(DType dt, const int64_t* start, const int64_t* rows, const void* w_acc,
+                                   const void* gt, PoolArgs pa, bool accumulate, void* gbuf_acc, cudaStream_t stream) {
+  const int64_t n = pa.images * pa.H * pa.W * pa.C;
+  if (n == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 1 << 20));
+  RGPT4D_DISPATCH_DTYPE(dt, {
+    using A = typename AccOf<scalar_t>::type;
+    roi_segment_sum_kernel<scalar_t, A><<<blocks, kThreads, 0, stream>>>(
+        start, rows, static_cast<const A*>(w_acc), static_cast<const scalar_t*>(gt), pa, accumulate,
+        static_cast<A*>(gbuf_acc));
   });
   return cudaGetLastError();
 }
@@ -320,8 +387,8 @@ cudaError_t mask_pool_fwd_launch(DType dt, const void* feat, const void* mt_acc,
   const int64_t BT = ma.B * ma.T;
   if (BT * ma.R == 0 || ma.C == 0) return cudaSuccess;
   constexpr int kChan = 128;
-  const dim3 grid(static_cast<unsigned>(BT), static_cast<unsigned>(ceil_div(ma.C, kChan)),
-                  static_cast<unsigned>(ceil_div(ma.R, kRegionTile)));
+  const dim3 grid(static_cast<unsigned>(BT), static_cast<unsigned>(grid_rows(ceil_div(ma.C, kChan))),
+                  static_cast<unsigned>(grid_rows(ceil_div(ma.R, kRegionTile))));
   RGPT4D_DISPATCH_DTYPE(dt, {
     using A = typename AccOf<scalar_t>::type;
     mask_pool_fwd_kernel<scalar_t, A><<<grid, kChan, 0, stream>>>(static_cast<const scalar_t*>(feat),
@@ -336,7 +403,8 @@ cudaError_t mask_pool_dfeat_launch(DType dt, const void* gn_acc, const void* mt_
                                    cudaStream_t stream) {
   const int64_t BT = ma.B * ma.T, n = ma.C * ma.H * ma.W;
   if (BT == 0 || n == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096)), static_cast<unsigned>(BT));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096)),
+                  static_cast<unsigned>(grid_rows(BT)));
   RGPT4D_DISPATCH_DTYPE(dt, {
     using A = typename AccOf<scalar_t>::type;
     mask_pool_dfeat_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
@@ -349,7 +417,8 @@ cudaError_t mask_pool_gf_launch(DType dt, const void* gn_acc, const void* feat, 
                                 cudaStream_t stream) {
   const int64_t BT = ma.B * ma.T, n = ma.R * ma.H * ma.W;
   if (BT == 0 || n == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096)), static_cast<unsigned>(BT));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096)),
+                  static_cast<unsigned>(grid_rows(BT)));
   RGPT4D_DISPATCH_DTYPE(dt, {
     using A = typename AccOf<scalar_t>::type;
     mask_pool_gf_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
@@ -362,7 +431,8 @@ cudaError_t mask_resize_transpose_launch(DType dt, const void* gfr_acc, const vo
                                          void* grad_masks_acc, cudaStream_t stream) {
   const int64_t n = ma.B * ma.T * ma.R, q = ma.Hm * ma.Wm;
   if (n == 0 || q == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(q, kThreads), 4096)), static_cast<unsigned>(n));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(q, kThreads), 4096)),
+                  static_cast<unsigned>(grid_rows(n)));
   if (dt == DType::kFloat64) {
     mask_resize_transpose_kernel<double><<<grid, kThreads, 0, stream>>>(
         static_cast<const double*>(gfr_acc), static_cast<const double*>(s_acc), ma, static_cast<double*>(grad_masks_acc));

@@ -117,6 +117,52 @@ RGPT4D_HD A roi_sample_coord(A start, A bin, int64_t cell, int64_t s, int64_t gr
   return start + static_cast<A>(cell) * bin + (static_cast<A>(s) + A(0.5)) * bin / static_cast<A>(grid);
 }
 
+// ---- Deterministic RoI backward (GPU): entries sorted by target pixel ------------------------------
+// Every bilinear tap of every sample becomes an entry (key, gradient row, weight); the entries are
+// sorted by key (a stable sort: a fixed order) and each pixel's entries are summed in that order by
+// the one thread that owns the pixel. Sample s (0 <= s < ph * pw * grid_h * grid_w) of a RoI is bin
+// q = s / (grid_h * grid_w), then sample row iy, then sample column ix; its taps are entries 4 s + t
+// (t = lo/lo, lo/hi, hi/lo, hi/hi). A key is image * H * W + y * W + x, or npix (= images * H * W, past
+// every pixel) for a sample outside the map; the gradient row is k * ph * pw + q.
+struct RoiSampleIndex {
+  int64_t q, iy, ix;
+};
+
+RGPT4D_HD RoiSampleIndex roi_sample_index(int64_t s, int64_t grid_h, int64_t grid_w) {
+  const int64_t ng = grid_h * grid_w > 0 ? grid_h * grid_w : 1;
+  RoiSampleIndex r;
+  r.q = s / ng;
+  const int64_t rest = s - r.q * ng;
+  r.iy = grid_w > 0 ? rest / grid_w : 0;
+  r.ix = rest - r.iy * grid_w;
+  return r;
+}
+
+// The 4 entries of sample s of a RoI (geometry g) on image img: keys and weights (row: k * P + q).
+template <typename A>
+RGPT4D_HD void roi_sample_entries(const RoiGeom<A>& g, int64_t s, int64_t pw, int64_t H, int64_t W, int64_t img,
+                                  int64_t npix, int64_t* key, A* w) {
+  const RoiSampleIndex r = roi_sample_index(s, g.grid_h, g.grid_w);
+  const int64_t i = r.q / pw, j = r.q - (r.q / pw) * pw;
+  const AxisTap<A> ty = roi_axis_tap<A>(roi_sample_coord<A>(g.y0, g.bin_h, i, r.iy, g.grid_h), H);
+  const AxisTap<A> tx = roi_axis_tap<A>(roi_sample_coord<A>(g.x0, g.bin_w, j, r.ix, g.grid_w), W);
+  const bool valid = ty.valid && tx.valid;
+  const int64_t base = img * H * W;
+  key[0] = valid ? base + ty.lo * W + tx.lo : npix;
+  key[1] = valid ? base + ty.lo * W + tx.hi : npix;
+  key[2] = valid ? base + ty.hi * W + tx.lo : npix;
+  key[3] = valid ? base + ty.hi * W + tx.hi : npix;
+  w[0] = ty.w_lo * tx.w_lo * g.inv_count;
+  w[1] = ty.w_lo * tx.w_hi * g.inv_count;
+  w[2] = ty.w_hi * tx.w_lo * g.inv_count;
+  w[3] = ty.w_hi * tx.w_hi * g.inv_count;
+}
+
+// CUDA grid.y / grid.z hold at most 65535 blocks: a launch over `rows` rows (frames, masks) puts
+// grid_rows(rows) blocks there and each block strides over rows blockIdx.y, + gridDim.y, ...
+constexpr int64_t kMaxGridRows = 65535;
+RGPT4D_HD int64_t grid_rows(int64_t rows) { return rows < 1 ? 1 : (rows < kMaxGridRows ? rows : kMaxGridRows); }
+
 // Bilinear resize along one axis (align_corners=False, as F.interpolate).
 template <typename A>
 struct ResizeTap {

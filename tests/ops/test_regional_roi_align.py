@@ -416,6 +416,12 @@ def test_gpu_deterministic_backward(backend):
     xr = x.detach().clone().requires_grad_(True)
     tv_roi_align(xr, rois, (7, 7), 1.0, 2, True).backward(g)
     torch.testing.assert_close(a, xr.grad, atol=1e-4, rtol=1e-4)
+    # the sorted (deterministic) path against the atomic one and the float64 reference
+    atomic = torch.autograd.grad(out, x, g, retain_graph=True)[0]
+    torch.testing.assert_close(a, atomic, atol=1e-5, rtol=1e-5)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = torch.autograd.grad(roi_align_eager(x64, rois.double(), (7, 7), 1.0, 2, True), x64, g.double())[0]
+    torch.testing.assert_close(a.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_eager_reference_is_exported():
