@@ -40,7 +40,8 @@ sys.path.insert(0, ROOT)
 BENCHES = [
     ("tpe", "bench_tpe.py", ["--batches", "1", "--modes", "forward,full", "--only-x", "paper"]),
     ("regional", "bench_regional.py", ["--sizes", "full", "--modes", "forward,full"]),
-    ("p4d", "bench_p4d_loss.py", ["--batches", "1", "--linear-n", "16384", "--modes", "full", "--only-x", "paper|linear"]),
+    ("p4d", "bench_p4d_loss.py", ["--batches", "1", "--linear-n", "16384", "--modes", "full",
+                                  "--only-x", "paper|linear"]),
     ("lm", "bench_lm_heads.py", ["--modes", "forward,full"]),  # lm and heads
 ]
 # (attention has no rgpt4d GPU kernel: SDPA / flash-attn there; bench_e2e's model compile takes minutes)
@@ -194,7 +195,8 @@ def _val(rows, kernel, provider, mode, x, metric):
 
 def bench_tables(rows_by_fam: dict) -> tuple[list, list, dict]:
     """(speed-up lines, roofline table lines, {family: (checks passed, checks total)})."""
-    speed = ["| family | kernel | mode | size | provider | ms | vs eager | vs compile |", "|---|---|---|---|---|---:|---:|---:|"]
+    speed = ["| family | kernel | mode | size | provider | ms | vs eager | vs compile |",
+             "|---|---|---|---|---|---:|---:|---:|"]
     roof = ["| kernel | mode | size | provider | ms | min MB | GFLOP | GB/s | of copy_ bandwidth | of nominal peak |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     checks = {}
@@ -244,12 +246,14 @@ def summarize(gpu, arch, b, t, benches, out_dir, total, budget, dry=False) -> tu
     fams = sorted(set(t.get("families", {})) | set(checks) | {f for f, _, _ in BENCHES})
     ok = (b.get("ok", False) or not b) and not t.get("failures") and not t.get("timed_out")
     lines = [f"# gpu-check: {gpu} (sm_{arch.replace('.', '')})", "",
-             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall {total:.0f} s of a "
+             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"wall {total:.0f} s of a "
              f"{budget:.0f} s budget (build {b.get('seconds', 0):.0f} s, tests {t.get('seconds', 0):.0f} s, benchmarks "
              f"{sum(v['seconds'] for v in benches.values()):.0f} s); nominal peak ({peak}) {bw / 1e12:.2f} TB/s, "
              f"{fl / 1e12:.0f} bf16 TFLOP/s", "",
              f"build: {'ok' if b.get('ok') else 'FAILED (build.log)' if b else 'skipped'}", "",
-             "| family | GPU tests passed | failed | skipped | benchmark | outputs vs eager |", "|---|---:|---:|---:|---|---|"]
+             "| family | GPU tests passed | failed | skipped | benchmark | outputs vs eager |",
+             "|---|---:|---:|---:|---|---|"]
     for fam in fams:
         d = t.get("families", {}).get(fam, {"passed": 0, "failed": 0, "skipped": 0})
         bs = benches.get(fam, {}).get("status", "-")
@@ -303,6 +307,7 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS under torch.use_deterministic_algorithms
     cores = os.cpu_count() or 1
     log(f"{gpu} (sm_{arch.replace('.', '')}), {torch.cuda.device_count()} GPU(s), {cores} cores, torch "
         f"{torch.__version__}, budget {args.budget:.0f} s")

@@ -37,7 +37,8 @@ def _results(family: str) -> list:
 def _fmt(rows) -> str:
     return "\n".join(f"  {r['kernel']} [{r['case']}] {r.get('config', '')}: "
                      + (r["error"][-600:] if r.get("error") else
-                        f"{r['registers']} registers, {r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads")
+                        f"{r['registers']} registers, {r['spill_stores']} B spill stores, "
+                        f"{r['spill_loads']} B spill loads")
                      for r in rows)
 
 

@@ -18,7 +18,8 @@ def _launches_outside_a_device_guard(path: str) -> list[str]:
 
     def visit(node, guarded):
         if isinstance(node, ast.With):
-            guarded = guarded or any(isinstance(i.context_expr, ast.Call) and isinstance(i.context_expr.func, ast.Attribute)
+            guarded = guarded or any(isinstance(i.context_expr, ast.Call)
+                                     and isinstance(i.context_expr.func, ast.Attribute)
                                      and i.context_expr.func.attr in _GUARDS for i in node.items)
         # kernel[grid](...): a call of a subscript of a @triton.jit function
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and not guarded:
