@@ -114,6 +114,16 @@ def _regional(K, torch, dtypes):
             for det in (False, True):
                 yield (f"roi_align bwd sr{sr} deterministic={det} {dt}",
                        lambda sr=sr, det=det: K.roi_align_bwd(g, boxes, 0.25, 7, 7, sr, True, 1, 200, 200, False, det))
+        # region_pool: 4D-RGPT's region tokens, B 2, T 16, 8 regions, C 1152 on the 27x27 grid, TPE fused
+        rf = torch.randn(2, 16, 1152, 27, 27, device="cuda", dtype=dt)
+        rb = torch.rand(2, 16, 8, 4, device="cuda", dtype=dt) * 27
+        rv = torch.rand(2, 16, 8, device="cuda") > 0.3
+        rt = torch.rand(2, 16, device="cuda")
+        yield f"region_pool fwd 1x1 {dt}", lambda: K.region_pool_fwd(rf, rb, rv, rt, None, 1.0, 1, 1, -1, True)
+        rg = torch.randn(2, 16, 8, 1152, 1, 1, device="cuda", dtype=dt)
+        for det in (False, True):
+            yield (f"region_pool bwd deterministic={det} {dt}",
+                   lambda det=det: K.region_pool_bwd(rg, rb, rv, 1.0, 1, 1, -1, True, 27, 27, False, det))
         fm = torch.randn(2, 16, 1152, 27, 27, device="cuda", dtype=dt)
         masks = torch.rand(2, 16, 8, 384, 384, device="cuda", dtype=dt)
         secs = torch.rand(2, 16, device="cuda")
@@ -191,8 +201,25 @@ def _record(family, dtypes):
                 sig[p.name] = ty
         launches.append((label[0], self, sig, const, opts))
 
+    from torch._subclasses import fake_impls
+
+    def all_nonzero(fake_mode, func, arg):
+        # data-dependent sizes (boolean masks of valid regions): every element counts, the largest launch
+        with fake_mode:
+            return torch.empty((arg.numel(), arg.dim()), dtype=torch.int64, device=arg.device)
+
+    def bincount(fake_mode, func, arg, weights=None, minlength=0):
+        # counts per image id: the ids lie below minlength (the launchers pass the image count)
+        with fake_mode:
+            return torch.empty((max(minlength, 1),), dtype=torch.int64 if weights is None else weights.dtype,
+                               device=arg.device)
+
+    impls = fake_impls.op_implementations_dict
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(JITFunction, "run", record))
+        for op, impl in ((torch.ops.aten.nonzero.default, all_nonzero), (torch.ops.aten.bincount.default, bincount)):
+            stack.callback(lambda op=op, old=impls.get(op): impls.__setitem__(op, old) if old else impls.pop(op))
+            impls[op] = impl
         # fake tensors have no device to switch to; pinned host memory needs a driver
         stack.enter_context(_patched(torch.cuda, "device_of", lambda obj: contextlib.nullcontext()))
         orig_tensor = torch.tensor
