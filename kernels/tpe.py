@@ -281,9 +281,9 @@ def _block_d(D, cap=1024):
     return min(triton.next_power_of_2(max(D, 1)), cap)
 
 
-def _ds_ln_blocks(rows, D, device):
+def _ds_ln_blocks(rows, D, device, dtype):
     """(BLOCK_R, BLOCK_D, num_warps) of the downsample + LayerNorm row kernels. On a GPU a [4, 128]
-    tile at 8 warps: compiled for sm_90 at D = 1152 (9 channel blocks, no idle lane) neither kernel
+    tile ([2, 128] in fp64) at 8 warps: compiled for sm_90 at D = 1152 (9 channel blocks, no idle lane) neither kernel
     spills (`python -m tests.ops.triton_sm90 --family tpe`), where a whole row (BLOCK_D 2048) spilled
     ~0.5 KB and [8, 128] at 4 warps 0.4-1.5 KB (the 9 window slots' loads are in flight at once).
     Under the interpreter each program costs ~1 ms: larger tiles."""
@@ -291,7 +291,8 @@ def _ds_ln_blocks(rows, D, device):
         BLOCK_D = _block_d(D, 2048)
         return max(1, min(triton.next_power_of_2(rows), 4096 // BLOCK_D)), BLOCK_D, 4
     BLOCK_D = _block_d(D, 128)
-    return max(1, min(triton.next_power_of_2(rows), 512 // BLOCK_D)), BLOCK_D, 8
+    tile = 256 if dtype == torch.float64 else 512  # fp64 at [4, 128]: the input gradient spilled 32 B (Triton 3.6)
+    return max(1, min(triton.next_power_of_2(rows), tile // BLOCK_D)), BLOCK_D, 8
 
 
 def tpe_add(x, timestamps, table=None, base=10000.0, out=None):
@@ -353,7 +354,7 @@ def tpe_ds_ln_fwd(x, timestamps, table, weight, bias, h, w, window, eps, base=10
     if rows == 0 or K == 0:
         return out, mean, rstd
     ts, tab = _encoder_inputs(timestamps, table, acc_torch)
-    BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device)
+    BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device, x.dtype)
     wt = weight.contiguous() if weight is not None else x
     bs = bias.contiguous() if bias is not None else x
     with torch.cuda.device_of(x):
@@ -383,7 +384,7 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
     x = x.contiguous()
     g = grad_out.contiguous()
     ts, tab = _encoder_inputs(timestamps, table, acc_torch)
-    BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device)
+    BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device, x.dtype)
     wt = weight.contiguous() if weight is not None else x
     if need_input_grad:
         with torch.cuda.device_of(x):

@@ -232,10 +232,29 @@ def _record(family, dtypes):
 
 
 def _ptxas_usage(ptx: str, arch: str) -> dict:
-    """Registers and spill bytes of the PTX from ptxas -v (Triton's ptxas)."""
+    """Registers and spill bytes of the PTX from ptxas -v (Triton's ptxas), cached next to Triton's
+    cache by the PTX's hash (Triton's cache keeps the PTX, not ptxas's report)."""
+    import hashlib
+
     from triton import knobs
 
     ptxas = knobs.nvidia.ptxas.path
+    cache = os.path.join(os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"), "rgpt4d-ptxas")
+    key = hashlib.sha256((ptxas + arch + ptx).encode()).hexdigest()
+    path = os.path.join(cache, key + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    usage = _run_ptxas(ptxas, ptx, arch)
+    if usage["ptxas_rc"] == 0:
+        os.makedirs(cache, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(usage, f)
+        os.replace(path + ".tmp", path)
+    return usage
+
+
+def _run_ptxas(ptxas: str, ptx: str, arch: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
