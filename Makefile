@@ -20,7 +20,7 @@ QUIET_PIP   := grep -v -E "^WARNING: Location '.*' is ignored" || true
 
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: help setup ext cuda-check test test-fast demo bench env clean
+.PHONY: help setup ext cuda-check test test-fast demo bench env clean gpu-check
 
 help:
 	@echo "make setup       create $(VENV) with pinned dependencies and build rgpt4d._C (idempotent)"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench       setup, then the benchmarks (results in benchmarks/results/<device>/)"
 	@echo "make cuda-check  compile every CUDA source (FORCE_CUDA=1) in a scratch build folder"
 	@echo "make env         print versions, build flags and available backends"
+	@echo "make gpu-check   on a GPU machine: build for it, GPU tests, benchmarks, summary (PY=python3: docs/gpu.md)"
 
 $(STAMPS):
 	@mkdir -p $(STAMPS)
@@ -70,6 +71,11 @@ cuda-check: $(STAMPS)/install
 		--build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib > build/cuda-check/log 2>&1 \
 		|| { grep -E "error|Error" build/cuda-check/log | head -50; echo "[cuda-check] FAILED (full log: build/cuda-check/log)"; exit 1; }
 	@test -n "$$(find build/cuda-check/lib -name '_C*.so')" || { echo "cuda-check: no library produced"; exit 1; }
+	@# ptxas -v (setup.py adds it for this build): every kernel's spill line; list the ones that spill
+	@awk '/Function properties for/ {fn=$$NF} /bytes spill stores/ {n++; split($$0, a, ","); \
+		if (a[2] + 0 > 0 || a[3] + 0 > 0) {bad++; print "  SPILL " fn ":" a[2] "," a[3]}} \
+		END {printf "[cuda-check] ptxas -v: %d kernel compilations, %d with register spills\n", n, bad + 0}' \
+		build/cuda-check/log
 	@echo "[cuda-check] ok: $$(find build/cuda-check/lib -name '_C*.so')"
 
 test: setup
@@ -92,3 +98,11 @@ env: setup
 
 clean:
 	rm -rf build $(STAMPS) rgpt4d/_C*.so *.egg-info
+
+# ---- make gpu-check (docs/gpu.md) ------------------------------------------------------------
+# On a GPU machine, in about 8 minutes: build rgpt4d._C in place for this GPU, run the GPU tests,
+# time every op family at the paper shapes, write benchmarks/results/<gpu-name>/ and a summary.
+# Runs with $(PY) as is (no setup: `make gpu-check PY=python3` uses a system Python with torch);
+# stops at once without a GPU. GPU_CHECK_ARGS, e.g. --budget 600 or --skip-build, go to the script.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -82,6 +82,7 @@ def _extensions():
         # `make cuda-check`: compile only the CUDA sources (the CPU ones are compiled by the normal
         # build); the resulting library is never loaded.
         cpu_cpp = [s for s in cpu_cpp if os.path.basename(s) == "init.cpp"]
+        nvcc_flags += ["-Xptxas", "-v"]  # registers and spills of every kernel, reported by make cuda-check
     if with_cuda:
         # cusparse.h / cublas headers of the pip CUDA wheels live here.
         import site

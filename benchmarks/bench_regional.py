@@ -140,7 +140,16 @@ def region_pool_per_frame(f, boxes, table, ts, output_size, scale, pool):
     frames = [pool(f[:, t], torch.cat([idx, boxes[:, t].reshape(B * R, 4)], 1), output_size, scale, -1, True)
               .view(B, R, C, ph * pw) for t in range(T)]
     tokens = torch.stack(frames, 1).transpose(3, 4).reshape(B, T, R * ph * pw, C)
-    return tpe_add(tokens, ts, table, backend="cpu" if f.device.type == "cpu" else None, validate=False)
+    return _region_layout(tpe_add(tokens, ts, table, backend="cpu" if f.device.type == "cpu" else None,
+                                  validate=False), B, T, R, C, ph, pw)
+
+
+def _region_layout(tokens, B, T, R, C, ph, pw):
+    """[B, T, R * ph * pw, C] tokens in region_pool's layout ([B, T, R, C] or [B, T, R, C, ph, pw]), so
+    that the benchmark's output check compares like with like."""
+    if (ph, pw) == (1, 1):
+        return tokens
+    return tokens.view(B, T, R, ph * pw, C).transpose(3, 4).reshape(B, T, R, C, ph, pw)
 
 
 def region_pool_flat(f, boxes, table, ts, output_size, scale, pool):
@@ -151,7 +160,8 @@ def region_pool_flat(f, boxes, table, ts, output_size, scale, pool):
     idx = torch.arange(B * T, device=f.device, dtype=boxes.dtype).repeat_interleave(R)[:, None]
     pooled = pool(f.reshape(B * T, C, H, W), torch.cat([idx, boxes.reshape(-1, 4)], 1), output_size, scale, -1, True)
     tokens = pooled.view(B, T, R, C, ph * pw).transpose(3, 4).reshape(B, T, R * ph * pw, C)
-    return tpe_add(tokens, ts, table, backend="cpu" if f.device.type == "cpu" else None, validate=False)
+    return _region_layout(tpe_add(tokens, ts, table, backend="cpu" if f.device.type == "cpu" else None,
+                                  validate=False), B, T, R, C, ph, pw)
 
 
 def bench_region_pool(bench, device, modes, quick, use_compile):

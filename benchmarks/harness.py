@@ -73,6 +73,56 @@ PAIRED_BASELINES = ("eager", "compile")
 # H100 SXM roofline constants used for the GPU floor (issue 8): HBM3 bandwidth and dense bf16.
 H100_BYTES_PER_S = 3.35e12
 H100_BF16_FLOPS = 990e12
+# Nominal peaks (memory bytes/s, dense bf16 FLOP/s) of the GPUs a check may run on, from the vendors'
+# data sheets, matched against torch.cuda.get_device_name(); others fall back to the H100 SXM's.
+NOMINAL_PEAKS = [("H200", 4.8e12, 989e12), ("H100 PCIe", 2.0e12, 756e12), ("H100", 3.35e12, 990e12),
+                 ("A100-SXM4-80GB", 2.039e12, 312e12), ("A100", 1.555e12, 312e12), ("L40S", 0.864e12, 362e12)]
+
+
+def nominal_peak(device: torch.device) -> tuple[str, float, float]:
+    """(name, bytes/s, bf16 FLOP/s) of this GPU's data-sheet roofline (the H100 SXM's on CPU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for key, bw, flops in NOMINAL_PEAKS:
+        if key in name:
+            return key, bw, flops
+    return "H100", H100_BYTES_PER_S, H100_BF16_FLOPS
+
+
+# Output check inside the benchmark: each provider's outputs (and gradients, in the backward modes)
+# against the eager provider's in the same run, max |out - eager| / max |eager| per tensor.
+CHECK_TOL = {torch.float64: 1e-6, torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def _tensors(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
+def compare_outputs(out, ref) -> Optional[float]:
+    """Largest relative error of out's tensors against ref's (inf on a shape mismatch or a non-finite
+    value); None when there is nothing to compare."""
+    a, b = _tensors(out), _tensors(ref)
+    if not b:
+        return None
+    if len(a) != len(b):
+        return float("inf")
+    err = 0.0
+    for x, r in zip(a, b):
+        if x.shape != r.shape:
+            return float("inf")
+        if r.numel() == 0:
+            continue
+        x, r = x.detach().double(), r.detach().double()
+        if not torch.isfinite(x).all():
+            return float("inf")
+        scale = r.abs().max().item()
+        err = max(err, (x - r).abs().max().item() / (scale if scale > 0 else 1.0))
+    return err
 
 
 # ---- environment --------------------------------------------------------------------------
@@ -283,6 +333,15 @@ class Bench:
     rounds: int = 15
     max_seconds: float = 20.0
     load_before: tuple = field(default_factory=lambda: _loadavg())
+    # output checks against eager that failed: "kernel mode x provider: error > tolerance"
+    check_failures: list = field(default_factory=list)
+    # a regular expression: only the cases whose size label x matches it are run (None: all)
+    only_x: Optional[str] = None
+
+    def skip(self, x: str) -> bool:
+        import re
+
+        return self.only_x is not None and re.search(self.only_x, x) is None
 
     def __post_init__(self):
         if self.device.type == "cpu":
@@ -306,6 +365,8 @@ class Bench:
                 memory: bool = True, copy_bytes: Optional[int] = None) -> float:
         """Time (and peak memory of) fn; returns the median ms. min_bytes: bytes the op must move
         at least (for GB/s and the fraction of copy bandwidth)."""
+        if self.skip(x):
+            return float("nan")
         label = f"{kernel}/{provider}/{mode}"
         p50, p20, p80 = time_fn(fn, self.device, label=label)
         self.add_row(kernel, provider, mode, "time", "ms", x, p50, p20, p80, config)
@@ -321,8 +382,9 @@ class Bench:
             floor = self.copy_floor(copy_bytes or min_bytes, allocate=True)
             self.add_row(kernel, provider, mode, "clone_fraction", "ratio", x, gbs * 1e9 / floor, config=config)
         if self.device.type == "cuda" and (min_bytes or flops):
-            floor = max((min_bytes or 0) / H100_BYTES_PER_S, (flops or 0) / H100_BF16_FLOPS)
-            self.add_row(kernel, provider, mode, "h100_floor_fraction", "ratio", x, floor / (p50 * 1e-3),
+            _, bw, fl = nominal_peak(self.device)
+            floor = max((min_bytes or 0) / bw, (flops or 0) / fl)
+            self.add_row(kernel, provider, mode, "nominal_floor_fraction", "ratio", x, floor / (p50 * 1e-3),
                          config=config)
         if flops:
             self.add_row(kernel, provider, mode, "gflops", "GFLOP/s", x, flops / (p50 * 1e-3) / 1e9, config=config)
@@ -347,7 +409,13 @@ class Bench:
         read_of: the tensor the read_fraction reference (Tensor.sum()) reads, e.g. the
         grad_output a backward reduces (default: the copy_ reference's source, copy_bytes long).
 
-        On CUDA each provider is timed with do_bench instead (the GPU is not shared)."""
+        On CUDA each provider is timed with do_bench instead (the GPU is not shared).
+
+        Before timing, each provider's outputs are checked against the eager provider's (check_outputs).
+        A case whose x does not match --only-x is skipped (returns {})."""
+        if self.skip(x):
+            return {}
+        self.check_outputs(kernel, mode, x, fns, config)
         if self.device.type == "cuda":
             return {name: self.measure(kernel, name, mode, x, fn, config=config, min_bytes=min_bytes,
                                        flops=flops, memory=memory, copy_bytes=copy_bytes)
@@ -421,6 +489,30 @@ class Bench:
                                  q(pairs, 0.2), q(pairs, 0.8), config)
         return medians
 
+    def check_outputs(self, kernel: str, mode: str, x: str, fns: dict, config: str = "") -> None:
+        """One call of each provider, its outputs compared with the "eager" provider's (rows
+        max_rel_err_vs_eager and check_vs_eager: 1 pass, 0 fail; failures also in check_failures).
+        Nothing is checked without an eager provider or when eager returns no tensor."""
+        if "eager" not in fns:
+            return
+        ref = [t.detach().clone() for t in _tensors(fns["eager"]())]
+        if not ref:
+            return
+        tol = max(CHECK_TOL.get(t.dtype, 0.0) for t in ref if t.is_floating_point()) if any(
+            t.is_floating_point() for t in ref) else 0.0
+        for name, fn in fns.items():
+            if name == "eager":
+                continue
+            err = compare_outputs(fn(), ref)
+            if err is None:
+                continue
+            ok = err <= tol
+            self.add_row(kernel, name, mode, "max_rel_err_vs_eager", "ratio", x, err, config=config)
+            self.add_row(kernel, name, mode, "check_vs_eager", "pass", x, 1.0 if ok else 0.0, config=config)
+            if not ok:
+                self.check_failures.append(f"{kernel} {mode} {x} {name}: {err:.3g} > {tol:g}")
+                print(f"[bench] OUTPUT CHECK FAILED: {self.check_failures[-1]}", flush=True)
+
     # ---- output ---------------------------------------------------------------------------
 
     def write_csv(self, path: str) -> None:
@@ -481,28 +573,30 @@ class Bench:
 
     def roofline_lines(self) -> list[str]:
         """One line per (kernel, mode, x, provider) with a work model: the minimum bytes and FLOPs,
-        the floor time on an H100 (HBM 3.35 TB/s, dense bf16 990 TFLOP/s) and, on CUDA, the
-        fraction of it achieved; on CPU the same model against the copy_ bandwidth measured in
-        this run (the matmul part is reported as GFLOP/s: there is no CPU FLOP roof here)."""
+        the floor time at the GPU's nominal peaks (on CPU: the H100 SXM's, HBM 3.35 TB/s, dense
+        bf16 990 TFLOP/s) and, on CUDA, the fraction of it achieved; on both the floor at the copy_
+        bandwidth measured in this run and the fraction achieved (the matmul part is reported as
+        GFLOP/s on CPU: there is no CPU FLOP roof here)."""
         out = []
+        peak, bw, fl = nominal_peak(self.device)
         for (kernel, mode, x), w in self.work.items():
-            h100 = max(w["bytes"] / H100_BYTES_PER_S, w["flops"] / H100_BF16_FLOPS)
+            nominal = max(w["bytes"] / bw, w["flops"] / fl)
             for r in self.rows:
                 if (r["kernel"], r["mode"], r["x"], r["metric"]) != (kernel, mode, x, "time"):
                     continue
                 t = r["p50"] * 1e-3
                 line = (f"roofline {kernel} {mode} {x} {r['provider']}: min {w['bytes'] / 1e6:.1f} MB, "
-                        f"{w['flops'] / 1e9:.2f} GFLOP; H100 floor {h100 * 1e3:.4g} ms")
+                        f"{w['flops'] / 1e9:.2f} GFLOP; {peak} floor {nominal * 1e3:.4g} ms")
                 if self.device.type == "cuda":
-                    line += f", measured {t * 1e3:.4g} ms = {h100 / t:.1%} of the H100 floor"
+                    line += f", measured {t * 1e3:.4g} ms = {nominal / t:.1%} of the {peak} floor"
                 else:
                     line += f"; measured {t * 1e3:.4g} ms"
-                    if w["copy_bw"] and w["bytes"]:
-                        floor = w["bytes"] / w["copy_bw"]
-                        line += (f"; floor at this run's copy_ bandwidth ({w['copy_bw'] / 1e9:.1f} GB/s) "
-                                 f"{floor * 1e3:.4g} ms = {floor / t:.1%} achieved")
-                    if w["flops"]:
-                        line += f"; {w['flops'] / t / 1e9:.1f} GFLOP/s"
+                if w["copy_bw"] and w["bytes"]:
+                    floor = w["bytes"] / w["copy_bw"]
+                    line += (f"; floor at this run's copy_ bandwidth ({w['copy_bw'] / 1e9:.1f} GB/s) "
+                             f"{floor * 1e3:.4g} ms = {floor / t:.1%} achieved")
+                if w["flops"] and self.device.type == "cpu":
+                    line += f"; {w['flops'] / t / 1e9:.1f} GFLOP/s"
                 out.append(line)
         return out
 
@@ -534,6 +628,14 @@ class Bench:
             lines += ["## Peak resident memory (MB, CPU, for reference)", "", "VmHWM above VmRSS before the call: "
                       "pages, not tensors; varies between runs (benchmarks/harness.py).", "",
                       self.table("peak_rss"), ""]
+        checks = [r for r in self.rows if r["metric"] == "check_vs_eager"]
+        if checks:
+            tols = ", ".join(f"{str(k).replace('torch.', '')} {v:g}" for k, v in CHECK_TOL.items())
+            passed = sum(r["p50"] == 1.0 for r in checks)
+            lines += ["## Output check against eager (same run)", "",
+                      f"{passed} of {len(checks)} (kernel, mode, size, provider) outputs within tolerance of eager's "
+                      f"(max |out - eager| / max |eager|: {tols})."
+                      + ("" if not self.check_failures else " FAILED: " + "; ".join(self.check_failures)), ""]
         roof = self.roofline_lines()
         if roof:
             lines += ["## Roofline", "", "```", *roof, "```", ""]
@@ -640,6 +742,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (at most)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="no new round of a case starts after this many seconds (at least 3 rounds run)")
+    p.add_argument("--only-x", default=None,
+                   help="a regular expression: time only the cases whose size label matches (e.g. 'paper|full')")
     return p
 
 
@@ -647,7 +751,7 @@ def make_bench(args, device: torch.device) -> "Bench":
     """A Bench with the command line's threads and timing budget (--threads, --rounds, --max-seconds)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds)
+    return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds, only_x=getattr(args, "only_x", None))
 
 
 def results_dir(args, device: torch.device) -> str:

@@ -47,8 +47,9 @@ def _run(big, small, strides, N, C, H, W, r, forward):
     if total == 0:
         return
     BLOCK = 1 << 16 if big.device.type == "cpu" else 1024
-    _shuffle_kernel[(triton.cdiv(total, BLOCK),)](big, small, *strides, C, H, W, r, total, FORWARD=forward,
-                                                  BLOCK=BLOCK)
+    with torch.cuda.device_of(big):
+        _shuffle_kernel[(triton.cdiv(total, BLOCK),)](big, small, *strides, C, H, W, r, total, FORWARD=forward,
+                                                      BLOCK=BLOCK)
 
 
 def pixel_shuffle_act(x, r, activation, clamp_max):

@@ -25,9 +25,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _lce_rows_kernel(x_ptr, t_ptr, rowloss_ptr, V, scale, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
+def _acc_scalar(x, ACC: tl.constexpr):
+    """A float argument in the accumulation dtype. Float arguments are annotated tl.float64: the
+    compiler would type a Python float fp32 (fp64 kernels would see eps, 1/n rounded to 1e-7); the
+    interpreter passes the Python float itself, which takes the dtype of the zero it is added to."""
+    return (tl.zeros([], ACC) + x).to(ACC)
+
+
+@triton.jit
+def _lce_rows_kernel(x_ptr, t_ptr, rowloss_ptr, V, scale: tl.float64, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_V: tl.constexpr):
     """One program per row of V logits: online max / sum of exp, then the gradient over the row."""
+    scale = _acc_scalar(scale, ACC)
     r = tl.program_id(0).to(tl.int64)
     row = x_ptr + r * V
     t = tl.load(t_ptr + r)
@@ -64,8 +73,9 @@ def _rows(logits, target, scale, write_grad, row_loss):
         return
     acc = _TL_ACC.get(logits.dtype, tl.float32)
     BLOCK_V = min(triton.next_power_of_2(max(V, 1)), 4096 if logits.device.type == "cpu" else 1024)
-    _lce_rows_kernel[(R,)](logits, target, row_loss, V, float(scale), WRITE_GRAD=write_grad, ACC=acc,
-                           BLOCK_V=BLOCK_V)
+    with torch.cuda.device_of(logits):
+        _lce_rows_kernel[(R,)](logits, target, row_loss, V, float(scale), WRITE_GRAD=write_grad, ACC=acc,
+                               BLOCK_V=BLOCK_V)
 
 
 def _check(h, weight, bias, target, chunk_size):
@@ -126,7 +136,8 @@ def linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, chunk
 # ---- RMSNorm (Qwen2RMSNorm) -----------------------------------------------------------------
 
 @triton.jit
-def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps: tl.float64, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    eps = _acc_scalar(eps, ACC)
     r = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ss = tl.zeros([BLOCK_D], dtype=ACC)
@@ -184,8 +195,9 @@ def rms_norm(x, weight, eps):
     y = torch.empty(N, D, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(N, dtype=acc, device=x.device)
     if N > 0:
-        _rms_fwd_kernel[(N,)](x, weight, y, rstd, D, float(eps), ACC=_TL_ACC.get(x.dtype, tl.float32),
-                              BLOCK_D=_block_d(D, x.device))
+        with torch.cuda.device_of(x):
+            _rms_fwd_kernel[(N,)](x, weight, y, rstd, D, float(eps), ACC=_TL_ACC.get(x.dtype, tl.float32),
+                                  BLOCK_D=_block_d(D, x.device))
     return y, rstd
 
 
@@ -199,8 +211,9 @@ def rms_norm_backward(grad_y, x, weight, rstd, need_x, need_w):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     gx = torch.empty_like(x) if need_x else x.new_empty(0)
     if need_x and N > 0:
-        _rms_bwd_kernel[(N,)](grad_y, x, weight, rstd, gx, D, ACC=_TL_ACC.get(x.dtype, tl.float32),
-                              BLOCK_D=_block_d(D, x.device))
+        with torch.cuda.device_of(x):
+            _rms_bwd_kernel[(N,)](grad_y, x, weight, rstd, gx, D, ACC=_TL_ACC.get(x.dtype, tl.float32),
+                                  BLOCK_D=_block_d(D, x.device))
     gw = (grad_y.to(acc) * x.to(acc) * rstd[:, None]).sum(0) if need_w else x.new_empty(0, dtype=acc)
     return gx, gw
 
@@ -246,7 +259,9 @@ def swiglu(gate, up):
     n = gate.numel()
     if n > 0:
         B = _elementwise_block(gate.device)
-        _swiglu_fwd_kernel[(triton.cdiv(n, B),)](gate, up, y, n, ACC=_TL_ACC.get(gate.dtype, tl.float32), BLOCK=B)
+        with torch.cuda.device_of(gate):
+            _swiglu_fwd_kernel[(triton.cdiv(n, B),)](gate, up, y, n, ACC=_TL_ACC.get(gate.dtype, tl.float32),
+                                                     BLOCK=B)
     return y
 
 
@@ -259,8 +274,9 @@ def swiglu_backward(grad, gate, up):
     n = gate.numel()
     if n > 0:
         B = _elementwise_block(gate.device)
-        _swiglu_bwd_kernel[(triton.cdiv(n, B),)](grad, gate, up, dg, du, n, ACC=_TL_ACC.get(gate.dtype, tl.float32),
-                                                 BLOCK=B)
+        with torch.cuda.device_of(gate):
+            _swiglu_bwd_kernel[(triton.cdiv(n, B),)](grad, gate, up, dg, du, n,
+                                                     ACC=_TL_ACC.get(gate.dtype, tl.float32), BLOCK=B)
     return dg, du
 
 
@@ -301,10 +317,11 @@ def _rope_one(x, cos, sin, backward):
     out = torch.empty_like(x)
     B, H, L, D = x.shape
     if x.numel() > 0:
-        _rope_kernel[(B * H * L,)](x, cos, sin, out, H, L, D, cos.shape[0], x.stride(0), x.stride(1), x.stride(2),
-                                   out.stride(0), out.stride(1), out.stride(2), BACKWARD=backward,
-                                   ACC=_TL_ACC.get(x.dtype, tl.float32),
-                                   BLOCK_H=triton.next_power_of_2(max(D // 2, 1)))
+        with torch.cuda.device_of(x):
+            _rope_kernel[(B * H * L,)](x, cos, sin, out, H, L, D, cos.shape[0], x.stride(0), x.stride(1), x.stride(2),
+                                       out.stride(0), out.stride(1), out.stride(2), BACKWARD=backward,
+                                       ACC=_TL_ACC.get(x.dtype, tl.float32),
+                                       BLOCK_H=triton.next_power_of_2(max(D // 2, 1)))
     return out
 
 

@@ -11,12 +11,12 @@
         The decoder's last Linear fused with the latent loss, chunked over tokens (torch matmuls
         for the GEMMs, a Triton kernel for the loss and its gradient over each chunk).
 
-Multi-tensor launch: every term is cut into blocks of BLOCK elements, numbered consecutively
-over the term list. One program per block reads its term's pointers, sizes and options from a
-small int64 table (the pointers are addresses, cast to typed pointers in the kernel), so all
-terms of one dtype pair run in one launch. Each program writes its block's loss sum to its own
-slot of a float64 `partial` array; a one-program kernel then sums each term's slots in block
-order: the result does not depend on scheduling (deterministic, no atomics).
+Every term is cut into blocks of BLOCK elements, numbered consecutively over the term list; one
+launch per term, with the term's tensors as kernel arguments (not addresses in a table: the
+interpreter could not remap them and the compiler would lose their alignment). Each program writes
+its block's loss sum to its own slot of a float64 `partial` array; a one-program kernel then sums
+each term's slots in block order: the result does not depend on scheduling (deterministic, no
+atomics).
 
 Arithmetic in fp32 (fp64 for fp64 inputs). Set TRITON_INTERPRET=1 before importing this file to
 run the kernels on CPU tensors.
@@ -26,10 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns of the per-term int64 table.
-_COL_PRED, _COL_TGT, _COL_MASK, _COL_GRAD, _COL_NUMEL, _COL_INNER, _COL_PERIOD, _COL_FIRST, _COL_KF = range(9)
-_NCOL = 9
 _FLAG_LOG, _FLAG_GRAD, _FLAG_MASK = 1, 2, 4
+
+
+@triton.jit
+def _acc_scalar(x, ACC: tl.constexpr):
+    """A float argument in the accumulation dtype. Float arguments are annotated tl.float64: the
+    compiler would type a Python float fp32 (fp64 kernels would see eps, beta rounded to 1e-7);
+    the interpreter passes the Python float itself, which takes the dtype of the zero it is added to."""
+    return (tl.zeros([], ACC) + x).to(ACC)
 
 
 @triton.jit
@@ -45,54 +50,38 @@ def _loss_and_grad(d, beta, kind):
 
 
 @triton.jit
-def _p4d_terms_kernel(table_ptr, beta_ptr, scale_ptr, partial_ptr, n_terms, pid0, log_eps,
-                      NCOL: tl.constexpr, P_DT: tl.constexpr, T_DT: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    blk = tl.program_id(0).to(tl.int64) + pid0  # global block number
-    # The term owning this block: the last one whose first block is <= blk.
-    term = tl.full([], 0, tl.int64)
-    for i in range(1, n_terms):
-        first_i = tl.load(table_ptr + i * NCOL + 7)
-        term += (blk >= first_i).to(tl.int64)
-    row = table_ptr + term * NCOL
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DT))
-    t_ptr = tl.load(row + 1).to(tl.pointer_type(T_DT))
-    numel = tl.load(row + 4)
-    first = tl.load(row + 7)
-    kf = tl.load(row + 8)
-    kind = kf & 15
-    flags = kf >> 4
+def _p4d_terms_kernel(p_ptr, t_ptr, m_ptr, g_ptr, beta_ptr, scale_ptr, partial_ptr, term, numel, inner, period,
+                      first, log_eps: tl.float64, KIND: tl.constexpr, LOG: tl.constexpr, GRAD: tl.constexpr,
+                      MASK: tl.constexpr, FULL_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of one term: its loss sum into partial[first + block], its gradient into g."""
+    blk = tl.program_id(0).to(tl.int64)
     beta = tl.load(beta_ptr + term).to(ACC)
     scale = tl.load(scale_ptr + term).to(ACC)
-
-    offs = (blk - first) * BLOCK + tl.arange(0, BLOCK)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
     p = tl.load(p_ptr + offs, mask=inb, other=1.0).to(ACC)
     t = tl.load(t_ptr + offs, mask=inb, other=1.0).to(ACC)
     valid = inb
-    if (flags & 4) != 0:
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int8))
-        inner = tl.load(row + 5)
-        period = tl.load(row + 6)
-        if (inner == 1) & (period == numel):
+    if MASK:
+        if FULL_MASK:  # one mask element per prediction element
             midx = offs
         else:
             midx = (offs // inner) % period
         mv = tl.load(m_ptr + midx, mask=inb, other=0)
         valid = valid & (mv != 0)
     chain = tl.full([BLOCK], 1.0, ACC)
-    if (flags & 1) != 0:
-        pe = p + log_eps
+    if LOG:
+        eps = _acc_scalar(log_eps, ACC)
+        pe = p + eps
         chain = 1.0 / pe
         p = tl.log(pe)
-        t = tl.log(t + log_eps)
-    loss, grad = _loss_and_grad(p - t, beta, kind)
+        t = tl.log(t + eps)
+    loss, grad = _loss_and_grad(p - t, beta, KIND)
     loss = tl.where(valid, loss, 0.0)
-    tl.store(partial_ptr + blk, tl.sum(loss, axis=0).to(tl.float64))
-    if (flags & 2) != 0:
-        g_ptr = tl.load(row + 3).to(tl.pointer_type(P_DT))
+    tl.store(partial_ptr + first + blk, tl.sum(loss, axis=0).to(tl.float64))
+    if GRAD:
         g = tl.where(valid, grad * chain * scale, 0.0)
-        tl.store(g_ptr + offs, g.to(P_DT), mask=inb)
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -118,7 +107,7 @@ def _p4d_finalize_kernel(partial_ptr, ranges_ptr, counts_ptr, weights_ptr, losse
 
 
 @triton.jit
-def _linear_rows_kernel(y_ptr, t_ptr, m_ptr, rs_ptr, scale_ptr, rowloss_ptr, R, D, beta,
+def _linear_rows_kernel(y_ptr, t_ptr, m_ptr, rs_ptr, scale_ptr, rowloss_ptr, R, D, beta: tl.float64,
                         KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RS: tl.constexpr,
                         WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows [R, D] of the projection: row loss sums, and the gradient written over y."""
@@ -127,6 +116,7 @@ def _linear_rows_kernel(y_ptr, t_ptr, m_ptr, rs_ptr, scale_ptr, rowloss_ptr, R, 
     valid_r = rmask
     if HAS_MASK:
         valid_r = valid_r & (tl.load(m_ptr + rows, mask=rmask, other=0) != 0)
+    beta = _acc_scalar(beta, ACC)
     rs = tl.full([BLOCK_R], 1.0, ACC) * tl.load(scale_ptr).to(ACC)
     if HAS_RS:
         rs = rs * tl.load(rs_ptr + rows, mask=rmask, other=0.0).to(ACC)
@@ -162,9 +152,10 @@ def _device_table(values, dtype, device):
 
 
 def _term_block(device):
-    # Under the interpreter each program costs ~1 ms: few, large blocks. On a GPU, 4096
-    # elements per program (8 warps, 16 per thread).
-    return 1 << 15 if device.type == "cpu" else 4096
+    # Under the interpreter each program costs ~1 ms: few, large blocks. On a GPU, 2048 elements per
+    # program (8 warps, 8 per thread): 4096 spilled 4 B on sm_90 with Triton 3.6 (python -m
+    # tests.ops.triton_sm90 --family p4d).
+    return 1 << 15 if device.type == "cpu" else 2048
 
 
 def _check_terms(preds, targets, masks, mask_inner, kinds, betas, flags, weights):
@@ -217,41 +208,35 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
 
     BLOCK = _term_block(device)
     nblk = [triton.cdiv(p.numel(), BLOCK) for p in preds]
-    # Terms grouped by (pred dtype, target dtype): one launch per group, blocks numbered
-    # consecutively over the groups.
-    groups: dict = {}
-    for i in range(n):
-        groups.setdefault((preds[i].dtype, targets[i].dtype), []).append(i)
+    # One launch per term, its tensors passed as arguments; its blocks write partial[first:first + nblk]
+    # (terms numbered consecutively), which the finalize kernel sums in block order.
     ranges = [[0, 0] for _ in range(n)]
     partial = torch.zeros(max(1, sum(nblk)), dtype=torch.float64, device=device)
-    launches = []
-    nxt = 0
-    for (pdt, tdt), members in groups.items():
-        rows, g0 = [], nxt
-        for i in members:
-            ranges[i] = [nxt, nxt + nblk[i]]
-            kf = kinds[i] | (flags[i] << 4)
-            rows.append([preds[i].data_ptr(), targets[i].data_ptr(),
-                         masks[i].data_ptr() if flags[i] & _FLAG_MASK else 0,
-                         grads[i].data_ptr() if flags[i] & _FLAG_GRAD else 0,
-                         preds[i].numel(), mask_inner[i], masks[i].numel() if flags[i] & _FLAG_MASK else 1,
-                         nxt, kf])
-            nxt += nblk[i]
-        launches.append((pdt, tdt, members, rows, g0, nxt - g0))
-    for pdt, tdt, members, rows, g0, nb in launches:
-        if nb == 0:
+    first = 0
+    for i in range(n):
+        ranges[i] = [first, first + nblk[i]]
+        if nblk[i] == 0:
             continue
-        table = _device_table(rows, torch.int64, device)
-        idx = _device_table(members, torch.int64, device)
-        acc_tl, _ = _acc(torch.float64 if torch.float64 in (pdt, tdt) else torch.float32)
-        _p4d_terms_kernel[(nb,)](table, beta_t[idx].contiguous(), scales[idx].contiguous(), partial, len(members), g0,
-                                 float(log_eps), NCOL=_NCOL, P_DT=_TL[pdt], T_DT=_TL[tdt], ACC=acc_tl, BLOCK=BLOCK,
-                                 num_warps=8)
+        p, t = preds[i], targets[i]
+        masked, grad = bool(flags[i] & _FLAG_MASK), bool(flags[i] & _FLAG_GRAD)
+        m = masks[i].view(torch.uint8) if masked else p  # unused pointer when unmasked
+        period = masks[i].numel() if masked else 1
+        acc_tl, _ = _acc(torch.float64 if torch.float64 in (p.dtype, t.dtype) else torch.float32)
+        with torch.cuda.device_of(p):
+            _p4d_terms_kernel[(nblk[i],)](
+                p, t, m, grads[i] if grad else p, beta_t, scales, partial, i, p.numel(), mask_inner[i], period,
+                first, float(log_eps), KIND=kinds[i], LOG=bool(flags[i] & _FLAG_LOG), GRAD=grad, MASK=masked,
+                FULL_MASK=masked and mask_inner[i] == 1 and period == p.numel(), ACC=acc_tl, BLOCK=BLOCK,
+                num_warps=8)
+        first += nblk[i]
     losses = torch.empty(n, dtype=out_dtype, device=device)
     total = torch.empty((), dtype=out_dtype, device=device)
     ranges_t = _device_table(ranges, torch.int64, device)
     weights_t = _device_table(list(weights), torch.float64, device)
-    _p4d_finalize_kernel[(1,)](partial, ranges_t, counts, weights_t, losses, total, n, MEAN=bool(mean), BLOCK=1024)
+    with torch.cuda.device_of(partial):
+        # 8 warps: at 4 the fp64 accumulator spilled 16-24 B on sm_90
+        _p4d_finalize_kernel[(1,)](partial, ranges_t, counts, weights_t, losses, total, n, MEAN=bool(mean),
+                                   BLOCK=1024, num_warps=8)
     return total, losses, grads
 
 
@@ -262,11 +247,12 @@ def _linear_rows(y, target, mask, row_scale, scale, kind, beta, write_grad, row_
     acc_tl, _ = _acc(torch.float64 if torch.float64 in (y.dtype, target.dtype) else torch.float32)
     BLOCK_D = min(triton.next_power_of_2(max(D, 1)), 1024 if y.device.type == "cpu" else 256)
     BLOCK_R = max(1, min(triton.next_power_of_2(R), (1 << 14 if y.device.type == "cpu" else 2048) // BLOCK_D))
-    _linear_rows_kernel[(triton.cdiv(R, BLOCK_R),)](
-        y, target, mask if mask is not None else y, row_scale if row_scale is not None else y, scale, row_loss,
-        R, D, float(beta) if (kind == 0 and beta > 0) else 1.0,
-        KIND=kind, HAS_MASK=mask is not None, HAS_RS=row_scale is not None, WRITE_GRAD=write_grad, ACC=acc_tl,
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    with torch.cuda.device_of(y):
+        _linear_rows_kernel[(triton.cdiv(R, BLOCK_R),)](
+            y, target, mask if mask is not None else y, row_scale if row_scale is not None else y, scale, row_loss,
+            R, D, float(beta) if (kind == 0 and beta > 0) else 1.0,
+            KIND=kind, HAS_MASK=mask is not None, HAS_RS=row_scale is not None, WRITE_GRAD=write_grad, ACC=acc_tl,
+            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
 
 
 def _project(h, weight, bias):

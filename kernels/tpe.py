@@ -21,6 +21,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _acc_scalar(x, ACC: tl.constexpr):
+    """A float argument in the accumulation dtype. Float arguments are annotated tl.float64: the
+    compiler would type a Python float fp32 (fp64 kernels would see eps, log(base) rounded to 1e-7);
+    the interpreter passes the Python float itself, which takes the dtype of the zero it is added to."""
+    return (tl.zeros([], ACC) + x).to(ACC)
+
+
+@triton.jit
 def _frame_encoding(ts_ptr, table_ptr, frame, offs_d, dmask, D, log_base,
                     HAS_TABLE: tl.constexpr, ACC: tl.constexpr):
     """Encoding of `frame` (scalar or vector of frame ids) at channels offs_d, in ACC."""
@@ -37,8 +45,9 @@ def _frame_encoding(ts_ptr, table_ptr, frame, offs_d, dmask, D, log_base,
 
 
 @triton.jit
-def _tpe_add_kernel(x_ptr, ts_ptr, table_ptr, out_ptr, N, D, log_base,
+def _tpe_add_kernel(x_ptr, ts_ptr, table_ptr, out_ptr, N, D, log_base: tl.float64,
                     HAS_TABLE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    log_base = _acc_scalar(log_base, ACC)
     frame = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
@@ -98,98 +107,126 @@ def _ds_slot(x_ptr, rows, rmask, frame, oy, ox, dy, dx, H, W, D, offs_d, dmask, 
 
 
 @triton.jit
-def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
-                          ROWS, M, H, W, Wo, D, eps, log_base,
-                          WIN: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < ROWS
-    rows_c = tl.where(rmask, rows, 0)
+def _ds_rows(rows_c, M, Wo):
+    """Frame and output position (oy, ox) of a block of output tokens (row ids already clamped)."""
     frame = rows_c // M
     o = rows_c % M
-    oy = o // Wo
-    ox = o % Wo
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
-                          HAS_TABLE, ACC)
+    return frame, o // Wo, o % Wo
+
+
+@triton.jit
+def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
+                          ROWS, M, H, W, Wo, D, eps: tl.float64, log_base: tl.float64,
+                          WIN: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Three passes over the row's WIN*WIN*D values (mean, centred variance, output), each a loop over
+    # channel blocks of BLOCK_D (capped: a whole row of D = 1152 in registers spills on sm_90) and,
+    # inside, the WIN*WIN window slots; the encoding of a channel block is computed once per pass.
+    eps = _acc_scalar(eps, ACC)
+    log_base = _acc_scalar(log_base, ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < ROWS
+    frame, oy, ox = _ds_rows(tl.where(rmask, rows, 0), M, Wo)
     K = WIN * WIN * D
     s = tl.zeros([BLOCK_R], dtype=ACC)
-    for j in tl.static_range(WIN * WIN):
-        v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
-                             WIN, ACC)
-        s += tl.sum(v, axis=1)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
+        for j in tl.static_range(WIN * WIN):
+            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
+                                 WIN, ACC)
+            s += tl.sum(v, axis=1)
     mean = s / K
     ss = tl.zeros([BLOCK_R], dtype=ACC)
-    for j in tl.static_range(WIN * WIN):
-        v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
-                             WIN, ACC)
-        c = tl.where(dmask[None, :], v - mean[:, None], 0.0)
-        ss += tl.sum(c * c, axis=1)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
+        for j in tl.static_range(WIN * WIN):
+            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
+                                 WIN, ACC)
+            c = tl.where(dmask[None, :], v - mean[:, None], 0.0)
+            ss += tl.sum(c * c, axis=1)
     rstd = 1.0 / tl.sqrt(ss / K + eps)
-    for j in tl.static_range(WIN * WIN):
-        v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
-                             WIN, ACC)
-        y = (v - mean[:, None]) * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
-        if HAS_B:
-            y = y + tl.load(b_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
         omask = rmask[:, None] & dmask[None, :]
-        tl.store(out_ptr + rows[:, None] * K + j * D + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=omask)
+        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
+        for j in tl.static_range(WIN * WIN):
+            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
+                                 WIN, ACC)
+            y = (v - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                y = y * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+            if HAS_B:
+                y = y + tl.load(b_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+            tl.store(out_ptr + rows[:, None] * K + j * D + offs_d[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=omask)
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
 @triton.jit
 def _tpe_ds_ln_dx_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr,
-                         ROWS, M, H, W, Wo, D, log_base,
+                         ROWS, M, H, W, Wo, D, log_base: tl.float64,
                          WIN: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Two passes (the row sums c1 = mean(g), c2 = mean(g * xhat), then dx), channel blocks as forward.
+    log_base = _acc_scalar(log_base, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < ROWS
     rows_c = tl.where(rmask, rows, 0)
-    frame = rows_c // M
-    o = rows_c % M
-    oy = o // Wo
-    ox = o % Wo
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
-                          HAS_TABLE, ACC)
+    frame, oy, ox = _ds_rows(rows_c, M, Wo)
     K = WIN * WIN * D
     mean = tl.load(mean_ptr + rows_c).to(ACC)
     rstd = tl.load(rstd_ptr + rows_c).to(ACC)
-    omask = rmask[:, None] & dmask[None, :]
     c1 = tl.zeros([BLOCK_R], dtype=ACC)
     c2 = tl.zeros([BLOCK_R], dtype=ACC)
-    for j in tl.static_range(WIN * WIN):
-        v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
-                             WIN, ACC)
-        xhat = (v - mean[:, None]) * rstd[:, None]
-        g = tl.load(g_ptr + rows[:, None] * K + j * D + offs_d[None, :], mask=omask, other=0.0).to(ACC)
-        if HAS_W:
-            g = g * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
-        c1 += tl.sum(g, axis=1)
-        c2 += tl.sum(tl.where(omask, g * xhat, 0.0), axis=1)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        omask = rmask[:, None] & dmask[None, :]
+        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
+        for j in tl.static_range(WIN * WIN):
+            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
+                                 WIN, ACC)
+            xhat = (v - mean[:, None]) * rstd[:, None]
+            g = tl.load(g_ptr + rows[:, None] * K + j * D + offs_d[None, :], mask=omask, other=0.0).to(ACC)
+            if HAS_W:
+                g = g * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+            c1 += tl.sum(g, axis=1)
+            c2 += tl.sum(tl.where(omask, g * xhat, 0.0), axis=1)
     c1 = c1 / K
     c2 = c2 / K
-    for j in tl.static_range(WIN * WIN):
-        v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
-                             WIN, ACC)
-        xhat = (v - mean[:, None]) * rstd[:, None]
-        g = tl.load(g_ptr + rows[:, None] * K + j * D + offs_d[None, :], mask=omask, other=0.0).to(ACC)
-        if HAS_W:
-            g = g * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
-        dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
-        tl.store(gx_ptr + src[:, None] * D + offs_d[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        omask = rmask[:, None] & dmask[None, :]
+        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
+        for j in tl.static_range(WIN * WIN):
+            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
+                                 WIN, ACC)
+            xhat = (v - mean[:, None]) * rstd[:, None]
+            g = tl.load(g_ptr + rows[:, None] * K + j * D + offs_d[None, :], mask=omask, other=0.0).to(ACC)
+            if HAS_W:
+                g = g * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+            dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+            tl.store(gx_ptr + src[:, None] * D + offs_d[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _tpe_ds_ln_wb_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, mean_ptr, rstd_ptr, pw_ptr, pb_ptr,
-                         ROWS, ROWS_PER_SPLIT, M, H, W, Wo, D, log_base,
+                         ROWS, ROWS_PER_SPLIT, M, H, W, Wo, D, log_base: tl.float64,
                          WIN: tl.constexpr, HAS_TABLE: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    log_base = _acc_scalar(log_base, ACC)
     # program (slot-and-channel block, row split): partial sums of g*xhat and g over its rows.
     ndb = tl.cdiv(D, BLOCK_D)
     j = tl.program_id(0) // ndb
@@ -244,6 +281,20 @@ def _block_d(D, cap=1024):
     return min(triton.next_power_of_2(max(D, 1)), cap)
 
 
+def _ds_ln_blocks(rows, D, device, dtype):
+    """(BLOCK_R, BLOCK_D, num_warps) of the downsample + LayerNorm row kernels. On a GPU a [4, 128]
+    tile ([2, 128] in fp64) at 8 warps: compiled for sm_90 at D = 1152 (9 channel blocks, no idle lane) neither kernel
+    spills (`python -m tests.ops.triton_sm90 --family tpe`), where a whole row (BLOCK_D 2048) spilled
+    ~0.5 KB and [8, 128] at 4 warps 0.4-1.5 KB (the 9 window slots' loads are in flight at once).
+    Under the interpreter each program costs ~1 ms: larger tiles."""
+    if device.type == "cpu":
+        BLOCK_D = _block_d(D, 2048)
+        return max(1, min(triton.next_power_of_2(rows), 4096 // BLOCK_D)), BLOCK_D, 4
+    BLOCK_D = _block_d(D, 128)
+    tile = 256 if dtype == torch.float64 else 512  # fp64 at [4, 128]: the input gradient spilled 32 B (Triton 3.6)
+    return max(1, min(triton.next_power_of_2(rows), tile // BLOCK_D)), BLOCK_D, 8
+
+
 def tpe_add(x, timestamps, table=None, base=10000.0, out=None):
     """x + encoding; `out` may be x itself (in place). x is made contiguous if it is not."""
     B, T, N, D = x.shape
@@ -255,10 +306,13 @@ def tpe_add(x, timestamps, table=None, base=10000.0, out=None):
     acc_tl, acc_torch = _acc(x.dtype)
     ts, tab = _encoder_inputs(timestamps, table, acc_torch)
     BLOCK_D = _block_d(D, 256)
-    BLOCK_N = max(1, min(triton.next_power_of_2(N), 8192 // BLOCK_D))
+    # on a GPU 4096 elements at 8 warps: 8192 at 4 warps spilled (fp32 learned 16 B, fp64 ~180 B) on sm_90
+    cpu = x.device.type == "cpu"
+    BLOCK_N = max(1, min(triton.next_power_of_2(N), (8192 if cpu else 4096) // BLOCK_D))
     grid = (B * T, triton.cdiv(N, BLOCK_N))
-    _tpe_add_kernel[grid](x, ts, tab, out, N, D, math.log(base), HAS_TABLE=table is not None, ACC=acc_tl,
-                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    with torch.cuda.device_of(x):
+        _tpe_add_kernel[grid](x, ts, tab, out, N, D, math.log(base), HAS_TABLE=table is not None, ACC=acc_tl,
+                              BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4 if cpu else 8)
     return out
 
 
@@ -273,11 +327,12 @@ def tpe_table_grad(grad, timestamps, num_rows, deterministic=True):
     part = torch.empty(B * T, D, device=grad.device, dtype=acc_torch) if deterministic else out
     BLOCK_D = _block_d(D, 256)
     BLOCK_N = max(1, min(triton.next_power_of_2(max(N, 1)), 8192 // BLOCK_D))
-    _tpe_frame_sum_kernel[(B * T, triton.cdiv(D, BLOCK_D))](grad, rows, part, out, N, D,
-                                                           DETERMINISTIC=deterministic, ACC=acc_tl,
-                                                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    if deterministic:
-        _tpe_scatter_rows_kernel[(triton.cdiv(D, BLOCK_D),)](part, rows, out, B * T, D, BLOCK_D=BLOCK_D)
+    with torch.cuda.device_of(grad):
+        _tpe_frame_sum_kernel[(B * T, triton.cdiv(D, BLOCK_D))](grad, rows, part, out, N, D,
+                                                               DETERMINISTIC=deterministic, ACC=acc_tl,
+                                                               BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        if deterministic:
+            _tpe_scatter_rows_kernel[(triton.cdiv(D, BLOCK_D),)](part, rows, out, B * T, D, BLOCK_D=BLOCK_D)
     return out
 
 
@@ -299,14 +354,14 @@ def tpe_ds_ln_fwd(x, timestamps, table, weight, bias, h, w, window, eps, base=10
     if rows == 0 or K == 0:
         return out, mean, rstd
     ts, tab = _encoder_inputs(timestamps, table, acc_torch)
-    BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_R = max(1, min(triton.next_power_of_2(rows), 4096 // BLOCK_D))
+    BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device, x.dtype)
     wt = weight.contiguous() if weight is not None else x
     bs = bias.contiguous() if bias is not None else x
-    _tpe_ds_ln_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
-        x, ts, tab, wt, bs, out, mean, rstd, rows, M, h, w, Wo, D, eps, math.log(base),
-        WIN=window, HAS_TABLE=table is not None, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_tl,
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    with torch.cuda.device_of(x):
+        _tpe_ds_ln_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
+            x, ts, tab, wt, bs, out, mean, rstd, rows, M, h, w, Wo, D, float(eps), math.log(base),
+            WIN=window, HAS_TABLE=table is not None, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_tl,
+            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
     return out, mean, rstd
 
 
@@ -329,26 +384,29 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
     x = x.contiguous()
     g = grad_out.contiguous()
     ts, tab = _encoder_inputs(timestamps, table, acc_torch)
-    BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_R = max(1, min(triton.next_power_of_2(rows), 4096 // BLOCK_D))
+    BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device, x.dtype)
     wt = weight.contiguous() if weight is not None else x
     if need_input_grad:
-        _tpe_ds_ln_dx_kernel[(triton.cdiv(rows, BLOCK_R),)](
-            g, x, ts, tab, wt, mean, rstd, gx, rows, M, h, w, Wo, D, math.log(base),
-            WIN=window, HAS_TABLE=table is not None, HAS_W=weight is not None, ACC=acc_tl,
-            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+        with torch.cuda.device_of(x):
+            _tpe_ds_ln_dx_kernel[(triton.cdiv(rows, BLOCK_R),)](
+                g, x, ts, tab, wt, mean, rstd, gx, rows, M, h, w, Wo, D, math.log(base),
+                WIN=window, HAS_TABLE=table is not None, HAS_W=weight is not None, ACC=acc_tl,
+                BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
     gw, gb = empty(), empty()
     if need_weight_grad or need_bias_grad:
         splits = row_splits or max(1, min(64, triton.cdiv(rows, 256)))
         rows_per_split = triton.cdiv(rows, splits)
         BD = _block_d(D, 128)
-        BR = max(1, min(triton.next_power_of_2(rows_per_split), 4096 // BD))
+        # [8, 128] on a GPU ([4, 128] in fp64): [32, 128] spilled 176 B on sm_90 at D = 1152
+        tile = 4096 if x.device.type == "cpu" else (512 if x.dtype == torch.float64 else 1024)
+        BR = max(1, min(triton.next_power_of_2(rows_per_split), tile // BD))
         pw = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_weight_grad else empty()
         pb = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_bias_grad else empty()
-        _tpe_ds_ln_wb_kernel[(window * window * triton.cdiv(D, BD), splits)](
-            g, x, ts, tab, mean, rstd, pw, pb, rows, rows_per_split, M, h, w, Wo, D, math.log(base),
-            WIN=window, HAS_TABLE=table is not None, NEED_W=need_weight_grad, NEED_B=need_bias_grad, ACC=acc_tl,
-            BLOCK_R=BR, BLOCK_D=BD)
+        with torch.cuda.device_of(x):
+            _tpe_ds_ln_wb_kernel[(window * window * triton.cdiv(D, BD), splits)](
+                g, x, ts, tab, mean, rstd, pw, pb, rows, rows_per_split, M, h, w, Wo, D, math.log(base),
+                WIN=window, HAS_TABLE=table is not None, NEED_W=need_weight_grad, NEED_B=need_bias_grad,
+                ACC=acc_tl, BLOCK_R=BR, BLOCK_D=BD)
         gw = pw.sum(0) if need_weight_grad else gw  # fixed split order: deterministic
         gb = pb.sum(0) if need_bias_grad else gb
     return gx, gw, gb

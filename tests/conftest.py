@@ -1,9 +1,27 @@
-"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit is defined, so that the
-Triton backend runs on CPU tensors under the interpreter."""
+"""Test configuration. Without a CUDA device, TRITON_INTERPRET=1 is set before any @triton.jit is
+defined, so that the Triton backend runs on CPU tensors under the interpreter. With one it is not
+set (and an inherited TRITON_INTERPRET=1 is removed): the GPU tests must run the compiled kernels,
+and tests/ops/test_gpu.py fails if a Triton kernel on CUDA tensors runs interpreted."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _cuda_device_present() -> bool:
+    # torch.cuda.is_available() initialises nothing (it asks the driver for a device count)
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def interpret_setting(cuda_present: bool, env) -> None:
+    """TRITON_INTERPRET in `env` for a machine with / without a CUDA device."""
+    if cuda_present:
+        env.pop("TRITON_INTERPRET", None)
+    else:
+        env.setdefault("TRITON_INTERPRET", "1")
+
+
+interpret_setting(_cuda_device_present(), os.environ)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -16,8 +34,10 @@ HAS_GPU = torch.cuda.is_available()
 NO_GPU_REASON = "no CUDA GPU on this machine: the CUDA/Triton-on-GPU checks need one (CI compiles the CUDA code only)"
 
 # Backends that run CPU tensors here. They are required, not optional: a missing one fails the
-# tests (see test_backends.py) rather than skipping them.
-CPU_BACKENDS = ["eager", "cpu", "triton"]
+# tests (see test_backends.py) rather than skipping them. Triton runs CPU tensors only under the
+# interpreter, which is off on a GPU machine (there the GPU tests run the compiled kernels).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CPU_BACKENDS = ["eager", "cpu"] + (["triton"] if INTERPRETED else [])
 GPU_BACKENDS = ["eager", "cuda", "triton"]
 
 
@@ -27,7 +47,9 @@ def _seed():
     yield
 
 
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU_REASON)
+def requires_gpu(obj):
+    """Skip without a CUDA device (printing why); mark `gpu`, which `make gpu-check` selects (-m gpu)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_GPU, reason=NO_GPU_REASON)(obj))
 
 
 def op_memory(op: str, backend: str, fn) -> int:
@@ -39,3 +61,7 @@ def op_memory(op: str, backend: str, fn) -> int:
     ev = [e for e in prof.events() if e.name == name]
     assert ev, f"{name} did not run"
     return sum(e.cpu_memory_usage for e in ev)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skips without one); `make gpu-check` runs these")

@@ -23,11 +23,12 @@ cuda::EncArgs enc_args(const EncoderInputs& in, int64_t D, double base) {
   return a;
 }
 
+// Called under the tensor's device guard: the limit is the current device's.
 void check_shared_d(int64_t D, at::ScalarType t, const char* op) {
   const int64_t acc_bytes = t == at::kDouble ? 8 : 4;
-  TORCH_CHECK(D * acc_bytes <= cuda::kMaxEncodingBytes, op, ": the cuda backend caches a frame's encoding in ",
-              "shared memory and supports D <= ", cuda::kMaxEncodingBytes / acc_bytes, " for ", t, ", got D = ", D,
-              "; use backend='triton'");
+  const int64_t limit = cuda::tpe_max_encoding_bytes(to_dtype(t));
+  TORCH_CHECK(D * acc_bytes <= limit, op, ": the cuda backend caches a frame's encoding in shared memory and ",
+              "supports D <= ", limit / acc_bytes, " for ", t, " on this GPU, got D = ", D, "; use backend='triton'");
 }
 
 void tpe_add_cuda_into(const at::Tensor& xc, const at::Tensor& timestamps, const c10::optional<at::Tensor>& table,

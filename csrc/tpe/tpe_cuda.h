@@ -20,9 +20,12 @@ struct EncArgs {
   double log_base;
 };
 
-// Shared memory the kernels use to cache a frame's encoding (D values of the accumulation
-// type): within the 48 KiB every launch gets without opting in.
-constexpr int64_t kMaxEncodingBytes = 48 * 1024;
+// The most bytes of a frame's encoding (D values of the accumulation type) that the kernels caching
+// it in dynamic shared memory (tpe_add, the downsample + LayerNorm forward and input gradient) can
+// take on the current device: its opt-in shared memory per block less the largest static shared
+// array of those kernels (the LayerNorm block-reduction scratch). The launchers opt in past the
+// 48 KiB a launch gets by default when a D needs it.
+int64_t tpe_max_encoding_bytes(DType dt);
 
 cudaError_t tpe_add_launch(DType dt, const void* x, void* out, EncArgs enc, int64_t BT, int64_t N,
                            cudaStream_t stream);

@@ -194,7 +194,44 @@ __global__ void tpe_ds_ln_wb_kernel(const T* __restrict__ g, const T* __restrict
   if (part_b) part_b[blockIdx.y * K + k] = ab;
 }
 
+// Shared memory per block a launch gets without opting in.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+
+// Lets `kernel` take `dyn_bytes` of dynamic shared memory next to its static arrays: above the
+// default 48 KiB (static + dynamic) the kernel must opt in (up to the device's opt-in limit,
+// which tpe_max_encoding_bytes checks first).
+template <typename Kernel>
+cudaError_t allow_dynamic_shared(Kernel kernel, size_t dyn_bytes) {
+  cudaFuncAttributes a;
+  cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+  if (e != cudaSuccess) return e;
+  if (dyn_bytes + a.sharedSizeBytes <= kDefaultSharedBytes) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn_bytes));
+}
+
 }  // namespace
+
+int64_t tpe_max_encoding_bytes(DType dt) {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();  // clear the error: fall back to the default limit
+    optin = static_cast<int>(kDefaultSharedBytes);
+  }
+  size_t static_bytes = 0;
+  RGPT4D_DISPATCH_DTYPE(dt, {
+    using A = typename AccOf<scalar_t>::type;
+    const void* kernels[] = {reinterpret_cast<const void*>(&tpe_add_kernel<scalar_t, A>),
+                             reinterpret_cast<const void*>(&tpe_ds_ln_fwd_kernel<scalar_t, A>),
+                             reinterpret_cast<const void*>(&tpe_ds_ln_dx_kernel<scalar_t, A>)};
+    for (const void* k : kernels) {
+      cudaFuncAttributes a;
+      if (cudaFuncGetAttributes(&a, k) == cudaSuccess) static_bytes = std::max(static_bytes, a.sharedSizeBytes);
+      else cudaGetLastError();
+    }
+  });
+  return static_cast<int64_t>(optin) - static_cast<int64_t>(static_bytes);
+}
 
 cudaError_t tpe_add_launch(DType dt, const void* x, void* out, EncArgs enc, int64_t BT, int64_t N,
                            cudaStream_t stream) {
@@ -204,6 +241,8 @@ cudaError_t tpe_add_launch(DType dt, const void* x, void* out, EncArgs enc, int6
   const int64_t blocks_per_frame = ceil_div(N, rows_per_block);
   RGPT4D_DISPATCH_DTYPE(dt, {
     using A = typename AccOf<scalar_t>::type;
+    const cudaError_t e = allow_dynamic_shared(tpe_add_kernel<scalar_t, A>, D * sizeof(A));
+    if (e != cudaSuccess) return e;
     tpe_add_kernel<scalar_t, A><<<BT * blocks_per_frame, kThreads, D * sizeof(A), stream>>>(
         static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), enc, N, rows_per_block, blocks_per_frame);
   });
@@ -233,6 +272,8 @@ cudaError_t tpe_ds_ln_fwd_launch(DType dt, const void* x, EncArgs enc, const voi
   if (rows == 0 || geo.K() == 0) return cudaSuccess;
   RGPT4D_DISPATCH_DTYPE(dt, {
     using A = typename AccOf<scalar_t>::type;
+    const cudaError_t e = allow_dynamic_shared(tpe_ds_ln_fwd_kernel<scalar_t, A>, geo.D * sizeof(A));
+    if (e != cudaSuccess) return e;
     tpe_ds_ln_fwd_kernel<scalar_t, A><<<rows, kThreads, geo.D * sizeof(A), stream>>>(
         static_cast<const scalar_t*>(x), enc, static_cast<const A*>(weight_acc), static_cast<const A*>(bias_acc),
         static_cast<scalar_t*>(out), static_cast<A*>(mean_acc), static_cast<A*>(rstd_acc), geo, static_cast<A>(eps));
@@ -249,10 +290,13 @@ cudaError_t tpe_ds_ln_bwd_launch(DType dt, const void* grad_out, const void* x, 
     using A = typename AccOf<scalar_t>::type;
     const scalar_t* g = static_cast<const scalar_t*>(grad_out);
     const scalar_t* xp = static_cast<const scalar_t*>(x);
-    if (grad_x)
+    if (grad_x) {
+      const cudaError_t e = allow_dynamic_shared(tpe_ds_ln_dx_kernel<scalar_t, A>, geo.D * sizeof(A));
+      if (e != cudaSuccess) return e;
       tpe_ds_ln_dx_kernel<scalar_t, A><<<rows, kThreads, geo.D * sizeof(A), stream>>>(
           g, xp, enc, static_cast<const A*>(weight_acc), static_cast<const A*>(mean_acc),
           static_cast<const A*>(rstd_acc), static_cast<scalar_t*>(grad_x), geo);
+    }
     if (part_w_acc || part_b_acc) {
       const int64_t rows_per_split = ceil_div(rows, row_splits);
       tpe_ds_ln_wb_kernel<scalar_t, A><<<dim3(ceil_div(K, kThreads), row_splits), kThreads, 0, stream>>>(

@@ -97,7 +97,11 @@ def resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("TrainConfig.device: 'cuda' asked for but torch sees no CUDA device")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # the current device too: Triton kernels, NCCL and torch.cuda calls without a device launch
+        # on it (under torchrun every rank would otherwise use GPU 0)
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 
