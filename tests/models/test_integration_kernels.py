@@ -1,4 +1,4 @@
-"""apply_kernels / remove_kernels on a small model of every supported MLLM family (tests/models/tiny_mllms.py):
+"""apply_kernels / remove_kernels on a small model of every supported MLLM family (rgpt4d.integrations.tiny):
 the patched model's logits, loss and every parameter gradient against the unpatched model's (a deep copy,
 same weights), the rgpt4d ops actually on the path, exact removal, and the refusal of unsupported models."""
 
@@ -9,7 +9,7 @@ import torch
 
 from rgpt4d.integrations.kernels import apply_kernels, kernels_applied, remove_kernels
 from rgpt4d.ops import _backend, set_backend
-from tests.models.tiny_mllms import FAMILIES, available, build
+from rgpt4d.integrations.tiny import FAMILIES, available, build
 
 pytest.importorskip("transformers", reason="the integration patches transformers models")
 
@@ -255,3 +255,22 @@ def test_torch_compile_of_the_patched_model():
     assert all(not g_pat[n].any() for n in g_pat.keys() - g_ref.keys())
     for n in g_ref:
         torch.testing.assert_close(g_pat[n], g_ref[n], atol=1e-6, rtol=1e-4)
+
+
+def test_the_benchmark_runs_and_writes_only_under_the_tests_results_folder():
+    """benchmarks/bench_integrations.py --quick on one family: its table has the family's row, written
+    under $RGPT4D_BENCH_OUT (tests/conftest.py: a temporary folder), nothing into the source tree."""
+    import os
+    from pathlib import Path
+
+    from benchmarks import bench_integrations
+    from benchmarks.harness import device_name
+
+    tmp = Path(os.environ["RGPT4D_BENCH_OUT"])
+    src = Path(bench_integrations.__file__).resolve().parent / "results"
+    before = {p: p.stat().st_mtime_ns for p in src.rglob("*")}
+    argv = ["--quick", "--device", "cpu", "--families", "llava", "--no-compile", "--no-plots", "--rounds", "1", "--max-seconds", "0"]
+    assert bench_integrations.main(argv) == 0
+    md = (tmp / device_name(torch.device("cpu")) / "integrations-quick.md").read_text()
+    assert "| llava | Qwen2Model |" in md and "| train_step | full | llava |" in md
+    assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before
