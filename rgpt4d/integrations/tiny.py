@@ -66,23 +66,23 @@ def tiny_model(family: str, size: str = "tiny") -> torch.nn.Module:
     if size not in SIZES:
         raise ValueError(f"size: one of {tuple(SIZES)}, got {size!r}")
     torch.manual_seed(0)
-    lm = size
-    hd = SIZES[lm][0] // SIZES[lm][2]  # head dim; M-RoPE sections scale with it (a quarter of it per 16)
-    size = IMG.get(family, 16)
+    hd = SIZES[size][0] // SIZES[size][2]  # head dim: the M-RoPE sections (half of it in all) scale with it
+    k = hd // 16
+    px = IMG.get(family, 16)  # the frames' pixels per side
     tokens = dict(image_token_id=IMAGE, image_token_index=IMAGE, video_token_id=VIDEO, video_token_index=VIDEO)
     if family in ("llava", "llava_mistral"):
         kind = "qwen2" if family == "llava" else "mistral"
-        cfg = tf.LlavaConfig(vision_config=_siglip(size), text_config=_text(lm, model_type=kind),
+        cfg = tf.LlavaConfig(vision_config=_siglip(px), text_config=_text(size, model_type=kind),
                              vision_feature_select_strategy="full", vision_feature_layer=-1,
-                             image_seq_length=(size // PATCH) ** 2, **tokens)
+                             image_seq_length=(px // PATCH) ** 2, **tokens)
         return tf.LlavaForConditionalGeneration(cfg).eval()
     if family in ("llava_onevision", "llava_next_video"):
-        pin = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
-        g = size // PATCH
+        pin = [[px, px], [px, 2 * px], [2 * px, px], [2 * px, 2 * px]]
+        g = px // PATCH
         # the *_seq_length settings tell transformers 4.x the inputs are already expanded (as a processor does)
         # LLaVA-NeXT-Video on a Llama LM (its released checkpoints' LM family), the others on Qwen2
         kind = "llama" if family == "llava_next_video" else "qwen2"
-        common = dict(vision_config=_siglip(size), text_config=_text(lm, model_type=kind), image_grid_pinpoints=pin,
+        common = dict(vision_config=_siglip(px), text_config=_text(size, model_type=kind), image_grid_pinpoints=pin,
                       vision_feature_select_strategy="full", vision_feature_layer=-1, image_seq_length=g * g,
                       video_seq_length=(-(-g // 2)) ** 2, **tokens)
         if family == "llava_onevision":
@@ -91,38 +91,30 @@ def tiny_model(family: str, size: str = "tiny") -> torch.nn.Module:
         return tf.LlavaNextVideoForConditionalGeneration(cfg).eval()
     if family == "internvl":
         vc = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                  image_size=[size, size], patch_size=[PATCH, PATCH])
-        cfg = tf.InternVLConfig(vision_config=vc, text_config=_text(lm, model_type="qwen2"), image_token_id=IMAGE,
-                                image_seq_length=(size // PATCH // 2) ** 2)
+                  image_size=[px, px], patch_size=[PATCH, PATCH])
+        cfg = tf.InternVLConfig(vision_config=vc, text_config=_text(size, model_type="qwen2"), image_token_id=IMAGE,
+                                image_seq_length=(px // PATCH // 2) ** 2)
         return tf.InternVLForConditionalGeneration(cfg).eval()
     qwen = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    hidden = SIZES[size][0]
     vis = dict(depth=2, num_heads=2, in_channels=3, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
+    # Qwen2(.5)-VL: the text settings flat on the config (transformers 4.x reads them there, 5.x moves them)
+    mrope = dict(rope_scaling={"type": "mrope", "mrope_section": [2 * k, 3 * k, 3 * k]})
     if family == "qwen2_vl":
-        # text settings flat on the config: transformers 4.x reads them there, 5.x moves them to text_config
-        k = hd // 16
-        cfg = tf.Qwen2VLConfig(vision_config=dict(vis, embed_dim=32, hidden_size=SIZES[lm][0], mlp_ratio=2),
-                               **_text(lm, rope_scaling={"type": "mrope", "mrope_section": [2 * k, 3 * k, 3 * k]}),
-                               **qwen)
+        cfg = tf.Qwen2VLConfig(vision_config=dict(vis, embed_dim=32, hidden_size=hidden, mlp_ratio=2),
+                               **_text(size, **mrope), **qwen)
         return tf.Qwen2VLForConditionalGeneration(cfg).eval()
+    # Qwen2.5-VL: window 16 px = 2 x 2 merged tokens: a 32 px frame (4 x 4 merged) has 4 windows, so the
+    # tower's window reordering is exercised; block 1 attends across the whole frame
+    vis = dict(vis, hidden_size=32, intermediate_size=64, out_hidden_size=hidden)
     if family == "qwen2_5_vl":
-        # window 16 px = 2 x 2 merged tokens: a 32 px frame (4 x 4 merged) has 4 windows, so the
-        # tower's window reordering is exercised; block 1 attends across the whole frame
-        k = hd // 16
-        cfg = tf.Qwen2_5_VLConfig(vision_config=dict(vis, hidden_size=32, intermediate_size=64,
-                                                     out_hidden_size=SIZES[lm][0], window_size=16,
-                                                     fullatt_block_indexes=[1]),
-                                  **_text(lm, rope_scaling={"type": "mrope", "mrope_section": [2 * k, 3 * k, 3 * k]}),
-                                  **qwen)
+        cfg = tf.Qwen2_5_VLConfig(vision_config=dict(vis, window_size=16, fullatt_block_indexes=[1]),
+                                  **_text(size, **mrope), **qwen)
         return tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
     if family == "qwen3_vl":
-        k = hd // 16
-        cfg = tf.Qwen3VLConfig(vision_config=dict(vis, hidden_size=32, intermediate_size=64,
-                                                  out_hidden_size=SIZES[lm][0], num_position_embeddings=16,
-                                                  deepstack_visual_indexes=[0]),
-                               text_config=_text(lm, head_dim=hd, rope_parameters={
-                                   "rope_type": "default", "mrope_section": [4 * k, 2 * k, 2 * k],
-                                   "mrope_interleaved": True}),
-                               **qwen)
+        rope = {"rope_type": "default", "mrope_section": [4 * k, 2 * k, 2 * k], "mrope_interleaved": True}
+        cfg = tf.Qwen3VLConfig(vision_config=dict(vis, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                               text_config=_text(size, head_dim=hd, rope_parameters=rope), **qwen)
         return tf.Qwen3VLForConditionalGeneration(cfg).eval()
     raise AssertionError(family)
 

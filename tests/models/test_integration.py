@@ -12,6 +12,7 @@ pytest.importorskip("transformers", reason="the integration needs transformers")
 
 from rgpt4d.integrations.tiny import IMAGE, OBJ, TEXT, VIDEO, available, tiny_inputs, tiny_model
 from rgpt4d.integrations.transformers import apply_rgpt4d, attach_p4d, detach_p4d, p4d_loss, remove_rgpt4d
+from tests.models.conftest import train_step
 
 # (family, video): every family, images as frames and videos where the family takes them
 CASES = [("llava", False), ("llava_onevision", False), ("llava_onevision", True), ("llava_next_video", True),
@@ -342,15 +343,6 @@ def test_patching_twice_is_refused_and_remove_is_idempotent():
     assert not part(model, "language_model")._forward_pre_hooks
 
 
-def _train_step(model, kw, **extra):
-    """One forward with labels and backward: (loss, logits or None, {name: grad})."""
-    model.zero_grad(set_to_none=True)
-    out = model(**kw, **extra)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.loss.detach(), out.logits, grads
-
-
 @pytest.mark.parametrize("family,video", [("qwen2_vl", True), ("llava", False)], ids=["qwen2_vl-video", "llava-images"])
 def test_kernels_flag_applies_the_kernels_with_tpe_and_remove_restores_the_model(family, video):
     """apply_rgpt4d(kernels=True) runs rgpt4d.integrations.kernels on the language model: a training
@@ -364,18 +356,18 @@ def test_kernels_flag_applies_the_kernels_with_tpe_and_remove_restores_the_model
     assert (kw["labels"] != -100).sum() == 2 * (TEXT["tiny"] // 2)
     classes = {n: type(m) for n, m in model.named_modules()}
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = _train_step(model, kw)
+    plain = train_step(model, kw)
 
     apply_rgpt4d(model)
     assert kernels_applied(model) == {}  # no kernels without the flag
-    tpe = _train_step(model, kw, timestamps=ts)
+    tpe = train_step(model, kw, timestamps=ts)
     remove_rgpt4d(model)
     assert not torch.equal(tpe[0], plain[0])  # TPE changes the loss: the comparison below sees it
 
     apply_rgpt4d(model, kernels=True)
     counts = kernels_applied(model)  # 2 decoder layers: 2 norms each and the final one
     assert counts == {"rms_norm": 5, "swiglu": 2, "rope": 2, "lm_head": 1}, counts
-    loss, logits, grads = _train_step(model, kw, timestamps=ts)
+    loss, logits, grads = train_step(model, kw, timestamps=ts)
     assert logits is None and tpe[1] is not None  # the fused head + loss ran instead of transformers' head
     torch.testing.assert_close(loss, tpe[0])
     assert grads.keys() == tpe[2].keys()
@@ -388,7 +380,7 @@ def test_kernels_flag_applies_the_kernels_with_tpe_and_remove_restores_the_model
     assert "forward" not in model.__dict__ and not model._forward_pre_hooks and not model._forward_hooks
     state = model.state_dict()
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
-    again = _train_step(model, kw)
+    again = train_step(model, kw)
     assert torch.equal(again[0], plain[0]) and torch.equal(again[1], plain[1])
     assert again[2].keys() == plain[2].keys() and all(torch.equal(again[2][n], plain[2][n]) for n in plain[2])
 
