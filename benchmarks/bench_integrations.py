@@ -1,12 +1,13 @@
 """Training step of a transformers MLLM with rgpt4d's kernels patched in (rgpt4d.integrations.kernels)
 against the same model unpatched, one row per family, eager and torch.compile, in one run.
 
-    python benchmarks/bench_integrations.py [--families llava,qwen2_vl] [--no-compile] [--threads 1]
+    python benchmarks/bench_integrations.py [--families llava,qwen2_vl] [--no-compile] [--threads 1] [--quick]
 
-Models: tests/models/tiny_mllms.py at size "bench" (randomly initialised, float32): a 4-layer language
-model of hidden size 256 (8 heads, 2 KV heads, MLP 704, vocabulary 4096) behind a one- or two-layer
-vision tower, batch 2, the family's image or video tokens then 192 text tokens with labels on the last
-96 of them (an SFT batch). Same weights and inputs for every provider (a deep copy each).
+Models: rgpt4d.integrations.tiny's build() at size "bench" (randomly initialised, float32): a 4-layer
+language model of hidden size 256 (8 heads, 2 KV heads, MLP 704, vocabulary 4096) behind a one- or
+two-layer vision tower, batch 2, 4 frames per sample (images; one video for LLaVA-OneVision and
+LLaVA-NeXT-Video) as the family's placeholder tokens, then 192 text tokens with labels on the last 96
+of them (an SFT batch). Same weights and inputs for every provider (a deep copy each).
 
 Providers, side by side (interleaved rounds, benchmarks/harness.py):
   eager           the unpatched model
@@ -23,7 +24,8 @@ too long to run every family (`--compile-scope model` does it).
 
 Kernel train_step, mode full: forward with labels (train mode) and backward of the loss (no optimizer
 step: only the model's own work). Metrics: time, peak memory, throughput (tokens/s: the sequence tokens
-of the batch). Writes benchmarks/results/<device>/integrations.{csv,md}; prints the summary.
+of the batch). Writes benchmarks/results/<device>/integrations.{csv,md} (integrations-quick.* with --quick:
+the "tiny" size); prints the summary.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import base_parser, make_bench, results_dir  # noqa: E402
 from rgpt4d.integrations.kernels import apply_kernels  # noqa: E402
-from tests.models.tiny_mllms import FAMILIES, available, build  # noqa: E402
+from rgpt4d.integrations.tiny import FAMILIES, SIZES, available, build  # noqa: E402
 
 
 def step_fn(model, inputs):
@@ -56,10 +58,12 @@ def step_fn(model, inputs):
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ",".join(FAMILIES))
-    p.add_argument("--size", default="bench", help="tiny_mllms size (bench | tiny)")
+    p.add_argument("--size", default="bench", choices=tuple(SIZES), help="rgpt4d.integrations.tiny size")
     p.add_argument("--compile-scope", default="lm", choices=("lm", "model"),
                    help="what the compile providers compile: the language model (default) or the whole model")
     args = p.parse_args(argv)
+    if args.quick:  # a smoke run: the test size, written apart from the full results
+        args.size = "tiny"
     device = torch.device(args.device)
     families = [f for f in args.families.split(",") if f]
     bad = [f for f in families if f not in FAMILIES]
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
         summary.append(row)
     summary += ["", "speed-up: the median over interleaved rounds of the unpatched time over the patched time "
                 "(rgpt4d vs eager; rgpt4d-compile vs compile)."]
-    name = "integrations" if args.size == "bench" else f"integrations-{args.size}"
+    name = "integrations" + ("-quick" if args.quick else "" if args.size == "bench" else f"-{args.size}")
     bench.finish(results_dir(args, device), name, "rgpt4d kernels patched into transformers MLLMs (apply_kernels)",
                  ours=["rgpt4d"] + ([] if args.no_compile else ["rgpt4d-compile"]), plots=not args.no_plots,
                  extra="\n".join(summary))

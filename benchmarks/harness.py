@@ -731,7 +731,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default benchmarks/results/<device>, or $RGPT4D_BENCH_OUT/<device>)")
     p.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -754,8 +755,16 @@ def make_bench(args, device: torch.device) -> "Bench":
     return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds, only_x=getattr(args, "only_x", None))
 
 
+def default_results_dir(device: torch.device) -> str:
+    """benchmarks/results/<device>, or $RGPT4D_BENCH_OUT/<device> where that is set: tests/conftest.py sets
+    it to a temporary folder, so that no benchmark run under the tests writes into the source tree."""
+    root = os.environ.get("RGPT4D_BENCH_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    return os.path.join(root, device_name(device))
+
+
 def results_dir(args, device: torch.device) -> str:
-    return args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_name(device))
+    """--out, else default_results_dir(device)."""
+    return args.out or default_results_dir(device)
 
 
 def grad_modes(args) -> list[str]:

@@ -30,11 +30,14 @@ SCRIPTS = [
     # the training step takes ~1 s a call: a longer budget for more paired rounds; --profile writes
     # e2e_profile.txt (where the time goes in one step of each provider)
     ("e2e", "bench_e2e.py", ["--batch", "2", "--max-seconds", "15", "--profile"]),
+    # every MLLM family's training step with apply_kernels, eager only: its compiled providers compile two
+    # language models per family (16 compilations), well past this budget on 2 cores (--full runs them)
+    ("integrations", "bench_integrations.py", ["--no-compile"]),
 ]
 # the timing budget of every case (interleaved rounds at most; no new round after this many seconds)
 BUDGET = ["--rounds", "11", "--max-seconds", "6"]
 FULL = {"tpe": ["--batches", "1,2,4"], "regional": ["--sizes", "small,full"],
-        "p4d_loss": ["--batches", "1,2,3,4", "--linear-n", "16384"]}
+        "p4d_loss": ["--batches", "1,2,3,4", "--linear-n", "16384"], "integrations": []}
 
 
 def sections(md: str, keep=("## rgpt4d", "## Target")) -> str:
@@ -51,7 +54,7 @@ def sections(md: str, keep=("## rgpt4d", "## Target")) -> str:
 def main(argv=None) -> int:
     import torch
 
-    from benchmarks.harness import _fmt_load, _loadavg, device_name, git_sha
+    from benchmarks.harness import _fmt_load, _loadavg, default_results_dir, device_name, git_sha
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
                    help="every size of every script (the paper's batch sweep; well over 10 minutes on 2 cores)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    out_dir = args.out or os.path.join(HERE, "results", device_name(device))
+    out_dir = args.out or default_results_dir(device)
     common = ["--device", args.device, "--out", out_dir]
     common += [f for f, on in (("--quick", args.quick), ("--no-compile", args.no_compile),
                                ("--no-plots", args.no_plots)) if on]

@@ -41,6 +41,19 @@ CPU_BACKENDS = ["eager", "cpu"] + (["triton"] if INTERPRETED else [])
 GPU_BACKENDS = ["eager", "cuda", "triton"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _bench_results_in_tmp(tmp_path_factory):
+    """Benchmark scripts run by a test (and their subprocesses) write their results under a temporary
+    folder, not into benchmarks/results/ of the source tree (benchmarks/harness.default_results_dir)."""
+    old = os.environ.get("RGPT4D_BENCH_OUT")
+    os.environ["RGPT4D_BENCH_OUT"] = str(tmp_path_factory.mktemp("bench-results"))
+    yield
+    if old is None:
+        os.environ.pop("RGPT4D_BENCH_OUT", None)
+    else:
+        os.environ["RGPT4D_BENCH_OUT"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

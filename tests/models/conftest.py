@@ -54,3 +54,12 @@ def make_batch(tokenizer, config, answers=("A", "C"), prompts=None, B=2):
     boxes = torch.tensor([[[2.0, 3.0, 20.0, 30.0], [30.0, 30.0, 47.0, 47.0]],
                           [[5.0, 5.0, 12.0, 40.0], [10.0, 1.0, 44.0, 22.0]]])[:B]
     return dict(enc, frames=frames, timestamps=ts, boxes=boxes, region_mask=torch.ones(B, 2, dtype=torch.bool))
+
+
+def train_step(model, inputs, **extra):
+    """One forward with labels and backward of its loss: (loss, logits or None, {name: gradient})."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, **extra)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), (None if out.logits is None else out.logits.detach()), grads

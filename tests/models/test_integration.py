@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers", reason="the integration needs transformers")
 
-from rgpt4d.integrations.tiny import IMAGE, OBJ, VIDEO, tiny_inputs, tiny_model
+from rgpt4d.integrations.tiny import IMAGE, OBJ, TEXT, VIDEO, available, tiny_inputs, tiny_model
 from rgpt4d.integrations.transformers import apply_rgpt4d, attach_p4d, detach_p4d, p4d_loss, remove_rgpt4d
+from tests.models.conftest import train_step
 
 # (family, video): every family, images as frames and videos where the family takes them
 CASES = [("llava", False), ("llava_onevision", False), ("llava_onevision", True), ("llava_next_video", True),
@@ -29,13 +30,8 @@ def _have(family, video=True):
     if family == "llava_onevision" and not video and "batch_num_images" not in inspect.signature(
             transformers.LlavaOnevisionForConditionalGeneration.forward).parameters:
         pytest.skip(f"transformers {transformers.__version__}'s LLaVA-OneVision takes no multi-image input")
-
-    name = {"llava": "LlavaForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-            "llava_next_video": "LlavaNextVideoForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-            "internvl": "InternVLForConditionalGeneration"}[family]
-    if not hasattr(transformers, name):
-        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    if not available(family):
+        pytest.skip(f"transformers {transformers.__version__} has no {family} model")
 
 
 def part(model, name):
@@ -347,20 +343,46 @@ def test_patching_twice_is_refused_and_remove_is_idempotent():
     assert not part(model, "language_model")._forward_pre_hooks
 
 
-def test_kernels_flag_applies_and_removes_the_kernel_swaps(monkeypatch):
-    from rgpt4d.integrations import kernels
+@pytest.mark.parametrize("family,video", [("qwen2_vl", True), ("llava", False)], ids=["qwen2_vl-video", "llava-images"])
+def test_kernels_flag_applies_the_kernels_with_tpe_and_remove_restores_the_model(family, video):
+    """apply_rgpt4d(kernels=True) runs rgpt4d.integrations.kernels on the language model: a training
+    step with labels and timestamps gives TPE-only's loss and gradients (fp32 tolerance) through the
+    fused LM head (no logits); remove_rgpt4d leaves the model bit for bit as it was."""
+    from rgpt4d.integrations.kernels import kernels_applied
 
-    calls = []
-    monkeypatch.setattr(kernels, "apply_kernels", lambda m: calls.append(("apply", m)))
-    monkeypatch.setattr(kernels, "remove_kernels", lambda m: calls.append(("remove", m)))
-    model = tiny_model("llava")
+    _have(family)
+    model = tiny_model(family).train()
+    kw, ts = tiny_inputs(family, model, frames=FRAMES, video=video, labels=True, text=TEXT["tiny"])
+    assert (kw["labels"] != -100).sum() == 2 * (TEXT["tiny"] // 2)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = train_step(model, kw)
+
     apply_rgpt4d(model)
+    assert kernels_applied(model) == {}  # no kernels without the flag
+    tpe = train_step(model, kw, timestamps=ts)
     remove_rgpt4d(model)
-    assert calls == []
+    assert not torch.equal(tpe[0], plain[0])  # TPE changes the loss: the comparison below sees it
+
     apply_rgpt4d(model, kernels=True)
-    assert calls == [("apply", model)]
+    counts = kernels_applied(model)  # 2 decoder layers: 2 norms each and the final one
+    assert counts == {"rms_norm": 5, "swiglu": 2, "rope": 2, "lm_head": 1}, counts
+    loss, logits, grads = train_step(model, kw, timestamps=ts)
+    assert logits is None and tpe[1] is not None  # the fused head + loss ran instead of transformers' head
+    torch.testing.assert_close(loss, tpe[0])
+    assert grads.keys() == tpe[2].keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], tpe[2][n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
     remove_rgpt4d(model)
-    assert calls == [("apply", model), ("remove", model)]
+    assert kernels_applied(model) == {}
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert "forward" not in model.__dict__ and not model._forward_pre_hooks and not model._forward_hooks
+    state = model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+    again = train_step(model, kw)
+    assert torch.equal(again[0], plain[0]) and torch.equal(again[1], plain[1])
+    assert again[2].keys() == plain[2].keys() and all(torch.equal(again[2][n], plain[2][n]) for n in plain[2])
 
 
 EXAMPLES = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*_dropin.py"))

@@ -1,4 +1,4 @@
-"""apply_kernels / remove_kernels on a small model of every supported MLLM family (tests/models/tiny_mllms.py):
+"""apply_kernels / remove_kernels on a small model of every supported MLLM family (rgpt4d.integrations.tiny):
 the patched model's logits, loss and every parameter gradient against the unpatched model's (a deep copy,
 same weights), the rgpt4d ops actually on the path, exact removal, and the refusal of unsupported models."""
 
@@ -9,7 +9,8 @@ import torch
 
 from rgpt4d.integrations.kernels import apply_kernels, kernels_applied, remove_kernels
 from rgpt4d.ops import _backend, set_backend
-from tests.models.tiny_mllms import FAMILIES, available, build
+from tests.models.conftest import train_step as step
+from rgpt4d.integrations.tiny import FAMILIES, available, build
 
 pytest.importorskip("transformers", reason="the integration patches transformers models")
 
@@ -17,15 +18,6 @@ pytest.importorskip("transformers", reason="the integration patches transformers
 def family_params():
     return [pytest.param(f, marks=pytest.mark.skipif(not available(f), reason=f"this transformers has no {f} model"))
             for f in FAMILIES]
-
-
-def step(model, inputs, **extra):
-    """One forward (+ backward of the loss); returns (loss, logits, {name: grad})."""
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs, **extra)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.loss.detach(), (None if out.logits is None else out.logits.detach()), grads
 
 
 def double(inputs):
@@ -50,17 +42,24 @@ def rgpt4d_ops_run(fn) -> set:
     return {e.name for e in prof.events() if e.name.startswith("rgpt4d::")}
 
 
-@pytest.mark.parametrize("family", family_params())
-def test_training_step_matches_the_unpatched_model(family):
+def patched_and_references(family, train):
+    """apply_kernels on a copy of build(family): (counts, the unpatched fp32, the patched and the float64
+    model's train_step), every model in train or eval mode."""
     ref, inputs = build(family)
     pat = copy.deepcopy(ref)
     exact = copy.deepcopy(ref).double()
     apply_kernels(pat)
-    counts = kernels_applied(pat)  # 2 decoder layers: 2 norms each and the final one (+ Qwen3's per-head q/k norms)
+    for m in (ref, pat, exact):
+        m.train(train)
+    return kernels_applied(pat), step(ref, inputs), step(pat, inputs), step(exact, double(inputs))
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_training_step_matches_the_unpatched_model(family):
+    counts, (loss_ref, logits_ref, g_ref), (loss_pat, logits_pat, g_pat), (_, _, g_64) = \
+        patched_and_references(family, train=True)
+    # 2 decoder layers: 2 norms each and the final one (+ Qwen3's per-head q/k norms)
     assert counts["swiglu"] == counts["rope"] == 2 and counts["rms_norm"] in (5, 9) and counts["lm_head"] == 1
-    loss_ref, logits_ref, g_ref = step(ref, inputs)
-    loss_pat, logits_pat, g_pat = step(pat, inputs)
-    _, _, g_64 = step(exact, double(inputs))
     assert logits_ref is not None and logits_pat is None  # the fused path never builds the [B, L, V] logits
     torch.testing.assert_close(loss_pat, loss_ref)
     assert_grads_as_close_as_fp32(g_pat, g_ref, g_64)
@@ -68,15 +67,9 @@ def test_training_step_matches_the_unpatched_model(family):
 
 @pytest.mark.parametrize("family", family_params())
 def test_eval_logits_loss_and_gradients_match(family):
-    ref, inputs = build(family)
-    pat = copy.deepcopy(ref)
-    exact = copy.deepcopy(ref).double()
-    apply_kernels(pat)
-    for m in (ref, pat, exact):
-        m.eval()  # the LM head runs and returns logits; the loss is transformers' own
-    loss_ref, logits_ref, g_ref = step(ref, inputs)
-    loss_pat, logits_pat, g_pat = step(pat, inputs)
-    _, _, g_64 = step(exact, double(inputs))
+    # in eval mode the LM head runs and returns logits; the loss is transformers' own
+    _, (loss_ref, logits_ref, g_ref), (loss_pat, logits_pat, g_pat), (_, _, g_64) = \
+        patched_and_references(family, train=False)
     torch.testing.assert_close(logits_pat, logits_ref)
     torch.testing.assert_close(loss_pat, loss_ref)
     assert_grads_as_close_as_fp32(g_pat, g_ref, g_64)
@@ -255,3 +248,22 @@ def test_torch_compile_of_the_patched_model():
     assert all(not g_pat[n].any() for n in g_pat.keys() - g_ref.keys())
     for n in g_ref:
         torch.testing.assert_close(g_pat[n], g_ref[n], atol=1e-6, rtol=1e-4)
+
+
+def test_the_benchmark_runs_and_writes_only_under_the_tests_results_folder():
+    """benchmarks/bench_integrations.py --quick on one family: its table has the family's row, written
+    under $RGPT4D_BENCH_OUT (tests/conftest.py: a temporary folder), nothing into the source tree."""
+    import os
+    from pathlib import Path
+
+    from benchmarks import bench_integrations
+    from benchmarks.harness import device_name
+
+    tmp = Path(os.environ["RGPT4D_BENCH_OUT"])
+    src = Path(bench_integrations.__file__).resolve().parent / "results"
+    before = {p: p.stat().st_mtime_ns for p in src.rglob("*")}
+    argv = ["--quick", "--device", "cpu", "--families", "llava", "--no-compile", "--no-plots", "--rounds", "1", "--max-seconds", "0"]
+    assert bench_integrations.main(argv) == 0
+    md = (tmp / device_name(torch.device("cpu")) / "integrations-quick.md").read_text()
+    assert "| llava | Qwen2Model |" in md and "| train_step | full | llava |" in md
+    assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before
