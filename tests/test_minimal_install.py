@@ -125,11 +125,13 @@ def _site_packages_without(blocked, dest: Path) -> Path:
 
 def test_ops_run_without_the_model_stack_and_triton(tmp_path):
     sp = _site_packages_without(BLOCKED, tmp_path / "site-packages")
-    root = str(Path(rgpt4d.__file__).resolve().parents[1])  # the rgpt4d under test (checkout or install)
+    root = Path(rgpt4d.__file__).resolve().parents[1]
+    # the rgpt4d under test: a source checkout's, else the installed one (in the filtered copy)
+    path = [str(root), str(sp)] if (root / "setup.py").is_file() else [str(sp)]
     # No TRITON_INTERPRET: the point is the base install; RGPT4D_BACKEND unset so the ops pick their
     # backend as a user's would. -S: no site-packages but the filtered copy on PYTHONPATH.
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RGPT4D_BACKEND", "PYTHONPATH")}
-    env["PYTHONPATH"] = os.pathsep.join([root, str(sp)])
+    env["PYTHONPATH"] = os.pathsep.join(path)
     r = subprocess.run([sys.executable, "-S", "-c", SCRIPT, ",".join(BLOCKED)], capture_output=True, text=True,
                        env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

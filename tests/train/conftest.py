@@ -13,6 +13,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.conftest import MODEL_STACK_MISSING  # noqa: E402
+
+if MODEL_STACK_MISSING is not None:  # every training test runs rgpt4d's model stack
+    pytest.skip(MODEL_STACK_MISSING, allow_module_level=True)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():  # session scope: it must come before the module-scoped runs, too
