@@ -95,7 +95,6 @@ def test_sdist_builds_installs_and_runs(tmp_path):
                        timeout=3600)
     build_s = time.perf_counter() - start
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
-    assert "cuda kernels no" in r.stdout or "cuda kernels yes" in r.stdout  # the extension was compiled
     print(f"pip install of the sdist (compiles rgpt4d._C): {build_s:.0f} s")
 
     r = subprocess.run([str(vpy), "-c", RUN_OP, str(venv)], capture_output=True, text=True, env=env, cwd=tmp_path,
