@@ -51,6 +51,15 @@ MODEL_STACK_MISSING = _model_stack_missing()
 requires_model_stack = pytest.mark.skipif(MODEL_STACK_MISSING is not None, reason=str(MODEL_STACK_MISSING))
 
 
+class ModelStackSkipped(pytest.Module):
+    """A test module collected as one skip, with the reason, where the model stack cannot run (its
+    import would fail). Returned by the pytest_pycollect_makemodule hooks of tests/models and
+    tests/train."""
+
+    def collect(self):
+        pytest.skip(MODEL_STACK_MISSING)
+
+
 def op_memory(op: str, backend: str, fn) -> int:
     """Bytes allocated inside the calls of the rgpt4d op `op` (its `_triton` variant for backend
     "triton") while fn runs, from the torch profiler's memory events."""

@@ -8,7 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.conftest import MODEL_STACK_MISSING  # noqa: E402
+from tests.conftest import MODEL_STACK_MISSING, ModelStackSkipped  # noqa: E402
 
 T, S = 4, 32
 
@@ -17,14 +17,9 @@ T, S = 4, 32
 WITHOUT_MODEL_STACK = {"test_integration.py", "test_regional_encoder.py"}
 
 
-class _SkippedModule(pytest.Module):
-    def collect(self):
-        pytest.skip(MODEL_STACK_MISSING)
-
-
 def pytest_pycollect_makemodule(module_path, parent):
     if MODEL_STACK_MISSING is not None and module_path.name not in WITHOUT_MODEL_STACK:
-        return _SkippedModule.from_parent(parent, path=module_path)
+        return ModelStackSkipped.from_parent(parent, path=module_path)
     return None
 
 
