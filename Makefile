@@ -30,6 +30,7 @@ help:
 	@echo "make cuda-check  compile every CUDA source (FORCE_CUDA=1) in a scratch build folder"
 	@echo "make env         print versions, build flags and available backends"
 	@echo "make gpu-check   on a GPU machine: build for it, GPU tests, benchmarks, summary (PY=python3: docs/gpu.md)"
+	@echo "make compat-check TORCH=2.11.0 [TRANSFORMERS=4.46.3]  build and test against that torch in a scratch venv"
 
 $(STAMPS):
 	@mkdir -p $(STAMPS)
@@ -106,3 +107,48 @@ clean:
 # stops at once without a GPU. GPU_CHECK_ARGS, e.g. --budget 600 or --skip-build, go to the script.
 gpu-check:
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# ---- make compat-check TORCH=2.11.0 [TRANSFORMERS=4.46.3] [TESTS="tests/ops tests/test_minimal_install.py"]
+# Builds and tests rgpt4d against another torch (and optionally another transformers) in a scratch
+# venv, build/compat-torch<TORCH>/ (not part of `make test`: it downloads torch). The package is
+# installed from its source distribution (python -m build --sdist, then pip install
+# --no-build-isolation of the tarball: rgpt4d._C compiles against that torch; skipped when the
+# sdist's contents equal the installed one's), and the tests run from a copy of tests/ (plus
+# kernels/ and examples/, which some tests read) so that they import the installed package, not
+# this checkout. The other dependencies are requirements.txt's pins, except torch-bound packages
+# (torchvision: the release matching TORCH; xformers: left out, its tests skip) and, with
+# TRANSFORMERS, transformers/tokenizers (pip picks what that version needs; a later run without
+# TRANSFORMERS puts the pins back).
+COMPAT_DIR  = build/compat-torch$(TORCH)
+COMPAT_PY   = $(COMPAT_DIR)/venv/bin/python
+TESTS      ?= tests
+
+.PHONY: compat-check
+compat-check:
+	@test -n "$(TORCH)" || { echo 'usage: make compat-check TORCH=2.11.0 [TRANSFORMERS=4.46.3] [TESTS="tests/ops"]'; exit 2; }
+	@mkdir -p $(COMPAT_DIR)
+	@test -x $(COMPAT_PY) || $(PYTHON_BOOT) -m venv $(COMPAT_DIR)/venv
+	@echo "[compat] $(COMPAT_DIR): installing torch==$(TORCH)$(if $(TRANSFORMERS), transformers==$(TRANSFORMERS)) and the pinned dependencies"
+	@grep -v -E '^(torch|torchvision|xformers)==$(if $(TRANSFORMERS),|^(transformers|tokenizers)==)' requirements.txt > $(COMPAT_DIR)/requirements.txt
+	@$(COMPAT_PY) -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	@$(COMPAT_PY) -m pip install -q "torch==$(TORCH)" torchvision setuptools wheel $(if $(TRANSFORMERS),"transformers==$(TRANSFORMERS)") \
+		-r $(COMPAT_DIR)/requirements.txt 2>&1 | $(QUIET_PIP)
+	@$(COMPAT_PY) -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH)', torch.__version__"
+	@$(if $(TRANSFORMERS),$(COMPAT_PY) -c "import transformers as t; assert t.__version__ == '$(TRANSFORMERS)', t.__version__")
+	@rm -rf $(COMPAT_DIR)/dist $(COMPAT_DIR)/run
+	@$(COMPAT_PY) -m build --sdist --no-isolation --outdir $(COMPAT_DIR)/dist . > $(COMPAT_DIR)/sdist.log 2>&1 \
+		|| { tail -30 $(COMPAT_DIR)/sdist.log; exit 1; }
+	@sum=$$(tar -xOzf $(COMPAT_DIR)/dist/rgpt4d-*.tar.gz | sha256sum | cut -d' ' -f1); \
+	if [ "$$sum" = "$$(cat $(COMPAT_DIR)/installed.sha256 2>/dev/null)" ]; then echo "[compat] rgpt4d: the installed build is of the same sources"; \
+	else echo "[compat] installing the sdist (compiles rgpt4d._C: log in $(COMPAT_DIR)/install.log)"; \
+	  $(COMPAT_PY) -m pip install -v --no-build-isolation --no-deps --force-reinstall $(COMPAT_DIR)/dist/rgpt4d-*.tar.gz \
+	    > $(COMPAT_DIR)/install.log 2>&1 || { grep -E "error|Error" $(COMPAT_DIR)/install.log | head -40; exit 1; }; \
+	  echo "$$sum" > $(COMPAT_DIR)/installed.sha256; fi
+	@mkdir -p $(COMPAT_DIR)/run && cp -r tests kernels examples pyproject.toml $(COMPAT_DIR)/run/
+	@cd $(COMPAT_DIR)/run && ../venv/bin/python -c "import rgpt4d, rgpt4d.ops as o, torch, importlib.metadata as m; \
+	from rgpt4d.ops import _backend as b; assert 'site-packages' in rgpt4d.__file__, rgpt4d.__file__; \
+	assert b.extension_loaded(), b.unavailable_reasons(); \
+	tf = [d.version for d in m.distributions() if d.metadata['Name'] == 'transformers']; \
+	print('[compat] torch', torch.__version__, '| transformers', tf[0] if tf else '-', '| backends', o.available_backends())"
+	@echo "[compat] running $(TESTS) (log in $(COMPAT_DIR)/pytest.log)"
+	@cd $(COMPAT_DIR)/run && ../venv/bin/python -m pytest -q -p no:cacheprovider $(TESTS) 2>&1 | tee ../pytest.log | tail -40

@@ -71,9 +71,11 @@ def _extensions():
     # -fopenmp: at::parallel_for is an OpenMP region compiled into *this* library (ATen's
     # Parallel-inl.h); without the flag the pragma is dropped and every at::parallel_for in csrc/
     # runs on one thread. The runtime is torch's own libgomp (already loaded, same soname).
-    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    # -std=c++20: the sources are C++20 (std::bit_cast in csrc/lm). torch 2.14's BuildExtension passes
+    # -std=c++20 itself; torch 2.11's passes -std=c++17 unless a -std flag is given here.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp", "-std=c++20"]
     link_flags = ["-fopenmp"]
-    nvcc_flags = ["-O3", "-lineinfo"]
+    nvcc_flags = ["-O3", "-lineinfo", "-std=c++20"]
     arch = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else "none"
     info = (f"torch {torch.__version__}; cuda kernels {'yes' if with_cuda else 'no'}; arch {arch}; "
             f"cxx {' '.join(cxx_flags)}" + (f"; nvcc {' '.join(nvcc_flags)}" if with_cuda else ""))

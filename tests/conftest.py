@@ -65,6 +65,36 @@ def requires_gpu(obj):
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_GPU, reason=NO_GPU_REASON)(obj))
 
 
+def _model_stack_missing():
+    """Why rgpt4d's own model stack (rgpt4d.models, rgpt4d.train: transformers 5 names and internals such
+    as PreTrainedConfig and AttentionInterface) cannot run here, or None. The drop-in integration
+    (rgpt4d.integrations.transformers) and the ops need less (docs/compat.md)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "transformers is not installed (pip install 'rgpt4d[models]')"
+    if int(version.split(".")[0]) < MODEL_STACK_TRANSFORMERS[0]:
+        return (f"rgpt4d's model stack needs transformers >= {'.'.join(map(str, MODEL_STACK_TRANSFORMERS))}, "
+                f"this is {version}")
+    return None
+
+
+MODEL_STACK_TRANSFORMERS = (5, 0)
+MODEL_STACK_MISSING = _model_stack_missing()
+requires_model_stack = pytest.mark.skipif(MODEL_STACK_MISSING is not None, reason=str(MODEL_STACK_MISSING))
+
+
+class ModelStackSkipped(pytest.Module):
+    """A test module collected as one skip, with the reason, where the model stack cannot run (its
+    import would fail). Returned by the pytest_pycollect_makemodule hooks of tests/models and
+    tests/train."""
+
+    def collect(self):
+        pytest.skip(MODEL_STACK_MISSING)
+
+
 def op_memory(op: str, backend: str, fn) -> int:
     """Bytes allocated inside the calls of the rgpt4d op `op` (its `_triton` variant for backend
     "triton") while fn runs, from the torch profiler's memory events."""

@@ -1,6 +1,7 @@
 """Regional pooling ops: RoIAlign, 4D region pooling with a fused TPE, soft-mask pooling.
 
-- ``roi_align``: torchvision.ops.roi_align's function (same arguments, same numbers), bf16 native.
+- ``roi_align`` / ``RoIAlign``: a drop-in for torchvision.ops.roi_align / RoIAlign (same arguments,
+  defaults, numbers and exception types; fx leaf; scriptable, see roi_align), bf16 native.
 - ``region_pool``: the 4D regional encoder's hot loop: RoIAlign of R boxes on each of the T frames
   of B videos, an optional ``valid`` mask (absent region -> zero token, no gradient), and the TPE
   of ``tpe_add`` added to each region token inside the same kernel.
@@ -20,14 +21,14 @@ Backends (see rgpt4d.ops._backend): eager (this file), cpu/cuda (csrc/regional/)
 (kernels/regional.py).
 """
 
-from __future__ import annotations
-
 import math
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
 from rgpt4d.ops import _backend
 from rgpt4d.ops.tpe import frame_encoding_eager
@@ -239,31 +240,28 @@ def _check_float_on(op: str, t, name: str, ref: Tensor) -> None:
         raise ValueError(f"{op}: {name} must be on the features' device {ref.device}, got {t.device}")
 
 
-def _validate_roi_align(input, rois, output_size, sampling_ratio, values: bool) -> Tensor:
+def _validate_roi_align(input, boxes, output_size, sampling_ratio, values: bool) -> Tensor:
+    """Checks roi_align's arguments (the box shapes are checked before, by _check_boxes_shape) and
+    returns the boxes as rois [K, 5]."""
     op = "roi_align"
     _check_features(op, input, "input", 4, "[N, C, H, W]")
     _check_output_size(op, output_size)
     if not isinstance(sampling_ratio, int):
         raise TypeError(f"{op}: sampling_ratio must be an int (<= 0: adaptive), got {sampling_ratio!r}")
-    if isinstance(rois, (list, tuple)):
-        for i, b in enumerate(rois):
-            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
-                raise ValueError(f"{op}: rois as a list must hold one Tensor[L, 4] (x1, y1, x2, y2) per image; "
-                                 f"rois[{i}] has shape {_shape(b)}")
-            _check_float_on(op, b, f"rois[{i}]", input)
-        rois = boxes_to_rois(rois).to(input.device)
-    elif not isinstance(rois, Tensor):
-        raise TypeError(f"{op}: rois must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(rois).__name__}")
-    if rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(f"{op}: rois must be [K, 5] (batch index, x1, y1, x2, y2), got shape {tuple(rois.shape)}")
-    _check_float_on(op, rois, "rois", input)
+    if isinstance(boxes, (list, tuple)):
+        for i, b in enumerate(boxes):
+            _check_float_on(op, b, f"boxes[{i}]", input)
+        rois = boxes_to_rois(boxes).to(input.device)
+    else:
+        rois = boxes
+    _check_float_on(op, rois, "boxes", input)
     if values and rois.shape[0] > 0:
         idx = rois[:, 0]
         lo, hi = float(idx.min()), float(idx.max())
         # torchvision truncates the index toward zero: (-1, N) is what reaches [0, N).
         if not (lo > -1 and hi < input.shape[0]) or not bool(torch.isfinite(idx).all()):
-            raise IndexError(f"{op}: rois[:, 0] (batch index) must be in [0, N) = [0, {input.shape[0]}), got values in "
-                             f"[{lo:g}, {hi:g}]")
+            raise IndexError(f"{op}: boxes[:, 0] (batch index) must be in [0, N) = [0, {input.shape[0]}), got values "
+                             f"in [{lo:g}, {hi:g}]")
     return rois
 
 
@@ -567,36 +565,86 @@ if _backend.extension_loaded():
 # ---------------------------------------------------------------------------------------------
 
 
-def roi_align(input: Tensor, rois: Union[Tensor, Sequence[Tensor]], output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False, *, backend: Optional[str] = None,
-              validate: bool = True) -> Tensor:
-    """RoIAlign with torchvision.ops.roi_align's arguments and numbers.
+def _check_boxes_shape(boxes: Union[Tensor, List[Tensor]]) -> None:
+    # torchvision's contract (ops/_utils.py check_roi_boxes_shape): a bad box shape is an
+    # AssertionError (torch._assert), which detection code written for torchvision expects.
+    if isinstance(boxes, (list, tuple)):
+        for i, b in enumerate(boxes):
+            torch._assert(isinstance(b, torch.Tensor) and b.dim() == 2 and b.size(1) == 4,
+                          "roi_align: boxes as a list must hold one Tensor[L, 4] (x1, y1, x2, y2) per image; boxes[{}] "
+                          "is not one (shape {})".format(i, list(b.shape) if isinstance(b, torch.Tensor) else "-"))
+    elif isinstance(boxes, torch.Tensor):
+        torch._assert(boxes.dim() == 2 and boxes.size(1) == 5,
+                      "roi_align: boxes must be a Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of "
+                      "Tensor[L, 4], got shape {}".format(list(boxes.shape)))
+    else:
+        torch._assert(False, "roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[L, 4]")
+
+
+@torch.fx.wrap
+def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+              backend: Optional[str] = None, validate: bool = True) -> Tensor:
+    """RoIAlign: a drop-in for torchvision.ops.roi_align (same arguments, defaults, numbers and
+    exception types; a leaf under torch.fx; scriptable with torch.jit.script).
 
     Args:
-        input: [N, C, H, W] features (contiguous or channels_last; fp32, bf16, fp16, fp64).
-        rois: Tensor[K, 5] (batch index, x1, y1, x2, y2), or a list of Tensor[L, 4] per image.
+        input: [N, C, H, W] features (contiguous or channels_last; fp32, bf16, fp16, fp64), or a
+            per-tensor quantized tensor (boxes then quantized too; computed in float from the
+            dequantized values and quantized with input's scale and zero point).
+        boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2), or a list of Tensor[L, 4] per image.
+            Another shape raises AssertionError, as torchvision.
         output_size: int or (ph, pw).
         spatial_scale: scale from box coordinates to input coordinates.
         sampling_ratio: samples per bin along each axis; <= 0: ceil(bin size) (adaptive).
         aligned: shift the box by -0.5 pixel (pixel centres at integer + 0.5).
         backend: "eager" | "cpu" | "triton" | "cuda" | None (automatic).
-        validate: check shapes, dtypes, devices and the batch-index range (reads the rois: a device
+        validate: check shapes, dtypes, devices and the batch-index range (reads the boxes: a device
             sync on GPU). False skips them; the CPU kernel still rejects bad indices.
 
     Returns [K, C, ph, pw] in input's dtype (fp32 accumulation). Gradient: to input (in input's
     memory format), deterministic on CPU and, under torch.use_deterministic_algorithms(True), on GPU.
     Non-finite box coordinates give zeros (see the module docstring).
+
+    Under torch.jit.script the box-shape check runs in TorchScript and the op is called through
+    Python (torch.jit.ignore: the backend choice and the kernels' autograd are Python), so a scripted
+    model using it runs in a Python process but cannot be saved with torch.jit.save and run without
+    Python; torchvision's can.
     """
+    _check_boxes_shape(boxes)
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, backend, validate)
+
+
+@torch.jit.ignore
+def _roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: List[int], spatial_scale: float,
+               sampling_ratio: int, aligned: bool, backend: Optional[str], validate: bool) -> Tensor:
+    if isinstance(input, Tensor) and input.is_quantized:
+        return _roi_align_quantized(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, backend)
     if validate:
-        rois = _validate_roi_align(input, rois, output_size, sampling_ratio, _check_values())
-    elif not isinstance(rois, Tensor):
-        rois = boxes_to_rois(rois).to(input.device)
+        rois = _validate_roi_align(input, boxes, output_size, sampling_ratio, _check_values())
+    else:
+        rois = boxes if isinstance(boxes, Tensor) else boxes_to_rois(boxes).to(input.device)
     ph, pw = _pair(output_size)
     be = _backend.resolve("roi_align", FAMILY, input.device, backend)
     if be == "eager":
         return roi_align_eager(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
     op = torch.ops.rgpt4d.roi_align_triton if be == "triton" else torch.ops.rgpt4d.roi_align
     return op(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
+
+
+def _roi_align_quantized(input: Tensor, boxes, output_size, spatial_scale, sampling_ratio, aligned, backend) -> Tensor:
+    """Quantized RoIAlign as torchvision's: the float op on the dequantized input and boxes, the result
+    quantized with input's scale and zero point (torchvision's qroi_align also takes one image per
+    batch only; this takes any N)."""
+    if input.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        raise NotImplementedError(f"roi_align: quantized input must be quantized per tensor, got {input.qscheme()}")
+    parts = list(boxes) if isinstance(boxes, (list, tuple)) else [boxes]
+    if not all(b.is_quantized for b in parts):
+        raise ValueError("roi_align: if input is quantized, boxes must also be quantized (as torchvision)")
+    deq = [b.dequantize() for b in parts]
+    out = roi_align(input.dequantize(), deq if isinstance(boxes, (list, tuple)) else deq[0], output_size, spatial_scale,
+                    sampling_ratio, aligned, backend)
+    return torch.quantize_per_tensor(out, input.q_scale(), input.q_zero_point(), input.dtype)
 
 
 def region_pool(features: Tensor, boxes: Tensor, *, output_size=(1, 1), spatial_scale: float = 1.0,
@@ -676,17 +724,17 @@ def mask_pool(features: Tensor, masks: Tensor, *, eps: float = 1e-8, timestamps:
 
 
 class RoIAlign(nn.Module):
-    """torchvision.ops.RoIAlign's interface on rgpt4d's roi_align."""
+    """torchvision.ops.RoIAlign on rgpt4d's roi_align (same constructor, forward and repr; scriptable)."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False,
-                 backend: Optional[str] = None):
+    def __init__(self, output_size: BroadcastingList2[int], spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = False, backend: Optional[str] = None):
         super().__init__()
         self.output_size, self.spatial_scale = output_size, spatial_scale
         self.sampling_ratio, self.aligned, self.backend = sampling_ratio, aligned, backend
 
-    def forward(self, input: Tensor, rois: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-                         backend=self.backend)
+                         self.backend)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "

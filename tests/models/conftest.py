@@ -8,18 +8,30 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rgpt4d.models.configs import TeacherConfig, student_config  # noqa: E402
-from rgpt4d.models.tokenizer import train_tokenizer  # noqa: E402
+from tests.conftest import MODEL_STACK_MISSING, ModelStackSkipped  # noqa: E402
 
 T, S = 4, 32
+
+# The modules that run without rgpt4d's own model stack (transformers' model classes and the ops
+# only); the others skip with the reason when it cannot run (an older transformers, or none).
+WITHOUT_MODEL_STACK = {"test_integration.py", "test_regional_encoder.py"}
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if MODEL_STACK_MISSING is not None and module_path.name not in WITHOUT_MODEL_STACK:
+        return ModelStackSkipped.from_parent(parent, path=module_path)
+    return None
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    from rgpt4d.models.tokenizer import train_tokenizer
+
     return train_tokenizer(vocab_size=600)
 
 
 def make_student(tokenizer, **overrides):
+    from rgpt4d.models.configs import student_config
     from rgpt4d.models.student import RGPT4DForConditionalGeneration
 
     kw = dict(num_frames=T, projector_hidden_size=64, region_hidden_size=32,
@@ -33,6 +45,8 @@ def make_student(tokenizer, **overrides):
 
 
 def teacher_config():
+    from rgpt4d.models.configs import TeacherConfig
+
     return TeacherConfig(image_size=S, patch_size=8, num_frames=T, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, intermediate_size=64, head_layers=(1, 1, 2, 2), head_features=16)
 

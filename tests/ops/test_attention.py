@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rgpt4d.ops import BackendUnavailableError, attention, attention_math, set_backend
+from tests.conftest import requires_model_stack
 
 BACKENDS = ["eager", "cpu"]  # no Triton / CUDA kernel for this op (see rgpt4d/ops/attn.py)
 
@@ -244,6 +245,7 @@ def _count_op_calls(monkeypatch) -> list:
     return calls
 
 
+@requires_model_stack  # rgpt4d.models
 def test_student_vision_tower_and_llm_attention_go_through_the_op(monkeypatch):
     # SigLIP's and Qwen2's "sdpa" attention run rgpt4d.ops.attention with the cpu backend and equal
     # transformers' own path (backend eager) to rounding
@@ -274,6 +276,7 @@ def test_student_vision_tower_and_llm_attention_go_through_the_op(monkeypatch):
     assert len(calls) == 2  # backend eager: transformers' sdpa path, not the op
 
 
+@requires_model_stack  # rgpt4d.models
 def test_teacher_encoder_attention_goes_through_the_op(monkeypatch):
     # the VideoMAE teacher's attention (trained in P4D's first stage, then frozen): through the op with
     # the cpu backend, equal to stock transformers to rounding, forward and backward

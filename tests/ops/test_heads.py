@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import pixel_shuffle_act, pixel_shuffle_act_eager
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu, requires_model_stack
 
 
 def ref(x, r, activation, clamp_max=20.0):
@@ -116,6 +116,7 @@ def test_errors(backend):
         pixel_shuffle_act(x.detach().long(), 2, backend=backend)
 
 
+@requires_model_stack  # rgpt4d.models
 def test_teacher_head_eager_backend_is_the_original_code():
     from rgpt4d.models.teacher import DPTHead
     from rgpt4d.ops import set_backend

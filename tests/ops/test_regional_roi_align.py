@@ -303,17 +303,17 @@ def test_bad_inputs_raise_clear_errors(backend):
         roi_align(x, torch.tensor([[-1.0] + box]), 2, backend=backend)
     with pytest.raises(IndexError, match=r"batch index"):
         roi_align(x, torch.tensor([[float("nan")] + box]), 2, backend=backend)
-    with pytest.raises(ValueError, match=r"rois must be \[K, 5\]"):
+    with pytest.raises(AssertionError, match=r"boxes must be a Tensor\[K, 5\]"):  # as torchvision
         roi_align(x, torch.tensor([box]), 2, backend=backend)
-    with pytest.raises(ValueError, match=r"rois\[1\] has shape \(2, 5\)"):
+    with pytest.raises(AssertionError, match=r"boxes\[1\] is not one \(shape \[2, 5\]\)"):
         roi_align(x, [torch.tensor([box]), torch.zeros(2, 5)], 2, backend=backend)
     with pytest.raises(ValueError, match=r"input must be \[N, C, H, W\]"):
         roi_align(torch.randn(3, 5, 5), torch.tensor([[0.0] + box]), 2, backend=backend)
     with pytest.raises(ValueError, match="output_size must be"):
         roi_align(x, torch.tensor([[0.0] + box]), (0, 2), backend=backend)
-    with pytest.raises(TypeError, match="rois must be a floating-point"):
+    with pytest.raises(TypeError, match="boxes must be a floating-point"):
         roi_align(x, torch.tensor([[0, 1, 1, 3, 3]]), 2, backend=backend)
-    with pytest.raises(ValueError, match="rois must be on the features' device"):
+    with pytest.raises(ValueError, match="boxes must be on the features' device"):
         roi_align(x, torch.zeros(1, 5, device="meta"), 2, backend=backend)
 
 

@@ -13,6 +13,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.conftest import MODEL_STACK_MISSING, ModelStackSkipped  # noqa: E402
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    # every training test runs rgpt4d's model stack
+    return ModelStackSkipped.from_parent(parent, path=module_path) if MODEL_STACK_MISSING is not None else None
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():  # session scope: it must come before the module-scoped runs, too
