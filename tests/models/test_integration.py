@@ -348,7 +348,12 @@ def test_kernels_flag_applies_the_kernels_with_tpe_and_remove_restores_the_model
     """apply_rgpt4d(kernels=True) runs rgpt4d.integrations.kernels on the language model: a training
     step with labels and timestamps gives TPE-only's loss and gradients (fp32 tolerance) through the
     fused LM head (no logits); remove_rgpt4d leaves the model bit for bit as it was."""
+    import transformers
+
     from rgpt4d.integrations.kernels import kernels_applied
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"apply_kernels patches transformers 5's module layout; this is transformers {transformers.__version__}")
 
     _have(family)
     model = tiny_model(family).train()
