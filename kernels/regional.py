@@ -13,18 +13,16 @@
         1 / (sum + eps), which the backward takes instead of resizing the masks again.
 
 Features are read through their strides (any layout, no copy). Arithmetic in fp32 (fp64 for fp64
-inputs: host floats reach fp64 kernels as 1-element fp64 tensors, since a Python float argument is
-compiled as fp32). Backward: float atomics by default; with deterministic=True every bilinear tap
-becomes an entry (target pixel, gradient row, weight), the entries are sorted by target pixel
-(stable sort: a fixed order) and one program per pixel tile x channel block sums each pixel's
-entries in that order (no atomics, bitwise repeatable, the whole GPU busy). Non-finite box
-coordinates: the RoI samples nothing (zeros). Every launch runs under the input's device
-(torch.cuda.device). Set TRITON_INTERPRET=1 before importing this file to run the kernels on CPU
-tensors.
+inputs: float arguments are annotated tl.float64 and cast to the accumulation dtype in the kernel,
+tpe.py's _acc_scalar, since the compiler types an unannotated Python float fp32). Backward: float
+atomics by default; with deterministic=True every bilinear tap becomes an entry (target pixel,
+gradient row, weight), the entries are sorted by target pixel (stable sort: a fixed order) and one
+program per pixel tile x channel block sums each pixel's entries in that order (no atomics, bitwise
+repeatable, the whole GPU busy). Non-finite box coordinates: the RoI samples nothing (zeros). Every
+launch runs under its tensors' device (torch.cuda.device_of). Set TRITON_INTERPRET=1 before importing
+this file to run the kernels on CPU tensors.
 """
 
-import contextlib
-import functools
 import math
 
 import torch
@@ -32,23 +30,12 @@ import triton
 import triton.language as tl
 
 try:  # installed as rgpt4d.kernels
-    from .tpe import _encoder_inputs, _frame_encoding
+    from .tpe import _acc_scalar, _encoder_inputs, _frame_encoding
 except ImportError:  # copied next to tpe.py as top-level modules
-    from tpe import _encoder_inputs, _frame_encoding
+    from tpe import _acc_scalar, _encoder_inputs, _frame_encoding
 
 
 # ---- host scalars, RoI geometry and bilinear taps --------------------------------------------
-
-@triton.jit
-def _scalar(v, ACC: tl.constexpr):
-    """A host float in ACC: fp64 kernels get it as a 1-element fp64 tensor (_host_scalar), since the
-    compiler types a Python float argument as fp32."""
-    if ACC == tl.float64:
-        r = tl.load(v)
-    else:
-        r = v
-    return r
-
 
 @triton.jit
 def _roi_geometry(boxes_ptr, k, ok, spatial_scale, ph, pw, sampling_ratio, ALIGNED: tl.constexpr, ACC: tl.constexpr):
@@ -57,7 +44,7 @@ def _roi_geometry(boxes_ptr, k, ok, spatial_scale, ph, pw, sampling_ratio, ALIGN
     by1 = tl.load(boxes_ptr + 4 * k + 1, mask=ok, other=0.0).to(ACC)
     bx2 = tl.load(boxes_ptr + 4 * k + 2, mask=ok, other=0.0).to(ACC)
     by2 = tl.load(boxes_ptr + 4 * k + 3, mask=ok, other=0.0).to(ACC)
-    spatial_scale = _scalar(spatial_scale, ACC)
+    spatial_scale = _acc_scalar(spatial_scale, ACC)
     offset = 0.5 if ALIGNED else 0.0
     x0 = bx1 * spatial_scale - offset
     y0 = by1 * spatial_scale - offset
@@ -121,7 +108,7 @@ def _sample_taps(y0, x0, bin_h, bin_w, gh, gw, cell_i, cell_j, s, H, W, Hf, Wf):
 @triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_ptr,
                          C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
-                         spatial_scale, ph, pw, sampling_ratio, log_base,
+                         spatial_scale: tl.float64, ph, pw, sampling_ratio, log_base: tl.float64,
                          ALIGNED: tl.constexpr, HAS_ENC: tl.constexpr, HAS_TABLE: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     # program = (RoI k, channel block); tile = [bins, samples, channels], BLOCK_S samples of every
@@ -155,7 +142,7 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
         acc += tl.sum(v, axis=1)
     acc = acc * inv_count
     if HAS_ENC:
-        enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, _scalar(log_base, ACC),
+        enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, _acc_scalar(log_base, ACC),
                               HAS_TABLE, ACC)
         acc += tl.where(ok, enc, 0.0)[None, :]
     omask = pmask[:, None] & cmask[None, :]
@@ -167,7 +154,7 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
 @triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
                                 C, H, W, IMG_INNER, s_outer, s_inner, sC, sH, sW,
-                                spatial_scale, ph, pw, sampling_ratio,
+                                spatial_scale: tl.float64, ph, pw, sampling_ratio,
                                 ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
@@ -207,7 +194,7 @@ def _roi_pool_bwd_atomic_kernel(grad_ptr, boxes_ptr, img_ptr, gbuf_ptr,
 # outside; row of the transposed gradient k * P + q; weight wy * wx / count).
 
 @triton.jit
-def _roi_sample_counts_kernel(boxes_ptr, img_ptr, cnt_ptr, K, spatial_scale, ph, pw, sampling_ratio,
+def _roi_sample_counts_kernel(boxes_ptr, img_ptr, cnt_ptr, K, spatial_scale: tl.float64, ph, pw, sampling_ratio,
                               ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     km = k < K
@@ -219,7 +206,7 @@ def _roi_sample_counts_kernel(boxes_ptr, img_ptr, cnt_ptr, K, spatial_scale, ph,
 
 @triton.jit(do_not_specialize=["H", "W"])  # sizes of 1 would become constexprs
 def _roi_entries_kernel(boxes_ptr, img_ptr, first_ptr, key_ptr, row_ptr, w_ptr, s_lo, s_hi, NPIX, H, W,
-                        spatial_scale, ph, pw, sampling_ratio,
+                        spatial_scale: tl.float64, ph, pw, sampling_ratio,
                         ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
     # program = RoI k: the entries of its samples that fall in the pass's sample range [s_lo, s_hi).
     k = tl.program_id(0).to(tl.int64)
@@ -309,7 +296,7 @@ def _resize_tap(o, n_in, scale):
 
 
 @triton.jit(do_not_specialize=["Hm", "Wm", "H", "W"])  # sizes of 1 would become constexprs
-def _resize_masks_kernel(m_ptr, mt_ptr, invz_ptr, R, T, s0, s1, s2, sy, sx, Hm, Wm, H, W, eps,
+def _resize_masks_kernel(m_ptr, mt_ptr, invz_ptr, R, T, s0, s1, s2, sy, sx, Hm, Wm, H, W, eps: tl.float64,
                          ACC: tl.constexpr, BLOCK_P: tl.constexpr):
     # program = one mask: its resized values [H*W] and 1 / (sum + eps).
     mi = tl.program_id(0).to(tl.int64)
@@ -333,7 +320,7 @@ def _resize_masks_kernel(m_ptr, mt_ptr, invz_ptr, R, T, s0, s1, s2, sy, sx, Hm, 
         v = tl.where(pm, wyl * top + wyh * bot, 0.0)
         tl.store(mt_ptr + mi * HW + p, v, mask=pm)
         total += v
-    tl.store(invz_ptr + mi, 1.0 / (tl.sum(total, axis=0) + _scalar(eps, ACC)))
+    tl.store(invz_ptr + mi, 1.0 / (tl.sum(total, axis=0) + _acc_scalar(eps, ACC)))
 
 
 @triton.jit
@@ -345,7 +332,7 @@ def _mm(a, b, USE_DOT: tl.constexpr):
 
 @triton.jit
 def _mask_pool_fwd_kernel(feat_ptr, mt_ptr, invz_ptr, ts_ptr, table_ptr, out_ptr,
-                          R, C, H, W, T, s0, s1, sC, sH, sW, log_base,
+                          R, C, H, W, T, s0, s1, sC, sH, sW, log_base: tl.float64,
                           HAS_ENC: tl.constexpr, HAS_TABLE: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # program = (frame, channel block, region block): out[r, c] = sum_p mt[r, p] f[c, p] / Z_r (+ enc[c])
@@ -367,7 +354,7 @@ def _mask_pool_fwd_kernel(feat_ptr, mt_ptr, invz_ptr, ts_ptr, table_ptr, out_ptr
         acc += _mm(m, f, USE_DOT)
     acc = acc * tl.load(invz_ptr + bt * R + offs_r, mask=rmask, other=0.0)[:, None]
     if HAS_ENC:
-        acc += _frame_encoding(ts_ptr, table_ptr, bt, offs_c, cmask, C, _scalar(log_base, ACC), HAS_TABLE,
+        acc += _frame_encoding(ts_ptr, table_ptr, bt, offs_c, cmask, C, _acc_scalar(log_base, ACC), HAS_TABLE,
                                ACC)[None, :]
     tl.store(out_ptr + (bt * R + offs_r[:, None]) * C + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
@@ -460,20 +447,6 @@ def _acc(dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _host_scalar(v, acc_torch, device):
-    """A host float as an fp64 kernel reads it (_scalar): a 1-element fp64 tensor (a fill, no host copy)."""
-    return torch.full((1,), float(v), dtype=torch.float64, device=device) if acc_torch == torch.float64 else float(v)
-
-
-def _device_guarded(fn):
-    """Runs fn under the device of its first tensor argument, so a cuda:1 tensor launches on cuda:1."""
-    def wrapper(*args, **kwargs):
-        t = args[0]
-        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
-            return fn(*args, **kwargs)
-    return functools.wraps(fn)(wrapper)
-
-
 def _empty_like_layout(sizes, device, dtype, channels_last):
     """[..., C, H, W] contiguous, or channels-last (the pixel's channels contiguous)."""
     if not channels_last:
@@ -488,7 +461,7 @@ def _pool_blocks(P, C, sampling_ratio, device, acc_torch=torch.float32):
     Tiles up to 1K elements on a GPU (4 warps; 8 for fp64), 16K under the interpreter (fewer, larger
     programs). At the paper shapes these compile for sm_90 without spills; 8K-element tiles over 8
     warps used all 255 registers and spilled 0.2-1.5 KB, 2K-element ones still up to 0.6 KB in fp64
-    (tests/ops/test_regional_triton_gpu_compile.py prints ptxas's counts)."""
+    (python -m tests.ops.triton_sm90 --family regional prints ptxas's counts)."""
     BLOCK_P = triton.next_power_of_2(max(P, 1))
     BLOCK_S = min(triton.next_power_of_2(sampling_ratio * sampling_ratio), 64) if sampling_ratio > 0 else 16
     cap = 1024 if device.type == "cuda" else 16384
@@ -515,12 +488,12 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
     if ts is None:  # no TPE: any tensor for the unused pointers
         ts = tab = boxes
     sC, sH, sW = strides
-    _roi_pool_fwd_kernel[(K, triton.cdiv(C, BLOCK_C))](
-        feat, boxes, roi_img, ts, tab, out, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
-        _host_scalar(spatial_scale, acc_torch, feat.device), ph, pw, sampling_ratio,
-        _host_scalar(math.log(base), acc_torch, feat.device),
-        ALIGNED=bool(aligned), HAS_ENC=enc[0] is not None, HAS_TABLE=has_table, ACC=acc_tl, BLOCK_P=BLOCK_P,
-        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    with torch.cuda.device_of(feat):
+        _roi_pool_fwd_kernel[(K, triton.cdiv(C, BLOCK_C))](
+            feat, boxes, roi_img, ts, tab, out, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
+            float(spatial_scale), ph, pw, sampling_ratio, float(math.log(base)),
+            ALIGNED=bool(aligned), HAS_ENC=enc[0] is not None, HAS_TABLE=has_table, ACC=acc_tl, BLOCK_P=BLOCK_P,
+            BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return out
 
 
@@ -542,11 +515,12 @@ def _pool_bwd_sorted(grad, boxes, roi_img, images, sizes, img_inner, channels_la
     K, P = boxes.shape[0], ph * pw
     acc_tl, acc_torch = _acc(grad.dtype)
     dev = grad.device
-    scale = _host_scalar(spatial_scale, acc_torch, dev)
+    scale = float(spatial_scale)
     common = dict(ALIGNED=bool(aligned), ACC=acc_tl)
     counts = torch.empty(K, dtype=torch.int64, device=dev)
-    _roi_sample_counts_kernel[(triton.cdiv(K, 256),)](boxes, roi_img, counts, K, scale, ph, pw, sampling_ratio,
-                                                      BLOCK_K=256, **common)
+    with torch.cuda.device_of(boxes):
+        _roi_sample_counts_kernel[(triton.cdiv(K, 256),)](boxes, roi_img, counts, K, scale, ph, pw, sampling_ratio,
+                                                          BLOCK_K=256, **common)
     first = torch.cumsum(counts, 0) - counts  # first sample of each RoI in the flat list
     total = int(counts.sum())  # samples (4 entries each): sizes the buffers (a device sync)
     per_pass = max(1, (max_entries or _MAX_ENTRIES) // 4)
@@ -564,13 +538,15 @@ def _pool_bwd_sorted(grad, boxes, roi_img, images, sizes, img_inner, channels_la
         rows = torch.empty(n, dtype=torch.int64, device=dev)
         w = torch.empty(n, dtype=acc_torch, device=dev)
         if n:
-            _roi_entries_kernel[(K,)](boxes, roi_img, first, keys, rows, w, s_lo, s_hi, npix, H, W, scale, ph, pw,
-                                      sampling_ratio, BLOCK_S=128, **common)
+            with torch.cuda.device_of(boxes):
+                _roi_entries_kernel[(K,)](boxes, roi_img, first, keys, rows, w, s_lo, s_hi, npix, H, W, scale, ph, pw,
+                                          sampling_ratio, BLOCK_S=128, **common)
         keys, perm = torch.sort(keys, stable=True)  # stable: a pixel's entries keep their list order
         start = torch.searchsorted(keys, pixels)
-        _roi_segment_sum_kernel[(triton.cdiv(npix, BLOCK_X), triton.cdiv(C, BLOCK_C))](
-            start, rows[perm], w[perm], gt, out, npix, C, H, W, img_inner, *strides, ACCUMULATE=j > 0, ACC=acc_tl,
-            BLOCK_X=BLOCK_X, BLOCK_C=BLOCK_C)
+        with torch.cuda.device_of(gt):
+            _roi_segment_sum_kernel[(triton.cdiv(npix, BLOCK_X), triton.cdiv(C, BLOCK_C))](
+                start, rows[perm], w[perm], gt, out, npix, C, H, W, img_inner, *strides, ACCUMULATE=j > 0, ACC=acc_tl,
+                BLOCK_X=BLOCK_X, BLOCK_C=BLOCK_C)
     return out.to(grad.dtype)
 
 
@@ -591,14 +567,14 @@ def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spa
     s_outer, s_inner = gbuf.stride(0), (gbuf.stride(1) if img_inner > 1 else 0)
     sC, sH, sW = gbuf.stride(-3), gbuf.stride(-2), gbuf.stride(-1)
     BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, grad.device, acc_torch)
-    _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
-        grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
-        _host_scalar(spatial_scale, acc_torch, grad.device), ph, pw, sampling_ratio, ALIGNED=bool(aligned),
-        ACC=acc_tl, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    with torch.cuda.device_of(grad):
+        _roi_pool_bwd_atomic_kernel[(K, triton.cdiv(C, BLOCK_C))](
+            grad, boxes, roi_img, gbuf, C, H, W, img_inner, s_outer, s_inner, sC, sH, sW,
+            float(spatial_scale), ph, pw, sampling_ratio, ALIGNED=bool(aligned),
+            ACC=acc_tl, BLOCK_P=BLOCK_P, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return gbuf.to(grad.dtype)
 
 
-@_device_guarded
 def roi_align_fwd(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):
     N, C, H, W = input.shape
     K = rois.shape[0]
@@ -611,7 +587,6 @@ def roi_align_fwd(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned):
                      aligned, 10000.0)
 
 
-@_device_guarded
 def roi_align_bwd(grad, rois, spatial_scale, ph, pw, sampling_ratio, aligned, N, H, W, channels_last, deterministic):
     C = grad.shape[1]
     roi_img = _roi_images_from_rois(rois, N)
@@ -627,7 +602,6 @@ def _region_images(boxes, valid):
     return img.contiguous()
 
 
-@_device_guarded
 def region_pool_fwd(features, boxes, valid, timestamps, table, spatial_scale, ph, pw, sampling_ratio, aligned,
                     base=10000.0):
     B, T, C, H, W = features.shape
@@ -646,7 +620,6 @@ def region_pool_fwd(features, boxes, valid, timestamps, table, spatial_scale, ph
                      sampling_ratio, aligned, base)
 
 
-@_device_guarded
 def region_pool_bwd(grad, boxes, valid, spatial_scale, ph, pw, sampling_ratio, aligned, H, W, channels_last,
                     deterministic):
     B, T, R, C = grad.shape[:4]
@@ -662,10 +635,11 @@ def _resize(masks, H, W, eps, acc_tl, acc_torch):
     mt = torch.empty(n, H * W, device=masks.device, dtype=acc_torch)
     invz = torch.empty(n, device=masks.device, dtype=acc_torch)
     if n:
-        _resize_masks_kernel[(n,)](masks, mt, invz, R, T, masks.stride(0), masks.stride(1), masks.stride(2),
-                                   masks.stride(3), masks.stride(4), Hm, Wm, H, W,
-                                   _host_scalar(eps, acc_torch, masks.device),
-                                   ACC=acc_tl, BLOCK_P=min(triton.next_power_of_2(H * W), 1024))
+        with torch.cuda.device_of(masks):
+            _resize_masks_kernel[(n,)](masks, mt, invz, R, T, masks.stride(0), masks.stride(1), masks.stride(2),
+                                       masks.stride(3), masks.stride(4), Hm, Wm, H, W,
+                                       float(eps),
+                                       ACC=acc_tl, BLOCK_P=min(triton.next_power_of_2(H * W), 1024))
     return mt, invz
 
 
@@ -688,7 +662,6 @@ def _transpose_blocks(Hm, Wm, H, W):
     return NY, NX, max(1, min(triton.next_power_of_2(Hm * Wm), 2048 // NX))
 
 
-@_device_guarded
 def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
     """Returns (out [B, T, R, C], the resized masks [B, T, R, H, W] and 1 / (sum + eps) [B, T, R] in the
     accumulation dtype): mask_pool_bwd takes the last two instead of resizing the masks again."""
@@ -704,15 +677,15 @@ def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
     if timestamps is not None:
         ts, tab = _encoder_inputs(timestamps, table, acc_torch)
     use_dot, BLOCK_R, BLOCK_P, BLOCK_C = _mm_blocks(R, C, H * W, acc_torch)
-    _mask_pool_fwd_kernel[(B * T, triton.cdiv(C, BLOCK_C), triton.cdiv(R, BLOCK_R))](
-        features, mt, invz, ts, tab, out, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
-        features.stride(3), features.stride(4),
-        _host_scalar(math.log(base), acc_torch, features.device), HAS_ENC=timestamps is not None, HAS_TABLE=table is not None,
-        ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    with torch.cuda.device_of(features):
+        _mask_pool_fwd_kernel[(B * T, triton.cdiv(C, BLOCK_C), triton.cdiv(R, BLOCK_R))](
+            features, mt, invz, ts, tab, out, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
+            features.stride(3), features.stride(4),
+            float(math.log(base)), HAS_ENC=timestamps is not None, HAS_TABLE=table is not None,
+            ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     return result
 
 
-@_device_guarded
 def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, need_masks_grad, channels_last):
     B, T, C, H, W = features.shape
     R, Hm, Wm = masks.shape[2:]
@@ -727,20 +700,23 @@ def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, nee
     use_dot, BLOCK_R, BLOCK_P, BLOCK_C = _mm_blocks(R, C, H * W, acc_torch)
     HW = H * W
     if need_features_grad:
-        _mask_pool_dfeat_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(C, BLOCK_C))](
-            gn, mt, gf, R, C, H, W, T, gf.stride(0), gf.stride(1), gf.stride(2), gf.stride(3), gf.stride(4),
-            ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+        with torch.cuda.device_of(gn):
+            _mask_pool_dfeat_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(C, BLOCK_C))](
+                gn, mt, gf, R, C, H, W, T, gf.stride(0), gf.stride(1), gf.stride(2), gf.stride(3), gf.stride(4),
+                ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     if need_masks_grad:
         gfr = torch.empty(B * T * R, HW, device=features.device, dtype=acc_torch)
-        _mask_pool_gf_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(R, BLOCK_R))](
-            gn, features, gfr, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
-            features.stride(3), features.stride(4), ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
-            BLOCK_C=BLOCK_C)
+        with torch.cuda.device_of(gn):
+            _mask_pool_gf_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(R, BLOCK_R))](
+                gn, features, gfr, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
+                features.stride(3), features.stride(4), ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
+                BLOCK_C=min(BLOCK_C, 32))  # channel steps of 64 spilled on sm_90: 16 B in bf16, 4 B in fp64
         # d out / d m~_p = (f_p - out) / Z: the mean term s_r = sum_p (m~_p / Z) GF_p, GF carrying 1 / Z.
         s = ((mt * gfr).sum(-1) * invz).contiguous()
         gmb = torch.empty(B * T * R, Hm * Wm, device=masks.device, dtype=acc_torch)
         NY, NX, BLOCK_Q = _transpose_blocks(Hm, Wm, H, W)
-        _resize_transpose_kernel[(B * T * R, triton.cdiv(Hm * Wm, BLOCK_Q))](
-            gfr, s, gmb, Hm, Wm, H, W, ACC=acc_tl, NY=NY, NX=NX, BLOCK_Q=BLOCK_Q)
+        with torch.cuda.device_of(gfr):
+            _resize_transpose_kernel[(B * T * R, triton.cdiv(Hm * Wm, BLOCK_Q))](
+                gfr, s, gmb, Hm, Wm, H, W, ACC=acc_tl, NY=NY, NX=NX, BLOCK_Q=BLOCK_Q)
         gm.copy_(gmb.view(masks.shape))
     return gf, gm

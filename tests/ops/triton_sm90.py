@@ -108,10 +108,10 @@ def _regional(K, torch, dtypes):
         feat = torch.randn(1, 256, 200, 200, device="cuda", dtype=dt)
         boxes = torch.rand(512, 5, device="cuda", dtype=dt) * 100
         boxes[:, 0] = 0
-        for sr in (2, 0):
+        for sr in (2, -1):  # 2: Mask R-CNN's setting; -1 (the ops' default): adaptive, ceil(bin size)
             yield f"roi_align fwd 7x7 sr{sr} {dt}", lambda sr=sr: K.roi_align_fwd(feat, boxes, 0.25, 7, 7, sr, True)
             g = torch.randn(512, 256, 7, 7, device="cuda", dtype=dt)
-            for det in (False, True):
+            for det in (False, True):  # atomic; sorted entries + segmented sums
                 yield (f"roi_align bwd sr{sr} deterministic={det} {dt}",
                        lambda sr=sr, det=det: K.roi_align_bwd(g, boxes, 0.25, 7, 7, sr, True, 1, 200, 200, False, det))
         # region_pool: 4D-RGPT's region tokens, B 2, T 16, 8 regions, C 1152 on the 27x27 grid, TPE fused
@@ -214,10 +214,16 @@ def _record(family, dtypes):
             return torch.empty((max(minlength, 1),), dtype=torch.int64 if weights is None else weights.dtype,
                                device=arg.device)
 
+    def scalar(fake_mode, func, arg):
+        # a host read of a device value (the deterministic RoI backward sizes its entry buffers by the
+        # sample count): a count of 2^20, one pass of the sorted backward
+        return 1 << 20 if not arg.dtype.is_floating_point else 1.0
+
     impls = fake_impls.op_implementations_dict
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(JITFunction, "run", record))
-        for op, impl in ((torch.ops.aten.nonzero.default, all_nonzero), (torch.ops.aten.bincount.default, bincount)):
+        for op, impl in ((torch.ops.aten.nonzero.default, all_nonzero), (torch.ops.aten.bincount.default, bincount),
+                         (torch.ops.aten._local_scalar_dense.default, scalar)):
             stack.callback(lambda op=op, old=impls.get(op): impls.__setitem__(op, old) if old else impls.pop(op))
             impls[op] = impl
         # fake tensors have no device to switch to; pinned host memory needs a driver
