@@ -241,8 +241,10 @@ def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit
         raise ValueError(f"{op}: no terms: pass latent_pred/latent_target and/or explicit heads")
     # The per-term settings depend only on the names and the options: computed (and checked)
     # once per distinct call signature, then reused (a training loop calls with the same ones).
+    # Not while torch.compile traces: the graph holds the result anyway, and torch 2.11's dynamo
+    # cannot hash the key (type(value).__name__ in _freeze).
     key = None
-    if type(preset) is str:
+    if type(preset) is str and not torch.compiler.is_compiling():
         try:
             key = (preset, tuple(names), _freeze(weights), _freeze(kind), _freeze(beta), _freeze(log_space),
                    None if masks is None else tuple(sorted(masks)))
