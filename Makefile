@@ -120,6 +120,7 @@ gpu-check:
 # TRANSFORMERS, transformers/tokenizers (pip picks what that version needs; a later run without
 # TRANSFORMERS puts the pins back).
 COMPAT_DIR  = build/compat-torch$(TORCH)
+COMMA      := ,
 COMPAT_PY   = $(COMPAT_DIR)/venv/bin/python
 TESTS      ?= tests
 
@@ -134,7 +135,7 @@ compat-check:
 	@$(COMPAT_PY) -m pip install -q "torch==$(TORCH)" torchvision setuptools wheel $(if $(TRANSFORMERS),"transformers==$(TRANSFORMERS)") \
 		-r $(COMPAT_DIR)/requirements.txt 2>&1 | $(QUIET_PIP)
 	@$(COMPAT_PY) -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH)', torch.__version__"
-	@$(if $(TRANSFORMERS),$(COMPAT_PY) -c "import transformers as t; assert t.__version__ == '$(TRANSFORMERS)', t.__version__")
+	@$(if $(TRANSFORMERS),$(COMPAT_PY) -c "import transformers as t; assert t.__version__ == '$(TRANSFORMERS)'$(COMMA) t.__version__")
 	@rm -rf $(COMPAT_DIR)/dist $(COMPAT_DIR)/run
 	@$(COMPAT_PY) -m build --sdist --no-isolation --outdir $(COMPAT_DIR)/dist . > $(COMPAT_DIR)/sdist.log 2>&1 \
 		|| { tail -30 $(COMPAT_DIR)/sdist.log; exit 1; }
