@@ -58,7 +58,7 @@ $(STAMPS)/ext: $(STAMPS)/install $(CSRC) setup.py | $(STAMPS)
 	@touch $@
 
 setup: $(STAMPS)/ext
-	@$(PY) -c "import rgpt4d, rgpt4d.ops as o; from rgpt4d.ops import _backend as b; \
+	@$(PY) -c "import rgpt4d, rgpt4d.ops as o; from rgpt4d.ops import registry as b; \
 	assert b.extension_loaded(), b.unavailable_reasons(); print('[setup] ok: backends', o.available_backends())"
 
 ext: $(STAMPS)/ext
@@ -147,7 +147,7 @@ compat-check:
 	  echo "$$sum" > $(COMPAT_DIR)/installed.sha256; fi
 	@mkdir -p $(COMPAT_DIR)/run && cp -r tests kernels examples pyproject.toml $(COMPAT_DIR)/run/
 	@cd $(COMPAT_DIR)/run && ../venv/bin/python -c "import rgpt4d, rgpt4d.ops as o, torch, importlib.metadata as m; \
-	from rgpt4d.ops import _backend as b; assert 'site-packages' in rgpt4d.__file__, rgpt4d.__file__; \
+	from rgpt4d.ops import registry as b; assert 'site-packages' in rgpt4d.__file__, rgpt4d.__file__; \
 	assert b.extension_loaded(), b.unavailable_reasons(); \
 	tf = [d.version for d in m.distributions() if d.metadata['Name'] == 'transformers']; \
 	print('[compat] torch', torch.__version__, '| transformers', tf[0] if tf else '-', '| backends', o.available_backends())"

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import Bench, base_parser, make_bench, grad_modes, mode_fn, results_dir  # noqa: E402
 from rgpt4d.ops import fused_linear_latent_loss, p4d_loss  # noqa: E402
-from rgpt4d.ops import _backend  # noqa: E402
+from rgpt4d.ops import available_backends  # noqa: E402
 
 TARGETS = {"p4d_vs_eager": 5.0, "p4d_vs_compile": 3.0, "p4d_peak_vs_eager": 0.5, "p4d_copy_fraction": 0.5,
            "linear_peak_vs_eager": 0.6, "linear_speed_vs_eager": 0.9}
@@ -197,7 +197,7 @@ def main(argv=None):
     torch.manual_seed(0)
     providers = [("rgpt4d", None)]
     if device.type == "cuda":
-        providers += [(f"rgpt4d-{b}", b) for b in ("triton", "cuda") if b in _backend.available_backends()]
+        providers += [(f"rgpt4d-{b}", b) for b in ("triton", "cuda") if b in available_backends()]
     bench = make_bench(args, device)
 
     p4d_cases = {"small": (2, 4 * 8 * 8, 384, 8, 112, 112)}

@@ -117,7 +117,7 @@ def build(env, arch: str, jobs: int, timeout: float, logdir: str) -> dict:
                           os.path.join(logdir, "build.log"))
     ok = rc == 0
     if ok:  # the fresh library loads and has the CUDA kernels
-        r = subprocess.run([sys.executable, "-c", "from rgpt4d.ops import _backend as b; import sys; "
+        r = subprocess.run([sys.executable, "-c", "from rgpt4d.ops import registry as b; import sys; "
                             "sys.exit(0 if b.extension_built_with_cuda() else 1)"], env=env, cwd=ROOT)
         ok = r.returncode == 0
     log(f"build {'ok' if ok else 'FAILED' if rc != 124 else 'TIMED OUT'} in {secs:.0f} s")

@@ -19,7 +19,7 @@ def report() -> str:
     import torch
 
     import rgpt4d
-    from rgpt4d.ops import _backend
+    from rgpt4d.ops import registry
 
     lines = [
         f"rgpt4d        {rgpt4d.__version__}  ({os.path.dirname(rgpt4d.__file__)})",
@@ -33,16 +33,15 @@ def report() -> str:
         f"nvtx          {_version('nvtx')}",
         f"threads       {torch.get_num_threads()} (torch intra-op)",
     ]
-    loaded = _backend.extension_loaded()
-    ext = "loaded" if loaded else f"NOT loaded ({_backend._EXT['error']})"
-    lines.append(f"rgpt4d._C     {ext}")
-    if loaded:
-        lines.append(f"  built with CUDA kernels: {_backend.extension_built_with_cuda()}")
-        lines.append(f"  build: {getattr(_backend._EXT['module'], 'build_info', 'unknown')}")
+    ext = registry.extension_info()
+    lines.append(f"rgpt4d._C     {'loaded' if ext['loaded'] else 'NOT loaded (' + str(ext['error']) + ')'}")
+    if ext["loaded"]:
+        lines.append(f"  built with CUDA kernels: {ext['cuda']}")
+        lines.append(f"  build: {ext['build'] or 'unknown'}")
         if torch.cuda.is_available():
             lines.append(f"  device: {torch.cuda.get_device_name()}")
-    lines.append(f"backends      {', '.join(_backend.available_backends())}")
-    for name, why in _backend.unavailable_reasons().items():
+    lines.append(f"backends      {', '.join(registry.available_backends())}")
+    for name, why in registry.unavailable_reasons().items():
         lines.append(f"  {name:7s} unavailable: {why}")
     default = os.environ.get("RGPT4D_BACKEND") or "auto"
     lines.append(f"RGPT4D_BACKEND={default}")

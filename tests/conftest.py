@@ -26,9 +26,10 @@ interpret_setting(_cuda_device_present(), os.environ)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rgpt4d.ops import _backend  # noqa: E402
+import rgpt4d.ops  # noqa: E402,F401  (declares every op)
+from rgpt4d.ops import registry  # noqa: E402
 
-_backend.refresh()
+registry.refresh()
 
 HAS_GPU = torch.cuda.is_available()
 NO_GPU_REASON = "no CUDA GPU on this machine: the CUDA/Triton-on-GPU checks need one (CI compiles the CUDA code only)"
@@ -39,6 +40,13 @@ NO_GPU_REASON = "no CUDA GPU on this machine: the CUDA/Triton-on-GPU checks need
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_BACKENDS = ["eager", "cpu"] + (["triton"] if INTERPRETED else [])
 GPU_BACKENDS = ["eager", "cuda", "triton"]
+
+
+def op_backends(*ops: str, device: str = "cpu") -> list[str]:
+    """The backends to test `ops` on `device` with: those every one of them declares
+    (rgpt4d/ops/registry.py) among the ones that run `device` tensors on this machine."""
+    runnable = CPU_BACKENDS if device == "cpu" else GPU_BACKENDS
+    return [b for b in runnable if all(b in registry.get(op).backends for op in ops)]
 
 
 @pytest.fixture(autouse=True, scope="session")

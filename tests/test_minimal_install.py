@@ -27,11 +27,11 @@ import torch
 
 import rgpt4d
 import rgpt4d.ops as ops
-from rgpt4d.ops import _backend
+from rgpt4d.ops import registry
 
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, f"blocked packages were imported: {loaded}"
-assert _backend.extension_loaded(), _backend.unavailable_reasons()
+assert registry.extension_loaded(), registry.unavailable_reasons()
 why = ops.unavailable_reasons()
 assert "triton" in why and "not installed" in why["triton"], why
 assert ops.available_backends()[:2] == ["eager", "cpu"], ops.available_backends()

@@ -26,13 +26,13 @@ RUN_OP = r'''
 import os, sys
 import torch
 import rgpt4d, rgpt4d.kernels, rgpt4d.ops as ops
-from rgpt4d.ops import _backend
+from rgpt4d.ops import registry
 
 venv = sys.argv[1]
 for mod in (rgpt4d, rgpt4d.kernels):
     assert os.path.realpath(mod.__file__).startswith(os.path.realpath(venv)), mod.__file__
-assert _backend.extension_loaded(), _backend.unavailable_reasons()
-assert os.path.realpath(_backend._EXT["module"].__file__).startswith(os.path.realpath(venv))
+assert registry.extension_loaded(), registry.unavailable_reasons()
+assert os.path.realpath(registry.extension_info()["path"]).startswith(os.path.realpath(venv))
 import rgpt4d.kernels.tpe  # the Triton kernels installed as a package (needs triton to import)
 x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
 rois = torch.tensor([[0, 0.5, 0.5, 4.0, 5.0], [1, 1.0, 0.0, 5.5, 3.0]], dtype=torch.float64)

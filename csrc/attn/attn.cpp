@@ -1,4 +1,4 @@
-// Attention for short sequences: the schema and the CPU kernels.
+// Attention for short sequences: the CPU kernels (schemas: rgpt4d/ops/attn.py).
 //
 //   attention(q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], mask?, scale, causal)
 //       -> (out [B, Lq, Hq, Dv] (q's dtype, contiguous), lse [B, Hq, Lq] (float32; float64 for float64))
@@ -476,12 +476,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)");
-  m.def(
-      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
-      "float scale, bool causal, bool need_q, bool need_kv) -> (Tensor, Tensor, Tensor)");
-}
+// The ops' schemas are declared in rgpt4d/ops/attn.py (rgpt4d/ops/registry.py); this file registers
+// their CPU kernels.
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
   m.impl("attention", &attention_cpu);

@@ -1,4 +1,4 @@
-// Output stage of the teacher's dense (DPT-like) heads: schema and CPU kernels.
+// Output stage of the teacher's dense (DPT-like) heads: the CPU kernels (schema: rgpt4d/ops/heads.py).
 //
 //   pixel_shuffle_act(x [N, C*r*r, H, W], upscale r, activation, clamp_max) -> y [N, C, H*r, W*r]
 //     F.pixel_shuffle(x, r), then (activation 1) exp(min(y, clamp_max)) — the depth head's
@@ -152,10 +152,8 @@ at::Tensor pixel_shuffle_act_backward_cpu(const at::Tensor& grad, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
-  m.def("pixel_shuffle_act(Tensor x, int upscale, int activation, float clamp_max) -> Tensor");
-  m.def("pixel_shuffle_act_backward(Tensor grad, Tensor x, int upscale, int activation, float clamp_max) -> Tensor");
-}
+// The ops' schemas are declared in rgpt4d/ops/heads.py (rgpt4d/ops/registry.py); this file registers
+// their CPU kernels.
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
   m.impl("pixel_shuffle_act", &pixel_shuffle_act_cpu);

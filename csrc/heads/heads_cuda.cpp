@@ -1,4 +1,4 @@
-// CUDA binding of pixel_shuffle_act (schema and CPU kernels in heads.cpp): the shuffle in
+// CUDA binding of pixel_shuffle_act (CPU kernels in heads.cpp, schema in rgpt4d/ops/heads.py): the shuffle in
 // heads_cuda_kernels.cu, the exp activation with ATen.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,4 +1,4 @@
-// Language-model head ops: the schema (the one place it is declared) and the CPU kernels.
+// Language-model head ops: the CPU kernels (schema: rgpt4d/ops/lm.py).
 //
 //   linear_cross_entropy(h [N, D], weight [V, D], bias [V]?, target [N] int64, ignore_index,
 //                        reduction, chunk_size, need_h_grad, need_w_grad, need_b_grad)
@@ -74,11 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
-  m.def(
-      "linear_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, int reduction, "
-      "int chunk_size, bool need_h_grad, bool need_w_grad, bool need_b_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-}
+// The ops' schemas are declared in rgpt4d/ops/lm.py (rgpt4d/ops/registry.py); this file registers
+// their CPU kernels.
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) { m.impl("linear_cross_entropy", &linear_cross_entropy_cpu); }
 

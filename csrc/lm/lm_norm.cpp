@@ -1,4 +1,4 @@
-// RMSNorm and SwiGLU of the student's LLM (Qwen2): schemas and CPU kernels.
+// RMSNorm and SwiGLU of the student's LLM (Qwen2): the CPU kernels (schemas: rgpt4d/ops/lm.py).
 //
 //   rms_norm(x [N, D], weight [D], eps) -> (y [N, D] (promote(x, weight) dtype), rstd [N] float32/64)
 //     Qwen2RMSNorm, one pass per row: rstd = 1 / sqrt(mean(x^2) + eps) in float32 (float64 for
@@ -321,15 +321,8 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& gq, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
-  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
-  m.def("rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, bool need_x, bool need_w) "
-        "-> (Tensor, Tensor)");
-  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
-  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
-}
+// The ops' schemas are declared in rgpt4d/ops/lm.py (rgpt4d/ops/registry.py); this file registers
+// their CPU kernels.
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);

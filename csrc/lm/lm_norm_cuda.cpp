@@ -1,4 +1,4 @@
-// CUDA bindings of RMSNorm, SwiGLU and RoPE (schemas and CPU kernels in lm_norm.cpp): tensors -> raw
+// CUDA bindings of RMSNorm, SwiGLU and RoPE (CPU kernels in lm_norm.cpp, schemas in rgpt4d/ops/lm.py): tensors -> raw
 // pointers -> the launchers in lm_cuda_kernels.cu. grad_w of RMSNorm is a column reduction over
 // rows, done with ATen (deterministic: no atomics).
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// P4D loss ops: schemas (the one place they are declared) and the CPU kernels.
+// P4D loss ops: the CPU kernels (schemas: rgpt4d/ops/p4d.py).
 //
 //   p4d_loss(preds[], targets[], masks[], mask_inner[], kinds[], betas[], flags[], weights[], mean, log_eps)
 //       -> (total [], losses [n_terms], grads[])
@@ -425,19 +425,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_loss_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
-  m.def(
-      "p4d_loss(Tensor[] preds, Tensor[] targets, Tensor[] masks, int[] mask_inner, int[] kinds, float[] betas, "
-      "int[] flags, float[] weights, bool mean, float log_eps) -> (Tensor, Tensor, Tensor[])");
-  m.def(
-      "p4d_linear_loss(Tensor h, Tensor weight, Tensor? bias, Tensor target, Tensor? mask, int kind, float beta, "
-      "int reduction, int chunk_size, bool need_h_grad, bool need_w_grad, bool need_b_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "p4d_linear_loss_backward(Tensor grad_loss, Tensor h, Tensor weight, Tensor? bias, Tensor target, "
-      "Tensor? mask, int kind, float beta, int chunk_size, bool need_h_grad, bool need_w_grad, bool need_b_grad) "
-      "-> (Tensor, Tensor, Tensor)");
-}
+// The ops' schemas are declared in rgpt4d/ops/p4d.py (rgpt4d/ops/registry.py); this file registers
+// their CPU kernels.
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
   m.impl("p4d_loss", &p4d_loss_cpu);

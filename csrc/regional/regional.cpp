@@ -1,4 +1,4 @@
-// Regional pooling ops: schemas (the one place they are declared) and the CPU kernels.
+// Regional pooling ops: the CPU kernels (schemas: rgpt4d/ops/regional.py).
 //
 //   roi_align(input[N,C,H,W], rois[K,5], spatial_scale, ph, pw, sampling_ratio, aligned) -> [K,C,ph,pw]
 //   roi_align_backward(grad[K,C,ph,pw], rois, spatial_scale, ph, pw, sampling_ratio, aligned,
@@ -1504,29 +1504,13 @@ int64_t regional_grid_rows(int64_t rows) { return grid_rows(rows); }
 
 }  // namespace
 
+// The schemas of the public ops are declared in rgpt4d/ops/regional.py (rgpt4d/ops/registry.py);
+// this file registers their CPU kernels. Internal ops, for the CPU tests of the shared device math:
 TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
-  // internal: the shared device math of the CUDA kernels, exposed for the CPU tests
   m.def(
       "_roi_backward_entries(Tensor boxes, Tensor roi_img, float spatial_scale, int ph, int pw, int sampling_ratio, "
       "bool aligned, int images, int H, int W) -> (Tensor, Tensor, Tensor)");
   m.def("_regional_grid_rows(int rows) -> int", &regional_grid_rows);
-  m.def("roi_align(Tensor input, Tensor rois, float spatial_scale, int ph, int pw, int sampling_ratio, bool aligned) "
-        "-> Tensor");
-  m.def(
-      "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int ph, int pw, int sampling_ratio, "
-      "bool aligned, int N, int H, int W, bool channels_last, bool deterministic) -> Tensor");
-  m.def(
-      "region_pool(Tensor features, Tensor boxes, Tensor? valid, Tensor? timestamps, Tensor? table, "
-      "float spatial_scale, int ph, int pw, int sampling_ratio, bool aligned, float base) -> Tensor");
-  m.def(
-      "region_pool_backward(Tensor grad, Tensor boxes, Tensor? valid, float spatial_scale, int ph, int pw, "
-      "int sampling_ratio, bool aligned, int H, int W, bool channels_last, bool deterministic) -> Tensor");
-  m.def(
-      "mask_pool(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> "
-      "(Tensor, Tensor, Tensor)");
-  m.def(
-      "mask_pool_backward(Tensor grad, Tensor features, Tensor masks, Tensor resized, Tensor inv_z, "
-      "bool need_features_grad, bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {

@@ -1,4 +1,4 @@
-// TPE ops: schemas (the one place they are declared) and the CPU kernels.
+// TPE ops: the CPU kernels (schemas: rgpt4d/ops/tpe.py).
 //
 //   tpe_add(x[B,T,N,D], timestamps[B,T], table[L,D]?, base)           -> out[B,T,N,D]
 //   tpe_add_(x!, ...)                                                  (in place)
@@ -474,18 +474,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(rgpt4d, m) {
-  m.def("tpe_add(Tensor x, Tensor timestamps, Tensor? table, float base) -> Tensor");
-  m.def("tpe_add_(Tensor(a!) x, Tensor timestamps, Tensor? table, float base) -> ()");
-  m.def("tpe_table_backward(Tensor grad, Tensor timestamps, int num_rows, bool deterministic) -> Tensor");
-  m.def(
-      "tpe_ds_ln(Tensor x, Tensor timestamps, Tensor? table, Tensor? weight, Tensor? bias, int h, int w, "
-      "int window, float eps, float base) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "tpe_ds_ln_backward(Tensor grad_out, Tensor x, Tensor timestamps, Tensor? table, Tensor? weight, "
-      "Tensor mean, Tensor rstd, int h, int w, int window, float base, bool need_input_grad, "
-      "bool need_weight_grad, bool need_bias_grad) -> (Tensor, Tensor, Tensor)");
-}
+// The ops' schemas are declared in rgpt4d/ops/tpe.py (rgpt4d/ops/registry.py); this file registers
+// their CPU kernels.
 
 TORCH_LIBRARY_IMPL(rgpt4d, CPU, m) {
   m.impl("tpe_add", &tpe_add_cpu);

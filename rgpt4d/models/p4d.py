@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rgpt4d.models.configs import P4DConfig
 from rgpt4d.models.student import RGPT4DForConditionalGeneration
 from rgpt4d.models.teacher import Teacher4D, dpt_heads_fused, same_structure
-from rgpt4d.ops import P4D_PRESETS, P4DLoss, _backend, fused_linear_latent_loss
+from rgpt4d.ops import P4D_PRESETS, P4DLoss, fused_linear_latent_loss, get_backend
 
 
 def resample_to_teacher_grid(visual: Tensor, grid: tuple[int, int, int], tubelet: int) -> Tensor:
@@ -136,7 +136,7 @@ class RGPT4DForP4DTraining(nn.Module):
             return False
         if self.fuse_heads is not None:
             return bool(self.fuse_heads)
-        return _backend._global_backend() != "eager"
+        return get_backend() != "eager"
 
     def forward(self, *, teacher_targets: Optional[dict] = None, p4d: Optional[bool] = None,
                 return_logits: bool = False, **student_inputs) -> P4DOutput:

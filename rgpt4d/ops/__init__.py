@@ -1,17 +1,21 @@
 """rgpt4d ops: one public function per op, four backends behind it (eager, cpu, triton, cuda).
 
-See rgpt4d/ops/_backend.py for how a backend is chosen, and `available_backends()` for what
-this install can run.
+Every op is declared once in its family's module (tpe, regional, p4d, lm, heads, attn) through
+rgpt4d/ops/registry.py, which also chooses the backend of each call; `available_backends()` says
+what this install can run.
 """
 
-from rgpt4d.ops._backend import (
+from rgpt4d.ops import registry
+from rgpt4d.ops.registry import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,
     cpu_cache_stats,
     empty_cpu_cache,
+    get_backend,
     set_backend,
     unavailable_reasons,
+    use_backend,
 )
 from rgpt4d.ops.attn import attention, attention_eager, attention_math
 from rgpt4d.ops.heads import pixel_shuffle_act, pixel_shuffle_act_eager
@@ -62,12 +66,15 @@ from rgpt4d.ops.tpe import (
 )
 
 __all__ = [
+    "registry",
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
     "cpu_cache_stats",
     "empty_cpu_cache",
+    "get_backend",
     "set_backend",
+    "use_backend",
     "unavailable_reasons",
     "attention",
     "attention_eager",

@@ -35,10 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rgpt4d.ops import _backend
-from rgpt4d.ops.p4d import _refuse_double_backward
+from rgpt4d.ops.registry import BackendUnavailableError, Family, acc_dtype, get_backend, refuse_double_backward
 
-FAMILY = "attn"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -78,8 +76,7 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = Non
 
 def _fake(q, k, v, mask, scale, causal):
     B, H, L, _ = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((B, L, H, v.shape[-1])), q.new_empty((B, H, L), dtype=acc)
+    return q.new_empty((B, L, H, v.shape[-1])), q.new_empty((B, H, L), dtype=acc_dtype(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, mask, out, lse, scale, causal, need_q, need_kv):
@@ -103,17 +100,20 @@ def _backward(ctx, grad_out, _glse):
     need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if grad_out is None or not (need_q or need_kv):
         return None, None, None, None, None, None
-    _refuse_double_backward("attention", grad_out)
-    dq, dk, dv = torch.ops.rgpt4d.attention_backward(grad_out, q, k, v, mask, out, lse, scale, causal, need_q,
-                                                     need_kv)
+    refuse_double_backward("attention", grad_out)
+    dq, dk, dv = ctx.ops.attention_backward(grad_out, q, k, v, mask, out, lse, scale, causal, need_q, need_kv)
     return (dq if need_q else None, dk if ctx.needs_input_grad[1] else None,
             dv if ctx.needs_input_grad[2] else None, None, None, None)
 
 
-if _backend.extension_loaded() and hasattr(torch.ops.rgpt4d, "attention"):
-    torch.library.register_fake("rgpt4d::attention")(_fake)
-    torch.library.register_fake("rgpt4d::attention_backward")(_fake_backward)
-    torch.library.register_autograd("rgpt4d::attention", _backward, setup_context=_setup)
+# CPU only: on CUDA tensors the automatic choice is eager (SDPA), see the module docstring.
+ATTN = Family("attn", cuda_preference=())
+ATTENTION = ATTN.op("attention",
+                    "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> (Tensor, Tensor)",
+                    fake=_fake, autograd=(_setup, _backward), backends=("eager", "cpu"))
+ATTN.op("attention_backward", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
+        "float scale, bool causal, bool need_q, bool need_kv) -> (Tensor, Tensor, Tensor)", fake=_fake_backward,
+        backends=("eager", "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,10 +171,10 @@ def attention_backend(device: torch.device, backend: Optional[str] = None) -> st
     device = torch.device(device)
     requested = backend
     if requested is None:
-        requested = _backend._global_backend()
+        requested = get_backend()
         if requested in ("cuda", "triton") or (requested is None and device.type != "cpu"):
             requested = "eager"  # a GPU run of the whole stack: SDPA's own fused kernels
-    return _backend.resolve("attention", FAMILY, device, requested)
+    return ATTENTION.select(device, requested)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *, causal: bool = False,
@@ -186,12 +186,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
     if validate:
         _validate(q, k, v, mask, scale)
     if backend in ("cuda", "triton"):
-        raise _backend.BackendUnavailableError(
+        raise BackendUnavailableError(
             f"attention: rgpt4d has no {backend} kernel for attention; on CUDA tensors use the default "
             "(backend=None or 'eager': torch's scaled_dot_product_attention, i.e. FlashAttention-2 / cuDNN)")
     be = attention_backend(q.device, backend)
     if be == "eager":
         return attention_eager(q, k, v, mask, causal=causal, scale=scale)
     s = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else float(scale)
-    out, _ = torch.ops.rgpt4d.attention(q, k, v, mask, s, bool(causal))
+    out, _ = ATTENTION.kernel(be)(q, k, v, mask, s, bool(causal))
     return out.transpose(1, 2)

@@ -20,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rgpt4d.ops import _backend
-from rgpt4d.ops.p4d import _refuse_double_backward
+from rgpt4d.ops.registry import Family, refuse_double_backward
 
-FAMILY = "heads"
 ACTIVATIONS = {"none": 0, "exp": 1}
 
 
@@ -33,21 +31,9 @@ def pixel_shuffle_act_eager(x: Tensor, upscale: int, activation: str = "none", c
     return torch.exp(y.clamp(max=clamp_max)) if activation == "exp" else y
 
 
-def _kernels():
-    from rgpt4d.kernels import heads as K  # imported on first use: TRITON_INTERPRET must be set first
-
-    return K
-
-
-@torch.library.custom_op("rgpt4d::pixel_shuffle_act_triton", mutates_args=())
-def _pixel_shuffle_act_triton(x: Tensor, upscale: int, activation: int, clamp_max: float) -> Tensor:
-    return _kernels().pixel_shuffle_act(x, upscale, activation, clamp_max)
-
-
-@torch.library.custom_op("rgpt4d::pixel_shuffle_act_backward_triton", mutates_args=())
-def _pixel_shuffle_act_backward_triton(grad: Tensor, x: Tensor, upscale: int, activation: int,
-                                       clamp_max: float) -> Tensor:
-    return _kernels().pixel_shuffle_act_backward(grad, x, upscale, activation, clamp_max)
+# ---------------------------------------------------------------------------------------------
+# Declaration (csrc/heads/ and kernels/heads.py implement it)
+# ---------------------------------------------------------------------------------------------
 
 
 def _fake(x, upscale, activation, clamp_max):
@@ -59,36 +45,30 @@ def _fake_backward(grad, x, upscale, activation, clamp_max):
     return torch.empty_like(x)
 
 
-def _make_autograd(backward_op):
-    def setup(ctx, inputs, output):
-        x, upscale, activation, clamp_max = inputs
-        ctx.cfg = (upscale, activation, clamp_max)
-        # exp: x itself (the activation's gradient is recomputed from it); none: nothing is kept
-        ctx.save_for_backward(x if activation == 1 else None)
-        ctx.x_geom = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
-
-    def backward(ctx, grad):
-        _refuse_double_backward("pixel_shuffle_act", grad)
-        (x,) = ctx.saved_tensors
-        upscale, activation, clamp_max = ctx.cfg
-        if x is None:  # no activation: only the input's shape and layout matter (an uninitialised stand-in)
-            shape, stride, dtype, device = ctx.x_geom
-            x = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        return backward_op(grad, x, upscale, activation, clamp_max), None, None, None
-
-    return setup, backward
+def _setup(ctx, inputs, output):
+    x, upscale, activation, clamp_max = inputs
+    ctx.cfg = (upscale, activation, clamp_max)
+    # exp: x itself (the activation's gradient is recomputed from it); none: nothing is kept
+    ctx.save_for_backward(x if activation == 1 else None)
+    ctx.x_geom = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
 
-def _register(suffix: str) -> None:
-    torch.library.register_fake(f"rgpt4d::pixel_shuffle_act{suffix}")(_fake)
-    torch.library.register_fake(f"rgpt4d::pixel_shuffle_act_backward{suffix}")(_fake_backward)
-    setup, backward = _make_autograd(getattr(torch.ops.rgpt4d, f"pixel_shuffle_act_backward{suffix}"))
-    torch.library.register_autograd(f"rgpt4d::pixel_shuffle_act{suffix}", backward, setup_context=setup)
+def _backward(ctx, grad):
+    refuse_double_backward("pixel_shuffle_act", grad)
+    (x,) = ctx.saved_tensors
+    upscale, activation, clamp_max = ctx.cfg
+    if x is None:  # no activation: only the input's shape and layout matter (an uninitialised stand-in)
+        shape, stride, dtype, device = ctx.x_geom
+        x = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    return ctx.ops.pixel_shuffle_act_backward(grad, x, upscale, activation, clamp_max), None, None, None
 
 
-_register("_triton")
-if _backend.extension_loaded() and hasattr(torch.ops.rgpt4d, "pixel_shuffle_act"):
-    _register("")
+HEADS = Family("heads")
+PIXEL_SHUFFLE_ACT = HEADS.op("pixel_shuffle_act", "(Tensor x, int upscale, int activation, float clamp_max) -> Tensor",
+                             fake=_fake, triton=lambda K, *a: K.pixel_shuffle_act(*a), autograd=(_setup, _backward))
+HEADS.op("pixel_shuffle_act_backward",
+         "(Tensor grad, Tensor x, int upscale, int activation, float clamp_max) -> Tensor",
+         fake=_fake_backward, triton=lambda K, *a: K.pixel_shuffle_act_backward(*a))
 
 
 def pixel_shuffle_act(x: Tensor, upscale: int, activation: str = "none", clamp_max: float = 20.0, *,
@@ -106,8 +86,7 @@ def pixel_shuffle_act(x: Tensor, upscale: int, activation: str = "none", clamp_m
         if x.dim() != 4 or x.shape[1] % (upscale * upscale):
             raise ValueError(f"{op}: x must be [N, C*r*r, H, W] with channels a multiple of upscale^2 = "
                              f"{upscale * upscale}, got {tuple(x.shape)}")
-    be = _backend.resolve(op, FAMILY, x.device, backend)
+    be = PIXEL_SHUFFLE_ACT.select(x.device, backend)
     if be == "eager":
         return pixel_shuffle_act_eager(x, upscale, activation, clamp_max)
-    fn = torch.ops.rgpt4d.pixel_shuffle_act_triton if be == "triton" else torch.ops.rgpt4d.pixel_shuffle_act
-    return fn(x, int(upscale), ACTIVATIONS[activation], float(clamp_max))
+    return PIXEL_SHUFFLE_ACT.kernel(be)(x, int(upscale), ACTIVATIONS[activation], float(clamp_max))

@@ -30,16 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgpt4d.ops import _backend
-from rgpt4d.ops.p4d import _eager_tensor, _refuse_double_backward, _scaled
+from rgpt4d.ops.registry import Family, acc_dtype, is_real_tensor, refuse_double_backward, scaled
 
-FAMILY = "lm"
 REDUCTIONS = {"mean": 1, "sum": 2}
 IGNORE_INDEX = -100
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,38 +47,19 @@ def fused_linear_cross_entropy_eager(h: Tensor, weight: Tensor, target: Tensor, 
     logits = h @ weight.T + bias for every row, upcast to float32 (float64 stays float64), then
     F.cross_entropy over the rows whose target is not ignore_index."""
     logits = F.linear(h, weight, bias)
-    logits = logits.to(_acc_dtype(logits.dtype))
+    logits = logits.to(acc_dtype(logits.dtype))
     return F.cross_entropy(logits.reshape(-1, weight.shape[0]), target.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton custom op (the compiled cpu/cuda op is declared in csrc/lm/lm.cpp)
-# ---------------------------------------------------------------------------------------------
-
-
-def _kernels():
-    from rgpt4d.kernels import lm as K  # imported on first use: TRITON_INTERPRET must be set first
-
-    return K
-
-
-@torch.library.custom_op("rgpt4d::linear_cross_entropy_triton", mutates_args=())
-def _linear_cross_entropy_triton(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                                 ignore_index: int, reduction: int, chunk_size: int, need_h_grad: bool,
-                                 need_w_grad: bool, need_b_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, chunk_size, need_h_grad,
-                                           need_w_grad, need_b_grad)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementation and autograd, shared by the compiled and the Triton op
+# Declaration (csrc/lm/ and kernels/lm.py implement it)
 # ---------------------------------------------------------------------------------------------
 
 
 def _fake_linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, chunk_size, need_h_grad,
                                need_w_grad, need_b_grad):
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     gh = h.new_empty(h.shape) if need_h_grad else h.new_empty((0,))
     gw = h.new_empty(weight.shape, dtype=acc) if need_w_grad else h.new_empty((0,), dtype=acc)
     gb = (h.new_empty((weight.shape[0],), dtype=acc) if (need_b_grad and bias is not None)
@@ -106,29 +81,27 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g_loss, _gh, _gw, _gb):
     if g_loss is None:
         return (None,) * 10
-    _refuse_double_backward("fused_linear_cross_entropy", g_loss)
+    refuse_double_backward("fused_linear_cross_entropy", g_loss)
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     gh, gw, gb = ctx.saved_tensors
     for name, need, buf, numel in zip(("h", "weight", "bias"), (need_h, need_w, need_b and ctx.has_bias),
                                       (gh, gw, gb), ctx.numels):
-        if need and numel > 0 and buf.numel() == 0 and _eager_tensor(buf):
+        if need and numel > 0 and buf.numel() == 0 and is_real_tensor(buf):
             raise RuntimeError(f"fused_linear_cross_entropy: the gradient of {name} was not computed in forward "
                                f"(need_{name[0]}_grad was False); call the op with it set when {name} requires grad")
     _, w_dtype, b_dtype = ctx.dtypes
-    gh = _scaled(gh, g_loss) if need_h else None
-    gw = _scaled(gw, g_loss).to(w_dtype) if need_w else None
-    gb = _scaled(gb, g_loss).to(b_dtype) if (need_b and ctx.has_bias) else None
+    gh = scaled(gh, g_loss) if need_h else None
+    gw = scaled(gw, g_loss).to(w_dtype) if need_w else None
+    gb = scaled(gb, g_loss).to(b_dtype) if (need_b and ctx.has_bias) else None
     return gh, gw, gb, None, None, None, None, None, None, None
 
 
-def _register(name: str) -> None:
-    torch.library.register_fake(name)(_fake_linear_cross_entropy)
-    torch.library.register_autograd(name, _backward, setup_context=_setup)
-
-
-_register("rgpt4d::linear_cross_entropy_triton")
-if _backend.extension_loaded() and hasattr(torch.ops.rgpt4d, "linear_cross_entropy"):
-    _register("rgpt4d::linear_cross_entropy")
+LM = Family("lm")
+LINEAR_CROSS_ENTROPY = LM.op(
+    "linear_cross_entropy", "(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, int reduction, "
+    "int chunk_size, bool need_h_grad, bool need_w_grad, bool need_b_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_linear_cross_entropy, triton=lambda K, *a: K.linear_cross_entropy(*a), autograd=(_setup, _backward),
+    api="fused_linear_cross_entropy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +169,7 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: 
                          f"fused_linear_cross_entropy_eager with reduction='none'), got {reduction!r}")
     if validate:
         _validate(op, h, weight, target, bias, ignore_index, chunk_size)
-    be = _backend.resolve(op, FAMILY, h.device, backend)
+    be = LINEAR_CROSS_ENTROPY.select(h.device, backend)
     if be == "eager":
         return fused_linear_cross_entropy_eager(h, weight, target, bias, ignore_index=ignore_index,
                                                 reduction=reduction)
@@ -207,8 +180,8 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: 
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
-    fn = torch.ops.rgpt4d.linear_cross_entropy_triton if be == "triton" else torch.ops.rgpt4d.linear_cross_entropy
-    loss, _, _, _ = fn(h2, weight, bias, t1, int(ignore_index), REDUCTIONS[reduction], chunk, *need)
+    loss, _, _, _ = LINEAR_CROSS_ENTROPY.kernel(be)(h2, weight, bias, t1, int(ignore_index), REDUCTIONS[reduction],
+                                                    chunk, *need)
     return loss
 
 
@@ -241,7 +214,7 @@ def rms_norm_eager(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """Qwen2RMSNorm.forward, verbatim: float32 statistics (float64 stays float64), the normalised
     value rounded to x's dtype, then times the weight."""
     input_dtype = x.dtype
-    h = x.to(_acc_dtype(x.dtype))
+    h = x.to(acc_dtype(x.dtype))
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
     return weight * h.to(input_dtype)
@@ -252,35 +225,14 @@ def swiglu_eager(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-@torch.library.custom_op("rgpt4d::rms_norm_triton", mutates_args=())
-def _rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return _kernels().rms_norm(x, weight, eps)
-
-
-@torch.library.custom_op("rgpt4d::rms_norm_backward_triton", mutates_args=())
-def _rms_norm_backward_triton(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_x: bool,
-                              need_w: bool) -> tuple[Tensor, Tensor]:
-    return _kernels().rms_norm_backward(grad_y, x, weight, rstd, need_x, need_w)
-
-
-@torch.library.custom_op("rgpt4d::swiglu_triton", mutates_args=())
-def _swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
-    return _kernels().swiglu(gate, up)
-
-
-@torch.library.custom_op("rgpt4d::swiglu_backward_triton", mutates_args=())
-def _swiglu_backward_triton(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    return _kernels().swiglu_backward(grad, gate, up)
-
-
 def _fake_rms_norm(x, weight, eps):
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
-    return y, x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
+    return y, x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype))
 
 
 def _fake_rms_norm_backward(grad_y, x, weight, rstd, need_x, need_w):
     gx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
-    gw = x.new_empty(weight.shape, dtype=_acc_dtype(x.dtype)) if need_w else x.new_empty((0,), dtype=_acc_dtype(x.dtype))
+    gw = x.new_empty(weight.shape, dtype=acc_dtype(x.dtype)) if need_w else x.new_empty((0,), dtype=acc_dtype(x.dtype))
     return gx, gw
 
 
@@ -293,55 +245,44 @@ def _fake_swiglu_backward(grad, gate, up):
             torch.empty_like(gate, memory_format=torch.contiguous_format))
 
 
-def _make_rms_autograd(backward_op):
-    def setup(ctx, inputs, output):
-        x, weight, _ = inputs
-        _, rstd = output
-        ctx.w_dtype = weight.dtype
-        ctx.mark_non_differentiable(rstd)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, rstd)
-
-    def backward(ctx, gy, _grstd):
-        if gy is None:
-            return None, None, None
-        _refuse_double_backward("rms_norm", gy)
-        x, weight, rstd = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gw = backward_op(gy, x, weight, rstd, need_x, need_w)
-        return (gx if need_x else None), (gw.to(ctx.w_dtype) if need_w else None), None
-
-    return setup, backward
+def _setup_rms(ctx, inputs, output):
+    x, weight, _ = inputs
+    _, rstd = output
+    ctx.w_dtype = weight.dtype
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, rstd)
 
 
-def _make_swiglu_autograd(backward_op):
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad):
-        _refuse_double_backward("swiglu", grad)
-        gate, up = ctx.saved_tensors
-        dg, du = backward_op(grad, gate, up)
-        return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
-
-    return setup, backward
+def _rms_backward(ctx, gy, _grstd):
+    if gy is None:
+        return None, None, None
+    refuse_double_backward("rms_norm", gy)
+    x, weight, rstd = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw = ctx.ops.rms_norm_backward(gy, x, weight, rstd, need_x, need_w)
+    return (gx if need_x else None), (gw.to(ctx.w_dtype) if need_w else None), None
 
 
-def _register_llm(suffix: str) -> None:
-    ops = torch.ops.rgpt4d
-    torch.library.register_fake(f"rgpt4d::rms_norm{suffix}")(_fake_rms_norm)
-    torch.library.register_fake(f"rgpt4d::rms_norm_backward{suffix}")(_fake_rms_norm_backward)
-    torch.library.register_fake(f"rgpt4d::swiglu{suffix}")(_fake_swiglu)
-    torch.library.register_fake(f"rgpt4d::swiglu_backward{suffix}")(_fake_swiglu_backward)
-    setup, backward = _make_rms_autograd(getattr(ops, f"rms_norm_backward{suffix}"))
-    torch.library.register_autograd(f"rgpt4d::rms_norm{suffix}", backward, setup_context=setup)
-    setup, backward = _make_swiglu_autograd(getattr(ops, f"swiglu_backward{suffix}"))
-    torch.library.register_autograd(f"rgpt4d::swiglu{suffix}", backward, setup_context=setup)
+def _setup_swiglu(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
 
-_register_llm("_triton")
-if _backend.extension_loaded() and hasattr(torch.ops.rgpt4d, "rms_norm"):
-    _register_llm("")
+def _swiglu_backward(ctx, grad):
+    refuse_double_backward("swiglu", grad)
+    gate, up = ctx.saved_tensors
+    dg, du = ctx.ops.swiglu_backward(grad, gate, up)
+    return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
+
+
+RMS_NORM = LM.op("rms_norm", "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)", fake=_fake_rms_norm,
+                 triton=lambda K, *a: K.rms_norm(*a), autograd=(_setup_rms, _rms_backward))
+LM.op("rms_norm_backward", "(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, bool need_x, bool need_w) "
+      "-> (Tensor, Tensor)", fake=_fake_rms_norm_backward, triton=lambda K, *a: K.rms_norm_backward(*a))
+SWIGLU = LM.op("swiglu", "(Tensor gate, Tensor up) -> Tensor", fake=_fake_swiglu, triton=lambda K, *a: K.swiglu(*a),
+               autograd=(_setup_swiglu, _swiglu_backward))
+LM.op("swiglu_backward", "(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)", fake=_fake_swiglu_backward,
+      triton=lambda K, *a: K.swiglu_backward(*a))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[str] = None,
@@ -364,11 +305,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[
             raise ValueError(f"{op}: weight must be on x's device {x.device}, got {weight.device}")
         if not eps >= 0:
             raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-    be = _backend.resolve(op, FAMILY, x.device, backend)
+    be = RMS_NORM.select(x.device, backend)
     if be == "eager":
         return rms_norm_eager(x, weight, eps)
-    fn = torch.ops.rgpt4d.rms_norm_triton if be == "triton" else torch.ops.rgpt4d.rms_norm
-    y, _ = fn(x.reshape(-1, x.shape[-1]), weight, float(eps))
+    y, _ = RMS_NORM.kernel(be)(x.reshape(-1, x.shape[-1]), weight, float(eps))
     return y.view(x.shape)
 
 
@@ -381,11 +321,10 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None, validate:
         if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
             raise ValueError(f"{op}: gate and up must have one shape, dtype and device, got {tuple(gate.shape)} "
                              f"{gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
-    be = _backend.resolve(op, FAMILY, gate.device, backend)
+    be = SWIGLU.select(gate.device, backend)
     if be == "eager":
         return swiglu_eager(gate, up)
-    fn = torch.ops.rgpt4d.swiglu_triton if be == "triton" else torch.ops.rgpt4d.swiglu
-    return fn(gate, up)
+    return SWIGLU.kernel(be)(gate, up)
 
 
 class RMSNorm(nn.Module):
@@ -421,46 +360,28 @@ def rope_eager(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: in
     return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
 
 
-@torch.library.custom_op("rgpt4d::rope_triton", mutates_args=())
-def _rope_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _kernels().rope(q, k, cos, sin)
-
-
-@torch.library.custom_op("rgpt4d::rope_backward_triton", mutates_args=())
-def _rope_backward_triton(grad_q: Tensor, grad_k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _kernels().rope(grad_q, grad_k, cos, sin, backward=True)
-
-
 def _fake_rope(q, k, cos, sin):
     def like(x):
         return torch.empty_like(x if x.stride(-1) == 1 else x.contiguous())
     return like(q), like(k)
 
 
-def _make_rope_autograd(backward_op):
-    def setup(ctx, inputs, output):
-        _, _, cos, sin = inputs
-        ctx.save_for_backward(cos, sin)
-
-    def backward(ctx, gq, gk):  # grads are materialised (zeros for an unused output)
-        _refuse_double_backward("rope", gq)
-        cos, sin = ctx.saved_tensors
-        dq, dk = backward_op(gq, gk, cos, sin)
-        return dq, dk, None, None
-
-    return setup, backward
+def _setup_rope(ctx, inputs, output):
+    _, _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
 
 
-def _register_rope(suffix: str) -> None:
-    torch.library.register_fake(f"rgpt4d::rope{suffix}")(_fake_rope)
-    torch.library.register_fake(f"rgpt4d::rope_backward{suffix}")(_fake_rope)
-    setup, backward = _make_rope_autograd(getattr(torch.ops.rgpt4d, f"rope_backward{suffix}"))
-    torch.library.register_autograd(f"rgpt4d::rope{suffix}", backward, setup_context=setup)
+def _rope_backward(ctx, gq, gk):  # grads are materialised (zeros for an unused output)
+    refuse_double_backward("rope", gq)
+    cos, sin = ctx.saved_tensors
+    dq, dk = ctx.ops.rope_backward(gq, gk, cos, sin)
+    return dq, dk, None, None
 
 
-_register_rope("_triton")
-if _backend.extension_loaded() and hasattr(torch.ops.rgpt4d, "rope"):
-    _register_rope("")
+ROPE = LM.op("rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)", fake=_fake_rope,
+             triton=lambda K, *a: K.rope(*a), autograd=(_setup_rope, _rope_backward))
+LM.op("rope_backward", "(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor, Tensor)", fake=_fake_rope,
+      triton=lambda K, *a: K.rope(*a, backward=True))
 
 
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, *, backend: Optional[str] = None,
@@ -491,10 +412,10 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1,
             raise TypeError(f"{op}: q and k must share a dtype, got {q.dtype} and {k.dtype}")
         if not (q.device == k.device == cos.device == sin.device):
             raise ValueError(f"{op}: q, k, cos and sin must be on one device")
-    be = _backend.resolve(op, FAMILY, q.device, backend)
+    be = ROPE.select(q.device, backend)
     if be == "eager" or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return rope_eager(q, k, cos, sin, unsqueeze_dim)
-    fn = torch.ops.rgpt4d.rope_triton if be == "triton" else torch.ops.rgpt4d.rope
+    fn = ROPE.kernel(be)
     if unsqueeze_dim == 2:
         qo, ko = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return qo.transpose(1, 2), ko.transpose(1, 2)

@@ -33,8 +33,8 @@ first-order gradients only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections import abc as _abc
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
@@ -42,9 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgpt4d.ops import _backend
-
-FAMILY = "p4d"
+from rgpt4d.ops.registry import Family, acc_dtype, refuse_double_backward, scaled
 
 KINDS = {"smooth_l1": 0, "mse": 1, "l1": 2}
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -56,13 +54,24 @@ _FLAG_LOG, _FLAG_GRAD, _FLAG_MASK = 1, 2, 4
 
 @dataclass(frozen=True)
 class P4DPreset:
-    """Loss kind, weights and log-space terms of one configuration of the P4D loss."""
+    """One configuration of the P4D loss: the loss of each term, its weight, and its space.
 
-    kind: str
-    latent_weight: float     # alpha
-    explicit_weight: float   # beta, multiplies every head weight
+    A term is "latent" or an explicit head's name. Every term uses `kind` (and the SmoothL1
+    threshold `beta`) unless `kinds` / `betas` name it; the terms in `log_space` are compared as
+    log(x + 1e-8). Derive a variant with `PRESETS["paper"].replace(kinds={"flow": "l1"})`.
+    """
+
+    kind: str                 # "smooth_l1" | "mse" | "l1"
+    latent_weight: float      # alpha
+    explicit_weight: float    # beta of the paper, multiplies every head weight
     head_weights: Mapping[str, float] = field(default_factory=dict)  # lambda_m
-    log_space: tuple = ()    # terms compared as log(x + 1e-8)
+    log_space: tuple = ()     # terms compared as log(x + 1e-8)
+    beta: float = 1.0         # the SmoothL1 threshold (1.0, as torch)
+    kinds: Mapping[str, str] = field(default_factory=dict)     # per-term kind
+    betas: Mapping[str, float] = field(default_factory=dict)   # per-term SmoothL1 threshold
+
+    def replace(self, **changes) -> "P4DPreset":
+        return dataclasses.replace(self, **changes)
 
 
 PRESETS = {
@@ -90,10 +99,6 @@ class _Term:
     weight: float  # effective weight in the total (alpha, or beta * lambda_m)
 
 
-def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------
 # Eager references (readable; the tests compare every backend with a float64 composition)
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +122,7 @@ def p4d_term_eager(pred: Tensor, target: Tensor, mask: Optional[Tensor] = None, 
     The target is detached: it never receives gradient.
     """
     k = KINDS[kind] if isinstance(kind, str) else kind
-    acc = _acc_dtype(pred.dtype, target.dtype)
+    acc = acc_dtype(pred.dtype, target.dtype)
     p, t = pred.to(acc), target.detach().to(acc)
     if mask is not None:
         m = _broadcast_mask(mask, pred.shape)
@@ -137,7 +142,7 @@ def p4d_term_eager(pred: Tensor, target: Tensor, mask: Optional[Tensor] = None, 
 def _p4d_loss_eager(terms: list, reduction: str, log_eps: float) -> tuple[Tensor, list]:
     losses = [p4d_term_eager(t.pred, t.target, t.mask, kind=t.kind, beta=t.beta, log_space=t.log,
                              reduction=reduction, log_eps=log_eps) for t in terms]
-    acc = _acc_dtype(*(x.dtype for x in losses))
+    acc = acc_dtype(*(x.dtype for x in losses))
     total = sum(t.weight * loss.to(acc) for t, loss in zip(terms, losses))
     return total, [loss.to(acc) for loss in losses]
 
@@ -152,7 +157,7 @@ def fused_linear_latent_loss_eager(h: Tensor, weight: Tensor, bias: Optional[Ten
     """
     k = KINDS[kind] if isinstance(kind, str) else kind
     y = F.linear(h, weight, bias)
-    acc = _acc_dtype(y.dtype, target.dtype)
+    acc = acc_dtype(y.dtype, target.dtype)
     y, t = y.to(acc), target.detach().to(acc)
     if mask is not None:
         m = torch.broadcast_to(mask, h.shape[:-1])
@@ -195,39 +200,9 @@ def _canonical_mask(mask: Tensor, shape) -> tuple[Tensor, int]:
     return torch.broadcast_to(mask.reshape(mshape), shape).reshape(-1).contiguous(), 1
 
 
-def _is_map(value) -> bool:
-    # dict first: isinstance against the Mapping ABC costs microseconds per call, and this runs
-    # several times per term on every call
-    return type(value) is dict or isinstance(value, _abc.Mapping)
-
-
-def _per_term(value, name: str, default):
-    """A per-term option given as one value for every term, or a dict keyed by term name."""
-    if _is_map(value):
-        return value.get(name, default)
-    return default if value is None else value
-
-
-_CONFIG_CACHE: dict = {}
-_CONFIG_CACHE_MAX = 256
-
-
-def _freeze(value):
-    """A hashable key for an option value (type included: 1 and True differ here), or TypeError."""
-    if value is None or type(value) in (str, float, int, bool):
-        return (type(value).__name__, value)
-    if _is_map(value):
-        return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
-    if type(value) in (list, tuple, set, frozenset):
-        return ("seq", tuple(sorted(value)))
-    raise TypeError("unhashable option")
-
-
-def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit_targets, preset, weights, kind,
-                   beta, masks, log_space) -> list:
-    if not (type(explicit_preds) is dict and type(explicit_targets) is dict):
-        explicit_preds = dict(explicit_preds or {})
-        explicit_targets = dict(explicit_targets or {})
+def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit_targets, preset, weights,
+                   masks) -> list:
+    explicit_preds, explicit_targets = dict(explicit_preds or {}), dict(explicit_targets or {})
     if explicit_preds.keys() != explicit_targets.keys():
         missing = sorted(set(explicit_preds) ^ set(explicit_targets))
         raise ValueError(f"{op}: explicit_preds and explicit_targets must have the same heads; "
@@ -239,82 +214,57 @@ def _resolve_terms(op: str, latent_pred, latent_target, explicit_preds, explicit
     names = (["latent"] if latent_pred is not None else []) + list(explicit_preds)
     if not names:
         raise ValueError(f"{op}: no terms: pass latent_pred/latent_target and/or explicit heads")
-    # The per-term settings depend only on the names and the options: computed (and checked)
-    # once per distinct call signature, then reused (a training loop calls with the same ones).
-    # Not while torch.compile traces: the graph holds the result anyway, and torch 2.11's dynamo
-    # cannot hash the key (type(value).__name__ in _freeze).
-    key = None
-    if type(preset) is str and not torch.compiler.is_compiling():
-        try:
-            key = (preset, tuple(names), _freeze(weights), _freeze(kind), _freeze(beta), _freeze(log_space),
-                   None if masks is None else tuple(sorted(masks)))
-        except TypeError:  # an option we do not know how to key: resolved afresh
-            key = None
-    config = _CONFIG_CACHE.get(key) if key is not None else None
-    if config is None:
-        config = _term_config(op, names, preset, weights, kind, beta, masks, log_space)
-        if key is not None:
-            if len(_CONFIG_CACHE) >= _CONFIG_CACHE_MAX:
-                _CONFIG_CACHE.clear()
-            _CONFIG_CACHE[key] = config
-    masks = masks or {}
+    masks = dict(masks or {})
+    for key in masks:
+        if key not in names:
+            raise ValueError(f"{op}: masks[{key!r}] given but there is no {key!r} term; terms here are {names}")
     terms = []
-    for name, k, b, lg, w in config:
-        if name == "latent":
-            pred, target = latent_pred, latent_target
-        else:
-            pred, target = explicit_preds[name], explicit_targets[name]
+    for name, k, b, lg, w in _term_config(op, names, _preset(op, preset), dict(weights or {})):
+        pred, target = (latent_pred, latent_target) if name == "latent" else (explicit_preds[name],
+                                                                            explicit_targets[name])
         terms.append(_Term(name, pred, target, masks.get(name), k, b, lg, w))
     return terms
 
 
-def _term_config(op: str, names: list, preset, weights, kind, beta, masks, log_space) -> tuple:
-    """(name, kind id, beta, log space, weight in the total) per term, with the options checked."""
+def _preset(op: str, preset) -> P4DPreset:
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"{op}: preset must be one of {sorted(PRESETS)} or a P4DPreset, got {preset!r}")
-        preset = PRESETS[preset]
-    elif not isinstance(preset, P4DPreset):
+        return PRESETS[preset]
+    if not isinstance(preset, P4DPreset):
         raise TypeError(f"{op}: preset must be a name ({sorted(PRESETS)}) or a P4DPreset, got {type(preset).__name__}")
-    weights = dict(weights or {})
-    # Option keys: term names; weights may also name "explicit" (beta) and heads of the preset
-    # that this call does not have (one weights dict serves batches with and without them).
-    for key in weights:
-        if key not in names and key != "explicit" and key not in preset.head_weights:
-            raise ValueError(f"{op}: weights[{key!r}]: unknown term; terms here are {names} (weights may also "
-                             f"name 'explicit', the factor of every head, or a head of the preset)")
-    for what, opt in (("masks", masks), ("kind", kind), ("beta", beta), ("log_space", log_space)):
-        if _is_map(opt) or (what == "log_space" and not isinstance(opt, (bool, type(None)))):
-            for key in opt:
-                if key not in names:
-                    raise ValueError(f"{op}: {what}[{key!r}] given but there is no {key!r} term; terms here are "
-                                     f"{names}")
+    return preset
+
+
+def _term_config(op: str, names: list, preset: P4DPreset, weights: dict) -> list:
+    """(name, kind id, beta, log space, weight in the total) per term, with the options checked.
+    Option keys may name the terms of this call, "latent", and the preset's heads (one preset and
+    one weights dict serve batches with and without a head); weights may also name "explicit"."""
+    known = set(names) | {"latent"} | set(preset.head_weights)
+    for what, keys in (("weights", set(weights) - {"explicit"}), ("kinds", preset.kinds), ("betas", preset.betas),
+                       ("log_space", preset.log_space)):
+        for key in keys:
+            if key not in known:
+                raise ValueError(f"{op}: {what}[{key!r}]: unknown term; terms here are {names} (the preset's heads: "
+                                 f"{sorted(preset.head_weights)})")
     explicit_w = float(weights.get("explicit", preset.explicit_weight))
     config = []
     for name in names:
         if name == "latent":
             w = float(weights.get("latent", preset.latent_weight))
+        elif name in weights or name in preset.head_weights:
+            w = explicit_w * float(weights.get(name, preset.head_weights.get(name, 0.0)))
         else:
-            if name in weights:
-                lam = float(weights[name])
-            elif name in preset.head_weights:
-                lam = float(preset.head_weights[name])
-            else:
-                raise ValueError(f"{op}: no weight for head {name!r} (preset weights: "
-                                 f"{dict(preset.head_weights)}); pass weights={{{name!r}: ...}}")
-            w = explicit_w * lam
-        k = _per_term(kind, name, preset.kind)
+            raise ValueError(f"{op}: no weight for head {name!r} (preset weights: {dict(preset.head_weights)}); "
+                             f"pass weights={{{name!r}: ...}}")
+        k = preset.kinds.get(name, preset.kind)
         if k not in KINDS:
             raise ValueError(f"{op}: term {name!r}: kind must be one of {sorted(KINDS)}, got {k!r}")
-        b = float(_per_term(beta, name, 1.0))
+        b = float(preset.betas.get(name, preset.beta))
         if not b >= 0:
             raise ValueError(f"{op}: term {name!r}: beta must be >= 0, got {b}")
-        if log_space is None or isinstance(log_space, bool) or _is_map(log_space):
-            lg = bool(_per_term(log_space, name, name in preset.log_space))
-        else:  # an iterable of term names
-            lg = name in set(log_space)
-        config.append((name, KINDS[k], b, lg, w))
-    return tuple(config)
+        config.append((name, KINDS[k], b, name in preset.log_space, w))
+    return config
 
 
 def _validate_terms(op: str, terms: list) -> None:
@@ -350,47 +300,12 @@ def _validate_mask(op: str, what: str, mask, shape, of: str, device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton custom ops (the compiled cpu/cuda ops are declared in csrc/p4d/p4d.cpp)
-# ---------------------------------------------------------------------------------------------
-
-
-def _kernels():
-    from rgpt4d.kernels import p4d as K  # imported on first use: TRITON_INTERPRET must be set first
-
-    return K
-
-
-@torch.library.custom_op("rgpt4d::p4d_loss_triton", mutates_args=())
-def _p4d_loss_triton(preds: list[Tensor], targets: list[Tensor], masks: list[Tensor], mask_inner: list[int],
-                     kinds: list[int], betas: list[float], flags: list[int], weights: list[float], mean: bool,
-                     log_eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
-    return _kernels().p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, mean, log_eps)
-
-
-@torch.library.custom_op("rgpt4d::p4d_linear_loss_triton", mutates_args=())
-def _p4d_linear_loss_triton(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, mask: Optional[Tensor],
-                            kind: int, beta: float, reduction: int, chunk_size: int, need_h_grad: bool,
-                            need_w_grad: bool, need_b_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_size, need_h_grad,
-                                      need_w_grad, need_b_grad)
-
-
-@torch.library.custom_op("rgpt4d::p4d_linear_loss_backward_triton", mutates_args=())
-def _p4d_linear_loss_backward_triton(grad_loss: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                     target: Tensor, mask: Optional[Tensor], kind: int, beta: float, chunk_size: int,
-                                     need_h_grad: bool, need_w_grad: bool,
-                                     need_b_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().linear_loss_bwd(grad_loss, h, weight, bias, target, mask, kind, beta, chunk_size, need_h_grad,
-                                      need_w_grad, need_b_grad)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementations and autograd, shared by the compiled and the Triton ops
+# Declaration: schemas, fake functions, autograd (csrc/p4d/ and kernels/p4d.py implement them)
 # ---------------------------------------------------------------------------------------------
 
 
 def _fake_p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, mean, log_eps):
-    acc = _acc_dtype(*(p.dtype for p in preds), *(t.dtype for t in targets))
+    acc = acc_dtype(*(p.dtype for p in preds), *(t.dtype for t in targets))
     grads = [torch.empty_like(p, memory_format=torch.contiguous_format) if flags[i] & _FLAG_GRAD
              else p.new_empty((0,)) for i, p in enumerate(preds)]
     return preds[0].new_empty((), dtype=acc), preds[0].new_empty((len(preds),), dtype=acc), grads
@@ -398,7 +313,7 @@ def _fake_p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weigh
 
 def _fake_linear_loss(h, weight, bias, target, mask, kind, beta, reduction, chunk_size, need_h_grad, need_w_grad,
                       need_b_grad):
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     now = reduction != 0
     loss = h.new_empty((h.shape[0],) if reduction == 0 else (), dtype=acc)
     gh = h.new_empty(h.shape) if (need_h_grad and now) else h.new_empty((0,))
@@ -410,31 +325,12 @@ def _fake_linear_loss(h, weight, bias, target, mask, kind, beta, reduction, chun
 
 def _fake_linear_loss_backward(grad_loss, h, weight, bias, target, mask, kind, beta, chunk_size, need_h_grad,
                                need_w_grad, need_b_grad):
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     gh = h.new_empty(h.shape) if need_h_grad else h.new_empty((0,))
     gw = h.new_empty(weight.shape, dtype=acc) if need_w_grad else h.new_empty((0,), dtype=acc)
     gb = (h.new_empty((weight.shape[0],), dtype=acc) if (need_b_grad and bias is not None)
           else h.new_empty((0,), dtype=acc))
     return gh, gw, gb
-
-
-def _eager_tensor(t) -> bool:
-    """A real tensor (not a fake/functional one traced by torch.compile)."""
-    return type(t) is torch.Tensor
-
-
-def _scaled(buf: Tensor, s: Tensor) -> Tensor:
-    """buf * s: the gradient computed in forward, scaled by the real grad_output. When s is
-    exactly 1 on the CPU (the usual `loss.backward()`), buf itself: no pass over it, no copy."""
-    if _eager_tensor(s) and s.device.type == "cpu" and not s.requires_grad and float(s) == 1.0:
-        return buf
-    return buf * s
-
-
-def _refuse_double_backward(op: str, g: Tensor) -> None:
-    if torch.is_grad_enabled() and _eager_tensor(g):
-        raise RuntimeError(f"{op}: the fused kernels compute first-order gradients in forward; double backward "
-                           "(create_graph=True) is not supported. Use backend='eager' for higher-order gradients.")
 
 
 def _setup_p4d_loss(ctx, inputs, output):
@@ -450,7 +346,7 @@ def _setup_p4d_loss(ctx, inputs, output):
 def _host_scalars(g: Optional[Tensor]):
     """g as Python numbers when it is a real CPU tensor outside any graph (read once: no tensor
     op per term), else g itself."""
-    if g is not None and _eager_tensor(g) and g.device.type == "cpu" and not g.requires_grad:
+    if g is not None and type(g) is torch.Tensor and g.device.type == "cpu" and not g.requires_grad:
         return g.tolist()
     return g
 
@@ -459,7 +355,7 @@ def _buffer_grads(flags, weights, need, bufs, g_total, g_losses) -> list:
     """The gradient of each prediction from the buffers computed in forward: bufs[i] holds
     f * dL_i/dpred (f the weight w, or 1 when w is 0); d(total)/dpred = w * dL_i/dpred and
     d(losses[i])/dpred = dL_i/dpred. A factor of exactly 1 returns the buffer itself."""
-    _refuse_double_backward("p4d_loss", g_total if g_total is not None else g_losses)
+    refuse_double_backward("p4d_loss", g_total if g_total is not None else g_losses)
     g_total, g_losses = _host_scalars(g_total), _host_scalars(g_losses)
     grads = []
     for i, buf in enumerate(bufs):
@@ -480,7 +376,7 @@ def _buffer_grads(flags, weights, need, bufs, g_total, g_losses) -> list:
         elif isinstance(s, float):
             grads.append(buf if s == 1.0 else buf * s)
         else:
-            grads.append(_scaled(buf, s))
+            grads.append(scaled(buf, s))
     return grads
 
 
@@ -490,37 +386,6 @@ def _p4d_loss_backward(ctx, g_total, g_losses, _g_grads):
     grads = _buffer_grads(ctx.flags, ctx.weights, need, ctx.saved_tensors, g_total, g_losses)
     none = [None] * ctx.n
     return grads, none, none, None, None, None, None, None, None, None
-
-
-_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
-
-
-def _traced() -> bool:
-    """Inside torch.compile or a functorch transform: use the registered op and its autograd."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return torch.compiler.is_compiling() or (active is not None and active())
-
-
-class _P4DLossFunction(torch.autograd.Function):
-    """Eager calls of the compiled/Triton p4d_loss with gradients: the op runs below the
-    autograd dispatch key and the gradient buffers are saved here, so the call skips the
-    generic Python autograd of torch.library (a few hundred microseconds per call). Same
-    semantics as the registered autograd (_setup_p4d_loss / _p4d_loss_backward), which traced
-    calls (torch.compile) use."""
-
-    @staticmethod
-    def forward(ctx, fn, rest, *preds):
-        with _below_autograd():
-            total, losses, grads = fn(list(preds), *rest)
-        ctx.flags, ctx.weights = rest[5], rest[6]
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*grads)  # released after backward (unless retain_graph)
-        return total, losses
-
-    @staticmethod
-    def backward(ctx, g_total, g_losses):
-        grads = _buffer_grads(ctx.flags, ctx.weights, ctx.needs_input_grad[2:], ctx.saved_tensors, g_total, g_losses)
-        return (None, None, *grads)
 
 
 def _setup_linear_loss(ctx, inputs, output):
@@ -541,51 +406,47 @@ def _setup_linear_loss(ctx, inputs, output):
         ctx.save_for_backward(gh, gw, gb)
 
 
-def _make_linear_loss_backward(backward_op):
-    def backward(ctx, g_loss, _gh, _gw, _gb):
-        if g_loss is None:
-            return (None,) * 12
-        _refuse_double_backward("fused_linear_latent_loss", g_loss)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        if ctx.reduction == 0:
-            h, weight, bias, target, mask = ctx.saved_tensors
-            kind, beta, chunk = ctx.cfg
-            gh, gw, gb = backward_op(g_loss.contiguous(), h, weight, bias, target, mask, kind, beta, chunk,
-                                     bool(need_h), bool(need_w), bool(need_b and ctx.has_bias))
-        else:
-            gh, gw, gb = ctx.saved_tensors
-            for name, need, buf in (("h", need_h, gh), ("weight", need_w, gw), ("bias", need_b and ctx.has_bias, gb)):
-                if need and buf.numel() == 0 and ctx.numels[name] > 0:
-                    raise RuntimeError(f"fused_linear_latent_loss: the gradient of {name} was not computed in forward "
-                                       f"(need_{name[0]}_grad was False); call the op with it set when {name} "
-                                       "requires grad")
-            gh = _scaled(gh, g_loss) if need_h else None
-            gw = _scaled(gw, g_loss) if need_w else None
-            gb = _scaled(gb, g_loss) if (need_b and ctx.has_bias) else None
-        gh = gh if need_h else None
-        gw = gw.to(w_dtype) if need_w else None
-        gb = gb.to(b_dtype) if (need_b and ctx.has_bias) else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None, None
-
-    return backward
+def _linear_loss_backward(ctx, g_loss, _gh, _gw, _gb):
+    if g_loss is None:
+        return (None,) * 12
+    refuse_double_backward("fused_linear_latent_loss", g_loss)
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    _, w_dtype, b_dtype = ctx.dtypes
+    if ctx.reduction == 0:
+        h, weight, bias, target, mask = ctx.saved_tensors
+        kind, beta, chunk = ctx.cfg
+        gh, gw, gb = ctx.ops.p4d_linear_loss_backward(g_loss.contiguous(), h, weight, bias, target, mask, kind, beta,
+                                                      chunk, bool(need_h), bool(need_w), bool(need_b and ctx.has_bias))
+    else:
+        gh, gw, gb = ctx.saved_tensors
+        for name, need, buf in (("h", need_h, gh), ("weight", need_w, gw), ("bias", need_b and ctx.has_bias, gb)):
+            if need and buf.numel() == 0 and ctx.numels[name] > 0:
+                raise RuntimeError(f"fused_linear_latent_loss: the gradient of {name} was not computed in forward "
+                                   f"(need_{name[0]}_grad was False); call the op with it set when {name} "
+                                   "requires grad")
+        gh = scaled(gh, g_loss) if need_h else None
+        gw = scaled(gw, g_loss) if need_w else None
+        gb = scaled(gb, g_loss) if (need_b and ctx.has_bias) else None
+    gh = gh if need_h else None
+    gw = gw.to(w_dtype) if need_w else None
+    gb = gb.to(b_dtype) if (need_b and ctx.has_bias) else None
+    return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
-def _register(names: dict) -> None:
-    torch.library.register_fake(names["loss"])(_fake_p4d_loss)
-    torch.library.register_fake(names["linear"])(_fake_linear_loss)
-    torch.library.register_fake(names["linear_bwd"])(_fake_linear_loss_backward)
-    torch.library.register_autograd(names["loss"], _p4d_loss_backward, setup_context=_setup_p4d_loss)
-    linear_bwd = getattr(torch.ops.rgpt4d, names["linear_bwd"].split("::")[1])
-    torch.library.register_autograd(names["linear"], _make_linear_loss_backward(linear_bwd),
-                                    setup_context=_setup_linear_loss)
-
-
-_register({"loss": "rgpt4d::p4d_loss_triton", "linear": "rgpt4d::p4d_linear_loss_triton",
-           "linear_bwd": "rgpt4d::p4d_linear_loss_backward_triton"})
-if _backend.extension_loaded():
-    _register({"loss": "rgpt4d::p4d_loss", "linear": "rgpt4d::p4d_linear_loss",
-               "linear_bwd": "rgpt4d::p4d_linear_loss_backward"})
+P4D = Family("p4d")
+P4D_LOSS = P4D.op(
+    "p4d_loss", "(Tensor[] preds, Tensor[] targets, Tensor[] masks, int[] mask_inner, int[] kinds, float[] betas, "
+    "int[] flags, float[] weights, bool mean, float log_eps) -> (Tensor, Tensor, Tensor[])",
+    fake=_fake_p4d_loss, triton=lambda K, *a: K.p4d_loss(*a), autograd=(_setup_p4d_loss, _p4d_loss_backward))
+P4D_LINEAR_LOSS = P4D.op(
+    "p4d_linear_loss", "(Tensor h, Tensor weight, Tensor? bias, Tensor target, Tensor? mask, int kind, float beta, "
+    "int reduction, int chunk_size, bool need_h_grad, bool need_w_grad, bool need_b_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)", fake=_fake_linear_loss, triton=lambda K, *a: K.linear_loss_fwd(*a),
+    autograd=(_setup_linear_loss, _linear_loss_backward), api="fused_linear_latent_loss")
+P4D.op("p4d_linear_loss_backward",
+       "(Tensor grad_loss, Tensor h, Tensor weight, Tensor? bias, Tensor target, Tensor? mask, int kind, float beta, "
+       "int chunk_size, bool need_h_grad, bool need_w_grad, bool need_b_grad) -> (Tensor, Tensor, Tensor)",
+       fake=_fake_linear_loss_backward, triton=lambda K, *a: K.linear_loss_bwd(*a))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,15 +454,11 @@ if _backend.extension_loaded():
 # ---------------------------------------------------------------------------------------------
 
 
-PerTerm = Union[None, str, float, bool, Mapping]
-
-
 def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
              explicit_preds: Optional[Mapping[str, Tensor]] = None,
              explicit_targets: Optional[Mapping[str, Tensor]] = None, *,
              preset: Union[str, P4DPreset] = "paper", weights: Optional[Mapping[str, float]] = None,
-             kind: PerTerm = None, beta: PerTerm = 1.0, masks: Optional[Mapping[str, Tensor]] = None,
-             log_space: PerTerm = None, reduction: str = "mean", backend: Optional[str] = None,
+             masks: Optional[Mapping[str, Tensor]] = None, reduction: str = "mean", backend: Optional[str] = None,
              validate: bool = True) -> P4DLossOutput:
     """The P4D distillation loss: total = alpha * L_LD + beta * sum_m lambda_m * L_m.
 
@@ -610,14 +467,11 @@ def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
             e.g. [B, N', h', w', C] or [B, tokens, C]); None for an explicit-only loss.
         explicit_preds, explicit_targets: dicts keyed by head name ("depth", "flow", "motion",
             "camray", or any name) of matching-shape tensors.
-        preset: "paper" or "code" (module docstring), or a P4DPreset.
+        preset: "paper" or "code" (module docstring), or a P4DPreset (each term's loss kind,
+            SmoothL1 threshold and log space; e.g. PRESETS["paper"].replace(kinds={"flow": "l1"})).
         weights: overrides by term: "latent" (alpha), "explicit" (beta), or a head (lambda_m).
-        kind: "smooth_l1" | "mse" | "l1" for every term, or a dict by term name (else the preset's).
-        beta: the SmoothL1 threshold (1.0, as torch), one value or a dict by term name.
         masks: dict by term name of bool tensors broadcastable to that term's prediction; the
             mean runs over valid elements, and a term with none is 0 with zero gradient (no NaN).
-        log_space: compare log(x + 1e-8): a bool for every term, a dict by term name, or an
-            iterable of term names (else the preset's: depth in "code").
         reduction: "mean" (per term, over its valid elements) or "sum".
         backend: "eager" | "cpu" | "triton" | "cuda" | None (automatic).
         validate: check names, shapes, dtypes, devices (cheap; no data is read).
@@ -632,18 +486,16 @@ def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
     if reduction not in ("mean", "sum"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum' (per-element losses: F.smooth_l1_loss / "
                          f"F.mse_loss with reduction='none'), got {reduction!r}")
-    terms = _resolve_terms(op, latent_pred, latent_target, explicit_preds, explicit_targets, preset, weights, kind,
-                           beta, masks, log_space)
+    terms = _resolve_terms(op, latent_pred, latent_target, explicit_preds, explicit_targets, preset, weights, masks)
     if validate:
         _validate_terms(op, terms)
     device = terms[0].pred.device
-    be = _backend.resolve(op, FAMILY, device, backend)
+    be = P4D_LOSS.select(device, backend)
     names = [t.name for t in terms]
     if be == "eager":
         total, losses = _p4d_loss_eager(terms, reduction, LOG_EPS)
         return P4DLossOutput(total, dict(zip(names, losses)))
     grad_on = torch.is_grad_enabled()
-    traced = _below_autograd is None or _traced()
     masks_c, inner, flags = [], [], []
     for t in terms:
         fl = (_FLAG_LOG if t.log else 0) | (_FLAG_GRAD if (grad_on and t.pred.requires_grad) else 0)
@@ -651,37 +503,14 @@ def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
             m, k = _canonical_mask(t.mask, t.pred.shape)
             fl |= _FLAG_MASK
         else:
-            m, k = (t.pred.new_empty((0,), dtype=torch.bool) if traced else _no_mask(device)), 1
+            m, k = t.pred.new_empty((0,), dtype=torch.bool), 1  # never read
         masks_c.append(m)
         inner.append(k)
         flags.append(fl)
-    fn = torch.ops.rgpt4d.p4d_loss_triton.default if be == "triton" else torch.ops.rgpt4d.p4d_loss.default
-    preds = [t.pred for t in terms]
-    # Outside a trace the op runs below autograd, so the targets need no detach() (it is one
-    # tensor op per term): they are never recorded in any graph.
-    targets = [t.target.detach() for t in terms] if traced else [t.target for t in terms]
-    rest = (targets, masks_c, inner, [t.kind for t in terms], [t.beta for t in terms],
-            flags, [t.weight for t in terms], reduction == "mean", LOG_EPS)
-    if traced:
-        total, losses, _ = fn(preds, *rest)
-    elif any(fl & _FLAG_GRAD for fl in flags):
-        total, losses = _P4DLossFunction.apply(fn, rest, *preds)
-    else:  # no gradient wanted: no autograd at all
-        with _below_autograd():
-            total, losses, _ = fn(preds, *rest)
+    total, losses, _ = P4D_LOSS.kernel(be)([t.pred for t in terms], [t.target.detach() for t in terms], masks_c, inner,
+                                           [t.kind for t in terms], [t.beta for t in terms], flags,
+                                           [t.weight for t in terms], reduction == "mean", LOG_EPS)
     return P4DLossOutput(total, dict(zip(names, losses.unbind(0))))
-
-
-_NO_MASK: dict = {}
-
-
-def _no_mask(device: torch.device) -> Tensor:
-    """The empty bool placeholder of a term without a mask (the op never reads or returns it):
-    one per device, instead of a new tensor per term and call."""
-    m = _NO_MASK.get(device)
-    if m is None:
-        m = _NO_MASK[device] = torch.empty((0,), dtype=torch.bool, device=device)
-    return m
 
 
 def _default_chunk(n: int, d_in: int, d_out: int) -> int:
@@ -725,7 +554,7 @@ def fused_linear_latent_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], 
         _validate_linear(op, h, weight, bias, target, mask, beta, chunk_size)
     lead = tuple(h.shape[:-1])
     N = math.prod(lead)
-    be = _backend.resolve(op, FAMILY, h.device, backend)
+    be = P4D_LINEAR_LOSS.select(h.device, backend)
     if be == "eager":
         return fused_linear_latent_loss_eager(h, weight, bias, target, kind=kind, beta=beta, mask=mask,
                                               reduction=reduction)
@@ -736,8 +565,8 @@ def fused_linear_latent_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], 
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
-    fn = torch.ops.rgpt4d.p4d_linear_loss_triton if be == "triton" else torch.ops.rgpt4d.p4d_linear_loss
-    loss, _, _, _ = fn(h2, weight, bias, t2, m1, KINDS[kind], float(beta), REDUCTIONS[reduction], chunk, *need)
+    loss, _, _, _ = P4D_LINEAR_LOSS.kernel(be)(h2, weight, bias, t2, m1, KINDS[kind], float(beta),
+                                               REDUCTIONS[reduction], chunk, *need)
     return loss.reshape(lead) if reduction == "none" else loss
 
 
@@ -775,14 +604,14 @@ def _validate_linear(op, h, weight, bias, target, mask, beta, chunk_size) -> Non
 
 
 class P4DLoss(nn.Module):
-    """The P4D loss as a module: P4DLoss(preset="paper"|"code", **overrides).
+    """The P4D loss as a module: P4DLoss(preset="paper"|"code"|P4DPreset, **overrides).
 
-    Overrides are p4d_loss's keyword arguments (weights, kind, beta, log_space, reduction,
-    backend). forward(latent_pred, latent_target, explicit_preds=None, explicit_targets=None,
-    masks=None) -> P4DLossOutput(total, terms).
+    Overrides are p4d_loss's keyword arguments (weights, reduction, backend, validate).
+    forward(latent_pred, latent_target, explicit_preds=None, explicit_targets=None, masks=None)
+    -> P4DLossOutput(total, terms).
     """
 
-    _OVERRIDES = ("weights", "kind", "beta", "log_space", "reduction", "backend", "validate")
+    _OVERRIDES = ("weights", "reduction", "backend", "validate")
 
     def __init__(self, preset: Union[str, P4DPreset] = "paper", **overrides):
         super().__init__()

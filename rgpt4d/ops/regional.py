@@ -17,7 +17,7 @@ Non-finite box coordinates (nan/inf): the RoI samples nothing, so its pooled val
 receives no gradient (torchvision's CPU kernel gives zeros for nan and crashes on inf). region_pool
 still adds the TPE to such a token when the region is valid; use ``valid`` to drop a region.
 
-Backends (see rgpt4d.ops._backend): eager (this file), cpu/cuda (csrc/regional/), triton
+Backends (rgpt4d/ops/registry.py): eager (this file), cpu/cuda (csrc/regional/), triton
 (kernels/regional.py).
 """
 
@@ -30,18 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 
-from rgpt4d.ops import _backend
+from rgpt4d.ops.registry import Family, acc_dtype
 from rgpt4d.ops.tpe import frame_encoding_eager
-
-FAMILY = "regional"
 
 # ---------------------------------------------------------------------------------------------
 # Eager references (readable; the tests run them in float64 as the oracle)
 # ---------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pair(size) -> tuple[int, int]:
@@ -101,7 +95,7 @@ def roi_align_eager(input: Tensor, rois: Union[Tensor, Sequence[Tensor]], output
     ph, pw = _pair(output_size)
     N, C, H, W = input.shape
     K = rois.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     out = input.new_zeros((K, C, ph, pw), dtype=acc)
     if K == 0 or C == 0 or H == 0 or W == 0:
         return (out + input.flatten()[:0].sum()).to(input.dtype)  # stays connected to input for autograd
@@ -162,7 +156,7 @@ def region_pool_eager(features: Tensor, boxes: Tensor, *, output_size=(1, 1), sp
     B, T, C, H, W = features.shape
     R = boxes.shape[2]
     ph, pw = _pair(output_size)
-    acc = _acc_dtype(features.dtype)
+    acc = acc_dtype(features.dtype)
     frame = torch.arange(B * T, device=boxes.device).repeat_interleave(R).to(boxes.dtype)
     rois = torch.cat([frame[:, None], boxes.reshape(B * T * R, 4)], dim=1)
     out = roi_align_eager(features.reshape(B * T, C, H, W).to(acc), rois, (ph, pw), spatial_scale, sampling_ratio,
@@ -191,7 +185,7 @@ def mask_pool_eager(features: Tensor, masks: Tensor, *, eps: float = 1e-8, times
     if channels_last:
         features = _cl_to_bt_chw(features)
     B, T, C, H, W = features.shape
-    acc = _acc_dtype(features.dtype)
+    acc = acc_dtype(features.dtype)
     m = resize_masks_eager(masks, (H, W), acc).flatten(3)  # [B, T, R, HW]
     f = features.to(acc).flatten(3)  # [B, T, C, HW]
     out = torch.einsum("btrp,btcp->btrc", m, f) / (m.sum(-1, keepdim=True) + eps)
@@ -338,62 +332,7 @@ def _validate_mask_pool(features, masks, eps, timestamps, table, values: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton custom ops (the compiled cpu/cuda ops are declared in csrc/regional/regional.cpp)
-# ---------------------------------------------------------------------------------------------
-
-
-def _kernels():
-    from rgpt4d.kernels import regional as K  # imported on first use: TRITON_INTERPRET must be set first
-
-    return K
-
-
-@torch.library.custom_op("rgpt4d::roi_align_triton", mutates_args=())
-def _roi_align_triton(input: Tensor, rois: Tensor, spatial_scale: float, ph: int, pw: int, sampling_ratio: int,
-                      aligned: bool) -> Tensor:
-    return _kernels().roi_align_fwd(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
-
-
-@torch.library.custom_op("rgpt4d::roi_align_backward_triton", mutates_args=())
-def _roi_align_backward_triton(grad: Tensor, rois: Tensor, spatial_scale: float, ph: int, pw: int,
-                               sampling_ratio: int, aligned: bool, N: int, H: int, W: int, channels_last: bool,
-                               deterministic: bool) -> Tensor:
-    return _kernels().roi_align_bwd(grad, rois, spatial_scale, ph, pw, sampling_ratio, aligned, N, H, W,
-                                    channels_last, deterministic)
-
-
-@torch.library.custom_op("rgpt4d::region_pool_triton", mutates_args=())
-def _region_pool_triton(features: Tensor, boxes: Tensor, valid: Optional[Tensor], timestamps: Optional[Tensor],
-                        table: Optional[Tensor], spatial_scale: float, ph: int, pw: int, sampling_ratio: int,
-                        aligned: bool, base: float) -> Tensor:
-    return _kernels().region_pool_fwd(features, boxes, valid, timestamps, table, spatial_scale, ph, pw,
-                                      sampling_ratio, aligned, base)
-
-
-@torch.library.custom_op("rgpt4d::region_pool_backward_triton", mutates_args=())
-def _region_pool_backward_triton(grad: Tensor, boxes: Tensor, valid: Optional[Tensor], spatial_scale: float, ph: int,
-                                 pw: int, sampling_ratio: int, aligned: bool, H: int, W: int, channels_last: bool,
-                                 deterministic: bool) -> Tensor:
-    return _kernels().region_pool_bwd(grad, boxes, valid, spatial_scale, ph, pw, sampling_ratio, aligned, H, W,
-                                      channels_last, deterministic)
-
-
-@torch.library.custom_op("rgpt4d::mask_pool_triton", mutates_args=())
-def _mask_pool_triton(features: Tensor, masks: Tensor, timestamps: Optional[Tensor], table: Optional[Tensor],
-                      eps: float, base: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().mask_pool_fwd(features, masks, timestamps, table, eps, base)
-
-
-@torch.library.custom_op("rgpt4d::mask_pool_backward_triton", mutates_args=())
-def _mask_pool_backward_triton(grad: Tensor, features: Tensor, masks: Tensor, resized: Tensor, inv_z: Tensor,
-                               need_features_grad: bool, need_masks_grad: bool,
-                               channels_last: bool) -> tuple[Tensor, Tensor]:
-    return _kernels().mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, need_masks_grad,
-                                    channels_last)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementations and autograd, shared by the compiled and the Triton ops
+# Declaration: schemas, fake functions, autograd (csrc/regional/ and kernels/regional.py implement them)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -438,7 +377,7 @@ def _fake_region_pool_backward(grad, boxes, valid, spatial_scale, ph, pw, sampli
 def _fake_mask_pool(features, masks, timestamps, table, eps, base):
     B, T, C, H, W = features.shape
     R = masks.shape[2]
-    acc = _acc_dtype(features.dtype)
+    acc = acc_dtype(features.dtype)
     return (features.new_empty((B, T, R, C)), features.new_empty((B, T, R, H, W), dtype=acc),
             features.new_empty((B, T, R), dtype=acc))
 
@@ -450,9 +389,9 @@ def _fake_mask_pool_backward(grad, features, masks, resized, inv_z, need_feature
     return gf, gm
 
 
-def _table_grad(table_backward, grad_tokens: Tensor, timestamps: Tensor, num_rows: int, dtype) -> Tensor:
+def _table_grad(ctx, grad_tokens: Tensor, timestamps: Tensor) -> Tensor:
     det = torch.are_deterministic_algorithms_enabled()
-    return table_backward(grad_tokens, timestamps, num_rows, det).to(dtype)
+    return ctx.ops.tpe_table_backward(grad_tokens, timestamps, ctx.num_rows, det).to(ctx.table_dtype)
 
 
 def _setup_roi_align(ctx, inputs, output):
@@ -462,17 +401,14 @@ def _setup_roi_align(ctx, inputs, output):
     ctx.save_for_backward(rois)
 
 
-def _make_roi_align_backward(roi_backward):
-    def backward(ctx, grad):
-        (rois,) = ctx.saved_tensors
-        N, H, W, cl = ctx.shape
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            det = torch.are_deterministic_algorithms_enabled()
-            grad_input = roi_backward(grad, rois, *ctx.args, N, H, W, cl, det)
-        return grad_input, None, None, None, None, None, None
-
-    return backward
+def _roi_align_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    N, H, W, cl = ctx.shape
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        det = torch.are_deterministic_algorithms_enabled()
+        grad_input = ctx.ops.roi_align_backward(grad, rois, *ctx.args, N, H, W, cl, det)
+    return grad_input, None, None, None, None, None, None
 
 
 def _setup_region_pool(ctx, inputs, output):
@@ -484,22 +420,19 @@ def _setup_region_pool(ctx, inputs, output):
     ctx.save_for_backward(boxes, valid, timestamps if table is not None else None)
 
 
-def _make_region_pool_backward(region_backward, table_backward):
-    def backward(ctx, grad):
-        boxes, valid, timestamps = ctx.saved_tensors
-        H, W, cl = ctx.shape
-        grad_features = grad_table = None
-        if ctx.needs_input_grad[0]:
-            det = torch.are_deterministic_algorithms_enabled()
-            grad_features = region_backward(grad, boxes, valid, *ctx.args, H, W, cl, det)
-        if ctx.needs_input_grad[4]:
-            g = grad.sum(dim=(4, 5))  # the TPE is added to every output cell: [B, T, R, C]
-            if valid is not None:
-                g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
-            grad_table = _table_grad(table_backward, g, timestamps, ctx.num_rows, ctx.table_dtype)
-        return grad_features, None, None, None, grad_table, None, None, None, None, None, None
-
-    return backward
+def _region_pool_backward(ctx, grad):
+    boxes, valid, timestamps = ctx.saved_tensors
+    H, W, cl = ctx.shape
+    grad_features = grad_table = None
+    if ctx.needs_input_grad[0]:
+        det = torch.are_deterministic_algorithms_enabled()
+        grad_features = ctx.ops.region_pool_backward(grad, boxes, valid, *ctx.args, H, W, cl, det)
+    if ctx.needs_input_grad[4]:
+        g = grad.sum(dim=(4, 5))  # the TPE is added to every output cell: [B, T, R, C]
+        if valid is not None:
+            g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
+        grad_table = _table_grad(ctx, g, timestamps)
+    return grad_features, None, None, None, grad_table, None, None, None, None, None, None
 
 
 def _setup_mask_pool(ctx, inputs, output):
@@ -513,51 +446,44 @@ def _setup_mask_pool(ctx, inputs, output):
     ctx.save_for_backward(features, masks, resized, inv_z, timestamps if table is not None else None)
 
 
-def _make_mask_pool_backward(mask_backward, table_backward):
-    def backward(ctx, grad, _grad_resized=None, _grad_inv_z=None):
-        features, masks, resized, inv_z, timestamps = ctx.saved_tensors
-        need_f, need_m, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        grad_features = grad_masks = grad_table = None
-        if grad is None:  # only the non-differentiable outputs were used
-            return None, None, None, None, None, None
-        if need_f or need_m:
-            gf, gm = mask_backward(grad, features, masks, resized, inv_z, need_f, need_m, ctx.cl)
-            grad_features = gf if need_f else None
-            grad_masks = gm if need_m else None
-        if need_t:
-            grad_table = _table_grad(table_backward, grad, timestamps, ctx.num_rows, ctx.table_dtype)
-        return grad_features, grad_masks, None, grad_table, None, None
-
-    return backward
+def _mask_pool_backward(ctx, grad, _grad_resized=None, _grad_inv_z=None):
+    features, masks, resized, inv_z, timestamps = ctx.saved_tensors
+    need_f, need_m, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    grad_features = grad_masks = grad_table = None
+    if grad is None:  # only the non-differentiable outputs were used
+        return None, None, None, None, None, None
+    if need_f or need_m:
+        gf, gm = ctx.ops.mask_pool_backward(grad, features, masks, resized, inv_z, need_f, need_m, ctx.cl)
+        grad_features = gf if need_f else None
+        grad_masks = gm if need_m else None
+    if need_t:
+        grad_table = _table_grad(ctx, grad, timestamps)
+    return grad_features, grad_masks, None, grad_table, None, None
 
 
-def _register(ns: str, suffix: str) -> None:
-    def name(op):
-        return f"{ns}::{op}{suffix}"
-
-    def handle(op):
-        return getattr(torch.ops.rgpt4d, f"{op}{suffix}")
-
-    torch.library.register_fake(name("roi_align"))(_fake_roi_align)
-    torch.library.register_fake(name("roi_align_backward"))(_fake_roi_align_backward)
-    torch.library.register_fake(name("region_pool"))(_fake_region_pool)
-    torch.library.register_fake(name("region_pool_backward"))(_fake_region_pool_backward)
-    torch.library.register_fake(name("mask_pool"))(_fake_mask_pool)
-    torch.library.register_fake(name("mask_pool_backward"))(_fake_mask_pool_backward)
-    table_backward = getattr(torch.ops.rgpt4d, f"tpe_table_backward{suffix}")
-    torch.library.register_autograd(name("roi_align"), _make_roi_align_backward(handle("roi_align_backward")),
-                                    setup_context=_setup_roi_align)
-    torch.library.register_autograd(name("region_pool"),
-                                    _make_region_pool_backward(handle("region_pool_backward"), table_backward),
-                                    setup_context=_setup_region_pool)
-    torch.library.register_autograd(name("mask_pool"),
-                                    _make_mask_pool_backward(handle("mask_pool_backward"), table_backward),
-                                    setup_context=_setup_mask_pool)
-
-
-_register("rgpt4d", "_triton")
-if _backend.extension_loaded():
-    _register("rgpt4d", "")
+REGIONAL = Family("regional")
+ROI_ALIGN = REGIONAL.op(
+    "roi_align", "(Tensor input, Tensor rois, float spatial_scale, int ph, int pw, int sampling_ratio, bool aligned) "
+    "-> Tensor", fake=_fake_roi_align, triton=lambda K, *a: K.roi_align_fwd(*a),
+    autograd=(_setup_roi_align, _roi_align_backward))
+REGIONAL.op("roi_align_backward", "(Tensor grad, Tensor rois, float spatial_scale, int ph, int pw, int sampling_ratio, "
+            "bool aligned, int N, int H, int W, bool channels_last, bool deterministic) -> Tensor",
+            fake=_fake_roi_align_backward, triton=lambda K, *a: K.roi_align_bwd(*a))
+REGION_POOL = REGIONAL.op(
+    "region_pool", "(Tensor features, Tensor boxes, Tensor? valid, Tensor? timestamps, Tensor? table, "
+    "float spatial_scale, int ph, int pw, int sampling_ratio, bool aligned, float base) -> Tensor",
+    fake=_fake_region_pool, triton=lambda K, *a: K.region_pool_fwd(*a),
+    autograd=(_setup_region_pool, _region_pool_backward))
+REGIONAL.op("region_pool_backward", "(Tensor grad, Tensor boxes, Tensor? valid, float spatial_scale, int ph, int pw, "
+            "int sampling_ratio, bool aligned, int H, int W, bool channels_last, bool deterministic) -> Tensor",
+            fake=_fake_region_pool_backward, triton=lambda K, *a: K.region_pool_bwd(*a))
+MASK_POOL = REGIONAL.op(
+    "mask_pool", "(Tensor features, Tensor masks, Tensor? timestamps, Tensor? table, float eps, float base) -> "
+    "(Tensor, Tensor, Tensor)", fake=_fake_mask_pool, triton=lambda K, *a: K.mask_pool_fwd(*a),
+    autograd=(_setup_mask_pool, _mask_pool_backward))
+REGIONAL.op("mask_pool_backward", "(Tensor grad, Tensor features, Tensor masks, Tensor resized, Tensor inv_z, "
+            "bool need_features_grad, bool need_masks_grad, bool channels_last) -> (Tensor, Tensor)",
+            fake=_fake_mask_pool_backward, triton=lambda K, *a: K.mask_pool_bwd(*a))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,11 +551,10 @@ def _roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: L
     else:
         rois = boxes if isinstance(boxes, Tensor) else boxes_to_rois(boxes).to(input.device)
     ph, pw = _pair(output_size)
-    be = _backend.resolve("roi_align", FAMILY, input.device, backend)
+    be = ROI_ALIGN.select(input.device, backend)
     if be == "eager":
         return roi_align_eager(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
-    op = torch.ops.rgpt4d.roi_align_triton if be == "triton" else torch.ops.rgpt4d.roi_align
-    return op(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
+    return ROI_ALIGN.kernel(be)(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
 
 
 def _roi_align_quantized(input: Tensor, boxes, output_size, spatial_scale, sampling_ratio, aligned, backend) -> Tensor:
@@ -675,14 +600,13 @@ def region_pool(features: Tensor, boxes: Tensor, *, output_size=(1, 1), spatial_
         _validate_region_pool(features, boxes, output_size, sampling_ratio, valid, timestamps, table,
                               _check_values())
     ph, pw = _pair(output_size)
-    be = _backend.resolve("region_pool", FAMILY, features.device, backend)
+    be = REGION_POOL.select(features.device, backend)
     if be == "eager":
         return region_pool_eager(features, boxes, output_size=(ph, pw), spatial_scale=spatial_scale,
                                  sampling_ratio=sampling_ratio, aligned=aligned, valid=valid, timestamps=timestamps,
                                  table=table, base=base)
-    op = torch.ops.rgpt4d.region_pool_triton if be == "triton" else torch.ops.rgpt4d.region_pool
-    out = op(features, boxes, valid, timestamps, table, float(spatial_scale), ph, pw, int(sampling_ratio),
-             bool(aligned), float(base))
+    out = REGION_POOL.kernel(be)(features, boxes, valid, timestamps, table, float(spatial_scale), ph, pw,
+                                 int(sampling_ratio), bool(aligned), float(base))
     return out.view(out.shape[:4]) if (ph, pw) == (1, 1) else out
 
 
@@ -711,11 +635,11 @@ def mask_pool(features: Tensor, masks: Tensor, *, eps: float = 1e-8, timestamps:
         _validate_mask_pool(features, masks, eps, timestamps, table, _check_values())
     if not masks.is_floating_point():
         masks = masks.to(features.dtype)
-    be = _backend.resolve("mask_pool", FAMILY, features.device, backend)
+    be = MASK_POOL.select(features.device, backend)
     if be == "eager":
         return mask_pool_eager(features, masks, eps=eps, timestamps=timestamps, table=table, base=base)
-    op = torch.ops.rgpt4d.mask_pool_triton if be == "triton" else torch.ops.rgpt4d.mask_pool
-    return op(features, masks, timestamps, table, float(eps), float(base))[0]  # [1:]: saved for the backward
+    # outputs [1:] are saved for the backward
+    return MASK_POOL.kernel(be)(features, masks, timestamps, table, float(eps), float(base))[0]
 
 
 # ---------------------------------------------------------------------------------------------

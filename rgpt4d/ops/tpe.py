@@ -4,7 +4,7 @@ Paper variant (sinusoidal, seconds):  p(n)[2i] = sin(t(n) / base^(2i/D)), p(n)[2
 added to every token of frame n. Seed variant (learned): a table [L, D] indexed by integer frame
 indices, `out = x + table[timestamps].unsqueeze(2)`.
 
-Backends (see rgpt4d.ops._backend): eager (this file), cpu/cuda (csrc/tpe/), triton (kernels/tpe.py).
+Backends (rgpt4d/ops/registry.py): eager (this file), cpu/cuda (csrc/tpe/), triton (kernels/tpe.py).
 """
 
 from __future__ import annotations
@@ -16,17 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgpt4d.ops import _backend
-
-FAMILY = "tpe"
+from rgpt4d.ops.registry import Family, acc_dtype
 
 # ---------------------------------------------------------------------------------------------
 # Eager references (readable; the tests run them in float64 as the oracle)
 # ---------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tpe_sinusoid(timestamps: Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -47,7 +41,7 @@ def frame_encoding_eager(timestamps: Tensor, dim: int, table: Optional[Tensor], 
 
 
 def tpe_add_eager(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, base: float = 10000.0) -> Tensor:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     enc = frame_encoding_eager(timestamps, x.shape[-1], table, base, acc)
     return (x.to(acc) + enc.unsqueeze(2)).to(x.dtype)
 
@@ -60,7 +54,7 @@ def tpe_downsample_layernorm_eager(x: Tensor, timestamps: Tensor, table: Optiona
     concatenate each window x window neighbourhood into one token, LayerNorm over window^2 * D."""
     B, T, _, D = x.shape
     h, w = grid
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     v = tpe_add_eager(x.to(acc), timestamps, table, base).reshape(B * T, h, w, D)
     Ho, Wo = -(-h // window), -(-w // window)
     v = F.pad(v, (0, 0, 0, Wo * window - w, 0, Ho * window - h))
@@ -121,52 +115,7 @@ def _check_values() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton custom ops (the compiled cpu/cuda ops are declared in csrc/tpe/tpe.cpp)
-# ---------------------------------------------------------------------------------------------
-
-
-def _kernels():
-    from rgpt4d.kernels import tpe as K  # imported on first use: TRITON_INTERPRET must be set first
-
-    return K
-
-
-@torch.library.custom_op("rgpt4d::tpe_add_triton", mutates_args=())
-def _tpe_add_triton(x: Tensor, timestamps: Tensor, table: Optional[Tensor], base: float) -> Tensor:
-    return _kernels().tpe_add(x, timestamps, table, base)
-
-
-@torch.library.custom_op("rgpt4d::tpe_add_triton_", mutates_args=("x",))
-def _tpe_add_triton_(x: Tensor, timestamps: Tensor, table: Optional[Tensor], base: float) -> None:
-    if x.is_contiguous():
-        _kernels().tpe_add(x, timestamps, table, base, out=x)
-    else:
-        x.copy_(_kernels().tpe_add(x, timestamps, table, base))
-
-
-@torch.library.custom_op("rgpt4d::tpe_table_backward_triton", mutates_args=())
-def _tpe_table_backward_triton(grad: Tensor, timestamps: Tensor, num_rows: int, deterministic: bool) -> Tensor:
-    return _kernels().tpe_table_grad(grad, timestamps, num_rows, deterministic)
-
-
-@torch.library.custom_op("rgpt4d::tpe_ds_ln_triton", mutates_args=())
-def _tpe_ds_ln_triton(x: Tensor, timestamps: Tensor, table: Optional[Tensor], weight: Optional[Tensor],
-                      bias: Optional[Tensor], h: int, w: int, window: int, eps: float,
-                      base: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().tpe_ds_ln_fwd(x, timestamps, table, weight, bias, h, w, window, eps, base)
-
-
-@torch.library.custom_op("rgpt4d::tpe_ds_ln_backward_triton", mutates_args=())
-def _tpe_ds_ln_backward_triton(grad_out: Tensor, x: Tensor, timestamps: Tensor, table: Optional[Tensor],
-                               weight: Optional[Tensor], mean: Tensor, rstd: Tensor, h: int, w: int, window: int,
-                               base: float, need_input_grad: bool, need_weight_grad: bool,
-                               need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, window, base,
-                                    need_input_grad, need_weight_grad, need_bias_grad)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake (meta) implementations and autograd, shared by the compiled and the Triton ops
+# Declaration: schemas, fake functions, autograd (csrc/tpe/ and kernels/tpe.py implement them)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -179,7 +128,7 @@ def _fake_tpe_add_(x, timestamps, table, base):
 
 
 def _fake_table_backward(grad, timestamps, num_rows, deterministic):
-    return grad.new_empty((num_rows, grad.shape[3]), dtype=_acc_dtype(grad.dtype))
+    return grad.new_empty((num_rows, grad.shape[3]), dtype=acc_dtype(grad.dtype))
 
 
 def _ds_shapes(x, h, w, window):
@@ -189,14 +138,14 @@ def _ds_shapes(x, h, w, window):
 
 def _fake_ds_ln(x, timestamps, table, weight, bias, h, w, window, eps, base):
     B, T, M, K = _ds_shapes(x, h, w, window)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return x.new_empty((B, T, M, K)), x.new_empty((B, T, M), dtype=acc), x.new_empty((B, T, M), dtype=acc)
 
 
 def _fake_ds_ln_backward(grad_out, x, timestamps, table, weight, mean, rstd, h, w, window, base,
                          need_input_grad, need_weight_grad, need_bias_grad):
     _, _, _, K = _ds_shapes(x, h, w, window)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_input_grad else x.new_empty((0,))
     gw = x.new_empty((K,), dtype=acc) if (need_weight_grad and weight is not None) else x.new_empty((0,), dtype=acc)
     gb = x.new_empty((K,), dtype=acc) if need_bias_grad else x.new_empty((0,), dtype=acc)
@@ -210,17 +159,14 @@ def _setup_tpe_add(ctx, inputs, output):
     ctx.save_for_backward(timestamps if table is not None else None)
 
 
-def _make_tpe_add_backward(table_backward):
-    def backward(ctx, grad):
-        grad_table = None
-        if ctx.needs_input_grad[2]:
-            (timestamps,) = ctx.saved_tensors
-            det = torch.are_deterministic_algorithms_enabled()
-            grad_table = table_backward(grad, timestamps, ctx.num_rows, det).to(ctx.table_dtype)
-        # d(x + enc)/dx is the identity: grad_x is grad_out itself, no copy.
-        return grad, None, grad_table, None
-
-    return backward
+def _tpe_add_backward(ctx, grad):
+    grad_table = None
+    if ctx.needs_input_grad[2]:
+        (timestamps,) = ctx.saved_tensors
+        det = torch.are_deterministic_algorithms_enabled()
+        grad_table = ctx.ops.tpe_table_backward(grad, timestamps, ctx.num_rows, det).to(ctx.table_dtype)
+    # d(x + enc)/dx is the identity: grad_x is grad_out itself, no copy.
+    return grad, None, grad_table, None
 
 
 def _setup_ds_ln(ctx, inputs, output):
@@ -234,44 +180,45 @@ def _setup_ds_ln(ctx, inputs, output):
     ctx.save_for_backward(x, timestamps, table, weight, mean, rstd)
 
 
-def _make_ds_ln_backward(ds_backward, table_backward):
-    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        x, timestamps, table, weight, mean, rstd = ctx.saved_tensors
-        h, w, window, base = ctx.geom
-        need_x, _, need_table, need_w, need_b = ctx.needs_input_grad[:5]
-        gx, gw, gb = ds_backward(grad_out, x, timestamps, table, weight, mean, rstd, h, w, window, base,
-                                 need_x or need_table, need_w, need_b)
-        grad_table = None
-        if need_table:
-            det = torch.are_deterministic_algorithms_enabled()
-            grad_table = table_backward(gx, timestamps, ctx.num_rows, det).to(ctx.table_dtype)
-        return (gx if need_x else None, None, grad_table,
-                gw.to(ctx.weight_dtype) if need_w else None,
-                gb.to(ctx.bias_dtype) if need_b else None,
-                None, None, None, None, None)
-
-    return backward
+def _ds_ln_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, timestamps, table, weight, mean, rstd = ctx.saved_tensors
+    h, w, window, base = ctx.geom
+    need_x, _, need_table, need_w, need_b = ctx.needs_input_grad[:5]
+    gx, gw, gb = ctx.ops.tpe_ds_ln_backward(grad_out, x, timestamps, table, weight, mean, rstd, h, w, window, base,
+                                            need_x or need_table, need_w, need_b)
+    grad_table = None
+    if need_table:
+        det = torch.are_deterministic_algorithms_enabled()
+        grad_table = ctx.ops.tpe_table_backward(gx, timestamps, ctx.num_rows, det).to(ctx.table_dtype)
+    return (gx if need_x else None, None, grad_table,
+            gw.to(ctx.weight_dtype) if need_w else None,
+            gb.to(ctx.bias_dtype) if need_b else None,
+            None, None, None, None, None)
 
 
-def _register(names: dict) -> None:
-    lib = names
-    torch.library.register_fake(lib["add"])(_fake_tpe_add)
-    torch.library.register_fake(lib["add_"])(_fake_tpe_add_)
-    torch.library.register_fake(lib["table_bwd"])(_fake_table_backward)
-    torch.library.register_fake(lib["ds"])(_fake_ds_ln)
-    torch.library.register_fake(lib["ds_bwd"])(_fake_ds_ln_backward)
-    table_bwd = getattr(torch.ops.rgpt4d, lib["table_bwd"].split("::")[1])
-    ds_bwd = getattr(torch.ops.rgpt4d, lib["ds_bwd"].split("::")[1])
-    torch.library.register_autograd(lib["add"], _make_tpe_add_backward(table_bwd), setup_context=_setup_tpe_add)
-    torch.library.register_autograd(lib["ds"], _make_ds_ln_backward(ds_bwd, table_bwd), setup_context=_setup_ds_ln)
+def _triton_tpe_add_(K, x, timestamps, table, base):
+    if x.is_contiguous():
+        K.tpe_add(x, timestamps, table, base, out=x)
+    else:
+        x.copy_(K.tpe_add(x, timestamps, table, base))
 
 
-_register({"add": "rgpt4d::tpe_add_triton", "add_": "rgpt4d::tpe_add_triton_",
-           "table_bwd": "rgpt4d::tpe_table_backward_triton", "ds": "rgpt4d::tpe_ds_ln_triton",
-           "ds_bwd": "rgpt4d::tpe_ds_ln_backward_triton"})
-if _backend.extension_loaded():
-    _register({"add": "rgpt4d::tpe_add", "add_": "rgpt4d::tpe_add_", "table_bwd": "rgpt4d::tpe_table_backward",
-               "ds": "rgpt4d::tpe_ds_ln", "ds_bwd": "rgpt4d::tpe_ds_ln_backward"})
+TPE = Family("tpe", cuda_preference=("cuda", "triton"))
+TPE_ADD = TPE.op("tpe_add", "(Tensor x, Tensor timestamps, Tensor? table, float base) -> Tensor",
+                 fake=_fake_tpe_add, triton=lambda K, *a: K.tpe_add(*a),
+                 autograd=(_setup_tpe_add, _tpe_add_backward))
+TPE_ADD_ = TPE.op("tpe_add_", "(Tensor(a!) x, Tensor timestamps, Tensor? table, float base) -> ()",
+                  fake=_fake_tpe_add_, triton=_triton_tpe_add_)
+TPE.op("tpe_table_backward", "(Tensor grad, Tensor timestamps, int num_rows, bool deterministic) -> Tensor",
+       fake=_fake_table_backward, triton=lambda K, *a: K.tpe_table_grad(*a))
+TPE_DS_LN = TPE.op("tpe_ds_ln", "(Tensor x, Tensor timestamps, Tensor? table, Tensor? weight, Tensor? bias, int h, "
+                   "int w, int window, float eps, float base) -> (Tensor, Tensor, Tensor)",
+                   fake=_fake_ds_ln, triton=lambda K, *a: K.tpe_ds_ln_fwd(*a),
+                   autograd=(_setup_ds_ln, _ds_ln_backward), api="tpe_downsample_layernorm")
+TPE.op("tpe_ds_ln_backward", "(Tensor grad_out, Tensor x, Tensor timestamps, Tensor? table, Tensor? weight, "
+       "Tensor mean, Tensor rstd, int h, int w, int window, float base, bool need_input_grad, "
+       "bool need_weight_grad, bool need_bias_grad) -> (Tensor, Tensor, Tensor)",
+       fake=_fake_ds_ln_backward, triton=lambda K, *a: K.tpe_ds_ln_bwd(*a))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,12 +246,10 @@ def tpe_add(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, ba
     """
     if validate:
         _validate("tpe_add", x, timestamps, table, _check_values())
-    be = _backend.resolve("tpe_add", FAMILY, x.device, backend)
+    be = TPE_ADD.select(x.device, backend)
     if be == "eager":
         return tpe_add_eager(x, timestamps, table, base)
-    if be == "triton":
-        return torch.ops.rgpt4d.tpe_add_triton(x, timestamps, table, float(base))
-    return torch.ops.rgpt4d.tpe_add(x, timestamps, table, float(base))
+    return TPE_ADD.kernel(be)(x, timestamps, table, float(base))
 
 
 def tpe_add_(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, base: float = 10000.0,
@@ -315,13 +260,11 @@ def tpe_add_(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, b
     if torch.is_grad_enabled() and (x.requires_grad or (table is not None and table.requires_grad)):
         raise RuntimeError("tpe_add_: the in-place op is for inference; x or table requires grad here. Use tpe_add, "
                            "or call it under torch.no_grad() / torch.inference_mode()")
-    be = _backend.resolve("tpe_add_", FAMILY, x.device, backend)
+    be = TPE_ADD_.select(x.device, backend)
     if be == "eager":
         x.copy_(tpe_add_eager(x, timestamps, table, base))
-    elif be == "triton":
-        torch.ops.rgpt4d.tpe_add_triton_(x, timestamps, table, float(base))
     else:
-        torch.ops.rgpt4d.tpe_add_(x, timestamps, table, float(base))
+        TPE_ADD_.kernel(be)(x, timestamps, table, float(base))
     return x
 
 
@@ -341,12 +284,11 @@ def tpe_downsample_layernorm(x: Tensor, timestamps: Tensor, table: Optional[Tens
         _validate("tpe_downsample_layernorm", x, timestamps, table, _check_values())
         _validate_ds(x, weight, bias, grid, window, eps)
     h, w = int(grid[0]), int(grid[1])
-    be = _backend.resolve("tpe_downsample_layernorm", FAMILY, x.device, backend)
+    be = TPE_DS_LN.select(x.device, backend)
     if be == "eager":
         return tpe_downsample_layernorm_eager(x, timestamps, table, weight, bias, grid=(h, w), window=window,
                                               eps=eps, base=base)
-    op = torch.ops.rgpt4d.tpe_ds_ln_triton if be == "triton" else torch.ops.rgpt4d.tpe_ds_ln
-    out, _, _ = op(x, timestamps, table, weight, bias, h, w, int(window), float(eps), float(base))
+    out, _, _ = TPE_DS_LN.kernel(be)(x, timestamps, table, weight, bias, h, w, int(window), float(eps), float(base))
     return out
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from rgpt4d.ops import use_backend
 from rgpt4d.train.checkpoint import CheckpointError, CheckpointManager, TrainState
 from rgpt4d.train.config import TrainConfig
 
@@ -109,16 +110,10 @@ def resolve_device(config: TrainConfig) -> torch.device:
 def ops_backend(mode: str):
     """`fused`: rgpt4d's ops pick their best backend (automatic); `eager`: every rgpt4d op runs its
     plain-PyTorch reference. Restores the previous process-wide choice afterwards."""
-    from rgpt4d.ops import _backend
-
     if mode not in ("fused", "eager"):
         raise ValueError(f"ops: must be 'fused' or 'eager', got {mode!r}")
-    previous = _backend._GLOBAL.get("backend")
-    _backend.set_backend("eager" if mode == "eager" else None)
-    try:
+    with use_backend("eager" if mode == "eager" else None):
         yield
-    finally:
-        _backend.set_backend(previous)
 
 
 # ---------------------------------------------------------------------------------------------

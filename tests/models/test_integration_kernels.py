@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rgpt4d.integrations.kernels import apply_kernels, kernels_applied, remove_kernels
-from rgpt4d.ops import _backend, set_backend
+from rgpt4d.ops import registry, set_backend
 from tests.models.conftest import train_step as step
 from rgpt4d.integrations.tiny import FAMILIES, available, build
 
@@ -77,8 +77,8 @@ def test_eval_logits_loss_and_gradients_match(family):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_the_rgpt4d_ops_are_on_the_path(family):
-    if not _backend.extension_loaded():
-        pytest.skip(f"the compiled rgpt4d ops are not built here ({_backend.unavailable_reasons().get('cpu')}): "
+    if not registry.extension_loaded():
+        pytest.skip(f"the compiled rgpt4d ops are not built here ({registry.unavailable_reasons().get('cpu')}): "
                     f"on the eager backend no rgpt4d:: op appears in a profile")
     ref, inputs = build(family)
     pat = copy.deepcopy(ref)

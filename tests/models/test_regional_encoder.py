@@ -6,7 +6,9 @@ import torch
 
 from rgpt4d.models import RegionalEncoder4D
 from rgpt4d.ops import mask_pool_eager, region_pool_eager
-from tests.conftest import CPU_BACKENDS
+from tests.conftest import op_backends
+
+CPU_BACKENDS = op_backends("region_pool", "mask_pool")
 
 B, T, C, H, W, R, D = 2, 3, 8, 6, 7, 3, 16
 

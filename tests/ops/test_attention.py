@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from rgpt4d.ops import BackendUnavailableError, attention, attention_math, set_backend
-from tests.conftest import requires_model_stack
+from tests.conftest import op_backends, requires_model_stack
 
-BACKENDS = ["eager", "cpu"]  # no Triton / CUDA kernel for this op (see rgpt4d/ops/attn.py)
+BACKENDS = op_backends("attention")  # eager and cpu: no Triton / CUDA kernel (rgpt4d/ops/attn.py)
 
 
 def make(B=2, Hq=4, Hkv=2, Lq=37, Lk=29, D=8, Dv=None, dtype=torch.float32, layout="bhld", seed=0):

@@ -8,22 +8,22 @@ import pytest
 import torch
 
 import rgpt4d
-from rgpt4d.ops import BackendUnavailableError, _backend, available_backends, set_backend, tpe_add
+from rgpt4d.ops import BackendUnavailableError, available_backends, registry, set_backend, tpe_add
 
 
 def test_cpu_machine_has_eager_cpu_and_interpreted_triton():
     # `make test` builds the extension and conftest sets TRITON_INTERPRET=1: all three must run.
-    assert _backend.extension_loaded(), _backend.unavailable_reasons()
+    assert registry.extension_loaded(), registry.unavailable_reasons()
     backends = available_backends()
     for b in ("eager", "cpu", "triton"):
-        assert b in backends, _backend.unavailable_reasons()
+        assert b in backends, registry.unavailable_reasons()
     if not torch.cuda.is_available():
         assert "cuda" not in backends
-        assert "cuda" in _backend.unavailable_reasons()
+        assert "cuda" in registry.unavailable_reasons()
 
 
 def test_auto_dispatch_picks_cpu_for_cpu_tensors():
-    assert _backend.resolve("tpe_add", "tpe", torch.device("cpu"), None) == "cpu"
+    assert registry.resolve("tpe_add", torch.device("cpu")) == "cpu"
 
 
 def test_explicit_backend_errors_name_what_is_missing():
@@ -39,8 +39,8 @@ def test_set_backend_and_env_override():
     x, ts = torch.randn(1, 2, 3, 4), torch.rand(1, 2)
     try:
         set_backend("eager")
-        assert _backend.resolve("tpe_add", "tpe", x.device, None) == "eager"
-        assert _backend.resolve("tpe_add", "tpe", x.device, "cpu") == "cpu"  # per call wins
+        assert registry.resolve("tpe_add", x.device) == "eager"
+        assert registry.resolve("tpe_add", x.device, "cpu") == "cpu"  # per call wins
         torch.testing.assert_close(tpe_add(x, ts), rgpt4d.ops.tpe_add_eager(x, ts))
     finally:
         set_backend(None)
@@ -78,8 +78,8 @@ def test_missing_extension_falls_back_to_eager_with_one_warning():
 
 
 def test_env_var_selects_backend():
-    r = _run("from rgpt4d.ops import _backend; import torch;"
-             "print(_backend.resolve('tpe_add', 'tpe', torch.device('cpu'), None))", RGPT4D_BACKEND="eager")
+    r = _run("from rgpt4d.ops import registry; import torch;"
+             "print(registry.resolve('tpe_add', torch.device('cpu')))", RGPT4D_BACKEND="eager")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "eager"
 
@@ -140,7 +140,7 @@ def test_extension_parallel_for_uses_torch_threads():
     """at::parallel_for in rgpt4d._C is an OpenMP region compiled into the extension: it only runs
     on more than one thread when the extension is built with -fopenmp (setup.py). Without the flag
     every at::parallel_for kernel silently ran on one thread."""
-    assert _backend.extension_loaded(), _backend.unavailable_reasons()
+    assert registry.extension_loaded(), registry.unavailable_reasons()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import pixel_shuffle_act, pixel_shuffle_act_eager
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu, requires_model_stack
+from tests.conftest import op_backends, requires_gpu, requires_model_stack
+
+CPU_BACKENDS = op_backends("pixel_shuffle_act")
+GPU_BACKENDS = op_backends("pixel_shuffle_act", device="cuda")
 
 
 def ref(x, r, activation, clamp_max=20.0):

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy, fused_linear_cross_entropy_eager
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, op_memory, requires_gpu
+from tests.conftest import op_backends, op_memory, requires_gpu
+
+CPU_BACKENDS = op_backends("linear_cross_entropy")
+GPU_BACKENDS = op_backends("linear_cross_entropy", device="cuda")
 
 
 def make(B=2, N=13, D=20, V=37, dtype=torch.float32, bias=True, ignore_p=0.4, device="cpu", seed=0):

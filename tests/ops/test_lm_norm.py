@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import RMSNorm, rms_norm, rms_norm_eager, swiglu, swiglu_eager
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import op_backends, requires_gpu
+
+CPU_BACKENDS = op_backends("rms_norm", "swiglu", "rope")
+GPU_BACKENDS = op_backends("rms_norm", "swiglu", "rope", device="cuda")
 
 
 def rms_ref(x, w, eps):

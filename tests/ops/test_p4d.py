@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import P4D_PRESETS, P4DLoss, P4DLossOutput, p4d_loss
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, op_memory, requires_gpu
+from tests.conftest import op_backends, op_memory, requires_gpu
+
+CPU_BACKENDS = op_backends("p4d_loss")
+GPU_BACKENDS = op_backends("p4d_loss", device="cuda")
 
 # The presets, written out independently of the code (../shared/PAPER.md): effective weight of
 # each term in the total, kind, and log-space terms.
@@ -193,8 +196,8 @@ def test_per_term_overrides(backend):
     kind = {"latent": "mse", "flow": "l1"}
     beta = {"depth": 0.3, "motion": 0.0}  # beta 0: l1, as F.smooth_l1_loss
     weights = {"latent": 2.0, "explicit": 0.5, "flow": 3.0, "camray": 7.0}  # camray: preset head, absent here
-    out = p4d_loss(lat, lat_t, preds, targets, preset="paper", kind=kind, beta=beta, weights=weights,
-                   log_space=["depth"], masks={"depth": mask}, backend=backend)
+    preset = P4D_PRESETS["paper"].replace(kinds=kind, betas=beta, log_space=("depth",))
+    out = p4d_loss(lat, lat_t, preds, targets, preset=preset, weights=weights, masks={"depth": mask}, backend=backend)
     x64 = [x.detach().double().requires_grad_(True) for x in leaves(lat, preds)]
     ref_terms = {
         "latent": oracle_term(x64[0], lat_t, kind="mse"),
@@ -212,14 +215,13 @@ def test_per_term_overrides(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_log_space_flag_forms(backend):
+def test_log_space_of_a_preset(backend):
     lat, lat_t, preds, targets, _ = make_batch(heads=("depth",))
     lat_pos, lat_t_pos = lat.detach().abs() + 0.1, lat_t.abs() + 0.1
     ref = oracle_term(lat_pos, lat_t_pos, log=True) * 0.5 + 0.1 * oracle_term(preds["depth"], targets["depth"], log=True)
-    for form in (True, {"latent": True, "depth": True}, ("latent", "depth")):
-        out = p4d_loss(lat_pos, lat_t_pos, preds, targets, log_space=form, backend=backend)
-        close(out.total, ref, msg=str(form))
-    out = p4d_loss(None, None, preds, targets, preset="code", log_space=False, backend=backend)
+    preset = P4D_PRESETS["paper"].replace(log_space=("latent", "depth"))
+    close(p4d_loss(lat_pos, lat_t_pos, preds, targets, preset=preset, backend=backend).total, ref)
+    out = p4d_loss(None, None, preds, targets, preset=P4D_PRESETS["code"].replace(log_space=()), backend=backend)
     close(out.total, 0.1 * oracle_term(preds["depth"], targets["depth"], kind="mse"))
 
 
@@ -380,8 +382,8 @@ for n, kind, log, masked in [(1023, "smooth_l1", False, True), (4097, "mse", Fal
     m = torch.rand(n, generator=g) > 0.3
     if masked:
         t[~m] = float("nan")
-    r = o.p4d_loss(p, t, kind=kind, beta=0.1, log_space=log, masks={"latent": m} if masked else None,
-                   backend="cpu")
+    preset = o.P4D_PRESETS["paper"].replace(kind=kind, beta=0.1, log_space=("latent",) if log else ())
+    r = o.p4d_loss(p, t, preset=preset, masks={"latent": m} if masked else None, backend="cpu")
     out += [r.total.detach(), *torch.autograd.grad(r.total * 0.5, p)]
 torch.save(out, sys.argv[1])
 """
@@ -440,9 +442,9 @@ def test_gradcheck_fp64(backend):
     tok = torch.tensor([[[True], [False]]])
 
     def fn(lat, dep, flo):
-        out = p4d_loss(lat, lat_t, {"depth": dep, "flow": flo}, {"depth": dep_t, "flow": flo_t},
-                       kind={"flow": "mse"}, log_space=["depth"], masks={"depth": mask, "latent": tok},
-                       backend=backend)
+        preset = P4D_PRESETS["paper"].replace(kinds={"flow": "mse"}, log_space=("depth",))
+        out = p4d_loss(lat, lat_t, {"depth": dep, "flow": flo}, {"depth": dep_t, "flow": flo_t}, preset=preset,
+                       masks={"depth": mask, "latent": tok}, backend=backend)
         return out.total, out.terms["depth"]
 
     assert torch.autograd.gradcheck(fn, (lat, dep, flo))
@@ -525,10 +527,15 @@ def test_errors_name_the_term(backend):
         p4d_loss(None, None, {"normals": lat}, {"normals": lat_t}, backend=backend)
     with pytest.raises(ValueError, match=r"weights\['dpeth'\]: unknown term"):
         p4d_loss(lat, lat_t, preds, targets, weights={"dpeth": 1.0}, backend=backend)
-    with pytest.raises(ValueError, match=r"log_space\['motion'\] given but there is no 'motion' term"):
-        p4d_loss(lat, lat_t, preds, targets, log_space=("depth", "motion"), backend=backend)
+    with pytest.raises(ValueError, match=r"log_space\['normals'\]: unknown term"):
+        p4d_loss(lat, lat_t, preds, targets, preset=P4D_PRESETS["paper"].replace(log_space=("depth", "normals")),
+                 backend=backend)
     with pytest.raises(ValueError, match=r"term 'flow': kind must be one of"):
-        p4d_loss(lat, lat_t, preds, targets, kind={"flow": "huber"}, backend=backend)
+        p4d_loss(lat, lat_t, preds, targets, preset=P4D_PRESETS["paper"].replace(kinds={"flow": "huber"}),
+                 backend=backend)
+    with pytest.raises(ValueError, match=r"term 'depth': beta must be >= 0"):
+        p4d_loss(lat, lat_t, preds, targets, preset=P4D_PRESETS["paper"].replace(betas={"depth": -1.0}),
+                 backend=backend)
     with pytest.raises(ValueError, match="unmatched: \\['flow'\\]"):
         p4d_loss(lat, lat_t, preds, {"depth": targets["depth"]}, backend=backend)
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):

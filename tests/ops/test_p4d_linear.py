@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from rgpt4d.ops import FusedLinearLatentLoss, fused_linear_latent_loss
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, op_memory, requires_gpu
+from tests.conftest import op_backends, op_memory, requires_gpu
+
+CPU_BACKENDS = op_backends("p4d_linear_loss")
+GPU_BACKENDS = op_backends("p4d_linear_loss", device="cuda")
 
 LOSS_FN = {"smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss, "l1": F.l1_loss}
 

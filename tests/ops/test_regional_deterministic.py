@@ -133,9 +133,9 @@ def test_region_pool_with_valid_mask():
 # ---- the CUDA version's shared math (csrc/regional/regional_math.h), run by the CPU build ----------
 
 def _need_extension():
-    from rgpt4d.ops import _backend
-    if not _backend.extension_loaded():
-        pytest.skip(f"the compiled extension is not built: {_backend.unavailable_reasons()}")
+    from rgpt4d.ops import registry
+    if not registry.extension_loaded():
+        pytest.skip(f"the compiled extension is not built: {registry.unavailable_reasons()}")
 
 
 @pytest.mark.parametrize("sr, aligned", [(2, True), (-1, False)])

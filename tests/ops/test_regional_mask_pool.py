@@ -9,7 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rgpt4d.ops import MaskPool, mask_pool, mask_pool_eager, tpe_add
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import op_backends, requires_gpu
+
+CPU_BACKENDS = op_backends("mask_pool")
+GPU_BACKENDS = op_backends("mask_pool", device="cuda")
 
 EPS = 1e-8
 

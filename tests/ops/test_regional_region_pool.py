@@ -9,7 +9,10 @@ from hypothesis import strategies as st
 from torchvision.ops import roi_align as tv_roi_align
 
 from rgpt4d.ops import RegionPool, region_pool, region_pool_eager, tpe_add
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import op_backends, requires_gpu
+
+CPU_BACKENDS = op_backends("region_pool")
+GPU_BACKENDS = op_backends("region_pool", device="cuda")
 
 
 def make(B, T, C, H, W, R, *, tpe="learned", valid=False, dtype=torch.float32, device="cpu", rows=9, scale=1.0,

@@ -8,7 +8,10 @@ from hypothesis import strategies as st
 from torchvision.ops import roi_align as tv_roi_align
 
 from rgpt4d.ops import RoIAlign, roi_align, roi_align_eager
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import op_backends, requires_gpu
+
+CPU_BACKENDS = op_backends("roi_align")
+GPU_BACKENDS = op_backends("roi_align", device="cuda")
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
 

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from rgpt4d.ops import RoIAlign, roi_align
-from tests.conftest import CPU_BACKENDS
+from tests.conftest import op_backends
+
+CPU_BACKENDS = op_backends("roi_align")
 
 tv_ops = pytest.importorskip("torchvision.ops", reason="torchvision is not installed (requirements.txt installs it)")
 

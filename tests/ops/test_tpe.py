@@ -7,7 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rgpt4d.ops import TimestampPositionalEncoding, tpe_add, tpe_add_, tpe_add_eager, tpe_sinusoid
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import op_backends, requires_gpu
+
+CPU_BACKENDS = op_backends("tpe_add", "tpe_add_")
+GPU_BACKENDS = op_backends("tpe_add", "tpe_add_", device="cuda")
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
        torch.float64: dict(atol=1e-12, rtol=1e-12)}

@@ -7,7 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rgpt4d.ops import TPEDownsampleLayerNorm, tpe_downsample_layernorm, tpe_downsample_layernorm_eager
-from tests.conftest import CPU_BACKENDS, GPU_BACKENDS, requires_gpu
+from tests.conftest import op_backends, requires_gpu
+
+CPU_BACKENDS = op_backends("tpe_ds_ln")
+GPU_BACKENDS = op_backends("tpe_ds_ln", device="cuda")
 
 
 def make(B, T, h, w, D, window, learned, affine=True, dtype=torch.float32, device="cpu", rows=6):

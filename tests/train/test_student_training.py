@@ -118,17 +118,17 @@ def test_gradient_accumulation_matches_full_batch(smoke_data, smoke_teacher_cach
 
 
 def test_ops_fused_and_eager_agree(reference, smoke_data, smoke_teacher_cache, tmp_path, monkeypatch):
-    from rgpt4d.ops import _backend
+    from rgpt4d.ops import registry
 
     used = []
-    resolve = _backend.resolve
+    select = registry.Op.select
 
-    def spy(op, family, device, backend):
-        be = resolve(op, family, device, backend)
-        used.append((op, be))
+    def spy(op, device, backend=None):
+        be = select(op, device, backend)
+        used.append((op.api, be))
         return be
 
-    monkeypatch.setattr(_backend, "resolve", spy)
+    monkeypatch.setattr(registry.Op, "select", spy)
     _run(tmp_path, smoke_data, smoke_teacher_cache[1], ops="eager")
     ops = {op for op, _ in used}
     assert {"tpe_downsample_layernorm", "p4d_loss"} <= ops, ops
