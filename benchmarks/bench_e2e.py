@@ -78,7 +78,7 @@ def build(preset: str, batch: int, device: torch.device, seed: int = 0, regions:
     with torch.no_grad():
         o = teacher.to(device)(train["frames"])
     targets = {"latent": o.latent, "layers": torch.stack(o.layers, 1), "depth": o.depth, "flow": o.flow,
-               "motion": o.motion}
+               "motion": o.motion, "camray": o.camray}
     return model, tok, train, prompt, targets
 
 
