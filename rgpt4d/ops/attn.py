@@ -193,5 +193,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
     if be == "eager":
         return attention_eager(q, k, v, mask, causal=causal, scale=scale)
     s = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else float(scale)
-    out, _ = ATTENTION.kernel(be)(q, k, v, mask, s, bool(causal))
+    out, _ = ATTENTION(be, q, k, v, mask, s, bool(causal))
     return out.transpose(1, 2)

@@ -89,4 +89,4 @@ def pixel_shuffle_act(x: Tensor, upscale: int, activation: str = "none", clamp_m
     be = PIXEL_SHUFFLE_ACT.select(x.device, backend)
     if be == "eager":
         return pixel_shuffle_act_eager(x, upscale, activation, clamp_max)
-    return PIXEL_SHUFFLE_ACT.kernel(be)(x, int(upscale), ACTIVATIONS[activation], float(clamp_max))
+    return PIXEL_SHUFFLE_ACT(be, x, int(upscale), ACTIVATIONS[activation], float(clamp_max))

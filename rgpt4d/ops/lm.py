@@ -180,7 +180,7 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: 
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
-    loss, _, _, _ = LINEAR_CROSS_ENTROPY.kernel(be)(h2, weight, bias, t1, int(ignore_index), REDUCTIONS[reduction],
+    loss, _, _, _ = LINEAR_CROSS_ENTROPY(be, h2, weight, bias, t1, int(ignore_index), REDUCTIONS[reduction],
                                                     chunk, *need)
     return loss
 
@@ -308,7 +308,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[
     be = RMS_NORM.select(x.device, backend)
     if be == "eager":
         return rms_norm_eager(x, weight, eps)
-    y, _ = RMS_NORM.kernel(be)(x.reshape(-1, x.shape[-1]), weight, float(eps))
+    y, _ = RMS_NORM(be, x.reshape(-1, x.shape[-1]), weight, float(eps))
     return y.view(x.shape)
 
 
@@ -324,7 +324,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: Optional[str] = None, validate:
     be = SWIGLU.select(gate.device, backend)
     if be == "eager":
         return swiglu_eager(gate, up)
-    return SWIGLU.kernel(be)(gate, up)
+    return SWIGLU(be, gate, up)
 
 
 class RMSNorm(nn.Module):
@@ -415,8 +415,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1,
     be = ROPE.select(q.device, backend)
     if be == "eager" or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return rope_eager(q, k, cos, sin, unsqueeze_dim)
-    fn = ROPE.kernel(be)
     if unsqueeze_dim == 2:
-        qo, ko = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        qo, ko = ROPE(be, q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return qo.transpose(1, 2), ko.transpose(1, 2)
-    return fn(q, k, cos, sin)
+    return ROPE(be, q, k, cos, sin)

@@ -507,7 +507,7 @@ def p4d_loss(latent_pred: Optional[Tensor], latent_target: Optional[Tensor],
         masks_c.append(m)
         inner.append(k)
         flags.append(fl)
-    total, losses, _ = P4D_LOSS.kernel(be)([t.pred for t in terms], [t.target.detach() for t in terms], masks_c, inner,
+    total, losses, _ = P4D_LOSS(be, [t.pred for t in terms], [t.target.detach() for t in terms], masks_c, inner,
                                            [t.kind for t in terms], [t.beta for t in terms], flags,
                                            [t.weight for t in terms], reduction == "mean", LOG_EPS)
     return P4DLossOutput(total, dict(zip(names, losses.unbind(0))))
@@ -565,7 +565,7 @@ def fused_linear_latent_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], 
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
-    loss, _, _, _ = P4D_LINEAR_LOSS.kernel(be)(h2, weight, bias, t2, m1, KINDS[kind], float(beta),
+    loss, _, _, _ = P4D_LINEAR_LOSS(be, h2, weight, bias, t2, m1, KINDS[kind], float(beta),
                                                REDUCTIONS[reduction], chunk, *need)
     return loss.reshape(lead) if reduction == "none" else loss
 

@@ -554,7 +554,7 @@ def _roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: L
     be = ROI_ALIGN.select(input.device, backend)
     if be == "eager":
         return roi_align_eager(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
-    return ROI_ALIGN.kernel(be)(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
+    return ROI_ALIGN(be, input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
 
 
 def _roi_align_quantized(input: Tensor, boxes, output_size, spatial_scale, sampling_ratio, aligned, backend) -> Tensor:
@@ -605,7 +605,7 @@ def region_pool(features: Tensor, boxes: Tensor, *, output_size=(1, 1), spatial_
         return region_pool_eager(features, boxes, output_size=(ph, pw), spatial_scale=spatial_scale,
                                  sampling_ratio=sampling_ratio, aligned=aligned, valid=valid, timestamps=timestamps,
                                  table=table, base=base)
-    out = REGION_POOL.kernel(be)(features, boxes, valid, timestamps, table, float(spatial_scale), ph, pw,
+    out = REGION_POOL(be, features, boxes, valid, timestamps, table, float(spatial_scale), ph, pw,
                                  int(sampling_ratio), bool(aligned), float(base))
     return out.view(out.shape[:4]) if (ph, pw) == (1, 1) else out
 
@@ -639,7 +639,7 @@ def mask_pool(features: Tensor, masks: Tensor, *, eps: float = 1e-8, timestamps:
     if be == "eager":
         return mask_pool_eager(features, masks, eps=eps, timestamps=timestamps, table=table, base=base)
     # outputs [1:] are saved for the backward
-    return MASK_POOL.kernel(be)(features, masks, timestamps, table, float(eps), float(base))[0]
+    return MASK_POOL(be, features, masks, timestamps, table, float(eps), float(base))[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,6 +214,34 @@ class Op:
             op = self.overloads[backend] = getattr(torch.ops.rgpt4d, name).default
         return op
 
+    def __call__(self, backend: str, *args):
+        """Run the op on a compiled backend ("cpu", "cuda" or "triton") with the declared autograd.
+
+        Outside torch.compile, a call with gradients runs the declared formula through one
+        autograd.Function (_EagerAutograd), not through torch.library's generic autograd wrapper:
+        that wrapper flattens every argument with pytree, which costs p4d_loss (lists of terms) a
+        few hundred microseconds per call, as much as its kernels on small inputs
+        (`python benchmarks/bench_p4d_loss.py --quick`). The formula and its results are the same."""
+        fn = self.kernel(backend)
+        if self.autograd is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return fn(*args)
+        leaves, where = [], []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if a.requires_grad:
+                    leaves.append(a)
+                    where.append((i, None))
+            elif type(a) is list:
+                for j, t in enumerate(a):
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        leaves.append(t)
+                        where.append((i, j))
+        if not leaves:
+            return fn(*args)
+        layout: list = []  # filled by forward: the outputs' structure
+        flat = _EagerAutograd.apply(self, backend, args, where, layout, *leaves)
+        return _unflatten(flat, layout[0])
+
     def select(self, device: torch.device, backend: Optional[str] = None) -> str:
         """The backend that runs this op on tensors on `device` (see the module docstring)."""
         requested = backend if backend is not None else get_backend()
@@ -246,6 +274,81 @@ class Op:
             warnings.warn(f"rgpt4d: no compiled backend for {self.family.name} ops on {device.type} ({reasons}); "
                           "using eager", RuntimeWarning, stacklevel=3)
         return "eager"
+
+
+def _flatten(out) -> tuple:
+    """(flat tensors, layout) of an op's output: a Tensor, or a tuple of Tensors and Tensor lists."""
+    if isinstance(out, torch.Tensor):
+        return (out,), None
+    flat, layout = [], []
+    for o in out:
+        if isinstance(o, torch.Tensor):
+            flat.append(o)
+            layout.append(None)
+        else:
+            flat.extend(o)
+            layout.append(len(o))
+    return tuple(flat), layout
+
+
+def _unflatten(flat, layout):
+    if layout is None:
+        return flat[0] if isinstance(flat, tuple) else flat
+    out, k = [], 0
+    for n in layout:
+        if n is None:
+            out.append(flat[k])
+            k += 1
+        else:
+            out.append(list(flat[k:k + n]))
+            k += n
+    return tuple(out)
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """An op call with its declared autograd formula (see Op.__call__). The differentiable tensors
+    (top-level, or inside tensor-list arguments) are the Function's inputs; the formula sees the
+    op's own arguments, outputs, gradients and needs_input_grad in the op's structure, exactly as
+    torch.library.register_autograd gives them."""
+
+    # forward takes ctx (no separate setup_context): with one, Function.apply binds the arguments
+    # with inspect.signature on every call (~0.1 ms)
+    @staticmethod
+    def forward(ctx, op, backend, args, where, layout, *leaves):
+        out = op.kernel(backend)(*args)  # autograd is off inside forward
+        flat, out_layout = _flatten(out)
+        layout.append(out_layout)
+        ctx.ops = _TRITON if backend == "triton" else _COMPILED
+        ctx.rgpt4d_call = (op, args, where, out_layout)
+        op.autograd[0](ctx, args, out)
+        return flat if out_layout is not None else flat[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        op, args, where, layout = ctx.rgpt4d_call
+        flags = ctx.needs_input_grad[5:]
+        needs = [[False] * len(a) if type(a) is list else False for a in args]
+        for (i, j), f in zip(where, flags):
+            if j is None:
+                needs[i] = f
+            else:
+                needs[i][j] = f
+        real = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(needs)
+        try:
+            result = op.autograd[1](ctx, *_unflatten_grads(grads, layout))
+        finally:
+            ctx.needs_input_grad = real
+        if not isinstance(result, tuple):
+            result = (result,)
+        leaf_grads = [result[i] if j is None else (result[i][j] if result[i] is not None else None)
+                      for i, j in where]
+        return (None, None, None, None, None, *leaf_grads)
+
+
+def _unflatten_grads(grads, layout) -> tuple:
+    out = _unflatten(grads, layout)
+    return (out,) if layout is None else out
 
 
 def _check_device(op: str, backend: str, device: torch.device) -> None:

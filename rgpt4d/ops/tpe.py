@@ -249,7 +249,7 @@ def tpe_add(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, ba
     be = TPE_ADD.select(x.device, backend)
     if be == "eager":
         return tpe_add_eager(x, timestamps, table, base)
-    return TPE_ADD.kernel(be)(x, timestamps, table, float(base))
+    return TPE_ADD(be, x, timestamps, table, float(base))
 
 
 def tpe_add_(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, base: float = 10000.0,
@@ -264,7 +264,7 @@ def tpe_add_(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, b
     if be == "eager":
         x.copy_(tpe_add_eager(x, timestamps, table, base))
     else:
-        TPE_ADD_.kernel(be)(x, timestamps, table, float(base))
+        TPE_ADD_(be, x, timestamps, table, float(base))
     return x
 
 
@@ -288,7 +288,7 @@ def tpe_downsample_layernorm(x: Tensor, timestamps: Tensor, table: Optional[Tens
     if be == "eager":
         return tpe_downsample_layernorm_eager(x, timestamps, table, weight, bias, grid=(h, w), window=window,
                                               eps=eps, base=base)
-    out, _, _ = TPE_DS_LN.kernel(be)(x, timestamps, table, weight, bias, h, w, int(window), float(eps), float(base))
+    out, _, _ = TPE_DS_LN(be, x, timestamps, table, weight, bias, h, w, int(window), float(eps), float(base))
     return out
 
 
