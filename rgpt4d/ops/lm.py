@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgpt4d.ops.registry import Family, acc_dtype, is_real_tensor, refuse_double_backward, scaled
+from rgpt4d.ops.registry import Family, acc_dtype, grads_from_forward, refuse_double_backward
 
 REDUCTIONS = {"mean": 1, "sum": 2}
 IGNORE_INDEX = -100
@@ -82,18 +82,8 @@ def _backward(ctx, g_loss, _gh, _gw, _gb):
     if g_loss is None:
         return (None,) * 10
     refuse_double_backward("fused_linear_cross_entropy", g_loss)
-    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    gh, gw, gb = ctx.saved_tensors
-    for name, need, buf, numel in zip(("h", "weight", "bias"), (need_h, need_w, need_b and ctx.has_bias),
-                                      (gh, gw, gb), ctx.numels):
-        if need and numel > 0 and buf.numel() == 0 and is_real_tensor(buf):
-            raise RuntimeError(f"fused_linear_cross_entropy: the gradient of {name} was not computed in forward "
-                               f"(need_{name[0]}_grad was False); call the op with it set when {name} requires grad")
-    _, w_dtype, b_dtype = ctx.dtypes
-    gh = scaled(gh, g_loss) if need_h else None
-    gw = scaled(gw, g_loss).to(w_dtype) if need_w else None
-    gb = scaled(gb, g_loss).to(b_dtype) if (need_b and ctx.has_bias) else None
-    return gh, gw, gb, None, None, None, None, None, None, None
+    grads = grads_from_forward("fused_linear_cross_entropy", ctx, g_loss, *ctx.saved_tensors)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 LM = Family("lm")

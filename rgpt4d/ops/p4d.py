@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgpt4d.ops.registry import Family, acc_dtype, refuse_double_backward, scaled
+from rgpt4d.ops.registry import Family, acc_dtype, grads_from_forward, refuse_double_backward, scaled
 
 KINDS = {"smooth_l1": 0, "mse": 1, "l1": 2}
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -395,7 +395,7 @@ def _setup_linear_loss(ctx, inputs, output):
     ctx.cfg = (kind, beta, chunk_size)
     ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
-    ctx.numels = {"h": h.numel(), "weight": weight.numel(), "bias": 0 if bias is None else bias.numel()}
+    ctx.numels = (h.numel(), weight.numel(), 0 if bias is None else bias.numel())
     ctx.mark_non_differentiable(gh, gw, gb)
     ctx.set_materialize_grads(False)
     if reduction == 0:
@@ -410,27 +410,17 @@ def _linear_loss_backward(ctx, g_loss, _gh, _gw, _gb):
     if g_loss is None:
         return (None,) * 12
     refuse_double_backward("fused_linear_latent_loss", g_loss)
-    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    _, w_dtype, b_dtype = ctx.dtypes
     if ctx.reduction == 0:
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         h, weight, bias, target, mask = ctx.saved_tensors
         kind, beta, chunk = ctx.cfg
         gh, gw, gb = ctx.ops.p4d_linear_loss_backward(g_loss.contiguous(), h, weight, bias, target, mask, kind, beta,
                                                       chunk, bool(need_h), bool(need_w), bool(need_b and ctx.has_bias))
+        grads = (gh if need_h else None, gw.to(ctx.dtypes[1]) if need_w else None,
+                 gb.to(ctx.dtypes[2]) if (need_b and ctx.has_bias) else None)
     else:
-        gh, gw, gb = ctx.saved_tensors
-        for name, need, buf in (("h", need_h, gh), ("weight", need_w, gw), ("bias", need_b and ctx.has_bias, gb)):
-            if need and buf.numel() == 0 and ctx.numels[name] > 0:
-                raise RuntimeError(f"fused_linear_latent_loss: the gradient of {name} was not computed in forward "
-                                   f"(need_{name[0]}_grad was False); call the op with it set when {name} "
-                                   "requires grad")
-        gh = scaled(gh, g_loss) if need_h else None
-        gw = scaled(gw, g_loss) if need_w else None
-        gb = scaled(gb, g_loss) if (need_b and ctx.has_bias) else None
-    gh = gh if need_h else None
-    gw = gw.to(w_dtype) if need_w else None
-    gb = gb.to(b_dtype) if (need_b and ctx.has_bias) else None
-    return gh, gw, gb, None, None, None, None, None, None, None, None, None
+        grads = grads_from_forward("fused_linear_latent_loss", ctx, g_loss, *ctx.saved_tensors)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 P4D = Family("p4d")

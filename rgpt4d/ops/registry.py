@@ -467,6 +467,22 @@ def scaled(buf: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return buf * s
 
 
+def grads_from_forward(op: str, ctx, g_loss: torch.Tensor, gh, gw, gb) -> tuple:
+    """The gradients of h, weight and bias of a fused Linear + loss op (fused_linear_cross_entropy,
+    fused_linear_latent_loss) that computed them in forward: each scaled by grad_output and cast
+    to its parameter's dtype; None where not needed. Its setup_context set ctx.dtypes (h, weight,
+    bias), ctx.has_bias and ctx.numels; an empty buffer for a needed gradient means the op was
+    called without that gradient's flag, which raises."""
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
+    for name, n, buf, numel in zip(("h", "weight", "bias"), need, (gh, gw, gb), ctx.numels):
+        if n and numel > 0 and buf.numel() == 0 and is_real_tensor(buf):
+            raise RuntimeError(f"{op}: the gradient of {name} was not computed in forward (need_{name[0]}_grad was "
+                               f"False); call the op with it set when {name} requires grad")
+    _, w_dtype, b_dtype = ctx.dtypes
+    return (scaled(gh, g_loss) if need[0] else None, scaled(gw, g_loss).to(w_dtype) if need[1] else None,
+            scaled(gb, g_loss).to(b_dtype) if need[2] else None)
+
+
 def refuse_double_backward(op: str, grad: torch.Tensor) -> None:
     """The fused kernels compute first-order gradients only: create_graph=True through them raises."""
     if torch.is_grad_enabled() and is_real_tensor(grad):
