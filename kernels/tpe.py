@@ -104,17 +104,6 @@ def _ds_slot(x_ptr, rows, rmask, frame, oy, ox, dy, dx, H, W, D, offs_d, dmask, 
 
 
 @triton.jit
-def _ds_channels(ts_ptr, table_ptr, frame, d0, D, log_base, HAS_TABLE: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """Channel block d0 .. d0 + BLOCK_D of a row pass: (offs_d, dmask, the frames' encoding [BLOCK_R, BLOCK_D])."""
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base, HAS_TABLE,
-                         ACC)
-    return offs_d, dmask, enc
-
-
-@triton.jit
 def _ds_ln_grad_tile(g_ptr, x_ptr, w_ptr, rows, rmask, frame, oy, ox, j, mean, rstd, H, W, D, offs_d, dmask, omask,
                      enc, WIN: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr):
     """Window slot j of a block of output tokens, as both passes of the LayerNorm input gradient read
@@ -151,7 +140,10 @@ def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_
     K = WIN * WIN * D
     s = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        offs_d, dmask, enc = _ds_channels(ts_ptr, table_ptr, frame, d0, D, log_base, HAS_TABLE, ACC, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
                                  WIN, ACC)
@@ -159,7 +151,10 @@ def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_
     mean = s / K
     ss = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        offs_d, dmask, enc = _ds_channels(ts_ptr, table_ptr, frame, d0, D, log_base, HAS_TABLE, ACC, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
                                  WIN, ACC)
@@ -167,8 +162,11 @@ def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_
             ss += tl.sum(c * c, axis=1)
     rstd = 1.0 / tl.sqrt(ss / K + eps)
     for d0 in range(0, D, BLOCK_D):
-        offs_d, dmask, enc = _ds_channels(ts_ptr, table_ptr, frame, d0, D, log_base, HAS_TABLE, ACC, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
         omask = rmask[:, None] & dmask[None, :]
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                              HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
                                  WIN, ACC)
@@ -188,7 +186,9 @@ def _tpe_ds_ln_dx_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, w_ptr, mean_ptr, rstd_
                          ROWS, M, H, W, Wo, D, log_base: tl.float64,
                          WIN: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Two passes (the row sums c1 = mean(g), c2 = mean(g * xhat), then dx), channel blocks as forward.
+    # Two passes (the row sums c1 = mean(g), c2 = mean(g * xhat), then dx), channel blocks as forward;
+    # both read a slot's tile with _ds_ln_grad_tile. The channel block's set-up stays inline: in a helper
+    # the fp64 kernel spilled 76 B on sm_90 (python -m tests.ops.triton_sm90 --family tpe --dtypes float64).
     log_base = acc_scalar(log_base, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < ROWS
@@ -200,8 +200,11 @@ def _tpe_ds_ln_dx_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, w_ptr, mean_ptr, rstd_
     c1 = tl.zeros([BLOCK_R], dtype=ACC)
     c2 = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        offs_d, dmask, enc = _ds_channels(ts_ptr, table_ptr, frame, d0, D, log_base, HAS_TABLE, ACC, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
         omask = rmask[:, None] & dmask[None, :]
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                             HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             xhat, g, src, m = _ds_ln_grad_tile(g_ptr, x_ptr, w_ptr, rows, rmask, frame, oy, ox, j, mean, rstd, H, W,
                                                D, offs_d, dmask, omask, enc, WIN, HAS_W, ACC)
@@ -210,8 +213,11 @@ def _tpe_ds_ln_dx_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, w_ptr, mean_ptr, rstd_
     c1 = c1 / K
     c2 = c2 / K
     for d0 in range(0, D, BLOCK_D):
-        offs_d, dmask, enc = _ds_channels(ts_ptr, table_ptr, frame, d0, D, log_base, HAS_TABLE, ACC, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
         omask = rmask[:, None] & dmask[None, :]
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                             HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             xhat, g, src, m = _ds_ln_grad_tile(g_ptr, x_ptr, w_ptr, rows, rmask, frame, oy, ox, j, mean, rstd, H, W,
                                                D, offs_d, dmask, omask, enc, WIN, HAS_W, ACC)
@@ -278,7 +284,7 @@ def _ds_ln_blocks(rows, D, device, dtype):
     tile ([2, 128] in fp64) at 8 warps: compiled for sm_90 at D = 1152 (9 channel blocks, no idle lane) neither kernel
     spills (`python -m tests.ops.triton_sm90 --family tpe`), where a whole row (BLOCK_D 2048) spilled
     ~0.5 KB and [8, 128] at 4 warps 0.4-1.5 KB (the 9 window slots' loads are in flight at once).
-    Under the interpreter each program costs ~1 ms: larger tiles."""
+    The interpreter runs one program at a time in Python: larger tiles."""
     if device.type == "cpu":
         BLOCK_D = _block_d(D, 2048)
         return max(1, min(triton.next_power_of_2(rows), 4096 // BLOCK_D)), BLOCK_D, 4
@@ -299,6 +305,7 @@ def tpe_add(x, timestamps, table=None, base=10000.0, out=None):
     ts, tab = encoder_inputs(timestamps, table, acc_torch)
     BLOCK_D = _block_d(D, 256)
     # on a GPU 4096 elements at 8 warps: 8192 at 4 warps spilled (fp32 learned 16 B, fp64 ~180 B) on sm_90
+    # (python -m tests.ops.triton_sm90 --family tpe)
     cpu = x.device.type == "cpu"
     BLOCK_N = max(1, min(triton.next_power_of_2(N), (8192 if cpu else 4096) // BLOCK_D))
     grid = (B * T, triton.cdiv(N, BLOCK_N))
@@ -390,6 +397,7 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
         rows_per_split = triton.cdiv(rows, splits)
         BD = _block_d(D, 128)
         # [8, 128] on a GPU ([4, 128] in fp64): [32, 128] spilled 176 B on sm_90 at D = 1152
+        # (python -m tests.ops.triton_sm90 --family tpe)
         tile = 4096 if x.device.type == "cpu" else (512 if x.dtype == torch.float64 else 1024)
         BR = max(1, min(triton.next_power_of_2(rows_per_split), tile // BD))
         pw = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_weight_grad else empty()
