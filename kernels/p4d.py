@@ -149,7 +149,7 @@ def _device_table(values, dtype, device):
 
 
 def _term_block(device):
-    # Under the interpreter each program costs ~1 ms: few, large blocks. On a GPU, 2048 elements per
+    # The interpreter runs one program at a time in Python: few, large blocks. On a GPU 2048 elements per
     # program (8 warps, 8 per thread): 4096 spilled 4 B on sm_90 with Triton 3.6 (python -m
     # tests.ops.triton_sm90 --family p4d).
     return 1 << 15 if device.type == "cpu" else 2048
@@ -230,7 +230,7 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
     ranges_t = _device_table(ranges, torch.int64, device)
     weights_t = _device_table(list(weights), torch.float64, device)
     with torch.cuda.device_of(partial):
-        # 8 warps: at 4 the fp64 accumulator spilled 16-24 B on sm_90
+        # 8 warps: at 4 the fp64 accumulator spilled 16-24 B on sm_90 (python -m tests.ops.triton_sm90 --family p4d)
         _p4d_finalize_kernel[(1,)](partial, ranges_t, counts, weights_t, losses, total, n, MEAN=bool(mean),
                                    BLOCK=1024, num_warps=8)
     return total, losses, grads

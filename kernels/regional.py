@@ -426,7 +426,8 @@ def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.const
     sw = Wm.to(ACC) / W.to(ACC)
     # resized pixel o reads source i when its source coordinate lies in [i - 1, i + 1): the
     # candidates start one below floor((i - 0.5) / scale - 0.5); NY / NX of them cover the range.
-    # One candidate row at a time: a [BLOCK_Q, NX] tile (a [BLOCK_Q, NY, NX] tile spilled 35 KB).
+    # One candidate row at a time: a [BLOCK_Q, NX] tile (a [BLOCK_Q, NY, NX] tile spilled 35 KB on sm_90,
+    # python -m tests.ops.triton_sm90 --family regional).
     y0 = tl.maximum(tl.floor((sy.to(ACC) - 0.5) / sh - 0.5).to(tl.int64) - 1, 0)
     x = tl.maximum(tl.floor((sx.to(ACC) - 0.5) / sw - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NX)[None, :]
     xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
@@ -644,7 +645,8 @@ def _resize(masks, H, W, eps, acc_tl, acc_torch):
 
 def _mm_blocks(R, C, HW, acc_torch):
     """(USE_DOT, BLOCK_R, BLOCK_P, BLOCK_C) of the mask-pool matmul kernels. 32 pixels per step: with
-    64 the fp32 forward (16 x 64 x 64, 4 warps) spilled 512 B on sm_90, the fp64 feature gradient 72 B."""
+    64 the fp32 forward (16 x 64 x 64, 4 warps) spilled 512 B on sm_90, the fp64 feature gradient 72 B
+    (python -m tests.ops.triton_sm90 --family regional)."""
     use_dot = acc_torch == torch.float32
     lo = 16 if use_dot else 1
     BLOCK_R = max(lo, min(triton.next_power_of_2(max(R, 1)), 64))
@@ -705,11 +707,13 @@ def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, nee
                 ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     if need_masks_grad:
         gfr = torch.empty(B * T * R, HW, device=features.device, dtype=acc_torch)
+        # channel steps of 32: 64 spilled on sm_90, 16 B in bf16 and 4 B in fp64
+        # (python -m tests.ops.triton_sm90 --family regional)
         with torch.cuda.device_of(gn):
             _mask_pool_gf_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(R, BLOCK_R))](
                 gn, features, gfr, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
                 features.stride(3), features.stride(4), ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
-                BLOCK_C=min(BLOCK_C, 32))  # channel steps of 64 spilled on sm_90: 16 B in bf16, 4 B in fp64
+                BLOCK_C=min(BLOCK_C, 32))
         # d out / d m~_p = (f_p - out) / Z: the mean term s_r = sum_p (m~_p / Z) GF_p, GF carrying 1 / Z.
         s = ((mt * gfr).sum(-1) * invz).contiguous()
         gmb = torch.empty(B * T * R, Hm * Wm, device=masks.device, dtype=acc_torch)
