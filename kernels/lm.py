@@ -1,4 +1,5 @@
-"""Triton kernels for the language-model head. Imports only torch and triton.
+"""Triton kernels for the language-model head. Imports only torch, triton, _common.py and
+linear_loss.py.
 
     linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, chunk_size,
                          need_h, need_w, need_b) -> (loss, grad_h or [0], grad_w or [0], grad_b or [0])
@@ -237,8 +238,7 @@ def swiglu(gate, up):
     if n > 0:
         B = _elementwise_block(gate.device)
         with torch.cuda.device_of(gate):
-            _swiglu_fwd_kernel[(triton.cdiv(n, B),)](gate, up, y, n, ACC=acc_types(gate.dtype)[0],
-                                                     BLOCK=B)
+            _swiglu_fwd_kernel[(triton.cdiv(n, B),)](gate, up, y, n, ACC=acc_types(gate.dtype)[0], BLOCK=B)
     return y
 
 
