@@ -1,7 +1,10 @@
 """Triton kernels of rgpt4d, one file per op family, installed as `rgpt4d.kernels`.
 
-Each file imports only torch and triton, so it can be copied into another code base. Set
-TRITON_INTERPRET=1 before importing a file to run its kernels on CPU tensors (the interpreter).
+The files import only torch, triton and each other: _common.py (the accumulation dtype, fp64 for
+fp64 inputs and fp32 otherwise), linear_loss.py (the chunked Linear + loss driver of lm.py and
+p4d.py) and tpe.py's encoding (regional.py). Copied together into another code base they also
+import as top-level modules. Set TRITON_INTERPRET=1 before importing a file to run its kernels on
+CPU tensors (the interpreter).
 """
 
 import os as _os

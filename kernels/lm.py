@@ -1,42 +1,41 @@
-"""Triton kernels for the language-model head. Imports only torch and triton.
+"""Triton kernels for the language-model head. Imports only torch, triton, _common.py and
+linear_loss.py.
 
     linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, chunk_size,
                          need_h, need_w, need_b) -> (loss, grad_h or [0], grad_w or [0], grad_b or [0])
         The LM head's Linear fused with the cross-entropy of its logits. Same contract as
         torch.ops.rgpt4d.linear_cross_entropy (csrc/lm/lm.cpp): only the rows whose target is not
-        ignore_index are projected, chunk_size rows at a time (torch matmuls for the GEMMs), and a
-        Triton kernel turns each chunk of logits into the row losses and, in place, the gradient
-        scale * (softmax - onehot). reduction 1 mean (NaN when no row is selected, as
-        F.cross_entropy), 2 sum. grad_w / grad_b are in the accumulation dtype (fp32; fp64 for
-        fp64 inputs).
+        ignore_index are projected, chunk_size rows at a time (linear_loss.py's driver: torch
+        matmuls for the GEMMs), and a Triton kernel turns each chunk of logits into the row losses
+        and, in place, the gradient scale * (softmax - onehot). reduction 1 mean (NaN when no row is
+        selected, as F.cross_entropy), 2 sum. grad_w / grad_b are in the accumulation dtype.
     rms_norm(x, weight, eps) -> (y, rstd); rms_norm_backward(grad_y, x, weight, rstd, need_x, need_w)
         Qwen2RMSNorm: y = weight * (x * rstd rounded to x's dtype), rstd = 1 / sqrt(mean(x^2) + eps);
         one program per row. grad_w (a column sum over rows) is a torch reduction.
     swiglu(gate, up) -> silu(gate) * up; swiglu_backward(grad, gate, up) -> (grad_gate, grad_up)
         Qwen2MLP's activation, one elementwise pass each way.
 
-Arithmetic in fp32 (fp64 for fp64 inputs). Set TRITON_INTERPRET=1 before importing this file to
-run the kernels on CPU tensors.
+Arithmetic in the accumulation dtype of _common.py (fp32; fp64 for fp64 inputs). Set
+TRITON_INTERPRET=1 before importing this file to run the kernels on CPU tensors.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _acc_scalar(x, ACC: tl.constexpr):
-    """A float argument in the accumulation dtype. Float arguments are annotated tl.float64: the
-    compiler would type a Python float fp32 (fp64 kernels would see eps, 1/n rounded to 1e-7); the
-    interpreter passes the Python float itself, which takes the dtype of the zero it is added to."""
-    return (tl.zeros([], ACC) + x).to(ACC)
+try:  # installed as rgpt4d.kernels
+    from ._common import acc_dtype, acc_scalar, acc_types
+    from .linear_loss import linear_loss_chunks
+except ImportError:  # copied next to _common.py and linear_loss.py as top-level modules
+    from _common import acc_dtype, acc_scalar, acc_types
+    from linear_loss import linear_loss_chunks
 
 
 @triton.jit
 def _lce_rows_kernel(x_ptr, t_ptr, rowloss_ptr, V, scale: tl.float64, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_V: tl.constexpr):
     """One program per row of V logits: online max / sum of exp, then the gradient over the row."""
-    scale = _acc_scalar(scale, ACC)
+    scale = acc_scalar(scale, ACC)
     r = tl.program_id(0).to(tl.int64)
     row = x_ptr + r * V
     t = tl.load(t_ptr + r)
@@ -64,17 +63,14 @@ def _lce_rows_kernel(x_ptr, t_ptr, rowloss_ptr, V, scale: tl.float64, WRITE_GRAD
             tl.store(row + cols, g.to(x_ptr.dtype.element_ty), mask=cm)
 
 
-_TL_ACC = {torch.float64: tl.float64}
-
-
 def _rows(logits, target, scale, write_grad, row_loss):
     R, V = logits.shape
     if R == 0:
         return
-    acc = _TL_ACC.get(logits.dtype, tl.float32)
+    acc_tl, _ = acc_types(logits.dtype)
     BLOCK_V = min(triton.next_power_of_2(max(V, 1)), 4096 if logits.device.type == "cpu" else 1024)
     with torch.cuda.device_of(logits):
-        _lce_rows_kernel[(R,)](logits, target, row_loss, V, float(scale), WRITE_GRAD=write_grad, ACC=acc,
+        _lce_rows_kernel[(R,)](logits, target, row_loss, V, float(scale), WRITE_GRAD=write_grad, ACC=acc_tl,
                                BLOCK_V=BLOCK_V)
 
 
@@ -94,15 +90,8 @@ def linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, chunk
     _check(h, weight, bias, target, chunk_size)
     if reduction not in (1, 2):
         raise ValueError(f"fused_linear_cross_entropy: unknown reduction {reduction}")
-    N, D = h.shape
     V = weight.shape[0]
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    h, weight, target = h.contiguous(), weight.contiguous(), target.contiguous()
-    need_b = need_b and bias is not None
-    grad_h = torch.zeros(N, D, dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
-    grad_w = torch.zeros(V, D, dtype=acc, device=h.device) if need_w else h.new_empty(0, dtype=acc)
-    grad_b = torch.zeros(V, dtype=acc, device=h.device) if need_b else h.new_empty(0, dtype=acc)
-    write_grad = need_h or need_w or need_b
+    target = target.contiguous()
     idx = torch.nonzero(target != ignore_index).view(-1)
     n = idx.numel()
     tsel = target.index_select(0, idx)
@@ -112,32 +101,23 @@ def linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, chunk
                              f"ignore_index {ignore_index})")
     scale = (1.0 / n if n > 0 else 0.0) if reduction == 1 else 1.0
     row_loss = torch.empty(n, dtype=torch.float64, device=h.device)
-    for c0 in range(0, n, chunk_size):
-        c1 = min(n, c0 + chunk_size)
-        ic = idx[c0:c1]
-        h_c = h.index_select(0, ic)
-        logits = (torch.addmm(bias, h_c, weight.t()) if bias is not None else torch.mm(h_c, weight.t())).contiguous()
-        _rows(logits, tsel[c0:c1].contiguous(), scale, write_grad, row_loss[c0:c1])
-        if not write_grad:
-            continue
-        if need_h:
-            grad_h.index_copy_(0, ic, torch.mm(logits, weight))
-        g_acc = logits.to(acc)
-        if need_w:
-            grad_w.addmm_(g_acc.t(), h_c.to(acc))
-        if need_b:  # G^T 1 as a GEMV: deterministic
-            grad_b.addmv_(g_acc.t(), torch.ones(c1 - c0, dtype=acc, device=h.device))
+
+    def rows_loss(logits, c0, c1, write_grad):
+        _rows(logits, tsel[c0:c1], scale, write_grad, row_loss[c0:c1])
+
+    grad_h, grad_w, grad_b = linear_loss_chunks(h, weight, bias, chunk_size, rows_loss, need_h, need_w, need_b,
+                                                rows=idx)
     total = row_loss.sum()
     if reduction == 1:
         total = total / n if n > 0 else torch.full((), float("nan"), dtype=torch.float64, device=h.device)
-    return total.to(acc), grad_h, grad_w, grad_b
+    return total.to(acc_dtype(h.dtype)), grad_h, grad_w, grad_b
 
 
 # ---- RMSNorm (Qwen2RMSNorm) -----------------------------------------------------------------
 
 @triton.jit
 def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps: tl.float64, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    eps = _acc_scalar(eps, ACC)
+    eps = acc_scalar(eps, ACC)
     r = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ss = tl.zeros([BLOCK_D], dtype=ACC)
@@ -191,13 +171,12 @@ def rms_norm(x, weight, eps):
     _check_rms(x, weight)
     x, weight = x.contiguous(), weight.contiguous()
     N, D = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_tl, acc = acc_types(x.dtype)
     y = torch.empty(N, D, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(N, dtype=acc, device=x.device)
     if N > 0:
         with torch.cuda.device_of(x):
-            _rms_fwd_kernel[(N,)](x, weight, y, rstd, D, float(eps), ACC=_TL_ACC.get(x.dtype, tl.float32),
-                                  BLOCK_D=_block_d(D, x.device))
+            _rms_fwd_kernel[(N,)](x, weight, y, rstd, D, float(eps), ACC=acc_tl, BLOCK_D=_block_d(D, x.device))
     return y, rstd
 
 
@@ -208,12 +187,11 @@ def rms_norm_backward(grad_y, x, weight, rstd, need_x, need_w):
         raise ValueError(f"rms_norm_backward: grad_y must be {tuple(x.shape)}, got {tuple(grad_y.shape)}")
     x, weight, grad_y, rstd = x.contiguous(), weight.contiguous(), grad_y.contiguous(), rstd.contiguous()
     N, D = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_tl, acc = acc_types(x.dtype)
     gx = torch.empty_like(x) if need_x else x.new_empty(0)
     if need_x and N > 0:
         with torch.cuda.device_of(x):
-            _rms_bwd_kernel[(N,)](grad_y, x, weight, rstd, gx, D, ACC=_TL_ACC.get(x.dtype, tl.float32),
-                                  BLOCK_D=_block_d(D, x.device))
+            _rms_bwd_kernel[(N,)](grad_y, x, weight, rstd, gx, D, ACC=acc_tl, BLOCK_D=_block_d(D, x.device))
     gw = (grad_y.to(acc) * x.to(acc) * rstd[:, None]).sum(0) if need_w else x.new_empty(0, dtype=acc)
     return gx, gw
 
@@ -260,8 +238,7 @@ def swiglu(gate, up):
     if n > 0:
         B = _elementwise_block(gate.device)
         with torch.cuda.device_of(gate):
-            _swiglu_fwd_kernel[(triton.cdiv(n, B),)](gate, up, y, n, ACC=_TL_ACC.get(gate.dtype, tl.float32),
-                                                     BLOCK=B)
+            _swiglu_fwd_kernel[(triton.cdiv(n, B),)](gate, up, y, n, ACC=acc_types(gate.dtype)[0], BLOCK=B)
     return y
 
 
@@ -276,7 +253,7 @@ def swiglu_backward(grad, gate, up):
         B = _elementwise_block(gate.device)
         with torch.cuda.device_of(gate):
             _swiglu_bwd_kernel[(triton.cdiv(n, B),)](grad, gate, up, dg, du, n,
-                                                     ACC=_TL_ACC.get(gate.dtype, tl.float32), BLOCK=B)
+                                                     ACC=acc_types(gate.dtype)[0], BLOCK=B)
     return dg, du
 
 
@@ -320,7 +297,7 @@ def _rope_one(x, cos, sin, backward):
         with torch.cuda.device_of(x):
             _rope_kernel[(B * H * L,)](x, cos, sin, out, H, L, D, cos.shape[0], x.stride(0), x.stride(1), x.stride(2),
                                        out.stride(0), out.stride(1), out.stride(2), BACKWARD=backward,
-                                       ACC=_TL_ACC.get(x.dtype, tl.float32),
+                                       ACC=acc_types(x.dtype)[0],
                                        BLOCK_H=triton.next_power_of_2(max(D // 2, 1)))
     return out
 

@@ -1,4 +1,5 @@
-"""Triton kernels for the P4D distillation losses. Imports only torch and triton.
+"""Triton kernels for the P4D distillation losses. Imports only torch, triton, _common.py and
+linear_loss.py.
 
     p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, mean, log_eps)
         -> (total, losses, grads): the latent + explicit distillation loss over a list of terms
@@ -8,8 +9,9 @@
         masks[i].numel()]); mean divides by the valid count (no valid element: loss 0, gradient 0).
         grads[i] = f_i * dL_i/dpred_i with f_i = weights[i] (1 when it is 0), written in forward.
     linear_loss_fwd / linear_loss_bwd
-        The decoder's last Linear fused with the latent loss, chunked over tokens (torch matmuls
-        for the GEMMs, a Triton kernel for the loss and its gradient over each chunk).
+        The decoder's last Linear fused with the latent loss, chunked over tokens (linear_loss.py's
+        driver: torch matmuls for the GEMMs, a Triton kernel for the loss and its gradient over
+        each chunk).
 
 Every term is cut into blocks of BLOCK elements, numbered consecutively over the term list; one
 launch per term, with the term's tensors as kernel arguments (not addresses in a table: the
@@ -18,23 +20,22 @@ its block's loss sum to its own slot of a float64 `partial` array; a one-program
 each term's slots in block order: the result does not depend on scheduling (deterministic, no
 atomics).
 
-Arithmetic in fp32 (fp64 for fp64 inputs). Set TRITON_INTERPRET=1 before importing this file to
-run the kernels on CPU tensors.
+Arithmetic in the accumulation dtype of _common.py (fp32; fp64 when an input is fp64). Set
+TRITON_INTERPRET=1 before importing this file to run the kernels on CPU tensors.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+try:  # installed as rgpt4d.kernels
+    from ._common import acc_dtype, acc_scalar, acc_types
+    from .linear_loss import linear_loss_chunks
+except ImportError:  # copied next to _common.py and linear_loss.py as top-level modules
+    from _common import acc_dtype, acc_scalar, acc_types
+    from linear_loss import linear_loss_chunks
+
 _FLAG_LOG, _FLAG_GRAD, _FLAG_MASK = 1, 2, 4
-
-
-@triton.jit
-def _acc_scalar(x, ACC: tl.constexpr):
-    """A float argument in the accumulation dtype. Float arguments are annotated tl.float64: the
-    compiler would type a Python float fp32 (fp64 kernels would see eps, beta rounded to 1e-7);
-    the interpreter passes the Python float itself, which takes the dtype of the zero it is added to."""
-    return (tl.zeros([], ACC) + x).to(ACC)
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def _p4d_terms_kernel(p_ptr, t_ptr, m_ptr, g_ptr, beta_ptr, scale_ptr, partial_p
         valid = valid & (mv != 0)
     chain = tl.full([BLOCK], 1.0, ACC)
     if LOG:
-        eps = _acc_scalar(log_eps, ACC)
+        eps = acc_scalar(log_eps, ACC)
         pe = p + eps
         chain = 1.0 / pe
         p = tl.log(pe)
@@ -116,7 +117,7 @@ def _linear_rows_kernel(y_ptr, t_ptr, m_ptr, rs_ptr, scale_ptr, rowloss_ptr, R, 
     valid_r = rmask
     if HAS_MASK:
         valid_r = valid_r & (tl.load(m_ptr + rows, mask=rmask, other=0) != 0)
-    beta = _acc_scalar(beta, ACC)
+    beta = acc_scalar(beta, ACC)
     rs = tl.full([BLOCK_R], 1.0, ACC) * tl.load(scale_ptr).to(ACC)
     if HAS_RS:
         rs = rs * tl.load(rs_ptr + rows, mask=rmask, other=0.0).to(ACC)
@@ -138,10 +139,6 @@ def _linear_rows_kernel(y_ptr, t_ptr, m_ptr, rs_ptr, scale_ptr, rowloss_ptr, R, 
 
 # ---- host wrappers ------------------------------------------------------------------------
 
-def _acc(dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -152,7 +149,7 @@ def _device_table(values, dtype, device):
 
 
 def _term_block(device):
-    # Under the interpreter each program costs ~1 ms: few, large blocks. On a GPU, 2048 elements per
+    # The interpreter runs one program at a time in Python: few, large blocks. On a GPU 2048 elements per
     # program (8 warps, 8 per thread): 4096 spilled 4 B on sm_90 with Triton 3.6 (python -m
     # tests.ops.triton_sm90 --family p4d).
     return 1 << 15 if device.type == "cpu" else 2048
@@ -183,8 +180,7 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
     _check_terms(preds, targets, masks, mask_inner, kinds, betas, flags, weights)
     n = len(preds)
     device = preds[0].device
-    any_f64 = any(p.dtype == torch.float64 or t.dtype == torch.float64 for p, t in zip(preds, targets))
-    out_dtype = torch.float64 if any_f64 else torch.float32
+    out_dtype = acc_dtype(*(x.dtype for x in preds + targets))
     preds = [p.contiguous() for p in preds]
     targets = [t.contiguous() for t in targets]
     grads = [torch.empty(p.shape, dtype=p.dtype, device=device) if flags[i] & _FLAG_GRAD else p.new_empty((0,))
@@ -221,7 +217,7 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
         masked, grad = bool(flags[i] & _FLAG_MASK), bool(flags[i] & _FLAG_GRAD)
         m = masks[i].view(torch.uint8) if masked else p  # unused pointer when unmasked
         period = masks[i].numel() if masked else 1
-        acc_tl, _ = _acc(torch.float64 if torch.float64 in (p.dtype, t.dtype) else torch.float32)
+        acc_tl, _ = acc_types(p.dtype, t.dtype)
         with torch.cuda.device_of(p):
             _p4d_terms_kernel[(nblk[i],)](
                 p, t, m, grads[i] if grad else p, beta_t, scales, partial, i, p.numel(), mask_inner[i], period,
@@ -234,7 +230,7 @@ def p4d_loss(preds, targets, masks, mask_inner, kinds, betas, flags, weights, me
     ranges_t = _device_table(ranges, torch.int64, device)
     weights_t = _device_table(list(weights), torch.float64, device)
     with torch.cuda.device_of(partial):
-        # 8 warps: at 4 the fp64 accumulator spilled 16-24 B on sm_90
+        # 8 warps: at 4 the fp64 accumulator spilled 16-24 B on sm_90 (python -m tests.ops.triton_sm90 --family p4d)
         _p4d_finalize_kernel[(1,)](partial, ranges_t, counts, weights_t, losses, total, n, MEAN=bool(mean),
                                    BLOCK=1024, num_warps=8)
     return total, losses, grads
@@ -244,7 +240,7 @@ def _linear_rows(y, target, mask, row_scale, scale, kind, beta, write_grad, row_
     R, D = y.shape
     if R == 0:
         return
-    acc_tl, _ = _acc(torch.float64 if torch.float64 in (y.dtype, target.dtype) else torch.float32)
+    acc_tl, _ = acc_types(y.dtype, target.dtype)
     BLOCK_D = min(triton.next_power_of_2(max(D, 1)), 1024 if y.device.type == "cpu" else 256)
     BLOCK_R = max(1, min(triton.next_power_of_2(R), (1 << 14 if y.device.type == "cpu" else 2048) // BLOCK_D))
     with torch.cuda.device_of(y):
@@ -253,23 +249,6 @@ def _linear_rows(y, target, mask, row_scale, scale, kind, beta, write_grad, row_
             R, D, float(beta) if (kind == 0 and beta > 0) else 1.0,
             KIND=kind, HAS_MASK=mask is not None, HAS_RS=row_scale is not None, WRITE_GRAD=write_grad, ACC=acc_tl,
             BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-
-
-def _project(h, weight, bias):
-    return (torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())).contiguous()
-
-
-def _chunk_grads(h_c, gy, weight, c0, grad_h, grad_w, grad_b):
-    if grad_h.numel() > 0:
-        torch.mm(gy, weight, out=grad_h[c0:c0 + h_c.shape[0]])
-    if grad_w.numel() == 0 and grad_b.numel() == 0:
-        return
-    acc = grad_w.dtype if grad_w.numel() > 0 else grad_b.dtype
-    gy_acc = gy.to(acc)
-    if grad_w.numel() > 0:
-        grad_w.addmm_(gy_acc.t(), h_c.to(acc))
-    if grad_b.numel() > 0:  # gy^T 1 as a GEMV: no reduction kernel, deterministic
-        grad_b.addmv_(gy_acc.t(), torch.ones(gy.shape[0], dtype=acc, device=gy.device))
 
 
 def _check_linear(h, weight, bias, target, mask, chunk_size, grad_loss=None):
@@ -291,32 +270,24 @@ def linear_loss_fwd(h, weight, bias, target, mask, kind, beta, reduction, chunk_
     Returns (loss, grad_h or [0], grad_w (fp32/fp64) or [0], grad_b or [0])."""
     _check_linear(h, weight, bias, target, mask, chunk_size)
     kind = 2 if (kind == 0 and beta == 0) else kind
-    N, Din = h.shape
-    Dout = weight.shape[0]
-    _, acc = _acc(h.dtype)
-    h, weight, target = h.contiguous(), weight.contiguous(), target.contiguous()
+    N, D_out = h.shape[0], weight.shape[0]
+    acc = acc_dtype(h.dtype)
+    target = target.contiguous()
     mask = mask.contiguous() if mask is not None else None
-    grads_now = reduction != 0
-    need_h, need_w = need_h and grads_now, need_w and grads_now
-    need_b = need_b and grads_now and bias is not None
-    grad_h = torch.empty(N, Din, dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
-    grad_w = torch.zeros(Dout, Din, dtype=acc, device=h.device) if need_w else h.new_empty(0, dtype=acc)
-    grad_b = torch.zeros(Dout, dtype=acc, device=h.device) if need_b else h.new_empty(0, dtype=acc)
-    write_grad = need_h or need_w or need_b
     row_loss = torch.empty(N, dtype=torch.float64, device=h.device)
     valid = torch.count_nonzero(mask) if mask is not None else torch.full((), N, dtype=torch.int64, device=h.device)
-    count = valid.to(torch.float64) * Dout
+    count = valid.to(torch.float64) * D_out
     scale = (1.0 / count.clamp(min=1)).to(acc) if reduction == 1 else torch.ones((), dtype=acc, device=h.device)
-    for c0 in range(0, N, chunk_size):
-        c1 = min(N, c0 + chunk_size)
-        h_c = h[c0:c1]
-        y = _project(h_c, weight, bias)
+
+    def rows_loss(y, c0, c1, write_grad):
         _linear_rows(y, target[c0:c1], None if mask is None else mask[c0:c1], None, scale, kind, beta, write_grad,
                      row_loss[c0:c1])
-        if write_grad:
-            _chunk_grads(h_c, y, weight, c0, grad_h, grad_w, grad_b)
+
+    grads_now = reduction != 0
+    grad_h, grad_w, grad_b = linear_loss_chunks(h, weight, bias, chunk_size, rows_loss, need_h and grads_now,
+                                                need_w and grads_now, need_b and grads_now)
     if reduction == 0:
-        loss = (row_loss / max(Dout, 1)).to(acc)
+        loss = (row_loss / max(D_out, 1)).to(acc)
     else:
         total = row_loss.sum()
         if reduction == 1:
@@ -330,25 +301,16 @@ def linear_loss_bwd(grad_loss, h, weight, bias, target, mask, kind, beta, chunk_
     per-token grad_output. Returns (grad_h or [0], grad_w (acc) or [0], grad_b (acc) or [0])."""
     _check_linear(h, weight, bias, target, mask, chunk_size, grad_loss)
     kind = 2 if (kind == 0 and beta == 0) else kind
-    N, Din = h.shape
-    Dout = weight.shape[0]
-    _, acc = _acc(h.dtype)
-    h, weight, target = h.contiguous(), weight.contiguous(), target.contiguous()
+    N, D_out = h.shape[0], weight.shape[0]
+    acc = acc_dtype(h.dtype)
+    target = target.contiguous()
     mask = mask.contiguous() if mask is not None else None
-    need_b = need_b and bias is not None
-    grad_h = torch.empty(N, Din, dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
-    grad_w = torch.zeros(Dout, Din, dtype=acc, device=h.device) if need_w else h.new_empty(0, dtype=acc)
-    grad_b = torch.zeros(Dout, dtype=acc, device=h.device) if need_b else h.new_empty(0, dtype=acc)
-    if not (need_h or need_w or need_b):
-        return grad_h, grad_w, grad_b
     row_scale = grad_loss.to(acc).contiguous()
-    scale = torch.full((), 1.0 / max(Dout, 1), dtype=acc, device=h.device)
-    row_loss = torch.empty(min(chunk_size, N), dtype=torch.float64, device=h.device)
-    for c0 in range(0, N, chunk_size):
-        c1 = min(N, c0 + chunk_size)
-        h_c = h[c0:c1]
-        y = _project(h_c, weight, bias)
+    scale = torch.full((), 1.0 / max(D_out, 1), dtype=acc, device=h.device)
+    row_loss = torch.empty(min(chunk_size, N), dtype=torch.float64, device=h.device)  # scratch: not returned
+
+    def rows_loss(y, c0, c1, write_grad):
         _linear_rows(y, target[c0:c1], None if mask is None else mask[c0:c1], row_scale[c0:c1], scale, kind, beta,
-                     True, row_loss[:c1 - c0])
-        _chunk_grads(h_c, y, weight, c0, grad_h, grad_w, grad_b)
-    return grad_h, grad_w, grad_b
+                     write_grad, row_loss[:c1 - c0])
+
+    return linear_loss_chunks(h, weight, bias, chunk_size, rows_loss, need_h, need_w, need_b, need_loss=False)

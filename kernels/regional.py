@@ -1,4 +1,5 @@
-"""Triton kernels for regional pooling. Imports only torch, triton and the TPE helpers of tpe.py.
+"""Triton kernels for regional pooling. Imports only torch, triton, _common.py and the TPE helpers of
+tpe.py.
 
     roi_align_fwd / roi_align_bwd
         torchvision's RoIAlign: RoI (x1, y1, x2, y2) * spatial_scale (- 0.5 if aligned; else at least
@@ -12,9 +13,9 @@
         out = sum(f * m) / (sum(m) + eps) (+ TPE). The forward also returns the resized masks and
         1 / (sum + eps), which the backward takes instead of resizing the masks again.
 
-Features are read through their strides (any layout, no copy). Arithmetic in fp32 (fp64 for fp64
-inputs: float arguments are annotated tl.float64 and cast to the accumulation dtype in the kernel,
-tpe.py's _acc_scalar, since the compiler types an unannotated Python float fp32). Backward: float
+Features are read through their strides (any layout, no copy). Arithmetic in the accumulation dtype
+of _common.py (fp32; fp64 for fp64 inputs: float arguments are annotated tl.float64 and cast in the
+kernel by _common.acc_scalar, since the compiler types an unannotated Python float fp32). Backward: float
 atomics by default; with deterministic=True every bilinear tap becomes an entry (target pixel,
 gradient row, weight), the entries are sorted by target pixel (stable sort: a fixed order) and one
 program per pixel tile x channel block sums each pixel's entries in that order (no atomics, bitwise
@@ -30,9 +31,11 @@ import triton
 import triton.language as tl
 
 try:  # installed as rgpt4d.kernels
-    from .tpe import _acc_scalar, _encoder_inputs, _frame_encoding
-except ImportError:  # copied next to tpe.py as top-level modules
-    from tpe import _acc_scalar, _encoder_inputs, _frame_encoding
+    from ._common import acc_scalar, acc_types
+    from .tpe import encoder_inputs, frame_encoding
+except ImportError:  # copied next to _common.py and tpe.py as top-level modules
+    from _common import acc_scalar, acc_types
+    from tpe import encoder_inputs, frame_encoding
 
 
 # ---- host scalars, RoI geometry and bilinear taps --------------------------------------------
@@ -44,7 +47,7 @@ def _roi_geometry(boxes_ptr, k, ok, spatial_scale, ph, pw, sampling_ratio, ALIGN
     by1 = tl.load(boxes_ptr + 4 * k + 1, mask=ok, other=0.0).to(ACC)
     bx2 = tl.load(boxes_ptr + 4 * k + 2, mask=ok, other=0.0).to(ACC)
     by2 = tl.load(boxes_ptr + 4 * k + 3, mask=ok, other=0.0).to(ACC)
-    spatial_scale = _acc_scalar(spatial_scale, ACC)
+    spatial_scale = acc_scalar(spatial_scale, ACC)
     offset = 0.5 if ALIGNED else 0.0
     x0 = bx1 * spatial_scale - offset
     y0 = by1 * spatial_scale - offset
@@ -142,7 +145,7 @@ def _roi_pool_fwd_kernel(feat_ptr, boxes_ptr, img_ptr, ts_ptr, table_ptr, out_pt
         acc += tl.sum(v, axis=1)
     acc = acc * inv_count
     if HAS_ENC:
-        enc = _frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, _acc_scalar(log_base, ACC),
+        enc = frame_encoding(ts_ptr, table_ptr, tl.maximum(img, 0), offs_c, cmask, C, acc_scalar(log_base, ACC),
                               HAS_TABLE, ACC)
         acc += tl.where(ok, enc, 0.0)[None, :]
     omask = pmask[:, None] & cmask[None, :]
@@ -320,7 +323,7 @@ def _resize_masks_kernel(m_ptr, mt_ptr, invz_ptr, R, T, s0, s1, s2, sy, sx, Hm, 
         v = tl.where(pm, wyl * top + wyh * bot, 0.0)
         tl.store(mt_ptr + mi * HW + p, v, mask=pm)
         total += v
-    tl.store(invz_ptr + mi, 1.0 / (tl.sum(total, axis=0) + _acc_scalar(eps, ACC)))
+    tl.store(invz_ptr + mi, 1.0 / (tl.sum(total, axis=0) + acc_scalar(eps, ACC)))
 
 
 @triton.jit
@@ -354,7 +357,7 @@ def _mask_pool_fwd_kernel(feat_ptr, mt_ptr, invz_ptr, ts_ptr, table_ptr, out_ptr
         acc += _mm(m, f, USE_DOT)
     acc = acc * tl.load(invz_ptr + bt * R + offs_r, mask=rmask, other=0.0)[:, None]
     if HAS_ENC:
-        acc += _frame_encoding(ts_ptr, table_ptr, bt, offs_c, cmask, C, _acc_scalar(log_base, ACC), HAS_TABLE,
+        acc += frame_encoding(ts_ptr, table_ptr, bt, offs_c, cmask, C, acc_scalar(log_base, ACC), HAS_TABLE,
                                ACC)[None, :]
     tl.store(out_ptr + (bt * R + offs_r[:, None]) * C + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
@@ -423,7 +426,8 @@ def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.const
     sw = Wm.to(ACC) / W.to(ACC)
     # resized pixel o reads source i when its source coordinate lies in [i - 1, i + 1): the
     # candidates start one below floor((i - 0.5) / scale - 0.5); NY / NX of them cover the range.
-    # One candidate row at a time: a [BLOCK_Q, NX] tile (a [BLOCK_Q, NY, NX] tile spilled 35 KB).
+    # One candidate row at a time: a [BLOCK_Q, NX] tile (a [BLOCK_Q, NY, NX] tile spilled 35 KB on sm_90,
+    # python -m tests.ops.triton_sm90 --family regional).
     y0 = tl.maximum(tl.floor((sy.to(ACC) - 0.5) / sh - 0.5).to(tl.int64) - 1, 0)
     x = tl.maximum(tl.floor((sx.to(ACC) - 0.5) / sw - 0.5).to(tl.int64) - 1, 0)[:, None] + tl.arange(0, NX)[None, :]
     xlo, xhi, wxl, wxh = _resize_tap(x, Wm, sw)
@@ -442,10 +446,6 @@ def _resize_transpose_kernel(gfr_ptr, s_ptr, gm_ptr, Hm, Wm, H, W, ACC: tl.const
 
 
 # ---- host wrappers ------------------------------------------------------------------------------
-
-def _acc(dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
 
 def _empty_like_layout(sizes, device, dtype, channels_last):
     """[..., C, H, W] contiguous, or channels-last (the pixel's channels contiguous)."""
@@ -481,7 +481,7 @@ def _pool_fwd(feat, boxes, roi_img, enc, out, C, H, W, img_inner, s_outer, s_inn
     K = boxes.shape[0]
     if K == 0 or C == 0:
         return out
-    acc_tl, acc_torch = _acc(feat.dtype)
+    acc_tl, acc_torch = acc_types(feat.dtype)
     BLOCK_P, BLOCK_S, BLOCK_C, num_warps = _pool_blocks(ph * pw, C, sampling_ratio, feat.device, acc_torch)
     ts, tab, has_table = enc
     boxes = boxes.to(acc_torch).contiguous()
@@ -513,7 +513,7 @@ def _pool_bwd_sorted(grad, boxes, roi_img, images, sizes, img_inner, channels_la
     """Deterministic RoI-pooling gradient: entries sorted by target pixel, segmented sums (see the kernels)."""
     C, H, W = sizes[-3:]
     K, P = boxes.shape[0], ph * pw
-    acc_tl, acc_torch = _acc(grad.dtype)
+    acc_tl, acc_torch = acc_types(grad.dtype)
     dev = grad.device
     scale = float(spatial_scale)
     common = dict(ALIGNED=bool(aligned), ACC=acc_tl)
@@ -554,7 +554,7 @@ def _pool_bwd(grad, boxes, roi_img, images, sizes, img_inner, channels_last, spa
               aligned, deterministic):
     """Gradient [..., C, H, W] (grad's dtype, layout per channels_last) of the RoI pooling."""
     C, H, W = sizes[-3:]
-    acc_tl, acc_torch = _acc(grad.dtype)
+    acc_tl, acc_torch = acc_types(grad.dtype)
     K = boxes.shape[0]
     if K == 0 or C == 0 or H * W == 0 or images == 0:
         return _empty_like_layout(sizes, grad.device, grad.dtype, channels_last).zero_()
@@ -609,10 +609,10 @@ def region_pool_fwd(features, boxes, valid, timestamps, table, spatial_scale, ph
     out = torch.empty(B, T, R, C, ph, pw, device=features.device, dtype=features.dtype)
     if B * T * R == 0 or C == 0:
         return out
-    _, acc_torch = _acc(features.dtype)
+    _, acc_torch = acc_types(features.dtype)
     enc = (None, None, False)
     if timestamps is not None:
-        ts, tab = _encoder_inputs(timestamps, table, acc_torch)
+        ts, tab = encoder_inputs(timestamps, table, acc_torch)
         enc = (ts, tab, table is not None)
     return _pool_fwd(features, boxes.reshape(B * T * R, 4), _region_images(boxes, valid), enc, out, C, H, W, T,
                      features.stride(0), features.stride(1),
@@ -645,7 +645,8 @@ def _resize(masks, H, W, eps, acc_tl, acc_torch):
 
 def _mm_blocks(R, C, HW, acc_torch):
     """(USE_DOT, BLOCK_R, BLOCK_P, BLOCK_C) of the mask-pool matmul kernels. 32 pixels per step: with
-    64 the fp32 forward (16 x 64 x 64, 4 warps) spilled 512 B on sm_90, the fp64 feature gradient 72 B."""
+    64 the fp32 forward (16 x 64 x 64, 4 warps) spilled 512 B on sm_90, the fp64 feature gradient 72 B
+    (python -m tests.ops.triton_sm90 --family regional)."""
     use_dot = acc_torch == torch.float32
     lo = 16 if use_dot else 1
     BLOCK_R = max(lo, min(triton.next_power_of_2(max(R, 1)), 64))
@@ -668,14 +669,14 @@ def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
     B, T, C, H, W = features.shape
     R = masks.shape[2]
     out = torch.empty(B, T, R, C, device=features.device, dtype=features.dtype)
-    acc_tl, acc_torch = _acc(features.dtype)
+    acc_tl, acc_torch = acc_types(features.dtype)
     mt, invz = _resize(masks, H, W, eps, acc_tl, acc_torch)
     result = out, mt.view(B, T, R, H, W), invz.view(B, T, R)
     if B * T * R == 0 or C == 0:
         return result
     ts, tab = (mt, mt)  # no TPE: any tensor for the unused pointers
     if timestamps is not None:
-        ts, tab = _encoder_inputs(timestamps, table, acc_torch)
+        ts, tab = encoder_inputs(timestamps, table, acc_torch)
     use_dot, BLOCK_R, BLOCK_P, BLOCK_C = _mm_blocks(R, C, H * W, acc_torch)
     with torch.cuda.device_of(features):
         _mask_pool_fwd_kernel[(B * T, triton.cdiv(C, BLOCK_C), triton.cdiv(R, BLOCK_R))](
@@ -689,7 +690,7 @@ def mask_pool_fwd(features, masks, timestamps, table, eps, base=10000.0):
 def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, need_masks_grad, channels_last):
     B, T, C, H, W = features.shape
     R, Hm, Wm = masks.shape[2:]
-    acc_tl, acc_torch = _acc(features.dtype)
+    acc_tl, acc_torch = acc_types(features.dtype)
     gf = (_empty_like_layout((B, T, C, H, W), features.device, features.dtype, channels_last)
           if need_features_grad else features.new_empty(0))
     gm = torch.empty(masks.shape, device=masks.device, dtype=masks.dtype) if need_masks_grad else masks.new_empty(0)
@@ -706,11 +707,13 @@ def mask_pool_bwd(grad, features, masks, resized, inv_z, need_features_grad, nee
                 ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     if need_masks_grad:
         gfr = torch.empty(B * T * R, HW, device=features.device, dtype=acc_torch)
+        # channel steps of 32: 64 spilled on sm_90, 16 B in bf16 and 4 B in fp64
+        # (python -m tests.ops.triton_sm90 --family regional)
         with torch.cuda.device_of(gn):
             _mask_pool_gf_kernel[(B * T, triton.cdiv(HW, BLOCK_P), triton.cdiv(R, BLOCK_R))](
                 gn, features, gfr, R, C, H, W, T, features.stride(0), features.stride(1), features.stride(2),
                 features.stride(3), features.stride(4), ACC=acc_tl, USE_DOT=use_dot, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
-                BLOCK_C=min(BLOCK_C, 32))  # channel steps of 64 spilled on sm_90: 16 B in bf16, 4 B in fp64
+                BLOCK_C=min(BLOCK_C, 32))
         # d out / d m~_p = (f_p - out) / Z: the mean term s_r = sum_p (m~_p / Z) GF_p, GF carrying 1 / Z.
         s = ((mt * gfr).sum(-1) * invz).contiguous()
         gmb = torch.empty(B * T * R, Hm * Wm, device=masks.device, dtype=acc_torch)

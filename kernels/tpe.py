@@ -1,4 +1,4 @@
-"""Triton kernels for Timestamp Positional Encoding (TPE). Imports only torch and triton.
+"""Triton kernels for Timestamp Positional Encoding (TPE). Imports only torch, triton and _common.py.
 
     tpe_add(x, timestamps, table=None, base=10000.0, out=None)
         x [B, T, N, D] + enc(frame) broadcast over N. enc is a table row (learned variant:
@@ -9,8 +9,8 @@
     tpe_ds_ln_fwd / tpe_ds_ln_bwd
         TPE + window x window downsample of an h x w grid + LayerNorm, fused (the projector prologue).
 
-Arithmetic in fp32 (fp64 for fp64 inputs). Set TRITON_INTERPRET=1 before importing this file to
-run the kernels on CPU tensors.
+Arithmetic in the accumulation dtype of _common.py (fp32; fp64 for fp64 inputs). Set
+TRITON_INTERPRET=1 before importing this file to run the kernels on CPU tensors.
 """
 
 import math
@@ -19,17 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _acc_scalar(x, ACC: tl.constexpr):
-    """A float argument in the accumulation dtype. Float arguments are annotated tl.float64: the
-    compiler would type a Python float fp32 (fp64 kernels would see eps, log(base) rounded to 1e-7);
-    the interpreter passes the Python float itself, which takes the dtype of the zero it is added to."""
-    return (tl.zeros([], ACC) + x).to(ACC)
+try:  # installed as rgpt4d.kernels
+    from ._common import acc_scalar, acc_types
+except ImportError:  # copied next to _common.py as top-level modules
+    from _common import acc_scalar, acc_types
 
 
 @triton.jit
-def _frame_encoding(ts_ptr, table_ptr, frame, offs_d, dmask, D, log_base,
+def frame_encoding(ts_ptr, table_ptr, frame, offs_d, dmask, D, log_base,
                     HAS_TABLE: tl.constexpr, ACC: tl.constexpr):
     """Encoding of `frame` (scalar or vector of frame ids) at channels offs_d, in ACC."""
     if HAS_TABLE:
@@ -47,14 +44,14 @@ def _frame_encoding(ts_ptr, table_ptr, frame, offs_d, dmask, D, log_base,
 @triton.jit
 def _tpe_add_kernel(x_ptr, ts_ptr, table_ptr, out_ptr, N, D, log_base: tl.float64,
                     HAS_TABLE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    log_base = _acc_scalar(log_base, ACC)
+    log_base = acc_scalar(log_base, ACC)
     frame = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        enc = _frame_encoding(ts_ptr, table_ptr, frame, offs_d, dmask, D, log_base, HAS_TABLE, ACC)
+        enc = frame_encoding(ts_ptr, table_ptr, frame, offs_d, dmask, D, log_base, HAS_TABLE, ACC)
         offs = (frame * N + offs_n[:, None]) * D + offs_d[None, :]
         m = nmask[:, None] & dmask[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
@@ -107,6 +104,19 @@ def _ds_slot(x_ptr, rows, rmask, frame, oy, ox, dy, dx, H, W, D, offs_d, dmask, 
 
 
 @triton.jit
+def _ds_ln_grad_tile(g_ptr, x_ptr, w_ptr, rows, rmask, frame, oy, ox, j, mean, rstd, H, W, D, offs_d, dmask, omask,
+                     enc, WIN: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    """Window slot j of a block of output tokens, as both passes of the LayerNorm input gradient read
+    it: (xhat, g = grad_out * weight, the slot's source pixels, their load mask)."""
+    v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc, WIN, ACC)
+    xhat = (v - mean[:, None]) * rstd[:, None]
+    g = tl.load(g_ptr + rows[:, None] * (WIN * WIN * D) + j * D + offs_d[None, :], mask=omask, other=0.0).to(ACC)
+    if HAS_W:
+        g = g * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+    return xhat, g, src, m
+
+
+@triton.jit
 def _ds_rows(rows_c, M, Wo):
     """Frame and output position (oy, ox) of a block of output tokens (row ids already clamped)."""
     frame = rows_c // M
@@ -122,8 +132,8 @@ def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_
     # Three passes over the row's WIN*WIN*D values (mean, centred variance, output), each a loop over
     # channel blocks of BLOCK_D (capped: a whole row of D = 1152 in registers spills on sm_90) and,
     # inside, the WIN*WIN window slots; the encoding of a channel block is computed once per pass.
-    eps = _acc_scalar(eps, ACC)
-    log_base = _acc_scalar(log_base, ACC)
+    eps = acc_scalar(eps, ACC)
+    log_base = acc_scalar(log_base, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < ROWS
     frame, oy, ox = _ds_rows(tl.where(rmask, rows, 0), M, Wo)
@@ -132,7 +142,7 @@ def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
                               HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
@@ -143,7 +153,7 @@ def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
                               HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
@@ -155,7 +165,7 @@ def _tpe_ds_ln_fwd_kernel(x_ptr, ts_ptr, table_ptr, w_ptr, b_ptr, out_ptr, mean_
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
         omask = rmask[:, None] & dmask[None, :]
-        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
                               HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
             v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
@@ -176,8 +186,10 @@ def _tpe_ds_ln_dx_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, w_ptr, mean_ptr, rstd_
                          ROWS, M, H, W, Wo, D, log_base: tl.float64,
                          WIN: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Two passes (the row sums c1 = mean(g), c2 = mean(g * xhat), then dx), channel blocks as forward.
-    log_base = _acc_scalar(log_base, ACC)
+    # Two passes (the row sums c1 = mean(g), c2 = mean(g * xhat), then dx), channel blocks as forward;
+    # both read a slot's tile with _ds_ln_grad_tile. The channel block's set-up stays inline: in a helper
+    # the fp64 kernel spilled 76 B on sm_90 (python -m tests.ops.triton_sm90 --family tpe --dtypes float64).
+    log_base = acc_scalar(log_base, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < ROWS
     rows_c = tl.where(rmask, rows, 0)
@@ -191,15 +203,11 @@ def _tpe_ds_ln_dx_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, w_ptr, mean_ptr, rstd_
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
         omask = rmask[:, None] & dmask[None, :]
-        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
-                              HAS_TABLE, ACC)
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                             HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
-            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
-                                 WIN, ACC)
-            xhat = (v - mean[:, None]) * rstd[:, None]
-            g = tl.load(g_ptr + rows[:, None] * K + j * D + offs_d[None, :], mask=omask, other=0.0).to(ACC)
-            if HAS_W:
-                g = g * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+            xhat, g, src, m = _ds_ln_grad_tile(g_ptr, x_ptr, w_ptr, rows, rmask, frame, oy, ox, j, mean, rstd, H, W,
+                                               D, offs_d, dmask, omask, enc, WIN, HAS_W, ACC)
             c1 += tl.sum(g, axis=1)
             c2 += tl.sum(tl.where(omask, g * xhat, 0.0), axis=1)
     c1 = c1 / K
@@ -208,15 +216,11 @@ def _tpe_ds_ln_dx_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, w_ptr, mean_ptr, rstd_
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
         omask = rmask[:, None] & dmask[None, :]
-        enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
-                              HAS_TABLE, ACC)
+        enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                             HAS_TABLE, ACC)
         for j in tl.static_range(WIN * WIN):
-            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, j // WIN, j % WIN, H, W, D, offs_d, dmask, enc,
-                                 WIN, ACC)
-            xhat = (v - mean[:, None]) * rstd[:, None]
-            g = tl.load(g_ptr + rows[:, None] * K + j * D + offs_d[None, :], mask=omask, other=0.0).to(ACC)
-            if HAS_W:
-                g = g * tl.load(w_ptr + j * D + offs_d, mask=dmask, other=0.0).to(ACC)[None, :]
+            xhat, g, src, m = _ds_ln_grad_tile(g_ptr, x_ptr, w_ptr, rows, rmask, frame, oy, ox, j, mean, rstd, H, W,
+                                               D, offs_d, dmask, omask, enc, WIN, HAS_W, ACC)
             dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
             tl.store(gx_ptr + src[:, None] * D + offs_d[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m)
 
@@ -226,7 +230,7 @@ def _tpe_ds_ln_wb_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, mean_ptr, rstd_ptr, pw
                          ROWS, ROWS_PER_SPLIT, M, H, W, Wo, D, log_base: tl.float64,
                          WIN: tl.constexpr, HAS_TABLE: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    log_base = _acc_scalar(log_base, ACC)
+    log_base = acc_scalar(log_base, ACC)
     # program (slot-and-channel block, row split): partial sums of g*xhat and g over its rows.
     ndb = tl.cdiv(D, BLOCK_D)
     j = tl.program_id(0) // ndb
@@ -248,12 +252,10 @@ def _tpe_ds_ln_wb_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, mean_ptr, rstd_ptr, pw
         if NEED_B:
             ab += tl.sum(g, axis=0)
         if NEED_W:
-            frame = rows_c // M
-            o = rows_c % M
-            enc = _frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
-                                  HAS_TABLE, ACC)
-            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, o // Wo, o % Wo, dy, dx, H, W, D, offs_d, dmask, enc,
-                                 WIN, ACC)
+            frame, oy, ox = _ds_rows(rows_c, M, Wo)
+            enc = frame_encoding(ts_ptr, table_ptr, frame[:, None], offs_d[None, :], dmask[None, :], D, log_base,
+                                 HAS_TABLE, ACC)
+            v, src, m = _ds_slot(x_ptr, rows, rmask, frame, oy, ox, dy, dx, H, W, D, offs_d, dmask, enc, WIN, ACC)
             mean = tl.load(mean_ptr + rows_c).to(ACC)
             rstd = tl.load(rstd_ptr + rows_c).to(ACC)
             xhat = (v - mean[:, None]) * rstd[:, None]
@@ -266,11 +268,7 @@ def _tpe_ds_ln_wb_kernel(g_ptr, x_ptr, ts_ptr, table_ptr, mean_ptr, rstd_ptr, pw
 
 # ---- host wrappers ------------------------------------------------------------------------
 
-def _acc(dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _encoder_inputs(timestamps, table, acc_torch):
+def encoder_inputs(timestamps, table, acc_torch):
     """(ts, table) as the kernels read them: int64 rows + table, or seconds in the acc dtype."""
     if table is not None:
         return timestamps.to(torch.int64).contiguous(), table.contiguous()
@@ -286,7 +284,7 @@ def _ds_ln_blocks(rows, D, device, dtype):
     tile ([2, 128] in fp64) at 8 warps: compiled for sm_90 at D = 1152 (9 channel blocks, no idle lane) neither kernel
     spills (`python -m tests.ops.triton_sm90 --family tpe`), where a whole row (BLOCK_D 2048) spilled
     ~0.5 KB and [8, 128] at 4 warps 0.4-1.5 KB (the 9 window slots' loads are in flight at once).
-    Under the interpreter each program costs ~1 ms: larger tiles."""
+    The interpreter runs one program at a time in Python: larger tiles."""
     if device.type == "cpu":
         BLOCK_D = _block_d(D, 2048)
         return max(1, min(triton.next_power_of_2(rows), 4096 // BLOCK_D)), BLOCK_D, 4
@@ -303,10 +301,11 @@ def tpe_add(x, timestamps, table=None, base=10000.0, out=None):
         out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    acc_tl, acc_torch = _acc(x.dtype)
-    ts, tab = _encoder_inputs(timestamps, table, acc_torch)
+    acc_tl, acc_torch = acc_types(x.dtype)
+    ts, tab = encoder_inputs(timestamps, table, acc_torch)
     BLOCK_D = _block_d(D, 256)
     # on a GPU 4096 elements at 8 warps: 8192 at 4 warps spilled (fp32 learned 16 B, fp64 ~180 B) on sm_90
+    # (python -m tests.ops.triton_sm90 --family tpe)
     cpu = x.device.type == "cpu"
     BLOCK_N = max(1, min(triton.next_power_of_2(N), (8192 if cpu else 4096) // BLOCK_D))
     grid = (B * T, triton.cdiv(N, BLOCK_N))
@@ -318,7 +317,7 @@ def tpe_add(x, timestamps, table=None, base=10000.0, out=None):
 
 def tpe_table_grad(grad, timestamps, num_rows, deterministic=True):
     B, T, N, D = grad.shape
-    acc_tl, acc_torch = _acc(grad.dtype)
+    acc_tl, acc_torch = acc_types(grad.dtype)
     out = torch.zeros(num_rows, D, device=grad.device, dtype=acc_torch)
     if B * T == 0 or D == 0:
         return out
@@ -345,7 +344,7 @@ def tpe_ds_ln_fwd(x, timestamps, table, weight, bias, h, w, window, eps, base=10
     B, T, HW, D = x.shape
     Ho, Wo = _ds_geometry(h, w, window)
     M, K = Ho * Wo, window * window * D
-    acc_tl, acc_torch = _acc(x.dtype)
+    acc_tl, acc_torch = acc_types(x.dtype)
     x = x.contiguous()
     out = torch.empty(B, T, M, K, device=x.device, dtype=x.dtype)
     mean = torch.empty(B, T, M, device=x.device, dtype=acc_torch)
@@ -353,7 +352,7 @@ def tpe_ds_ln_fwd(x, timestamps, table, weight, bias, h, w, window, eps, base=10
     rows = B * T * M
     if rows == 0 or K == 0:
         return out, mean, rstd
-    ts, tab = _encoder_inputs(timestamps, table, acc_torch)
+    ts, tab = encoder_inputs(timestamps, table, acc_torch)
     BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device, x.dtype)
     wt = weight.contiguous() if weight is not None else x
     bs = bias.contiguous() if bias is not None else x
@@ -371,7 +370,7 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
     B, T, HW, D = x.shape
     Ho, Wo = _ds_geometry(h, w, window)
     M, K = Ho * Wo, window * window * D
-    acc_tl, acc_torch = _acc(x.dtype)
+    acc_tl, acc_torch = acc_types(x.dtype)
     need_weight_grad = need_weight_grad and weight is not None
     def empty():
         return torch.empty(0, device=x.device, dtype=acc_torch)
@@ -383,7 +382,7 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
         return gx, (zk if need_weight_grad else empty()), (zk.clone() if need_bias_grad else empty())
     x = x.contiguous()
     g = grad_out.contiguous()
-    ts, tab = _encoder_inputs(timestamps, table, acc_torch)
+    ts, tab = encoder_inputs(timestamps, table, acc_torch)
     BLOCK_R, BLOCK_D, warps = _ds_ln_blocks(rows, D, x.device, x.dtype)
     wt = weight.contiguous() if weight is not None else x
     if need_input_grad:
@@ -398,6 +397,7 @@ def tpe_ds_ln_bwd(grad_out, x, timestamps, table, weight, mean, rstd, h, w, wind
         rows_per_split = triton.cdiv(rows, splits)
         BD = _block_d(D, 128)
         # [8, 128] on a GPU ([4, 128] in fp64): [32, 128] spilled 176 B on sm_90 at D = 1152
+        # (python -m tests.ops.triton_sm90 --family tpe)
         tile = 4096 if x.device.type == "cpu" else (512 if x.dtype == torch.float64 else 1024)
         BR = max(1, min(triton.next_power_of_2(rows_per_split), tile // BD))
         pw = torch.empty(splits, K, device=x.device, dtype=acc_torch) if need_weight_grad else empty()
