@@ -743,7 +743,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's). On a shared CPU machine use 1: with two "
                         "OpenMP threads every parallel region waits for a thread another process has "
-                        "descheduled (a 0.25 s training step measured 5 s on the 2-core VM)")
+                        "descheduled (benchmarks/README.md, Threads)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (at most)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="no new round of a case starts after this many seconds (at least 3 rounds run)")
