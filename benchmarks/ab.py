@@ -24,8 +24,11 @@ Every run writes its CSV (benchmarks/harness.py's columns) into its own folder, 
 mode, size, provider) the summary reports the median over rounds of each tree's per-run median
 time, the ratio new/base, the paired ratio (median over rounds of new/base within a round) and the
 noise: the spread of one tree against itself across rounds, max |log(t_i / t_j)| = log(max / min)
-over base's runs and over new's runs, the larger of the two, given as a factor. A ratio beyond that
-factor is flagged "slower" / "faster"; within it, "same". Running a tree against itself
+over base's runs and over new's runs, the larger of the two and at least the median of that over the
+benchmark's rows, given as a factor. A ratio beyond that factor is flagged "slower" / "faster";
+within it, "same". The same columns for the time relative to eager in the same process (1 / the
+harness's paired speed-up over eager) cancel a change in load between processes: on the loaded
+2-core VM their noise was about 1.25x against 1.8x for the times (medians over the rows). Running a tree against itself
 (--base T --new T) measures that noise alone: every ratio should then be "same".
 Written to --out/ab.md and --out/ab.csv (default benchmarks/results/<device>/ab/).
 
@@ -52,8 +55,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> (script, its arguments): the small cases of each family, sized for the budget above
 BENCHES = {
-    "tpe": ("bench_tpe.py", ["--batches", "1"]),  # small + the paper shape at batch 1
-    "regional": ("bench_regional.py", ["--sizes", "small"]),
+    # small + the paper shape at batch 1; full covers the backward kernels (backward alone is not timed)
+    "tpe": ("bench_tpe.py", ["--batches", "1", "--modes", "forward,full,nograd"]),
+    "regional": ("bench_regional.py", ["--sizes", "small", "--modes", "forward,full"]),
     "p4d_loss": ("bench_p4d_loss.py", ["--batches", "1", "--linear-n", "512"]),
     "lm_heads": ("bench_lm_heads.py", ["--quick"]),  # the paper's shapes need a 151936-entry vocabulary
     "attention": ("bench_attention.py", []),
@@ -66,24 +70,30 @@ COMMON = ["--device", "cpu", "--threads", "1", "--no-compile", "--no-plots"]
 BUDGET = ["--rounds", "7", "--max-seconds", "2"]  # per case: interleaved rounds at most, seconds
 QUICK_BUDGET = ["--rounds", "5", "--max-seconds", "0.5"]
 FIELDS = ["benchmark", "kernel", "mode", "x", "provider", "base_ms", "new_ms", "ratio", "paired_ratio",
-          "noise", "base_noise", "new_noise", "verdict", "rounds"]
+          "noise", "base_noise", "new_noise", "verdict", "rel_ratio", "rel_noise", "rel_verdict", "rounds"]
 
 
 # ---- reading results and the ratio logic (no timing here: tests/test_bench_ab.py) ---------------
 
-def read_times(folder: str, benchmark: str) -> dict:
-    """{(benchmark, kernel, mode, x, provider): median ms} from every CSV in `folder` (metric "time")."""
-    out = {}
+def read_times(folder: str, benchmark: str) -> tuple[dict, dict]:
+    """From every CSV in `folder`: ({key: median ms}, {key: time relative to eager}), key =
+    (benchmark, kernel, mode, x, provider). The relative time is 1 / the harness's paired
+    speedup_vs_eager (the median over rounds of provider / eager within a round of the same process),
+    so a load change between processes cancels; eager's own rows have none."""
+    times, rel = {}, {}
     if not os.path.isdir(folder):
-        return out
+        return times, rel
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".csv"):
             continue
         with open(os.path.join(folder, name), newline="") as f:
             for r in csv.DictReader(f):
+                key = (benchmark, r["kernel"], r["mode"], r["x"], r["provider"])
                 if r.get("metric") == "time":
-                    out[(benchmark, r["kernel"], r["mode"], r["x"], r["provider"])] = float(r["p50"])
-    return out
+                    times[key] = float(r["p50"])
+                elif r.get("metric") == "speedup_vs_eager" and float(r["p50"]) > 0:
+                    rel[key] = 1.0 / float(r["p50"])
+    return times, rel
 
 
 def spread(values: list) -> Optional[float]:
@@ -92,35 +102,57 @@ def spread(values: list) -> Optional[float]:
     return math.log(max(v) / min(v)) if len(v) >= 2 else None
 
 
-def compare(base_runs: list, new_runs: list) -> list:
+def _ratio(key, base_runs: list, new_runs: list):
+    """(median base, median new, new/base, paired new/base, noise, base noise, new noise) of one key,
+    or None when a tree never has it."""
+    b = [run[key] for run in base_runs if key in run]
+    n = [run[key] for run in new_runs if key in run]
+    if not b or not n:
+        return None
+    mb, mn = statistics.median(b), statistics.median(n)
+    ratio = mn / mb if mb > 0 else float("inf")
+    pairs = [nr[key] / br[key] for br, nr in zip(base_runs, new_runs) if key in br and key in nr and br[key] > 0]
+    sb, sn = spread(b), spread(n)
+    noise = None if sb is None and sn is None else math.exp(max(x for x in (sb, sn) if x is not None))
+    return (mb, mn, ratio, statistics.median(pairs) if pairs else None, noise,
+            None if sb is None else math.exp(sb), None if sn is None else math.exp(sn))
+
+
+def verdict(ratio: Optional[float], noise: Optional[float]) -> str:
+    """slower / faster when the ratio is beyond the noise factor, else same (n/a without one)."""
+    if ratio is None:
+        return ""
+    if noise is None:
+        return "n/a"
+    return "slower" if ratio > noise else ("faster" if ratio < 1 / noise else "same")
+
+
+def compare(base_runs: list, new_runs: list, base_rel: Optional[list] = None, new_rel: Optional[list] = None) -> list:
     """One row per key timed in both trees. base_runs / new_runs: one {key: ms} per round, in round
     order (a failed run is an empty dict). ratio = median(new) / median(base); paired_ratio = median
     over rounds where both ran of new / base; base_noise / new_noise = exp(spread of that tree's runs)
     (1.0 = none seen; None with one run); noise = the larger of the two: the run-to-run variation of
-    one tree against itself; verdict: slower / faster when the ratio is beyond the noise factor, else
-    same (n/a without a noise estimate)."""
+    one tree against itself, at least the median of that over the rows (with three runs a row's own
+    range can be narrow by chance; the rows of one benchmark share a machine and a process); verdict:
+    slower / faster when the ratio is beyond the noise factor, else same (n/a without a noise
+    estimate). base_rel / new_rel (optional, the same shape: time relative to eager in the same
+    process) give rel_ratio, rel_noise and rel_verdict the same way."""
     keys = [k for k in dict.fromkeys(k for run in base_runs for k in run)
             if any(k in run for run in new_runs)]
     rows = []
     for key in keys:
-        b = [run[key] for run in base_runs if key in run]
-        n = [run[key] for run in new_runs if key in run]
-        mb, mn = statistics.median(b), statistics.median(n)
-        ratio = mn / mb if mb > 0 else float("inf")
-        pairs = [nr[key] / br[key] for br, nr in zip(base_runs, new_runs) if key in br and key in nr and br[key] > 0]
-        sb, sn = spread(b), spread(n)
-        noise = None if sb is None and sn is None else math.exp(max(s for s in (sb, sn) if s is not None))
-        if noise is None:
-            verdict = "n/a"
-        elif ratio > noise:
-            verdict = "slower"
-        elif ratio < 1 / noise:
-            verdict = "faster"
-        else:
-            verdict = "same"
-        rows.append(dict(zip(FIELDS, [*key, mb, mn, ratio, statistics.median(pairs) if pairs else None, noise,
-                                      None if sb is None else math.exp(sb), None if sn is None else math.exp(sn),
-                                      verdict, f"{len(b)}/{len(n)}"])))
+        mb, mn, ratio, paired, noise, nb, nn = _ratio(key, base_runs, new_runs)
+        rel = _ratio(key, base_rel, new_rel) if base_rel and new_rel else None
+        rows.append(dict(zip(FIELDS, [*key, mb, mn, ratio, paired, noise, nb, nn, "",
+                                      *((rel[2], rel[4]) if rel else (None, None)), "",
+                                      f"{sum(key in r for r in base_runs)}/{sum(key in r for r in new_runs)}"])))
+    for ratio, noise, out in (("ratio", "noise", "verdict"), ("rel_ratio", "rel_noise", "rel_verdict")):
+        seen = [r[noise] for r in rows if r[noise] is not None]
+        floor = statistics.median(seen) if seen else None
+        for r in rows:
+            if r[noise] is not None:
+                r[noise] = max(r[noise], floor)
+            r[out] = verdict(r[ratio], r[noise])
     return rows
 
 
@@ -139,27 +171,37 @@ def markdown(rows: list, header: list, failures: list) -> str:
     if failures:
         out += ["**Failed runs** (no rows from them): " + "; ".join(failures), ""]
     out += ["## Per benchmark", "",
-            "Geometric mean of new/base over the rows; the worst row with its base-vs-base noise factor.", "",
+            "Geometric mean of new/base over the rows; the worst row with its noise factor (one tree against "
+            "itself across rounds); rows slower beyond their noise, in time and in time relative to eager in "
+            "the same process.", "",
             "| benchmark | rows | geomean new/base | median noise | worst row | worst new/base | its noise "
-            "| slower beyond noise |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+            "| slower beyond noise | vs eager: geomean new/base | median noise | slower beyond noise |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for bench in dict.fromkeys(r["benchmark"] for r in rows):
         rs = [r for r in rows if r["benchmark"] == bench]
         worst = max(rs, key=lambda r: r["ratio"])
         slower = sum(r["verdict"] == "slower" for r in rs)
+        rel_slower = sum(r["rel_verdict"] == "slower" for r in rs)
+        rel_noises = [r["rel_noise"] for r in rs if r["rel_noise"] is not None]
         noises = [r["noise"] for r in rs if r["noise"] is not None]
         out.append(f"| {bench} | {len(rs)} | {_f(geomean([r['ratio'] for r in rs]))} | "
                    f"{_f(statistics.median(noises) if noises else None)} | "
                    f"{worst['kernel']} {worst['mode']} {worst['x']} {worst['provider']} | {_f(worst['ratio'])} | "
-                   f"{_f(worst['noise'])} | {slower} |")
+                   f"{_f(worst['noise'])} | {slower} | {_f(geomean([r['rel_ratio'] for r in rs]))} | "
+                   f"{_f(statistics.median(rel_noises) if rel_noises else None)} | {rel_slower} |")
     out += ["", "## Every row", "",
             "Times: median over rounds of each run's median (ms). noise: max/min of one tree's runs "
-            "(base vs base, new vs new: the larger).", "",
-            "| benchmark | kernel | mode | x | provider | base ms | new ms | new/base | paired | noise | verdict |",
-            "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+            "(base vs base, new vs new: the larger). vs eager: the same for the time relative to eager in "
+            "the same process (1 / the paired speed-up over eager), which cancels a load change between "
+            "processes.", "",
+            "| benchmark | kernel | mode | x | provider | base ms | new ms | new/base | paired | noise | verdict "
+            "| vs eager: new/base | noise | verdict |",
+            "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         out.append(f"| {r['benchmark']} | {r['kernel']} | {r['mode']} | {r['x']} | {r['provider']} | "
                    f"{_f(r['base_ms'], '.4g')} | {_f(r['new_ms'], '.4g')} | {_f(r['ratio'])} | "
-                   f"{_f(r['paired_ratio'])} | {_f(r['noise'])} | {r['verdict']} |")
+                   f"{_f(r['paired_ratio'])} | {_f(r['noise'])} | {r['verdict']} | {_f(r['rel_ratio'])} | "
+                   f"{_f(r['rel_noise'])} | {r['rel_verdict'] or '-'} |")
     return "\n".join(out) + "\n"
 
 
@@ -219,10 +261,39 @@ def script_args(bench_dir: str, name: str, quick: bool) -> list:
     return [os.path.join(bench_dir, script), *args]
 
 
+def load_runs(out: str, name: str, label: str) -> tuple[list, list]:
+    """The per-round results of one benchmark and tree from out/runs/<name>/<label>-r<round>/."""
+    times, rels, r = [], [], 0
+    while os.path.isdir(os.path.join(out, "runs", name, f"{label}-r{r}")):
+        t, rel = read_times(os.path.join(out, "runs", name, f"{label}-r{r}"), name)
+        times.append(t)
+        rels.append(rel)
+        r += 1
+    return times, rels
+
+
+def write_report(out: str, rows: list, header: list, failures: list) -> None:
+    md = markdown(rows, header, failures)
+    with open(os.path.join(out, "ab.md"), "w") as f:
+        f.write(md)
+    write_csv(os.path.join(out, "ab.csv"), rows)
+    print(md)
+    print(f"wrote {os.path.join(out, 'ab.md')} and ab.csv")
+
+
+def report_only(out: str, names: list, argv: list) -> int:
+    rows = []
+    for name in names:
+        (bt, br), (nt, nr) = load_runs(out, name, "base"), load_runs(out, name, "new")
+        rows += compare(bt, nt, br, nr)
+    write_report(out, rows, [f"`python benchmarks/ab.py {' '.join(argv)}`: the report of the runs in {out}/runs"], [])
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="the reference tree (a checkout with its extension built)")
-    p.add_argument("--new", required=True, help="the changed tree")
+    p.add_argument("--base", help="the reference tree (a checkout with its extension built)")
+    p.add_argument("--new", help="the changed tree")
     p.add_argument("--rounds", type=int, default=3, help="runs of every benchmark per tree (A B A B ...)")
     p.add_argument("--quick", action="store_true", help="every script's --quick shapes and a shorter budget")
     p.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHES))
@@ -232,7 +303,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>/ab)")
     p.add_argument("--python", default=sys.executable, help="the interpreter of the runs")
     p.add_argument("--timeout", type=float, default=600, help="seconds one benchmark run may take")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write ab.md / ab.csv again from the runs already in --out/runs")
     args = p.parse_args(argv)
+    if args.report_only:
+        if not args.out:
+            p.error("--report-only needs --out (the folder of an earlier run)")
+        return report_only(os.path.abspath(args.out), args.only.split(",") if args.only else list(BENCHES),
+                           argv if argv is not None else sys.argv[1:])
+    if not args.base or not args.new:
+        p.error("--base and --new are required (unless --report-only)")
     if args.rounds < 1:
         p.error("--rounds: expected at least 1")
     names = args.only.split(",") if args.only else list(BENCHES)
@@ -261,6 +341,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     t_all = time.perf_counter()
     runs: dict = {(n, label): [] for n in names for label in trees}
+    rels: dict = {(n, label): [] for n in names for label in trees}
     failures, walls = [], {label: 0.0 for label in trees}
     for r in range(args.rounds):
         for name in names:
@@ -278,15 +359,16 @@ def main(argv=None) -> int:
                         rc = "timeout"
                 wall = time.perf_counter() - t0
                 walls[label] += wall
-                times = read_times(folder, name) if rc == 0 else {}
+                times, rel = read_times(folder, name) if rc == 0 else ({}, {})
                 if rc != 0:
                     failures.append(f"{name} {label} round {r} (exit {rc}, {os.path.relpath(folder, out)}/log.txt)")
                 runs[(name, label)].append(times)
+                rels[(name, label)].append(rel)
                 print(f"[ab] round {r + 1}/{args.rounds} {name:9s} {label:4s} {wall:6.1f} s "
                       f"{'ok' if rc == 0 else f'FAILED ({rc})'}, {len(times)} timings", flush=True)
     rows = []
     for name in names:
-        rows += compare(runs[(name, "base")], runs[(name, "new")])
+        rows += compare(runs[(name, "base")], runs[(name, "new")], rels[(name, "base")], rels[(name, "new")])
     total = time.perf_counter() - t_all
     cmdline = " ".join(["python benchmarks/ab.py", *(argv if argv is not None else sys.argv[1:])])
     header = [f"`{cmdline}`", "",
@@ -298,12 +380,7 @@ def main(argv=None) -> int:
               f"- {args.rounds} rounds, base then new per benchmark; wall time {total:.0f} s (base {walls['base']:.0f} s, "
               f"new {walls['new']:.0f} s); load average (1/5/15 min) at start "
               + "/".join(f"{v:.2f}" for v in load0) + ", at end " + "/".join(f"{v:.2f}" for v in os.getloadavg())]
-    md = markdown(rows, header, failures)
-    with open(os.path.join(out, "ab.md"), "w") as f:
-        f.write(md)
-    write_csv(os.path.join(out, "ab.csv"), rows)
-    print(md)
-    print(f"wrote {os.path.join(out, 'ab.md')} and ab.csv")
+    write_report(out, rows, header, failures)
     return 1 if failures else 0
 
 

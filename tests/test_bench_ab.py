@@ -25,14 +25,16 @@ def _write(folder, name, rows):
 
 def test_read_times_keeps_time_rows_of_every_csv(tmp_path):
     _write(tmp_path, "tpe-quick.csv", [("tpe_add", "eager", "time", 2.0), ("tpe_add", "eager", "peak_memory", 9.0),
-                                       ("tpe_add", "rgpt4d-cpu", "time", 1.0)])
+                                       ("tpe_add", "rgpt4d-cpu", "time", 1.0),
+                                       ("tpe_add", "rgpt4d-cpu", "speedup_vs_eager", 2.5)])
     _write(tmp_path, "other.csv", [("roi_align", "eager", "time", 3.5)])
     (tmp_path / "notes.md").write_text("not a csv")
-    got = ab.read_times(str(tmp_path), "tpe")
-    assert got == {("tpe", "tpe_add", "full", "small", "eager"): 2.0,
-                   ("tpe", "tpe_add", "full", "small", "rgpt4d-cpu"): 1.0,
-                   ("tpe", "roi_align", "full", "small", "eager"): 3.5}
-    assert ab.read_times(str(tmp_path / "missing"), "tpe") == {}
+    times, rel = ab.read_times(str(tmp_path), "tpe")
+    assert times == {("tpe", "tpe_add", "full", "small", "eager"): 2.0,
+                     ("tpe", "tpe_add", "full", "small", "rgpt4d-cpu"): 1.0,
+                     ("tpe", "roi_align", "full", "small", "eager"): 3.5}
+    assert rel == {("tpe", "tpe_add", "full", "small", "rgpt4d-cpu"): pytest.approx(0.4)}  # 1 / the speed-up
+    assert ab.read_times(str(tmp_path / "missing"), "tpe") == ({}, {})
 
 
 def test_spread_is_the_largest_log_ratio():
@@ -60,8 +62,22 @@ def test_compare_ratio_noise_and_verdicts():
     assert slow["verdict"] == "slower" and slow["rounds"] == "3/2"
     assert rows["k1"]["verdict"] == "same"  # 1.075 / 1.0 is within base's own 1.2x spread
     fast = rows["k2"]
-    assert fast["noise"] == pytest.approx(1.02) and fast["ratio"] == pytest.approx(0.505)
+    # its own runs spread by 1.02x only: the noise is the median of the rows' (1.1, 1.2, 1.02)
+    assert fast["noise"] == pytest.approx(1.1) and fast["ratio"] == pytest.approx(0.505)
     assert fast["verdict"] == "faster"
+
+
+def test_compare_relative_to_eager():
+    k = ("b", "k", "full", "small", "rgpt4d-cpu")
+    e = ("b", "k", "full", "small", "eager")
+    base = [{k: 1.0, e: 2.0}, {k: 2.0, e: 4.0}]  # the load doubled between the base runs
+    new = [{k: 1.5, e: 2.0}, {k: 3.0, e: 4.0}]
+    base_rel, new_rel = [{k: 0.5}, {k: 0.5}], [{k: 0.75}, {k: 0.75}]
+    rows = {r["provider"]: r for r in ab.compare(base, new, base_rel, new_rel)}
+    assert rows["rgpt4d-cpu"]["verdict"] == "same"  # 1.5x within the 2x load swing
+    assert rows["rgpt4d-cpu"]["rel_ratio"] == pytest.approx(1.5) and rows["rgpt4d-cpu"]["rel_noise"] == 1.0
+    assert rows["rgpt4d-cpu"]["rel_verdict"] == "slower"  # against eager in the same process it is
+    assert rows["eager"]["rel_ratio"] is None and rows["eager"]["rel_verdict"] == ""
 
 
 def test_compare_without_repeats_gives_no_verdict():
@@ -75,7 +91,7 @@ def test_markdown_and_csv_carry_every_row(tmp_path):
     rows = ab.compare([{k1: 1.0, k2: 100.0}, {k1: 1.0, k2: 110.0}], [{k1: 2.0, k2: 100.0}, {k1: 2.0, k2: 100.0}])
     md = ab.markdown(rows, ["header line"], ["e2e new round 1 (exit 1)"])
     assert "header line" in md and "e2e new round 1 (exit 1)" in md
-    assert "| tpe | a | full | small | eager | 1 | 2 | 2 | 2 | 1 | slower |" in md
+    assert "| tpe | a | full | small | eager | 1 | 2 | 2 | 2 | 1.05 | slower | - | - | - |" in md  # noise: median 1.0, 1.1
     assert "| tpe | 1 | 2 |" in md  # per-benchmark geometric mean
     path = tmp_path / "ab.csv"
     ab.write_csv(str(path), rows)
