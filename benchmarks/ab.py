@@ -28,14 +28,15 @@ over base's runs and over new's runs, the larger of the two and at least the med
 benchmark's rows, given as a factor. A ratio beyond that factor is flagged "slower" / "faster";
 within it, "same". The same columns for the time relative to eager in the same process (1 / the
 harness's paired speed-up over eager) cancel a change in load between processes: on the loaded
-2-core VM their noise was about 1.25x against 1.8x for the times (medians over the rows). Running a tree against itself
-(--base T --new T) measures that noise alone: every ratio should then be "same".
+2-core VM their noise was about 1.25x against 1.8x for the times (medians over the rows). Running
+a tree against itself (--base T --new T) measures that noise alone (nearly every row then reads
+"same": 0 of 161 times and 3 of 88 relative times beyond their noise in one such run).
 Written to --out/ab.md and --out/ab.csv (default benchmarks/results/<device>/ab/).
 
-Duration on the 2-core CPU VM: about 110 s per tree per round (e2e ~22 s, regional ~30 s, p4d_loss
-~20 s, lm_heads ~15 s, attention ~12 s, tpe ~10 s, each including ~3 s of imports), so the default
---rounds 3 takes about 11-15 minutes depending on the machine's load; --quick (every script's
---quick shapes, a shorter timing budget per case) about 6 minutes at 3 rounds.
+Duration on the 2-core CPU VM at load average 7-10 (other jobs running): 715 s for the default 3
+rounds (per tree and round: tpe ~50 s, regional ~30 s, e2e ~17 s, p4d_loss ~15 s, attention ~10 s,
+lm_heads ~8 s, each including ~3 s of imports); less on an idle machine. --quick (every script's
+--quick shapes, a shorter timing budget per case) takes about half as long.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def verdict(ratio: Optional[float], noise: Optional[float]) -> str:
     return "slower" if ratio > noise else ("faster" if ratio < 1 / noise else "same")
 
 
-def compare(base_runs: list, new_runs: list, base_rel: Optional[list] = None, new_rel: Optional[list] = None) -> list:
+def compare(base_runs: list, new_runs: list, base_rel: Optional[list] = None,
+            new_rel: Optional[list] = None) -> list:
     """One row per key timed in both trees. base_runs / new_runs: one {key: ms} per round, in round
     order (a failed run is an empty dict). ratio = median(new) / median(base); paired_ratio = median
     over rounds where both ran of new / base; base_noise / new_noise = exp(spread of that tree's runs)
@@ -286,7 +288,11 @@ def report_only(out: str, names: list, argv: list) -> int:
     for name in names:
         (bt, br), (nt, nr) = load_runs(out, name, "base"), load_runs(out, name, "new")
         rows += compare(bt, nt, br, nr)
-    write_report(out, rows, [f"`python benchmarks/ab.py {' '.join(argv)}`: the report of the runs in {out}/runs"], [])
+    header = [f"`python benchmarks/ab.py {' '.join(argv)}`: the report of the runs in {out}/runs"]
+    if os.path.exists(os.path.join(out, "header.md")):  # the run's own header (trees, wall time, load)
+        with open(os.path.join(out, "header.md")) as f:
+            header += ["", "The run:", "", f.read().rstrip()]
+    write_report(out, rows, header, [])
     return 0
 
 
@@ -373,13 +379,15 @@ def main(argv=None) -> int:
     cmdline = " ".join(["python benchmarks/ab.py", *(argv if argv is not None else sys.argv[1:])])
     header = [f"`{cmdline}`", "",
               f"- base: {described['base']}", f"- new: {described['new']}",
-              f"- benchmark scripts: " + ", ".join(f"{label}'s from {src}/benchmarks" for label, src in sources.items())
-              + "; "
+              "- benchmark scripts: "
+              + ", ".join(f"{label}'s from {src}/benchmarks" for label, src in sources.items()) + "; "
               f"per run: `{' '.join(COMMON + (QUICK_BUDGET if args.quick else BUDGET))}` and each benchmark's sizes "
               f"({'--quick' if args.quick else 'BENCHES in benchmarks/ab.py'})",
-              f"- {args.rounds} rounds, base then new per benchmark; wall time {total:.0f} s (base {walls['base']:.0f} s, "
-              f"new {walls['new']:.0f} s); load average (1/5/15 min) at start "
+              f"- {args.rounds} rounds, base then new per benchmark; wall time {total:.0f} s "
+              f"(base {walls['base']:.0f} s, new {walls['new']:.0f} s); load average (1/5/15 min) at start "
               + "/".join(f"{v:.2f}" for v in load0) + ", at end " + "/".join(f"{v:.2f}" for v in os.getloadavg())]
+    with open(os.path.join(out, "header.md"), "w") as f:
+        f.write("\n".join(header) + "\n")
     write_report(out, rows, header, failures)
     return 1 if failures else 0
 
