@@ -16,8 +16,8 @@ has it).
 --scripts picks whose benchmark code runs: `new` (default: the same scripts time both trees, so
 only the library differs), `base`, `own` (each tree its own scripts; needed when one tree's
 scripts call names the other's rgpt4d lacks) or the path of a checkout whose scripts time both.
-The chosen benchmarks/ folder is copied under --out
-first, so the copy imports rgpt4d from PYTHONPATH and not from the tree it came from.
+The chosen benchmarks/ folder is copied under --out first, so the copy imports rgpt4d from
+PYTHONPATH and not from the tree it came from.
 
 Every run writes its CSV (benchmarks/harness.py's columns) into its own folder, --out/runs/
 <benchmark>/<tree>-r<round>/ (RGPT4D_BENCH_OUT points there too). For each (benchmark, kernel,
@@ -31,7 +31,8 @@ harness's paired speed-up over eager) cancel a change in load between processes:
 2-core VM their noise was about 1.25x against 1.8x for the times (medians over the rows). Running
 a tree against itself (--base T --new T) measures that noise alone (nearly every row then reads
 "same": 0 of 161 times and 3 of 88 relative times beyond their noise in one such run).
-Written to --out/ab.md and --out/ab.csv (default benchmarks/results/<device>/ab/).
+Written to --out/ab.md and --out/ab.csv (default benchmarks/results/<device>/ab/); --report-only
+writes them again from the runs already in --out (e.g. after a change to this report).
 
 Duration on the 2-core CPU VM at load average 7-10 (other jobs running): 715 s for the default 3
 rounds (per tree and round: tpe ~50 s, regional ~30 s, e2e ~17 s, p4d_loss ~15 s, attention ~10 s,
