@@ -77,9 +77,8 @@ def build(preset: str, batch: int, device: torch.device, seed: int = 0, regions:
     prompt = {k: v.to(device) for k, v in prompt.items()}
     with torch.no_grad():
         o = teacher.to(device)(train["frames"])
-    targets = {"latent": o.latent, "layers": torch.stack(o.layers, 1)}
-    # one target per head the teacher has (camray only where the preset configures it)
-    targets.update({k: v for k in ("depth", "flow", "motion", "camray") if (v := getattr(o, k, None)) is not None})
+    targets = {"latent": o.latent, "layers": torch.stack(o.layers, 1), "depth": o.depth, "flow": o.flow,
+               "motion": o.motion, "camray": o.camray}
     return model, tok, train, prompt, targets
 
 
