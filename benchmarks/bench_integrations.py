@@ -19,8 +19,8 @@ Providers, side by side (interleaved rounds, benchmarks/harness.py):
 
 Why the language model by default: it is where the patch acts, and it compiles to one clean graph;
 the whole model also compiles the vision tower, whose data-dependent placeholder checks break the graph
-into many pieces: 6 min for one family (llava, both compiled providers) on the shared 2-core machine,
-too long to run every family (`--compile-scope model` does it).
+into many pieces, minutes per family on 2 CPU cores (`--compile-scope model` does it:
+`python benchmarks/bench_integrations.py --compile-scope model` shows the time).
 
 Kernel train_step, mode full: forward with labels (train mode) and backward of the loss (no optimizer
 step: only the model's own work). Metrics: time, peak memory, throughput (tokens/s: the sequence tokens

@@ -108,11 +108,10 @@ def main(argv=None) -> int:
     dtype = torch.float32
     cases = shapes(args.quick, [int(b) for b in args.batches.split(",") if b])
     for label, B, T, h, w, D in cases:
-        # tpe_add on the paper's shapes: 2-4 ms calls bound by memory bandwidth, whose per-round
-        # ratios to copy_ / sum() spread by +-30 % on the 2-core VM. With 15 rounds the median
-        # table-gradient read fraction ranged 0.54-0.99 over nine runs of one build; with 45 rounds
-        # 0.87-0.88 over three. So those cases run at least PAPER_ROUNDS rounds (still capped by
-        # --max-seconds).
+        # The paper-shaped cases are bandwidth-bound calls whose per-round ratios to copy_ / sum()
+        # spread by +-30 % on a shared CPU, so they run at least PAPER_ROUNDS rounds (still capped by
+        # --max-seconds): the median table-gradient read fraction then repeats within 0.01 from run
+        # to run, against 0.54-0.99 at 15 rounds (`python benchmarks/bench_tpe.py --batches 1 --rounds 15`).
         add_rounds = max(args.rounds, PAPER_ROUNDS) if label.startswith("paper") else None
         esize = torch.finfo(dtype).bits // 8
         x = torch.randn(B, T, h * w, D, device=device, dtype=dtype)

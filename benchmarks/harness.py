@@ -337,6 +337,8 @@ class Bench:
     check_failures: list = field(default_factory=list)
     # a regular expression: only the cases whose size label x matches it are run (None: all)
     only_x: Optional[str] = None
+    # False: time only, no peak-memory rows (each peak costs two more calls under the profiler)
+    memory: bool = True
 
     def skip(self, x: str) -> bool:
         import re
@@ -391,6 +393,8 @@ class Bench:
         return p50
 
     def _add_peaks(self, kernel, provider, mode, x, fn, config) -> None:
+        if not self.memory:
+            return
         peak = peak_memory(fn, self.device)
         if peak is not None:
             self.add_row(kernel, provider, mode, "peak_memory", "MB", x, peak / 2**20, config=config)
@@ -739,12 +743,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's). On a shared CPU machine use 1: with two "
                         "OpenMP threads every parallel region waits for a thread another process has "
-                        "descheduled (a 0.25 s training step measured 5 s on the 2-core VM)")
+                        "descheduled (benchmarks/README.md, Threads)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (at most)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="no new round of a case starts after this many seconds (at least 3 rounds run)")
     p.add_argument("--only-x", default=None,
                    help="a regular expression: time only the cases whose size label matches (e.g. 'paper|full')")
+    p.add_argument("--no-memory", action="store_true", help="time only: no peak-memory measurement")
     return p
 
 
@@ -752,7 +757,8 @@ def make_bench(args, device: torch.device) -> "Bench":
     """A Bench with the command line's threads and timing budget (--threads, --rounds, --max-seconds)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds, only_x=getattr(args, "only_x", None))
+    return Bench(device, rounds=args.rounds, max_seconds=args.max_seconds, only_x=getattr(args, "only_x", None),
+                 memory=not getattr(args, "no_memory", False))
 
 
 def default_results_dir(device: torch.device) -> str:

@@ -28,3 +28,16 @@ def test_check_outputs_records_pass_and_failure():
     assert rows == {"good": 1.0, "bad": 0.0}
     assert len(b.check_failures) == 1 and "bad" in b.check_failures[0]
     assert "Output check against eager" in b.markdown("t")
+
+
+def test_no_memory_times_without_peak_rows():
+    from benchmarks.harness import base_parser, make_bench
+
+    x = torch.randn(64)
+    fns = {"eager": lambda: x * 2, "other": lambda: x + x}
+    for flag, expect_peaks in ((["--no-memory"], False), ([], True)):
+        b = make_bench(base_parser("t").parse_args(["--rounds", "3", "--max-seconds", "1", *flag]), torch.device("cpu"))
+        b.compare("k", "forward", "s", fns)
+        metrics = {r["metric"] for r in b.rows}
+        assert "time" in metrics
+        assert ("peak_memory" in metrics) == expect_peaks

@@ -1,4 +1,4 @@
-"""Linear probe of a student's region tokens (docs/results/README.md, seventh session).
+"""Linear probe of a student's region tokens (docs/results/README.md, "The regions after <|assistant|>").
 
 How much of a scalar answer does the LLM's input already hold? For one template, take the region
 token each question refers to (the region encoder's output, i.e. what the LLM receives at
@@ -7,7 +7,7 @@ tokens (features standardised; the best of four ridge strengths) and print its R
 template's test questions, and the accuracy of answering each test question with the option
 nearest (in log value) to the probe's prediction (chance 25 %).
 
-    PYTHONPATH=. python docs/results/region_probe.py runs/seventh/vgd_250_rank/model runs/data VG.distance 400
+    PYTHONPATH=. python docs/results/region_probe.py runs/vgd_250_rank/model runs/data VG.distance 400
 """
 
 from __future__ import annotations

@@ -350,7 +350,7 @@ def test_gpu_second_device(name, build, layout, tol64, backend):
 @pytest.mark.parametrize("D", [12256, 12288])
 def test_gpu_tpe_cuda_large_channel_count(D):
     # the CUDA TPE kernels keep a frame's encoding in shared memory next to a static scratch array:
-    # fp32 12257 <= D <= 12288 used to exceed the 48 KiB default and fail to launch
+    # fp32 12257 <= D <= 12288 needs more than the 48 KiB default: these sizes check that it launches
     x = torch.randn(1, 2, 9, D, device="cuda")
     secs = torch.rand(1, 2, device="cuda") * 30
     out = ops.tpe_downsample_layernorm(x, secs, grid=(3, 3), window=3, backend="cuda")

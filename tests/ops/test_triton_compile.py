@@ -4,9 +4,9 @@ bf16 and fp64, with no register spill (ptxas -v), and its fp64 specialisation ge
 arguments (eps, log(base), 1/n, beta) as fp64. The interpreter sees none of this.
 
 The work is in tests/ops/triton_sm90.py (run it directly for a table of registers and spills), one
-process per kernel family without TRITON_INTERPRET: 107 launch configurations of 26 kernels. Time for
-all five families on the shared 2-core machine (load average ~8): 240 s with a cold Triton cache
-(TRITON_CACHE_DIR, default ~/.triton/cache; its rgpt4d-ptxas/ holds the ptxas -v reports), 33 s warm
+process per kernel family without TRITON_INTERPRET: 107 launch configurations of 26 kernels. On 2
+loaded CPU cores it takes minutes with a cold Triton cache (TRITON_CACHE_DIR, default ~/.triton/cache;
+its rgpt4d-ptxas/ holds the ptxas -v reports) and about 7x less warm
 (`TRITON_CACHE_DIR=<empty dir> pytest tests/ops/test_triton_compile.py`, then again)."""
 
 import functools
