@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from rgpt4d.cli import non_negative
+from rgpt4d.argtypes import non_negative
 
 
 def _positive_int(name: str):

@@ -21,7 +21,7 @@ try:
 except ImportError:  # transformers 4.x spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
-from rgpt4d.models.tokenizer import RESTATE_MODES
+from rgpt4d.models.tokenizer import ANSWER_FORMATS, RESTATE_MODES, single_token_id, special_token_ids
 
 PRESETS = ("smoke", "tiny", "small", "paper")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
@@ -31,7 +31,6 @@ REGION_MODES = ("tokens", "som", "both", "none")
 PROJECTOR_TYPES = ("mlp", "nvila")
 TPE_KINDS = ("sinusoidal", "learned")
 DECODER_KINDS = ("mlp", "linear")
-ANSWER_FORMATS = ("letter", "option", "rank")
 # the teacher heads of the presets: L4P's four explicit signals (depth, backward flow, motion mask,
 # Plücker camera rays), every one distilled by P4D's paper loss
 ALL_HEADS = ("depth", "flow", "motion", "camray")
@@ -356,8 +355,6 @@ def student_config(preset: str | Preset, tokenizer=None, **overrides) -> RGPT4DC
     kwargs.update(overrides)
     separator = kwargs.pop("frame_separator", None)
     if tokenizer is not None:
-        from rgpt4d.models.tokenizer import single_token_id, special_token_ids
-
         ids = special_token_ids(tokenizer, regions=kwargs.get("region_mode", "tokens") in ("tokens", "both"))
         text = dict(kwargs["text_config"])
         text.update(vocab_size=len(tokenizer), pad_token_id=ids["pad"], eos_token_id=ids["eos"],

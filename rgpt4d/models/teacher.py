@@ -25,26 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rgpt4d.models.configs import TeacherConfig
+from rgpt4d.models.frames import normalize_frames
+from rgpt4d.models.l4p import IMAGENET_MEAN, IMAGENET_STD, read_l4p
 from rgpt4d.ops import pixel_shuffle_act
-
-IMAGE_MEAN = 0.5
-IMAGE_STD = 0.5
-
-
-def normalize_frames(frames: Tensor, size: int, mean=IMAGE_MEAN, std=IMAGE_STD) -> Tensor:
-    """uint8 (0..255) or float (0..1) frames [B, T, 3, H, W] -> float (x - mean) / std, resized to
-    size x size; mean and std: one number or one per RGB channel."""
-    if frames.dim() != 5 or frames.shape[2] != 3:
-        raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
-    x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
-    B, T = x.shape[:2]
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x.flatten(0, 1), size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True).unflatten(0, (B, T))
-    if not isinstance(mean, (int, float)):
-        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1) for v in (mean, std))
-    return (x - mean) / std
-
 
 def _box_mean(t: Tensor, k: int) -> Tensor:
     """Mean over the k x k window around each pixel (k odd; only the pixels inside the image count),
@@ -391,10 +374,11 @@ class Teacher4D(nn.Module):
         among depth, flow_2d_backward, dyn_mask and camray (named depth, flow, motion, camray here;
         either name is accepted); (): the encoder alone. Widths and depths come from the tensors'
         shapes; num_heads (16 in L4P's ViT-g) is not stored in the checkpoint."""
-        from rgpt4d.models.l4p import load_l4p
-
-        return load_l4p(path, hooks=hooks, image_size=image_size, num_frames=num_frames, tasks=tasks,
-                        num_heads=num_heads)
+        config, encoder, heads = read_l4p(path, hooks=hooks, image_size=image_size, num_frames=num_frames,
+                                          tasks=tasks, num_heads=num_heads)
+        teacher = L4PTeacher(config, encoder)
+        teacher.heads.update(heads)
+        return teacher.freeze()
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "Teacher4D":
@@ -411,6 +395,32 @@ class Teacher4D(nn.Module):
         model = cls(TeacherConfig.from_dict(json.loads((path / "teacher_config.json").read_text())))
         model.load_state_dict(load_file(str(path / "teacher.safetensors"), device=map_location))
         return model.freeze()
+
+
+class L4PTeacher(Teacher4D):
+    """Teacher4D over L4P's modules (built by Teacher4D.from_l4p): `encode` runs the VideoMAEv2
+    encoder on ImageNet-normalised RGB; `predict_heads`, `forward`, `latent` and `freeze` are
+    Teacher4D's. Not saved by `save` (the checkpoint is the format: load it again)."""
+
+    def __init__(self, config: TeacherConfig, encoder: nn.Module):
+        nn.Module.__init__(self)  # not Teacher4D.__init__: that builds rgpt4d's own encoder and heads
+        self.config = config
+        self.encoder = encoder
+        self.heads = nn.ModuleDict()
+
+    def encode(self, frames: Tensor) -> list[Tensor]:
+        """The hooked layers, each [B, T', h, w, C]: entries `config.head_layers` of L4P's feature list."""
+        cfg = self.config
+        if frames.dim() != 5 or frames.shape[1] != cfg.num_frames:
+            raise ValueError(f"frames: the teacher takes [B, {cfg.num_frames}, 3, H, W], got {tuple(frames.shape)}")
+        x = normalize_frames(frames, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD).to(self.encoder.norm.weight.dtype)
+        feats = self.encoder.features(x.permute(0, 2, 1, 3, 4), cfg.head_layers)
+        Tp, h, w = cfg.grid
+        return [f.unflatten(1, (Tp, h, w)) for f in feats]
+
+    def save(self, path) -> None:
+        raise NotImplementedError("L4PTeacher.save: an L4P teacher is read from its checkpoint "
+                                  "(Teacher4D.from_l4p / Teacher4D.load('l4p:PATH')); there is nothing to save")
 
 
 _L4P_INT_KEYS = ("image_size", "num_frames", "num_heads")

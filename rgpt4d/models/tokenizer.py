@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 PAD, BOS, EOS, IMAGE, USER, ASSISTANT = "<pad>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"
 LETTERS = "ABCDEFGHIJ"
+ANSWER_FORMATS = ("letter", "option", "rank")  # what an SFT target is: answer_ids
 
 
 def obj_token(n: int) -> str:
@@ -176,8 +177,6 @@ def answer_ids(tokenizer, answer_format: str, letter: str, option: str,
     The text and the letter are encoded separately, so the text's tokens are the same ones
     `rgpt4d.infer` scores for that option.
     """
-    from rgpt4d.models.configs import ANSWER_FORMATS
-
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format: must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     if letter not in LETTERS:
