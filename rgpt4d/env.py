@@ -7,6 +7,10 @@ import os
 import platform
 import sys
 
+import torch
+
+import rgpt4d
+
 
 def _version(dist: str) -> str:
     try:
@@ -16,9 +20,6 @@ def _version(dist: str) -> str:
 
 
 def report() -> str:
-    import torch
-
-    import rgpt4d
     from rgpt4d.ops import _backend
 
     lines = [

@@ -12,6 +12,7 @@ and any group on a strictly lower layer; two groups on the same layer do not imp
 
     0  rgpt4d.kernels      Triton kernels; import no other part of the package
     0  rgpt4d._C           the compiled C++/CUDA extension (csrc/)
+    0  rgpt4d.argtypes     argparse types the subcommands share (standard library only)
     1  rgpt4d.ops          the ops and their backends (kernels, the C++/CUDA extension)
     1  rgpt4d.data         synthetic data, R4D-Bench, evaluation: no model code, no ops
     2  rgpt4d              the package itself: re-exports rgpt4d.ops
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("kernels", 0, ("rgpt4d.kernels",)),
     ("extension", 0, ("rgpt4d._C",)),
+    ("argtypes", 0, ("rgpt4d.argtypes",)),
     ("ops", 1, ("rgpt4d.ops",)),
     ("data", 1, ("rgpt4d.data",)),
     ("package", 2, ("rgpt4d",)),

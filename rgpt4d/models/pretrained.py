@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2ForCausalLM, SiglipVisionModel
+
+from rgpt4d.models.attention import resolve_attn_implementation
+from rgpt4d.models.tokenizer import ASSISTANT, IMAGE, PAD, USER, obj_token, single_token_id
 
 # NVILA's "qwen2" chat template (top-level config `chat_template`), for an llm/ tokenizer saved without one
 QWEN2_CHAT_TEMPLATE = (
@@ -57,8 +62,6 @@ def _dir(spec: Any, what: str, needs: tuple[str, ...] = ("config.json",)) -> Pat
 def load_vision_tower(spec, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """A SiglipVisionModel from a folder (its head, unused here, is not built) or the object itself
     (its head, if any, is dropped)."""
-    from transformers import SiglipVisionModel
-
     if isinstance(spec, SiglipVisionModel):
         model = spec
     elif isinstance(spec, torch.nn.Module):
@@ -75,8 +78,6 @@ def load_vision_tower(spec, *, dtype: torch.dtype = torch.float32, attn_implemen
 
 def load_language_model(spec, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """A Qwen2ForCausalLM from a folder or the object itself."""
-    from transformers import Qwen2ForCausalLM
-
     if isinstance(spec, Qwen2ForCausalLM):
         return spec
     if isinstance(spec, torch.nn.Module):
@@ -91,10 +92,6 @@ def prepare_tokenizer(spec, *, regions: int = 8, chat_template: str | None = Non
     `<obj_{regions}>` added as special tokens when missing (and `<|user|>`, `<|assistant|>` when it
     has no chat template), and a pad token when it has none (its `[PAD]`, else `<pad>`).
     `replace_template`: `chat_template` replaces the tokenizer's own (what VILA does with its config's)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-    from rgpt4d.models.tokenizer import ASSISTANT, IMAGE, PAD, USER, obj_token
-
     if isinstance(spec, PreTrainedTokenizerBase):
         tok = copy.deepcopy(spec)
     else:
@@ -153,8 +150,6 @@ def build_parts(model_class, vision_model, language_model, tokenizer, *, dtype: 
                 **config_overrides):
     """(student, tokenizer) from a SiglipVisionModel, a Qwen2ForCausalLM and a fast tokenizer (each
     a folder or an object); see the module docstring."""
-    from rgpt4d.models.attention import resolve_attn_implementation
-
     attn = resolve_attn_implementation(config_overrides.get("attn_implementation_name", "sdpa"))
     vision = load_vision_tower(vision_model, dtype=dtype, attn_implementation=attn)
     llm = load_language_model(language_model, dtype=dtype, attn_implementation=attn)
@@ -175,8 +170,6 @@ def is_nvila_folder(path) -> bool:
 
 
 def _nvila_projector_weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
     cfg_path = path / "config.json"
     kind = json.loads(cfg_path.read_text()).get("mm_projector_type") if cfg_path.exists() else None
     if kind != NVILA_PROJECTOR:
@@ -194,9 +187,6 @@ def _nvila_projector_weights(path: Path) -> dict:
 def build_nvila(model_class, path, *, dtype: torch.dtype = torch.float32, **config_overrides):
     """(student, tokenizer) from an NVILA folder; see the module docstring. `config_overrides`: any
     RGPT4DConfig field (e.g. num_frames, region_mode="tokens", tpe=False)."""
-    from rgpt4d.models.attention import resolve_attn_implementation
-    from rgpt4d.models.tokenizer import single_token_id
-
     path = _dir(path, "model")
     if not is_nvila_folder(path):
         missing = [s for s in ("llm", "vision_tower", "mm_projector") if not (path / s).is_dir()]

@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (AutoConfig, AutoModelForImageTextToText, PreTrainedModel, Qwen2Config,
+                          Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel)
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm
 from transformers.models.siglip import modeling_siglip
@@ -40,9 +41,11 @@ from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.utils import ModelOutput
 
 from rgpt4d.models.attention import attention_function, resolve_attn_implementation
-from rgpt4d.models.configs import RGPT4DConfig
+from rgpt4d.models.configs import RGPT4DConfig, get_preset, student_config
 from rgpt4d.models.frames import normalize_frames
 from rgpt4d.models.pretrained import build_nvila, build_parts
+from rgpt4d.models.regional_encoder import RegionalEncoder4D
+from rgpt4d.models.tokenizer import train_tokenizer
 from rgpt4d.ops import fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
 from rgpt4d.ops.lm import IGNORE_INDEX
 
@@ -119,8 +122,6 @@ class RegionTokenEncoder(nn.Module):
                  geometry: bool = False, motion: bool = False, image_size: Optional[int] = None,
                  relative: bool = False):
         super().__init__()
-        from rgpt4d.models.regional_encoder import RegionalEncoder4D
-
         self.tpe, self.tpe_kind = tpe, tpe_kind
         self.encoder = RegionalEncoder4D(dim, hidden, mode="box", tpe=tpe_kind if tpe else "none", tpe_base=base,
                                          max_frames=max_frames, spatial_scale=spatial_scale, channels_last=True,
@@ -575,9 +576,6 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
 
 def build_student(preset: str = "tiny", tokenizer=None, **overrides):
     """A freshly initialised student for a preset (and its tokenizer, trained offline if not given)."""
-    from rgpt4d.models.configs import get_preset, student_config
-    from rgpt4d.models.tokenizer import train_tokenizer
-
     if tokenizer is None:
         p = get_preset(preset)
         tokenizer = train_tokenizer(vocab_size=p.tokenizer_vocab_size)
@@ -586,8 +584,6 @@ def build_student(preset: str = "tiny", tokenizer=None, **overrides):
 
 def _register_auto_classes() -> None:
     """So that AutoConfig / AutoModelForImageTextToText.from_pretrained(path) find the student."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     AutoConfig.register(RGPT4DConfig.model_type, RGPT4DConfig, exist_ok=True)
     AutoModelForImageTextToText.register(RGPT4DConfig, RGPT4DForConditionalGeneration, exist_ok=True)
 

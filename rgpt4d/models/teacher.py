@@ -19,11 +19,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+from urllib.parse import parse_qsl, urlencode
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import VideoMAEConfig, VideoMAEModel
+from transformers.models.videomae import modeling_videomae as mv
 
+from rgpt4d.models.attention import attention_function
 from rgpt4d.models.configs import TeacherConfig
 from rgpt4d.models.frames import normalize_frames
 from rgpt4d.models.l4p import IMAGENET_MEAN, IMAGENET_STD, read_l4p
@@ -261,40 +266,27 @@ class TeacherOutput:
     camray: Optional[Tensor] = None  # [B, T, 6, H, W] Plücker rays (direction, moment), first frame's camera (L4P: one per patch)
 
 
-def _videomae_attention_class():
+class VideoMAESelfAttentionOps(mv.VideoMAESelfAttention):
     """VideoMAESelfAttention whose "sdpa" attention goes through rgpt4d.ops.attention
     (rgpt4d.models.attention.sdpa_attention); projections and parameters are the module's own,
-    backend eager is transformers' sdpa path. Built on first use (transformers imported lazily)."""
-    global _VIDEOMAE_ATTENTION
-    if _VIDEOMAE_ATTENTION is None:
-        from transformers.models.videomae import modeling_videomae as mv
+    backend eager is transformers' sdpa path."""
 
-        from rgpt4d.models.attention import attention_function
-
-        class _VideoMAESelfAttention(mv.VideoMAESelfAttention):
-            def forward(self, hidden_states: Tensor):
-                shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-                k = self.key(hidden_states).view(shape).transpose(1, 2)
-                v = self.value(hidden_states).view(shape).transpose(1, 2)
-                q = self.query(hidden_states).view(shape).transpose(1, 2)
-                fn = attention_function(self, mv.eager_attention_forward)
-                ctx, probs = fn(self, q, k, v, None, is_causal=self.is_causal, scaling=self.scaling,
-                                dropout=0.0 if not self.training else self.dropout_prob)
-                return ctx.reshape(*ctx.shape[:-2], self.all_head_size), probs
-
-        _VIDEOMAE_ATTENTION = (mv.VideoMAESelfAttention, _VideoMAESelfAttention)
-    return _VIDEOMAE_ATTENTION
-
-
-_VIDEOMAE_ATTENTION = None
+    def forward(self, hidden_states: Tensor):
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        fn = attention_function(self, mv.eager_attention_forward)
+        ctx, probs = fn(self, q, k, v, None, is_causal=self.is_causal, scaling=self.scaling,
+                        dropout=0.0 if not self.training else self.dropout_prob)
+        return ctx.reshape(*ctx.shape[:-2], self.all_head_size), probs
 
 
 def use_rgpt4d_encoder_ops(encoder: nn.Module) -> nn.Module:
     """Route a VideoMAE encoder's attention through rgpt4d.ops.attention, in place (state dict unchanged)."""
-    stock, ours = _videomae_attention_class()
     for module in encoder.modules():
-        if type(module) is stock:
-            module.__class__ = ours
+        if type(module) is mv.VideoMAESelfAttention:
+            module.__class__ = VideoMAESelfAttentionOps
     return encoder
 
 
@@ -303,8 +295,6 @@ class Teacher4D(nn.Module):
 
     def __init__(self, config: TeacherConfig):
         super().__init__()
-        from transformers import VideoMAEConfig, VideoMAEModel
-
         self.config = config
         self.encoder = use_rgpt4d_encoder_ops(VideoMAEModel(VideoMAEConfig(**config.videomae_kwargs())))
         self.heads = nn.ModuleDict({
@@ -357,8 +347,6 @@ class Teacher4D(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "teacher_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
@@ -384,8 +372,6 @@ class Teacher4D(nn.Module):
     def load(cls, path: str | Path, map_location: str = "cpu") -> "Teacher4D":
         """A teacher saved by `save` (a folder), or an L4P checkpoint: a `.ckpt` file or
         `l4p:PATH[?image_size=224&num_frames=16&hooks=14,21,28,36&tasks=depth,flow]` (see l4p_spec)."""
-        from safetensors.torch import load_file
-
         spec = parse_l4p_spec(path)
         if spec is not None:
             return cls.from_l4p(spec.pop("path"), **spec).to(map_location)
@@ -431,8 +417,6 @@ def l4p_spec(path: str | Path, **options) -> str:
     """The string Teacher4D.load reads as an L4P teacher: `l4p:PATH?key=value&...` with options among
     image_size, num_frames, num_heads, hooks, tasks (None values left out). It is what a teacher cache
     records, so a student run rebuilds the very same teacher."""
-    from urllib.parse import urlencode
-
     unknown = sorted(set(options) - set(_L4P_INT_KEYS + _L4P_LIST_KEYS))
     if unknown:
         raise ValueError(f"l4p_spec: unknown options {unknown}")
@@ -443,8 +427,6 @@ def l4p_spec(path: str | Path, **options) -> str:
 
 def parse_l4p_spec(spec) -> Optional[dict]:
     """{"path", options...} for `l4p:PATH[?...]` or an existing `.ckpt` file; None for anything else."""
-    from urllib.parse import parse_qsl
-
     text = str(spec)
     if not text.startswith("l4p:"):
         return {"path": text} if text.endswith(".ckpt") and Path(text).is_file() else None

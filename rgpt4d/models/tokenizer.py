@@ -16,6 +16,11 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
+import torch
+
+from rgpt4d.data.questions import NEVER_STOPS, TEMPLATES
+from rgpt4d.data.schema import PROMPT_PREAMBLE, PROMPT_SUFFIX
+
 PAD, BOS, EOS, IMAGE, USER, ASSISTANT = "<pad>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"
 LETTERS = "ABCDEFGHIJ"
 ANSWER_FORMATS = ("letter", "option", "rank")  # what an SFT target is: answer_ids
@@ -32,8 +37,6 @@ def special_tokens(max_regions: int = 8) -> list[str]:
 def default_corpus() -> list[str]:
     """Texts covering the synthetic benchmark's vocabulary: every template, choice, unit and the
     evaluation prompt, with numbers and letters; enough to train the tokenizer without data."""
-    from rgpt4d.data.questions import NEVER_STOPS, TEMPLATES
-    from rgpt4d.data.schema import PROMPT_PREAMBLE, PROMPT_SUFFIX
 
     texts = [PROMPT_PREAMBLE, PROMPT_SUFFIX, NEVER_STOPS, f"{REGIONS_LINE} <obj_1> <obj_2>"]
     names = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black", "grey", "pink", "cyan",
@@ -51,6 +54,8 @@ def default_corpus() -> list[str]:
 
 def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000, max_regions: int = 8):
     """Train the BPE on `texts` (default: `default_corpus()`); returns a PreTrainedTokenizerFast."""
+    # start-up: transformers' tokenizer classes take ~1 s to import (python -X importtime); the
+    # `rgpt4d` command's parser imports this module (through rgpt4d.train.config)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -200,8 +205,6 @@ def answer_ids(tokenizer, answer_format: str, letter: str, option: str,
 def _plain_preamble(prompt: str) -> str:
     """The evaluation preamble names `<obj_1>, <obj_2>, ...` as an example, not as references: write
     those without brackets so they do not become region tokens (only the question's do)."""
-    from rgpt4d.data.schema import PROMPT_PREAMBLE
-
     if PROMPT_PREAMBLE in prompt:
         prompt = prompt.replace(PROMPT_PREAMBLE, PROMPT_PREAMBLE.replace("<obj_1>", "obj_1").replace("<obj_2>", "obj_2"))
     return prompt
@@ -325,8 +328,6 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
     first turn is `chat_text`; later turns are `<|user|>` + the prompt without the preamble (it is
     the same for every question) + `<|assistant|>`; `restate` restates every turn's regions as
     `chat_text` does. Left-padded like `encode_batch`."""
-    from rgpt4d.data.schema import PROMPT_PREAMBLE
-
     if len(answers) != len(conversations):
         raise ValueError(f"answers: {len(answers)} answer lists for {len(conversations)} conversations")
     if has_chat_template(tokenizer) and any(len(c) > 1 for c in conversations):
@@ -355,8 +356,6 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
 
 
 def _left_pad(seqs: list[list[int]], labels: list[list[int]] | None, pad: int) -> dict:
-    import torch
-
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)

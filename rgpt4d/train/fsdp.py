@@ -16,6 +16,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 
 def student_of(model: nn.Module) -> nn.Module:
@@ -35,7 +36,6 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 def shard_model(model: nn.Module, device: torch.device, world: int, bf16: bool) -> nn.Module:
     """Apply fully_shard in place (per layer, then the model) over all `world` processes; returns the model."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
