@@ -55,7 +55,7 @@ def check_attn_implementation(name: str, device: Optional[torch.device | str] = 
 def _xformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function over xformers' memory-efficient kernel.
     query/key/value [B, H, L, D] -> ([B, L, H, D], None)."""
-    import xformers.ops as xops
+    import xformers.ops as xops  # optional: xformers (the gpu extra); checked by check_attn_implementation
 
     if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the kv heads
         rep = query.shape[1] // key.shape[1]

@@ -199,8 +199,8 @@ class RGPT4DConfig(PreTrainedConfig):
     # where the restated regions go (with restate_regions): "line" (a `Regions: <obj_2>` line that
     # ends the prompt, before `<|assistant|>`) or "answer" (the region tokens right after
     # `<|assistant|>`: the answer's first token is predicted at the region token's own position, so
-    # reading it needs no attention hop; docs/results/README.md, seventh session). Configs saved
-    # before this field read as "line".
+    # reading it needs no attention hop; docs/results/README.md). A saved config without this field
+    # reads as "line".
     restate_position: str = "line"
 
     def restate_mode(self):
@@ -277,7 +277,7 @@ class Preset:
 # not learn to bind letters to options, nor to spell a perceived value); their region tokens stand out
 # from the frame, and carry the box geometry and the region's change over time; the question's regions
 # are repeated right after `<|assistant|>`, where the answer's first token is predicted
-# (docs/results/README.md, sixth and seventh sessions)
+# (docs/results/README.md)
 _FROM_SCRATCH = dict(answer_format="rank", region_geometry=True, region_motion=True, region_relative=True,
                      restate_regions=True, restate_position="answer")
 

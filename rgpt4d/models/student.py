@@ -105,7 +105,7 @@ class Projector(nn.Module):
 
 
 class RegionTokenEncoder(nn.Module):
-    """Region tokens from first-frame boxes: RegionalEncoder4D (issue 3: RoIAlign 1x1 of every frame's
+    """Region tokens from first-frame boxes: RegionalEncoder4D (RoIAlign 1x1 of every frame's
     feature grid with the TPE fused in, rgpt4d.ops.region_pool, then a Linear), averaged over the
     frames, GELU, Linear to the LLM width: one token per region for its `<obj_N>`.
 

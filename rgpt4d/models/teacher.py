@@ -171,7 +171,8 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
     calls (three heads: 4 Linears instead of 12, 18 convolutions instead of 30, 6 resamples instead
     of 18), with every convolution weight kept channels-last like the maps (oneDNN would otherwise
     reorder a contiguous weight on every call).
-    The end-to-end effect is measured by benchmarks/bench_e2e.py (its eager provider runs the loop).
+    Effect on a training step: `python benchmarks/bench_e2e.py` (its eager provider runs the loop;
+    benchmarks/results/cpu-2cores/README.md).
 
     cache: a dict the packed (concatenated) weights are kept in, reused while no head parameter
     changed (keyed by parameter, storage and version counter: load_state_dict, in-place updates
@@ -216,7 +217,8 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
                                                     align_corners=False) + maps[i]
         x = refine(x, *packed["refine"][i], groups=G)
     # The finest level per head: its convolutions are compute-bound, and there oneDNN's grouped
-    # kernel is up to 10 % slower than one plain convolution per head (2-core CPU, batch 8).
+    # kernel is slower than one plain convolution per head (8-10 % at batch 8 on a 2-core CPU,
+    # `python benchmarks/bench_e2e.py --batch 8`).
     x = F.interpolate(x, size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
     outs = []
     for head, a, b, (c1, c2, o0, o2) in zip(heads, x.chunk(G, 1), maps[0].chunk(G, 1), packed["fine"]):
