@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from rgpt4d.data.evaluate import ReleaseError, check_entries, evaluate, load_predictions, read_json_list
-from rgpt4d.data.r4d_bench import _require_av, entry_media, resolve_som, resolve_video
+from rgpt4d.data.r4d_bench import require_av, entry_media, resolve_som, resolve_video
 from rgpt4d.data.som import boxes_from_som
 from rgpt4d.infer import RGPT4D
 
@@ -69,7 +69,7 @@ def eval_r4d_bench(root: str | Path, model: str | Path, out: str | Path, *, limi
     raw = read_json_list(qpath)[:limit]  # --limit: the release's first N entries
     entries, bad = check_entries(raw, qpath, skip_bad)
     index = {str(e["id"]): i for i, e in enumerate(raw) if isinstance(e, dict) and "id" in e}
-    _require_av()
+    require_av()
     if not progress:  # also transformers' own bars (loading the weights)
         hf_logging.disable_progress_bar()
     wrapper = RGPT4D.from_pretrained(model, device=device)
