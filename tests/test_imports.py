@@ -34,6 +34,8 @@ with a `# optional: ...` or `# start-up: ...` comment on a line of its function 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,6 +235,17 @@ def test_function_local_imports_say_why():
     bad = unexplained_local_imports(package_modules())
     assert not bad, ("function-local imports without a `# optional:` / `# start-up:` reason (move them to the "
                      "module top otherwise):\n" + "\n".join(bad))
+
+
+def test_the_command_parser_does_not_import_the_model_stack():
+    """What the `# start-up: the model stack` imports are for: `rgpt4d --help` and `rgpt4d data make`
+    build the parser without importing transformers' model classes or the rgpt4d model modules."""
+    code = ("import sys, rgpt4d.cli; rgpt4d.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers.models.', 'rgpt4d.models.student', "
+            "'rgpt4d.models.teacher', 'rgpt4d.train.student', 'rgpt4d.infer'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_checks_catch_a_violating_graph():
