@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2ForCausalLM, SiglipVisionModel
 
 from rgpt4d.models.attention import resolve_attn_implementation
+from rgpt4d.models.configs import Preset, student_config
 from rgpt4d.models.tokenizer import ASSISTANT, IMAGE, PAD, USER, obj_token, single_token_id
 
 # NVILA's "qwen2" chat template (top-level config `chat_template`), for an llm/ tokenizer saved without one

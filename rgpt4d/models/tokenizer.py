@@ -37,7 +37,6 @@ def special_tokens(max_regions: int = 8) -> list[str]:
 def default_corpus() -> list[str]:
     """Texts covering the synthetic benchmark's vocabulary: every template, choice, unit and the
     evaluation prompt, with numbers and letters; enough to train the tokenizer without data."""
-
     texts = [PROMPT_PREAMBLE, PROMPT_SUFFIX, NEVER_STOPS, f"{REGIONS_LINE} <obj_1> <obj_2>"]
     names = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black", "grey", "pink", "cyan",
              "brown", "box", "cylinder", "ball", "the"]
