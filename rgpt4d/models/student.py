@@ -15,7 +15,7 @@
     -> Qwen2 causal LM -> the answer letter.
 
 Pretrained weights: `from_parts` (Hugging Face SigLIP + Qwen2 + tokenizer) and `from_nvila` (the
-NVILA layout: NVILA-Lite-8B, the released 4D-RGPT-8B); rgpt4d.models.loaders, docs/checkpoints.md.
+NVILA layout: NVILA-Lite-8B, the released 4D-RGPT-8B); rgpt4d.models.pretrained, docs/checkpoints.md.
 
 Regions: region tokens at `<obj_N>` (region_mode="tokens", the default) and/or the SoM image as an
 extra first visual input ("som" / "both"). The default is "tokens": the `<obj_N>` embedding then *is*

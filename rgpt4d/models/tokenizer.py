@@ -6,8 +6,8 @@ token), `<obj_1>` ... `<obj_K>` (region references; the student puts region toke
 `<|user|>`, `<|assistant|>`. Byte-level BPE never produces an unknown token, so any question,
 number or unit can be written; digits are split one by one so numbers are compositional.
 
-A pretrained tokenizer (Qwen2's, NVILA's; rgpt4d.models.loaders adds `<image>` and `<obj_N>` to it)
-works too: its own pad/eos tokens are used, and when it has a chat template the prompt is written
+A pretrained tokenizer (Qwen2's, NVILA's; rgpt4d.models.prepare_tokenizer adds `<image>` and
+`<obj_N>` to it) works too: its own pad/eos tokens are used, and when it has a chat template the prompt is written
 with that template (one user turn, then the generation prompt) instead of `<|user|>`/`<|assistant|>`.
 """
 
@@ -86,7 +86,7 @@ def special_token_ids(tokenizer, regions: bool = True) -> dict:
     template (None otherwise). `obj`: the ids of `<obj_1>`, `<obj_2>`, ... (needed unless
     `regions=False`: a model that reads regions from the SoM image alone)."""
     vocab = tokenizer.get_vocab()
-    hint = "train it with rgpt4d.models.train_tokenizer or prepare it with rgpt4d.models.loaders.prepare_tokenizer"
+    hint = "train it with rgpt4d.models.train_tokenizer or prepare it with rgpt4d.models.prepare_tokenizer"
     out = {}
     for key, text, required in (("pad", PAD, True), ("eos", EOS, True), ("bos", BOS, False)):
         tid = getattr(tokenizer, f"{key}_token_id", None)
