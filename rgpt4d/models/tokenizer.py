@@ -7,8 +7,9 @@ token), `<obj_1>` ... `<obj_K>` (region references; the student puts region toke
 number or unit can be written; digits are split one by one so numbers are compositional.
 
 A pretrained tokenizer (Qwen2's, NVILA's; rgpt4d.models.prepare_tokenizer adds `<image>` and
-`<obj_N>` to it) works too: its own pad/eos tokens are used, and when it has a chat template the prompt is written
-with that template (one user turn, then the generation prompt) instead of `<|user|>`/`<|assistant|>`.
+`<obj_N>` to it) works too: its own pad/eos tokens are used, and when it has a chat template the
+prompt is written with that template (one user turn, then the generation prompt) instead of
+`<|user|>`/`<|assistant|>`.
 """
 
 from __future__ import annotations
