@@ -23,12 +23,27 @@ Presets: `smoke` (4 frames of 32 px, a few steps: under 2 minutes, used by the t
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
+import multiprocessing as mp
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from rgpt4d.data import MakeConfig, make_dataset
+from rgpt4d.data.evaluate import load_questions
+from rgpt4d.train import TrainConfig, evaluate_student, train_config, train_student, train_teacher
+from rgpt4d.train.probe import probe_student
+from rgpt4d.train.report import (chance_scores, plot_loss_curves, plot_teacher_predictions, scores_table,
+                                 teacher_quality_table)
+from rgpt4d.train.teacher_cache import cache_teacher
 
 
 @dataclass(frozen=True)
@@ -89,15 +104,9 @@ class _Stages:
 def _student_job(job: dict) -> dict:
     """Train one student, save its inference model, evaluate it on the test split. Runs in the
     demo's process or in a worker process (then with `job["threads"]` threads)."""
-    import torch
-
-    from rgpt4d.train import TrainConfig, evaluate_student, train_student
-
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     if job.get("quiet_hf"):
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
     name, out, data = job["name"], Path(job["out"]), Path(job["data"])
     t0 = time.time()
@@ -118,8 +127,6 @@ def _student_job(job: dict) -> dict:
 
 
 def _default_parallel() -> bool:
-    import torch
-
     return not torch.cuda.is_available() and torch.get_num_threads() >= 2
 
 
@@ -127,18 +134,11 @@ def _run_students(jobs: list[dict], parallel: bool, steps: int, progress: bool,
                   log: Optional[Callable[[str], None]]) -> dict[str, dict]:
     """The student jobs, one after the other or in worker processes (spawned: no forked OpenMP
     state) with a progress bar fed from their metrics.jsonl."""
-    import torch
-
     if not parallel:
         return {job["name"]: _student_job(dict(job, progress=progress)) for job in jobs}
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
     threads = max(1, torch.get_num_threads() // len(jobs))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=steps * len(jobs), desc="students", unit="step", dynamic_ncols=True)
     results: dict[str, dict] = {}
     shown: dict = {}
@@ -181,18 +181,10 @@ def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: b
     "teacher" (held-out metrics), "probe" {features: {target: ridge_probe's result}}, "stage_seconds",
     "student_seconds" {name: {train, eval}}, "seconds", "report", "students" {name: path}, "parallel"}. `parallel`: train and evaluate the two students in
     two processes at once (default: on a CPU with >= 2 threads)."""
-    from rgpt4d.data import MakeConfig, make_dataset
-    from rgpt4d.data.evaluate import load_questions
-    from rgpt4d.models.teacher_train import cache_teacher
-    from rgpt4d.train import train_config, train_teacher
-    from rgpt4d.train.report import chance_scores
-
     if preset not in DEMO_PRESETS:
         raise ValueError(f"preset: must be one of {sorted(DEMO_PRESETS)}, got {preset!r}")
     p = DEMO_PRESETS[preset]
     if not progress:  # also transformers' own bars (loading and writing weights)
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,8 +251,6 @@ def run_demo(preset: str = "tiny", out: str | Path = "runs/demo", *, progress: b
 
 
 def results_table(result: dict) -> str:
-    from rgpt4d.train.report import scores_table
-
     labels = dict((name, label) for name, label, _ in STUDENTS)
     rows = {"chance": result["chance"], **{labels[n]: s for n, s in result["scores"].items()}}
     return scores_table(rows, counts=result["counts"])
@@ -289,8 +279,6 @@ def run_probes(students: dict[str, str], data: Path) -> dict[str, dict]:
     """{"vision": floor, <student name>: probes of its LLM hidden states}, each {target: ridge_probe
     result}. The vision tower is frozen and both students start from one seed, so the floor is
     measured once, on the first student."""
-    from rgpt4d.train.probe import probe_student
-
     probes: dict[str, dict] = {}
     for i, (name, path) in enumerate(students.items()):
         res = probe_student(path, data, "val", "test", kinds=("vision", "hidden") if i == 0 else ("hidden",))
@@ -329,8 +317,6 @@ projector reads) are the floor both students start from."""
 
 def write_demo_report(out: Path, result: dict) -> Path:
     """<out>/report.md with the table, the loss curves, the teacher's quality and its figure."""
-    from rgpt4d.train.report import plot_loss_curves, plot_teacher_predictions, teacher_quality_table
-
     out = Path(out)
     fig = out / "figures"
     labels = dict((name, label) for name, label, _ in STUDENTS)
@@ -400,8 +386,6 @@ student, no teacher and no D_4DP); load one with `rgpt4d.infer.RGPT4D.from_pretr
 
 
 def main(args=None) -> int:
-    import sys
-
     preset = getattr(args, "preset", "tiny")
     out = getattr(args, "out", "runs/demo")
     try:

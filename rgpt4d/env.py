@@ -7,6 +7,11 @@ import os
 import platform
 import sys
 
+import torch
+
+import rgpt4d
+from rgpt4d.ops import registry
+
 
 def _version(dist: str) -> str:
     try:
@@ -16,10 +21,6 @@ def _version(dist: str) -> str:
 
 
 def report() -> str:
-    import torch
-
-    import rgpt4d
-    from rgpt4d.ops import registry
 
     lines = [
         f"rgpt4d        {rgpt4d.__version__}  ({os.path.dirname(rgpt4d.__file__)})",

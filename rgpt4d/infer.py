@@ -13,13 +13,22 @@ model is the bare student (no teacher, no D_4DP): `save_inference_model` writes 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
 
-from rgpt4d.data.schema import LETTERS, format_prompt
+from rgpt4d.data import Synth4DQuestions
+from rgpt4d.data.schema import LETTERS, format_prompt, option_text
+from rgpt4d.data.som import draw_som
+from rgpt4d.models.loaders import load_nvila
+from rgpt4d.models.pretrained import is_nvila_folder
+from rgpt4d.models.student import RGPT4DForConditionalGeneration
+from rgpt4d.models.tokenizer import answer_ids, encode_batch, letter_token_ids
 
 
 def save_inference_model(model, tokenizer, path: str | Path, state_dict: Optional[dict] = None) -> Path:
@@ -48,8 +57,6 @@ class RGPT4D:
     """A loaded student and its tokenizer, answering multiple-choice questions with a letter."""
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu"):
-        from rgpt4d.models.tokenizer import letter_token_ids
-
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -61,11 +68,6 @@ class RGPT4D:
         """A saved student (`save_inference_model`), or an NVILA folder (llm/, vision_tower/,
         mm_projector/: NVILA-Lite-8B, the released 4D-RGPT-8B; rgpt4d.models.loaders.load_nvila).
         `dtype`: the weights' dtype (default float32; bfloat16 halves the memory on a GPU)."""
-        from transformers import PreTrainedTokenizerFast
-
-        from rgpt4d.models.loaders import is_nvila_folder, load_nvila
-        from rgpt4d.models.student import RGPT4DForConditionalGeneration
-
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model: no config.json in {path} (save one with rgpt4d.infer.save_inference_model)")
@@ -86,8 +88,6 @@ class RGPT4D:
 
     # -- many questions -------------------------------------------------------------------------
     def _prepare(self, items: list[dict]) -> dict:
-        from rgpt4d.models.tokenizer import encode_batch
-
         frames, times, boxes, somi, prompts = [], [], [], [], []
         for it in items:
             frames.append(_frames_tensor(it["video"]))
@@ -164,8 +164,6 @@ class RGPT4D:
         out: list[str] = []
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(items), desc="infer", unit="q")
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -198,9 +196,6 @@ class RGPT4D:
     def option_scores(self, chunk: list[dict], inputs: Optional[dict] = None) -> torch.Tensor:
         """[len(chunk), K] summed log-likelihood of each option's text after its prompt (-inf past a
         question's last option)."""
-        from rgpt4d.data.schema import option_text
-        from rgpt4d.models.tokenizer import answer_ids
-
         inputs = self._prepare(chunk) if inputs is None else inputs
         opts = []
         for it in chunk:
@@ -218,8 +213,6 @@ class RGPT4D:
 
     def _option_letters(self, chunk: list[dict], inputs: dict) -> list[str]:
         """The letter the model writes after the option text: "... (X)</s>"."""
-        import re
-
         longest = max(len(self.tokenizer.encode(str(v), add_special_tokens=False)) for it in chunk for v in it["options"])
         seqs = self.model.generate(**inputs, max_new_tokens=longest + 4)
         texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
@@ -242,8 +235,6 @@ class RGPT4D:
                        batch_size: int = 8, limit: Optional[int] = None, progress: bool = True,
                        scoring: str = "auto") -> list[dict]:
         """Predictions for a synthetic split: [{"id", "prediction"}], optionally written as JSONL."""
-        from rgpt4d.data import Synth4DQuestions
-
         ds = Synth4DQuestions(data_dir, split)
         n = len(ds) if limit is None else min(limit, len(ds))
         items = []
@@ -261,8 +252,6 @@ class RGPT4D:
 def _som_from_boxes(frame: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """The SoM image of a first frame [3, H, W] (uint8, or float in [0, 1]): box i outlined and
     tagged i + 1 (rgpt4d.data.som.draw_som). Returns uint8 [3, H, W]."""
-    from rgpt4d.data.som import draw_som
-
     img = frame if frame.dtype == torch.uint8 else (frame.float().clamp(0, 1) * 255).round().to(torch.uint8)
     drawn = draw_som(img.permute(1, 2, 0).cpu().numpy(), {i + 1: tuple(b.tolist()) for i, b in enumerate(boxes)})
     return torch.from_numpy(drawn).permute(2, 0, 1).contiguous()

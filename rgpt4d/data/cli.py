@@ -12,7 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from rgpt4d.cli import non_negative
+from rgpt4d.argtypes import non_negative
+from rgpt4d.data.baseline import text_only_check
+from rgpt4d.data.evaluate import evaluate, load_predictions, read_questions
+from rgpt4d.data.generate import MakeConfig, make_dataset
+from rgpt4d.data.show import dataset_stats, format_stats, show_sample
 
 
 def _positive_int(name: str):
@@ -29,8 +33,6 @@ def _positive_int(name: str):
 
 
 def _cmd_make(args: argparse.Namespace) -> int:
-    from rgpt4d.data.generate import MakeConfig, make_dataset
-
     cfg = MakeConfig(
         out=args.out,
         num_videos=args.num_videos,
@@ -61,8 +63,6 @@ def _cmd_make(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from rgpt4d.data.show import show_sample
-
     try:
         path = show_sample(args.dir, args.index, args.out, frames=args.frames)
     except (ValueError, FileNotFoundError) as e:
@@ -73,8 +73,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from rgpt4d.data.show import dataset_stats, format_stats
-
     try:
         stats = dataset_stats(args.dir)
     except (ValueError, FileNotFoundError) as e:
@@ -82,8 +80,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 2
     result = None
     if args.baseline:
-        from rgpt4d.data.baseline import text_only_check
-
         root = Path(args.dir)
         train = json.loads((root / "train.json").read_text(encoding="utf-8"))
         test = json.loads((root / "test.json").read_text(encoding="utf-8"))
@@ -126,8 +122,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rgpt4d.data.evaluate import evaluate, load_predictions, read_questions
-
     try:
         try:
             questions, bad = read_questions(args.questions, skip_bad=args.skip_bad)

@@ -12,6 +12,8 @@ questions with different numbers of marked regions share a batch: `frame_mask` [
 from __future__ import annotations
 
 import json
+import random
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -147,9 +149,6 @@ class QuestionsByVideo(Dataset):
     The questions of one video must mark the same regions (`<obj_N>` numbering is per video)."""
 
     def __init__(self, questions: Synth4DQuestions, max_questions: int, seed: int = 0):
-        import random
-        import zlib
-
         if not isinstance(max_questions, int) or isinstance(max_questions, bool) or max_questions < 1:
             raise ValueError(f"max_questions: must be an integer >= 1, got {max_questions!r}")
         self.questions, self.max_questions = questions, max_questions

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from rgpt4d.data.questions import Candidate, assemble_questions, candidates_for_video, mark_objects
 from rgpt4d.data.render import Render, render
@@ -253,8 +254,6 @@ def make_dataset(cfg: MakeConfig) -> dict[str, Any]:
     start = time.perf_counter()
     bar = None
     if cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.num_videos, unit="video", desc="rendering")
     workers = min(cfg.workers, num_shards)
     if workers <= 1:

@@ -28,9 +28,9 @@ from rgpt4d.data.evaluate import ReleaseError, read_questions
 PYAV_HINT = "decoding R4D-Bench videos needs PyAV: install it with `pip install av`"
 
 
-def _require_av():
+def require_av():
     try:
-        import av  # noqa: F401
+        import av  # optional: av (the video extra)
     except ImportError as e:  # pragma: no cover - exercised by monkeypatching in the tests
         raise ImportError(PYAV_HINT) from e
     return av
@@ -96,7 +96,7 @@ def decode_video(
     """`num_frames` frames sampled uniformly: uint8 [F, 3, H, W] and timestamps [F] in seconds."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    av = _require_av()
+    av = require_av()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         times = []
@@ -179,7 +179,7 @@ class R4DBench(Dataset):
         self.size = size
         self.load_video = load_video
         if load_video:
-            _require_av()  # fail at construction, not in a worker halfway through an epoch
+            require_av()  # fail at construction, not in a worker halfway through an epoch
 
     def __len__(self) -> int:
         return len(self.entries)

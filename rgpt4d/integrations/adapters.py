@@ -14,6 +14,7 @@ towers and the language model on the top-level model (`model.multi_modal_project
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 
@@ -164,8 +165,6 @@ class LlavaNextAdapter(Adapter):
         """Crops per image, as the model computes them (image_size_to_num_patches)."""
         if pv.dim() == 4 and image_sizes is None:
             return torch.ones(pv.shape[0], dtype=torch.long)
-        import importlib
-
         mod = importlib.import_module(type(model).__module__)
         to_num = mod.image_size_to_num_patches
         need = [True] * len(image_sizes) if batch_num_images is None else [
@@ -323,7 +322,7 @@ def _window_index(visual: nn.Module, thw: Tensor) -> Tensor:
     function in transformers.vision_utils)."""
     if hasattr(visual, "get_window_index"):
         return visual.get_window_index(thw)[0]
-    from transformers.vision_utils import get_vision_window_index
+    from transformers.vision_utils import get_vision_window_index  # optional: transformers 5.x only
 
     return get_vision_window_index(thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
                                    patch_size=visual.patch_size)[0]

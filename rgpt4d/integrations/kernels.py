@@ -67,6 +67,7 @@ def _signature(fn) -> Optional[tuple]:
 
 
 def _llama():
+    # start-up: transformers' Llama modelling module, needed only when a Llama-family model is patched
     from transformers.models.llama import modeling_llama as m
 
     return m

@@ -17,7 +17,10 @@ start/end), OBJ (the `<obj_1>`, `<obj_2>` tokens the region tokens replace).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import transformers as tf
 
 VOCAB, IMAGE, VIDEO, VSTART, VEND = 128, 100, 101, 102, 103  # VOCAB: the "tiny" size's vocabulary
 OBJ = (60, 61)
@@ -39,11 +42,9 @@ TEXT = {"tiny": 12, "bench": 192}
 
 def available(family: str) -> bool:
     """Whether this transformers has the family's model class."""
-    import transformers
-
     if family not in _CLASS:
         raise ValueError(f"family: one of {FAMILIES}, got {family!r}")
-    return hasattr(transformers, _CLASS[family])
+    return hasattr(tf, _CLASS[family])
 
 
 def _text(size: str = "tiny", **extra) -> dict:
@@ -59,8 +60,6 @@ def _siglip(size: int) -> dict:
 
 def tiny_model(family: str, size: str = "tiny") -> torch.nn.Module:
     """A tiny `family` model (float32) in eval mode, seeded (same weights on every call); `size`: a key of SIZES."""
-    import transformers as tf
-
     if family not in _CLASS:
         raise ValueError(f"family: one of {FAMILIES}, got {family!r}")
     if size not in SIZES:
@@ -161,8 +160,6 @@ def tiny_inputs(family: str, model, *, batch: int = 2, frames: int = 4, video: b
         if family == "llava_next_video":
             raise ValueError("tiny_inputs: LLaVA-NeXT-Video images are any-resolution crops; use video=True")
         if family == "llava_onevision":  # several images per sample: one crop each (no any-res tiling)
-            import inspect
-
             if "batch_num_images" not in inspect.signature(type(model).forward).parameters:
                 raise NotImplementedError("tiny_inputs: this transformers' LLaVA-OneVision has no multi-image input "
                                           "(batch_num_images)")
@@ -177,8 +174,6 @@ def tiny_inputs(family: str, model, *, batch: int = 2, frames: int = 4, video: b
     if labels:
         kw["labels"] = torch.full_like(ids, -100)
         kw["labels"][:, ids.shape[1] - text // 2:] = ids[:, ids.shape[1] - text // 2:]
-    import inspect
-
     if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:  # transformers 5 M-RoPE
         kw["mm_token_type_ids"] = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
     return kw, ts

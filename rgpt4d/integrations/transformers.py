@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from rgpt4d.integrations.adapters import Adapter, VisualCall, adapter_for
-from rgpt4d.ops import tpe_add
+from rgpt4d.integrations.kernels import apply_kernels, remove_kernels
+from rgpt4d.models.configs import P4DConfig
+from rgpt4d.ops import P4D_PRESETS, P4DLoss, P4DLossOutput, fused_linear_latent_loss, tpe_add
 
 _STATE = "_rgpt4d_state"
 
@@ -244,6 +246,7 @@ def apply_rgpt4d(model: nn.Module, *, tpe: bool = True, tpe_base: float = 10000.
         for p in projectors:
             state.handles.append(p.register_forward_pre_hook(_projector_pre_hook(state)))
     if obj_token_ids:
+        # start-up: rgpt4d.models.student imports transformers' Qwen2 and SigLIP; only region tokens need it
         from rgpt4d.models.student import RegionTokenEncoder
 
         text_dim = int(model.get_input_embeddings().embedding_dim)
@@ -301,8 +304,6 @@ def apply_rgpt4d(model: nn.Module, *, tpe: bool = True, tpe_base: float = 10000.
         model.generate = types.MethodType(generate, model)
     object.__setattr__(model, _STATE, state)
     if kernels:
-        from rgpt4d.integrations.kernels import apply_kernels
-
         apply_kernels(model)
         state.kernels = True
     return model
@@ -314,8 +315,6 @@ def remove_rgpt4d(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     if state.kernels:
-        from rgpt4d.integrations.kernels import remove_kernels
-
         remove_kernels(model)
     for h in state.handles:
         h.remove()
@@ -339,8 +338,7 @@ def attach_p4d(model: nn.Module, teacher_dim: int, teacher_grid: tuple[int, int,
     """Add the training-only D_4DP as `model.rgpt4d_p4d` (the paper's MLP by default; a
     rgpt4d.models.configs.P4DConfig picks the kind). teacher_grid (T', h, w): the teacher latent's
     grid; the LM's visual hidden states are taken every `tubelet`-th frame and resized to it."""
-    from rgpt4d.models.configs import P4DConfig
-    from rgpt4d.models.p4d import P4DDecoder
+    from rgpt4d.models.p4d import P4DDecoder  # start-up: rgpt4d.models.p4d imports the student and teacher
 
     if not hasattr(model, _STATE):
         raise RuntimeError("attach_p4d: patch the model first (apply_rgpt4d)")
@@ -398,8 +396,7 @@ def p4d_loss(model: nn.Module, hidden_states: Tensor, input_ids: Tensor, teacher
     Returns rgpt4d.ops.P4DLossOutput(total, terms): total = alpha * L_LD (+ beta * sum lambda_m L_m)
     with the preset's weights; terms are the unweighted losses by name.
     """
-    from rgpt4d.models.p4d import resample_to_teacher_grid
-    from rgpt4d.ops import P4D_PRESETS, P4DLoss, P4DLossOutput, fused_linear_latent_loss
+    from rgpt4d.models.p4d import resample_to_teacher_grid  # start-up: as in attach_p4d
 
     dec = getattr(model, "rgpt4d_p4d", None)
     if dec is None:

@@ -1,10 +1,12 @@
 """4D-RGPT models: the frozen 4D teacher, the student MLLM, P4D heads, tokenizer and presets.
 
-Modules: configs (dataclasses, RGPT4DConfig, presets tiny/small/paper), tokenizer (BPE trained
-offline), teacher (VideoMAE + DPT-like heads), teacher_train (train / evaluate / cache), student
+Modules, lowest first: tokenizer (BPE trained offline), configs (dataclasses, RGPT4DConfig, presets
+smoke/tiny/small/paper), frames (frame preprocessing), attention (backend checks), l4p (L4P's
+checkpoint layout), teacher (VideoMAE + DPT-like heads; the L4P teacher), regional_encoder
+(RegionalEncoder4D), pretrained (SigLIP / Qwen2 towers, tokenizers, the NVILA layout), student
 (SigLIP -> fused TPE prologue -> projector -> Qwen2, region tokens), p4d (D_4DP and the training
-model), attention (backend checks), regional_encoder (RegionalEncoder4D, issue 3), loaders (students from
-pretrained SigLIP / Qwen2 parts or an NVILA folder; docs/checkpoints.md), cli (`rgpt4d teacher ...`, `rgpt4d infer`).
+model), loaders (students from pretrained parts or an NVILA folder; docs/checkpoints.md).
+Training, the teacher cache and batch collation are in rgpt4d.train.
 
 Names are imported lazily so that `import rgpt4d.models` does not import transformers.
 """
@@ -26,19 +28,14 @@ _EXPORTS = {
     "encode_batch": "tokenizer",
     "Teacher4D": "teacher",
     "DPTHead": "teacher",
-    "train_teacher": "teacher_train",
-    "evaluate_teacher": "teacher_train",
-    "cache_teacher": "teacher_train",
-    "load_cached": "teacher_train",
     "RGPT4DForConditionalGeneration": "student",
     "build_student": "student",
-    "batch_to_inputs": "student",
     "P4DDecoder": "p4d",
     "RGPT4DForP4DTraining": "p4d",
     "resample_to_teacher_grid": "p4d",
     "load_parts": "loaders",
     "load_nvila": "loaders",
-    "prepare_tokenizer": "loaders",
+    "prepare_tokenizer": "pretrained",
     "AttentionBackendError": "attention",
     "check_attn_implementation": "attention",
 }

@@ -14,6 +14,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rgpt4d.models.configs import ATTN_IMPLEMENTATIONS
 from rgpt4d.ops import attention
@@ -52,7 +55,7 @@ def check_attn_implementation(name: str, device: Optional[torch.device | str] = 
 def _xformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function over xformers' memory-efficient kernel.
     query/key/value [B, H, L, D] -> ([B, L, H, D], None)."""
-    import xformers.ops as xops
+    import xformers.ops as xops  # optional: xformers (the gpu extra); checked by check_attn_implementation
 
     if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the kv heads
         rep = query.shape[1] // key.shape[1]
@@ -76,8 +79,6 @@ def resolve_attn_implementation(name: str, device: Optional[torch.device | str] 
     global _registered
     check_attn_implementation(name, device)
     if name == "xformers" and not _registered:
-        from transformers import AttentionInterface
-
         AttentionInterface.register("xformers", _xformers_attention)
         _registered = True
     return name
@@ -93,8 +94,6 @@ def sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     causal when more than one query, no mask and a causal module; grouped-query heads natively."""
     if (attention_backend(query.device) == "eager" or (dropout and module.training)
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -106,7 +105,5 @@ def sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
 def attention_function(module: nn.Module, eager_fn):
     """The attention function a transformers attention module calls: sdpa_attention (the op) under
     "sdpa", else transformers' registered implementation (eager_fn: the model's own eager one)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     impl = module.config._attn_implementation
     return sdpa_attention if impl == "sdpa" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_fn)

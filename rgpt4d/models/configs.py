@@ -21,7 +21,7 @@ try:
 except ImportError:  # transformers 4.x spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
-from rgpt4d.models.tokenizer import RESTATE_MODES
+from rgpt4d.models.tokenizer import ANSWER_FORMATS, RESTATE_MODES, single_token_id, special_token_ids
 
 PRESETS = ("smoke", "tiny", "small", "paper")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "xformers")
@@ -31,7 +31,6 @@ REGION_MODES = ("tokens", "som", "both", "none")
 PROJECTOR_TYPES = ("mlp", "nvila")
 TPE_KINDS = ("sinusoidal", "learned")
 DECODER_KINDS = ("mlp", "linear")
-ANSWER_FORMATS = ("letter", "option", "rank")
 # the teacher heads of the presets: L4P's four explicit signals (depth, backward flow, motion mask,
 # Plücker camera rays), every one distilled by P4D's paper loss
 ALL_HEADS = ("depth", "flow", "motion", "camray")
@@ -200,8 +199,8 @@ class RGPT4DConfig(PreTrainedConfig):
     # where the restated regions go (with restate_regions): "line" (a `Regions: <obj_2>` line that
     # ends the prompt, before `<|assistant|>`) or "answer" (the region tokens right after
     # `<|assistant|>`: the answer's first token is predicted at the region token's own position, so
-    # reading it needs no attention hop; docs/results/README.md, seventh session). Configs saved
-    # before this field read as "line".
+    # reading it needs no attention hop; docs/results/README.md). A saved config without this field
+    # reads as "line".
     restate_position: str = "line"
 
     def restate_mode(self):
@@ -278,7 +277,7 @@ class Preset:
 # not learn to bind letters to options, nor to spell a perceived value); their region tokens stand out
 # from the frame, and carry the box geometry and the region's change over time; the question's regions
 # are repeated right after `<|assistant|>`, where the answer's first token is predicted
-# (docs/results/README.md, sixth and seventh sessions)
+# (docs/results/README.md)
 _FROM_SCRATCH = dict(answer_format="rank", region_geometry=True, region_motion=True, region_relative=True,
                      restate_regions=True, restate_position="answer")
 
@@ -356,8 +355,6 @@ def student_config(preset: str | Preset, tokenizer=None, **overrides) -> RGPT4DC
     kwargs.update(overrides)
     separator = kwargs.pop("frame_separator", None)
     if tokenizer is not None:
-        from rgpt4d.models.tokenizer import single_token_id, special_token_ids
-
         ids = special_token_ids(tokenizer, regions=kwargs.get("region_mode", "tokens") in ("tokens", "both"))
         text = dict(kwargs["text_config"])
         text.update(vocab_size=len(tokenizer), pad_token_id=ids["pad"], eos_token_id=ids["eos"],

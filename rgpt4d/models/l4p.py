@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rgpt4d.models.configs import TeacherConfig
-from rgpt4d.models.teacher import Teacher4D, normalize_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -268,35 +267,10 @@ def _sub(sd: dict, prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-class L4PTeacher(Teacher4D):
-    """Teacher4D over L4P's modules (built by Teacher4D.from_l4p): `encode` runs the VideoMAEv2
-    encoder on ImageNet-normalised RGB; `predict_heads`, `forward`, `latent` and `freeze` are
-    Teacher4D's. Not saved by `save` (the checkpoint is the format: load it again)."""
-
-    def __init__(self, config: TeacherConfig, encoder: VideoMAEv2Encoder):
-        nn.Module.__init__(self)  # not Teacher4D.__init__: that builds rgpt4d's own encoder and heads
-        self.config = config
-        self.encoder = encoder
-        self.heads = nn.ModuleDict()
-
-    def encode(self, frames: Tensor) -> list[Tensor]:
-        """The hooked layers, each [B, T', h, w, C]: entries `config.head_layers` of L4P's feature list."""
-        cfg = self.config
-        if frames.dim() != 5 or frames.shape[1] != cfg.num_frames:
-            raise ValueError(f"frames: the teacher takes [B, {cfg.num_frames}, 3, H, W], got {tuple(frames.shape)}")
-        x = normalize_frames(frames, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD).to(self.encoder.norm.weight.dtype)
-        feats = self.encoder.features(x.permute(0, 2, 1, 3, 4), cfg.head_layers)
-        Tp, h, w = cfg.grid
-        return [f.unflatten(1, (Tp, h, w)) for f in feats]
-
-    def save(self, path) -> None:
-        raise NotImplementedError("L4PTeacher.save: an L4P teacher is read from its checkpoint "
-                                  "(Teacher4D.from_l4p / Teacher4D.load('l4p:PATH')); there is nothing to save")
-
-
-def load_l4p(path, *, hooks=(14, 21, 28, 36), image_size: int = 224, num_frames: int = 16, tasks=None,
-             num_heads: int = 16):
-    """Build the L4P teacher from its checkpoint; see Teacher4D.from_l4p."""
+def read_l4p(path, *, hooks=(14, 21, 28, 36), image_size: int = 224, num_frames: int = 16, tasks=None,
+             num_heads: int = 16) -> tuple[TeacherConfig, VideoMAEv2Encoder, dict[str, nn.Module]]:
+    """The L4P teacher's config, encoder and heads {name: head}, weights loaded from its checkpoint;
+    Teacher4D.from_l4p assembles them (rgpt4d.models.teacher.L4PTeacher)."""
     sd = _read_state_dict(path)
     enc = _sub(sd, ENCODER_PREFIX)
     w = enc.get("patch_embed.proj.weight")
@@ -334,7 +308,7 @@ def load_l4p(path, *, hooks=(14, 21, 28, 36), image_size: int = 224, num_frames:
     # the encoder and the latent first (all that L_LD needs), then the heads
     encoder = VideoMAEv2Encoder(dim, depth, num_heads, mlp_hidden, patch, tubelet, grid)
     _load(encoder, {k: v for k, v in enc.items() if not k.startswith("head.")}, f"{path}: video_encoder")
-    teacher = L4PTeacher(config, encoder)
+    heads = {}
     for t in tasks:
         name, activation = L4P_TASKS[t]
         hsd = _sub(sd, f"{HEADS_PREFIX}{t}.")
@@ -354,8 +328,8 @@ def load_l4p(path, *, hooks=(14, 21, 28, 36), image_size: int = 224, num_frames:
             if dup is not None:
                 hsd.setdefault(f"{prefix}scratch.layer_rn.{i}.weight", dup)
         _load(head, hsd, f"{path}: task head {t}")
-        teacher.heads[name] = head
-    return teacher.freeze()
+        heads[name] = head
+    return config, encoder, heads
 
 
 def _load(module: nn.Module, sd: dict, what: str) -> None:

@@ -89,7 +89,7 @@ class P4DOutput:
 
 class RGPT4DForP4DTraining(nn.Module):
     """Student + D_4DP + the teacher's frozen heads. Teacher targets come from the cache
-    (rgpt4d.models.teacher_train.load_cached), so the teacher encoder is not needed to train."""
+    (rgpt4d.train.load_cached), so the teacher encoder is not needed to train."""
 
     def __init__(self, student: RGPT4DForConditionalGeneration, teacher: Teacher4D, config: P4DConfig):
         super().__init__()

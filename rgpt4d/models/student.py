@@ -15,7 +15,7 @@
     -> Qwen2 causal LM -> the answer letter.
 
 Pretrained weights: `from_parts` (Hugging Face SigLIP + Qwen2 + tokenizer) and `from_nvila` (the
-NVILA layout: NVILA-Lite-8B, the released 4D-RGPT-8B); rgpt4d.models.loaders, docs/checkpoints.md.
+NVILA layout: NVILA-Lite-8B, the released 4D-RGPT-8B); rgpt4d.models.pretrained, docs/checkpoints.md.
 
 Regions: region tokens at `<obj_N>` (region_mode="tokens", the default) and/or the SoM image as an
 extra first visual input ("som" / "both"). The default is "tokens": the `<obj_N>` embedding then *is*
@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (AutoConfig, AutoModelForImageTextToText, PreTrainedModel, Qwen2Config,
+                          Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel)
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm
 from transformers.models.siglip import modeling_siglip
@@ -40,8 +41,11 @@ from transformers.models.siglip.modeling_siglip import SiglipAttention
 from transformers.utils import ModelOutput
 
 from rgpt4d.models.attention import attention_function, resolve_attn_implementation
-from rgpt4d.models.configs import RGPT4DConfig
-from rgpt4d.models.teacher import normalize_frames
+from rgpt4d.models.configs import RGPT4DConfig, get_preset, student_config
+from rgpt4d.models.frames import normalize_frames
+from rgpt4d.models.pretrained import build_nvila, build_parts
+from rgpt4d.models.regional_encoder import RegionalEncoder4D
+from rgpt4d.models.tokenizer import train_tokenizer
 from rgpt4d.ops import fused_linear_cross_entropy, rms_norm, rope, swiglu, tpe_downsample_layernorm
 from rgpt4d.ops.lm import IGNORE_INDEX
 
@@ -101,7 +105,7 @@ class Projector(nn.Module):
 
 
 class RegionTokenEncoder(nn.Module):
-    """Region tokens from first-frame boxes: RegionalEncoder4D (issue 3: RoIAlign 1x1 of every frame's
+    """Region tokens from first-frame boxes: RegionalEncoder4D (RoIAlign 1x1 of every frame's
     feature grid with the TPE fused in, rgpt4d.ops.region_pool, then a Linear), averaged over the
     frames, GELU, Linear to the LLM width: one token per region for its `<obj_N>`.
 
@@ -118,8 +122,6 @@ class RegionTokenEncoder(nn.Module):
                  geometry: bool = False, motion: bool = False, image_size: Optional[int] = None,
                  relative: bool = False):
         super().__init__()
-        from rgpt4d.models.regional_encoder import RegionalEncoder4D
-
         self.tpe, self.tpe_kind = tpe, tpe_kind
         self.encoder = RegionalEncoder4D(dim, hidden, mode="box", tpe=tpe_kind if tpe else "none", tpe_base=base,
                                          max_frames=max_frames, spatial_scale=spatial_scale, channels_last=True,
@@ -324,10 +326,8 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
         tokenizer, each a local Hugging Face folder or an already-built object. The towers keep their
         weights; `<image>` and `<obj_N>` are added to the tokenizer and the embeddings grown to fit
         (existing rows kept); the projector (and region encoder) are new. `config_overrides`: any
-        RGPT4DConfig field. The prepared tokenizer is `model.tokenizer` (rgpt4d.models.loaders)."""
-        from rgpt4d.models.loaders import load_parts
-
-        model, tok = load_parts(vision_model, language_model, tokenizer, dtype=dtype, **config_overrides)
+        RGPT4DConfig field. The prepared tokenizer is `model.tokenizer` (rgpt4d.models.pretrained)."""
+        model, tok = build_parts(cls, vision_model, language_model, tokenizer, dtype=dtype, **config_overrides)
         model.tokenizer = tok
         return model
 
@@ -336,11 +336,9 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
                    **config_overrides) -> "RGPT4DForConditionalGeneration":
         """The student from an NVILA folder (config.json, llm/, vision_tower/, mm_projector/ with
         projector mlp_downsample_3x3_fix): NVILA-Lite-8B or the released 4D-RGPT-8B, every weight
-        loaded, TPE on (rgpt4d.models.loaders.load_nvila, docs/checkpoints.md). The prepared
+        loaded, TPE on (rgpt4d.models.pretrained.build_nvila, docs/checkpoints.md). The prepared
         tokenizer is `model.tokenizer`."""
-        from rgpt4d.models.loaders import load_nvila
-
-        model, tok = load_nvila(path, dtype=dtype, **config_overrides)
+        model, tok = build_nvila(cls, path, dtype=dtype, **config_overrides)
         model.tokenizer = tok
         return model
 
@@ -578,46 +576,14 @@ class RGPT4DForConditionalGeneration(RGPT4DPreTrainedModel):
 
 def build_student(preset: str = "tiny", tokenizer=None, **overrides):
     """A freshly initialised student for a preset (and its tokenizer, trained offline if not given)."""
-    from rgpt4d.models.configs import get_preset, student_config
-    from rgpt4d.models.tokenizer import train_tokenizer
-
     if tokenizer is None:
         p = get_preset(preset)
         tokenizer = train_tokenizer(vocab_size=p.tokenizer_vocab_size)
     return RGPT4DForConditionalGeneration(student_config(preset, tokenizer, **overrides)), tokenizer
 
 
-def batch_to_inputs(batch: dict, tokenizer, config: RGPT4DConfig, answers: bool = True) -> dict:
-    """Student inputs from a collated `Synth4DQuestions` / `R4DBench` batch (rgpt4d.data.collate):
-    the prompt tokens (with the answer in `config.answer_format` and labels when `answers`; a batch of
-    `QuestionsByVideo` chunks becomes one multi-turn sequence per video), frames, timestamps,
-    first-frame boxes with their mask and <obj_N> numbers, and the SoM image when the model uses it."""
-    from rgpt4d.data.schema import LETTERS
-    from rgpt4d.models.tokenizer import answer_ids, encode_batch, encode_conversations
-
-    def target(index, options):
-        return answer_ids(tokenizer, config.answer_format, LETTERS[int(index)], options[int(index)], options)[0]
-
-    if "turn_prompts" in batch and answers:  # rgpt4d.data.QuestionsByVideo: a video's questions in one sequence
-        targets = [[target(i, o) for i, o in zip(idx, opts)]
-                   for idx, opts in zip(batch["turn_answers"], batch["turn_options"])]
-        inputs = encode_conversations(tokenizer, batch["turn_prompts"], config.prompt_visual(), targets,
-                                      restate=config.restate_mode())
-    else:
-        targets = [target(i, o) for i, o in zip(batch["answer_index"], batch["options"])] if answers else None
-        inputs = encode_batch(tokenizer, batch["prompt"], config.prompt_visual(), targets,
-                              restate=config.restate_mode())
-    inputs.update(frames=batch["frames"], timestamps=batch["timestamps"], boxes=batch.get("boxes"),
-                  region_mask=batch.get("region_mask"), region_ids=batch.get("region_ids"))
-    if config.region_mode in ("som", "both"):
-        inputs["som_image"] = batch["som_image"]
-    return inputs
-
-
 def _register_auto_classes() -> None:
     """So that AutoConfig / AutoModelForImageTextToText.from_pretrained(path) find the student."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     AutoConfig.register(RGPT4DConfig.model_type, RGPT4DConfig, exist_ok=True)
     AutoModelForImageTextToText.register(RGPT4DConfig, RGPT4DForConditionalGeneration, exist_ok=True)
 

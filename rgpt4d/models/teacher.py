@@ -19,32 +19,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+from urllib.parse import parse_qsl, urlencode
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import VideoMAEConfig, VideoMAEModel
+from transformers.models.videomae import modeling_videomae as mv
 
+from rgpt4d.models.attention import attention_function
 from rgpt4d.models.configs import TeacherConfig
+from rgpt4d.models.frames import normalize_frames
+from rgpt4d.models.l4p import IMAGENET_MEAN, IMAGENET_STD, read_l4p
 from rgpt4d.ops import pixel_shuffle_act
-
-IMAGE_MEAN = 0.5
-IMAGE_STD = 0.5
-
-
-def normalize_frames(frames: Tensor, size: int, mean=IMAGE_MEAN, std=IMAGE_STD) -> Tensor:
-    """uint8 (0..255) or float (0..1) frames [B, T, 3, H, W] -> float (x - mean) / std, resized to
-    size x size; mean and std: one number or one per RGB channel."""
-    if frames.dim() != 5 or frames.shape[2] != 3:
-        raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
-    x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
-    B, T = x.shape[:2]
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x.flatten(0, 1), size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True).unflatten(0, (B, T))
-    if not isinstance(mean, (int, float)):
-        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1) for v in (mean, std))
-    return (x - mean) / std
-
 
 def _box_mean(t: Tensor, k: int) -> Tensor:
     """Mean over the k x k window around each pixel (k odd; only the pixels inside the image count),
@@ -183,7 +171,8 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
     calls (three heads: 4 Linears instead of 12, 18 convolutions instead of 30, 6 resamples instead
     of 18), with every convolution weight kept channels-last like the maps (oneDNN would otherwise
     reorder a contiguous weight on every call).
-    The end-to-end effect is measured by benchmarks/bench_e2e.py (its eager provider runs the loop).
+    Effect on a training step: `python benchmarks/bench_e2e.py` (its eager provider runs the loop;
+    benchmarks/results/cpu-2cores/README.md).
 
     cache: a dict the packed (concatenated) weights are kept in, reused while no head parameter
     changed (keyed by parameter, storage and version counter: load_state_dict, in-place updates
@@ -228,7 +217,8 @@ def dpt_heads_fused(heads: Sequence[DPTHead], layers: Sequence[Tensor],
                                                     align_corners=False) + maps[i]
         x = refine(x, *packed["refine"][i], groups=G)
     # The finest level per head: its convolutions are compute-bound, and there oneDNN's grouped
-    # kernel is up to 10 % slower than one plain convolution per head (2-core CPU, batch 8).
+    # kernel is slower than one plain convolution per head (8-10 % at batch 8 on a 2-core CPU,
+    # `python benchmarks/bench_e2e.py --batch 8`).
     x = F.interpolate(x, size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
     outs = []
     for head, a, b, (c1, c2, o0, o2) in zip(heads, x.chunk(G, 1), maps[0].chunk(G, 1), packed["fine"]):
@@ -278,40 +268,27 @@ class TeacherOutput:
     camray: Optional[Tensor] = None  # [B, T, 6, H, W] Plücker rays (direction, moment), first frame's camera (L4P: one per patch)
 
 
-def _videomae_attention_class():
+class VideoMAESelfAttentionOps(mv.VideoMAESelfAttention):
     """VideoMAESelfAttention whose "sdpa" attention goes through rgpt4d.ops.attention
     (rgpt4d.models.attention.sdpa_attention); projections and parameters are the module's own,
-    backend eager is transformers' sdpa path. Built on first use (transformers imported lazily)."""
-    global _VIDEOMAE_ATTENTION
-    if _VIDEOMAE_ATTENTION is None:
-        from transformers.models.videomae import modeling_videomae as mv
+    backend eager is transformers' sdpa path."""
 
-        from rgpt4d.models.attention import attention_function
-
-        class _VideoMAESelfAttention(mv.VideoMAESelfAttention):
-            def forward(self, hidden_states: Tensor):
-                shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-                k = self.key(hidden_states).view(shape).transpose(1, 2)
-                v = self.value(hidden_states).view(shape).transpose(1, 2)
-                q = self.query(hidden_states).view(shape).transpose(1, 2)
-                fn = attention_function(self, mv.eager_attention_forward)
-                ctx, probs = fn(self, q, k, v, None, is_causal=self.is_causal, scaling=self.scaling,
-                                dropout=0.0 if not self.training else self.dropout_prob)
-                return ctx.reshape(*ctx.shape[:-2], self.all_head_size), probs
-
-        _VIDEOMAE_ATTENTION = (mv.VideoMAESelfAttention, _VideoMAESelfAttention)
-    return _VIDEOMAE_ATTENTION
-
-
-_VIDEOMAE_ATTENTION = None
+    def forward(self, hidden_states: Tensor):
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        fn = attention_function(self, mv.eager_attention_forward)
+        ctx, probs = fn(self, q, k, v, None, is_causal=self.is_causal, scaling=self.scaling,
+                        dropout=0.0 if not self.training else self.dropout_prob)
+        return ctx.reshape(*ctx.shape[:-2], self.all_head_size), probs
 
 
 def use_rgpt4d_encoder_ops(encoder: nn.Module) -> nn.Module:
     """Route a VideoMAE encoder's attention through rgpt4d.ops.attention, in place (state dict unchanged)."""
-    stock, ours = _videomae_attention_class()
     for module in encoder.modules():
-        if type(module) is stock:
-            module.__class__ = ours
+        if type(module) is mv.VideoMAESelfAttention:
+            module.__class__ = VideoMAESelfAttentionOps
     return encoder
 
 
@@ -320,8 +297,6 @@ class Teacher4D(nn.Module):
 
     def __init__(self, config: TeacherConfig):
         super().__init__()
-        from transformers import VideoMAEConfig, VideoMAEModel
-
         self.config = config
         self.encoder = use_rgpt4d_encoder_ops(VideoMAEModel(VideoMAEConfig(**config.videomae_kwargs())))
         self.heads = nn.ModuleDict({
@@ -374,8 +349,6 @@ class Teacher4D(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "teacher_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
@@ -391,17 +364,16 @@ class Teacher4D(nn.Module):
         among depth, flow_2d_backward, dyn_mask and camray (named depth, flow, motion, camray here;
         either name is accepted); (): the encoder alone. Widths and depths come from the tensors'
         shapes; num_heads (16 in L4P's ViT-g) is not stored in the checkpoint."""
-        from rgpt4d.models.l4p import load_l4p
-
-        return load_l4p(path, hooks=hooks, image_size=image_size, num_frames=num_frames, tasks=tasks,
-                        num_heads=num_heads)
+        config, encoder, heads = read_l4p(path, hooks=hooks, image_size=image_size, num_frames=num_frames,
+                                          tasks=tasks, num_heads=num_heads)
+        teacher = L4PTeacher(config, encoder)
+        teacher.heads.update(heads)
+        return teacher.freeze()
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> "Teacher4D":
         """A teacher saved by `save` (a folder), or an L4P checkpoint: a `.ckpt` file or
         `l4p:PATH[?image_size=224&num_frames=16&hooks=14,21,28,36&tasks=depth,flow]` (see l4p_spec)."""
-        from safetensors.torch import load_file
-
         spec = parse_l4p_spec(path)
         if spec is not None:
             return cls.from_l4p(spec.pop("path"), **spec).to(map_location)
@@ -413,6 +385,32 @@ class Teacher4D(nn.Module):
         return model.freeze()
 
 
+class L4PTeacher(Teacher4D):
+    """Teacher4D over L4P's modules (built by Teacher4D.from_l4p): `encode` runs the VideoMAEv2
+    encoder on ImageNet-normalised RGB; `predict_heads`, `forward`, `latent` and `freeze` are
+    Teacher4D's. Not saved by `save` (the checkpoint is the format: load it again)."""
+
+    def __init__(self, config: TeacherConfig, encoder: nn.Module):
+        nn.Module.__init__(self)  # not Teacher4D.__init__: that builds rgpt4d's own encoder and heads
+        self.config = config
+        self.encoder = encoder
+        self.heads = nn.ModuleDict()
+
+    def encode(self, frames: Tensor) -> list[Tensor]:
+        """The hooked layers, each [B, T', h, w, C]: entries `config.head_layers` of L4P's feature list."""
+        cfg = self.config
+        if frames.dim() != 5 or frames.shape[1] != cfg.num_frames:
+            raise ValueError(f"frames: the teacher takes [B, {cfg.num_frames}, 3, H, W], got {tuple(frames.shape)}")
+        x = normalize_frames(frames, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD).to(self.encoder.norm.weight.dtype)
+        feats = self.encoder.features(x.permute(0, 2, 1, 3, 4), cfg.head_layers)
+        Tp, h, w = cfg.grid
+        return [f.unflatten(1, (Tp, h, w)) for f in feats]
+
+    def save(self, path) -> None:
+        raise NotImplementedError("L4PTeacher.save: an L4P teacher is read from its checkpoint "
+                                  "(Teacher4D.from_l4p / Teacher4D.load('l4p:PATH')); there is nothing to save")
+
+
 _L4P_INT_KEYS = ("image_size", "num_frames", "num_heads")
 _L4P_LIST_KEYS = ("hooks", "tasks")
 
@@ -421,8 +419,6 @@ def l4p_spec(path: str | Path, **options) -> str:
     """The string Teacher4D.load reads as an L4P teacher: `l4p:PATH?key=value&...` with options among
     image_size, num_frames, num_heads, hooks, tasks (None values left out). It is what a teacher cache
     records, so a student run rebuilds the very same teacher."""
-    from urllib.parse import urlencode
-
     unknown = sorted(set(options) - set(_L4P_INT_KEYS + _L4P_LIST_KEYS))
     if unknown:
         raise ValueError(f"l4p_spec: unknown options {unknown}")
@@ -433,8 +429,6 @@ def l4p_spec(path: str | Path, **options) -> str:
 
 def parse_l4p_spec(spec) -> Optional[dict]:
     """{"path", options...} for `l4p:PATH[?...]` or an existing `.ckpt` file; None for anything else."""
-    from urllib.parse import parse_qsl
-
     text = str(spec)
     if not text.startswith("l4p:"):
         return {"path": text} if text.endswith(".ckpt") and Path(text).is_file() else None

@@ -6,9 +6,10 @@ token), `<obj_1>` ... `<obj_K>` (region references; the student puts region toke
 `<|user|>`, `<|assistant|>`. Byte-level BPE never produces an unknown token, so any question,
 number or unit can be written; digits are split one by one so numbers are compositional.
 
-A pretrained tokenizer (Qwen2's, NVILA's; rgpt4d.models.loaders adds `<image>` and `<obj_N>` to it)
-works too: its own pad/eos tokens are used, and when it has a chat template the prompt is written
-with that template (one user turn, then the generation prompt) instead of `<|user|>`/`<|assistant|>`.
+A pretrained tokenizer (Qwen2's, NVILA's; rgpt4d.models.prepare_tokenizer adds `<image>` and
+`<obj_N>` to it) works too: its own pad/eos tokens are used, and when it has a chat template the
+prompt is written with that template (one user turn, then the generation prompt) instead of
+`<|user|>`/`<|assistant|>`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
+import torch
+
+from rgpt4d.data.questions import NEVER_STOPS, TEMPLATES
+from rgpt4d.data.schema import PROMPT_PREAMBLE, PROMPT_SUFFIX
+
 PAD, BOS, EOS, IMAGE, USER, ASSISTANT = "<pad>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"
 LETTERS = "ABCDEFGHIJ"
+ANSWER_FORMATS = ("letter", "option", "rank")  # what an SFT target is: answer_ids
 
 
 def obj_token(n: int) -> str:
@@ -31,9 +38,6 @@ def special_tokens(max_regions: int = 8) -> list[str]:
 def default_corpus() -> list[str]:
     """Texts covering the synthetic benchmark's vocabulary: every template, choice, unit and the
     evaluation prompt, with numbers and letters; enough to train the tokenizer without data."""
-    from rgpt4d.data.questions import NEVER_STOPS, TEMPLATES
-    from rgpt4d.data.schema import PROMPT_PREAMBLE, PROMPT_SUFFIX
-
     texts = [PROMPT_PREAMBLE, PROMPT_SUFFIX, NEVER_STOPS, f"{REGIONS_LINE} <obj_1> <obj_2>"]
     names = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black", "grey", "pink", "cyan",
              "brown", "box", "cylinder", "ball", "the"]
@@ -50,6 +54,8 @@ def default_corpus() -> list[str]:
 
 def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000, max_regions: int = 8):
     """Train the BPE on `texts` (default: `default_corpus()`); returns a PreTrainedTokenizerFast."""
+    # start-up: transformers' tokenizer classes take ~1 s to import (python -X importtime); the
+    # `rgpt4d` command's parser imports this module (through rgpt4d.train.config)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,7 +87,7 @@ def special_token_ids(tokenizer, regions: bool = True) -> dict:
     template (None otherwise). `obj`: the ids of `<obj_1>`, `<obj_2>`, ... (needed unless
     `regions=False`: a model that reads regions from the SoM image alone)."""
     vocab = tokenizer.get_vocab()
-    hint = "train it with rgpt4d.models.train_tokenizer or prepare it with rgpt4d.models.loaders.prepare_tokenizer"
+    hint = "train it with rgpt4d.models.train_tokenizer or prepare it with rgpt4d.models.prepare_tokenizer"
     out = {}
     for key, text, required in (("pad", PAD, True), ("eos", EOS, True), ("bos", BOS, False)):
         tid = getattr(tokenizer, f"{key}_token_id", None)
@@ -176,8 +182,6 @@ def answer_ids(tokenizer, answer_format: str, letter: str, option: str,
     The text and the letter are encoded separately, so the text's tokens are the same ones
     `rgpt4d.infer` scores for that option.
     """
-    from rgpt4d.models.configs import ANSWER_FORMATS
-
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format: must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     if letter not in LETTERS:
@@ -201,8 +205,6 @@ def answer_ids(tokenizer, answer_format: str, letter: str, option: str,
 def _plain_preamble(prompt: str) -> str:
     """The evaluation preamble names `<obj_1>, <obj_2>, ...` as an example, not as references: write
     those without brackets so they do not become region tokens (only the question's do)."""
-    from rgpt4d.data.schema import PROMPT_PREAMBLE
-
     if PROMPT_PREAMBLE in prompt:
         prompt = prompt.replace(PROMPT_PREAMBLE, PROMPT_PREAMBLE.replace("<obj_1>", "obj_1").replace("<obj_2>", "obj_2"))
     return prompt
@@ -326,8 +328,6 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
     first turn is `chat_text`; later turns are `<|user|>` + the prompt without the preamble (it is
     the same for every question) + `<|assistant|>`; `restate` restates every turn's regions as
     `chat_text` does. Left-padded like `encode_batch`."""
-    from rgpt4d.data.schema import PROMPT_PREAMBLE
-
     if len(answers) != len(conversations):
         raise ValueError(f"answers: {len(answers)} answer lists for {len(conversations)} conversations")
     if has_chat_template(tokenizer) and any(len(c) > 1 for c in conversations):
@@ -356,8 +356,6 @@ def encode_conversations(tokenizer, conversations: Sequence[Sequence[str]], num_
 
 
 def _left_pad(seqs: list[list[int]], labels: list[list[int]] | None, pad: int) -> dict:
-    import torch
-
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)

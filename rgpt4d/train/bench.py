@@ -23,15 +23,18 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
-from rgpt4d.data.evaluate import ReleaseError
+from rgpt4d.data.evaluate import ReleaseError, check_entries, evaluate, load_predictions, read_json_list
+from rgpt4d.data.r4d_bench import require_av, entry_media, resolve_som, resolve_video
+from rgpt4d.data.som import boxes_from_som
+from rgpt4d.infer import RGPT4D
 
 
 def question_regions(question: str, som, frame_size: int) -> tuple[list, int, int]:
     """Boxes in `<obj_N>` order (box i is `<obj_{i+1}>`, zeros where not found) in the pixels of a
     frame_size x frame_size frame, from the SoM image (uint8 [3, H, W]); also (found, referenced)."""
-    from rgpt4d.data.som import boxes_from_som
-
     numbers = sorted({int(n) for n in re.findall(r"<obj_(\d+)>", question)})
     if not numbers:
         return [], 0, 0
@@ -48,8 +51,6 @@ def question_regions(question: str, som, frame_size: int) -> tuple[list, int, in
 def _answered(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    from rgpt4d.data.evaluate import load_predictions
-
     return load_predictions(path)
 
 
@@ -61,10 +62,6 @@ def eval_r4d_bench(root: str | Path, model: str | Path, out: str | Path, *, limi
     counts, unparseable, missing, skipped, regions found, answered now) and writes predictions.jsonl,
     report.md and report.json in `out`. `unparseable`: "random" is the official rule (a seeded
     random letter); the students here always answer with a valid letter."""
-    from rgpt4d.data.evaluate import check_entries, evaluate, read_json_list
-    from rgpt4d.data.r4d_bench import _require_av, entry_media, resolve_som, resolve_video
-    from rgpt4d.infer import RGPT4D
-
     root, out = Path(root), Path(out)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
@@ -72,10 +69,8 @@ def eval_r4d_bench(root: str | Path, model: str | Path, out: str | Path, *, limi
     raw = read_json_list(qpath)[:limit]  # --limit: the release's first N entries
     entries, bad = check_entries(raw, qpath, skip_bad)
     index = {str(e["id"]): i for i, e in enumerate(raw) if isinstance(e, dict) and "id" in e}
-    _require_av()
+    require_av()
     if not progress:  # also transformers' own bars (loading the weights)
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
     wrapper = RGPT4D.from_pretrained(model, device=device)
     cfg = wrapper.model.config
@@ -106,8 +101,6 @@ def eval_r4d_bench(root: str | Path, model: str | Path, out: str | Path, *, limi
     regions_found = regions_referenced = 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(good), initial=len(good) - len(todo), desc="r4d-bench", unit="q", dynamic_ncols=True)
     answered_now = 0
     with open(pred_path, "a", encoding="utf-8") as f:

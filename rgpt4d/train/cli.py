@@ -1,7 +1,10 @@
-"""Subcommands `train teacher|student` and `eval` for the `rgpt4d` command (also `python -m rgpt4d.train`).
+"""Subcommands `train teacher|student`, `teacher train|cache` and `eval` for the `rgpt4d` command
+(`train` also as `python -m rgpt4d.train`).
 
     rgpt4d train teacher --data DIR --out runs/teacher --preset smoke
+    rgpt4d teacher train --data DIR --out runs/teacher [--preset tiny] [--steps 300] [--batch-size 4]
     rgpt4d teacher cache --teacher runs/teacher --data DIR --out runs/cache
+    rgpt4d teacher cache --teacher l4p:l4p.ckpt --data DIR --out runs/l4p_cache    (the L4P teacher)
     rgpt4d train student --data DIR --teacher-cache runs/cache --out runs/student --preset smoke \
         [--p4d none|latent|explicit|both] [--tpe on|off] [--ops fused|eager] [--resume]
     rgpt4d train student ... --preset paper --init-from nvila:NVILA-Lite-8B     (or --vision V --llm L [--tokenizer T])
@@ -13,6 +16,10 @@
 The run's configuration is the preset's (rgpt4d.train.config), then `--config FILE` (a saved
 config.json), then every flag given. With --resume and no --config, the run's own
 `<out>/config.json` is the base, so a resumed run continues with the same settings.
+`rgpt4d teacher train` is `train teacher` with a preset and a few numbers (train_teacher_from_preset).
+
+The handlers import the training modules when they run: building the `rgpt4d` parser reads this
+module, and the model stack (transformers' model classes) takes seconds to import.
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ import os
 import sys
 from pathlib import Path
 
-from rgpt4d.cli import non_negative
+from rgpt4d.argtypes import float_list, non_negative
 from rgpt4d.models.tokenizer import RESTATE_MODES
 from rgpt4d.train.checkpoint import CheckpointError
-from rgpt4d.train.config import OPS_MODES, P4D_MODES, STRATEGIES, TRAIN_PRESETS
+from rgpt4d.train.config import OPS_MODES, P4D_MODES, STRATEGIES, TRAIN_PRESETS, TrainConfig, train_config
 
 # flag -> TrainConfig field, for student runs; teacher runs map --steps/--batch-size/--lr to teacher_*
 _COMMON = {"seed": "seed", "device": "device", "ops": "ops", "weight_decay": "weight_decay", "warmup": "warmup",
@@ -73,8 +80,6 @@ def _on_off(name: str):
 
 def resolve_config(args, fields: dict):
     """The run's TrainConfig: preset (or --config, or the run's saved config on --resume) + flags."""
-    from rgpt4d.train.config import TrainConfig, train_config
-
     saved = Path(args.out) / "config.json"
     if args.config:
         cfg = TrainConfig.load(args.config)
@@ -92,7 +97,7 @@ def resolve_config(args, fields: dict):
 
 
 def _cmd_train_teacher(args) -> int:
-    from rgpt4d.train import train_teacher
+    from rgpt4d.train.teacher import train_teacher  # start-up: the model stack
 
     try:
         cfg = resolve_config(args, _TEACHER)
@@ -106,7 +111,7 @@ def _cmd_train_teacher(args) -> int:
 
 
 def _cmd_train_student(args) -> int:
-    from rgpt4d.train import evaluate_student, train_student
+    from rgpt4d.train.student import evaluate_student, train_student  # start-up: the model stack
 
     try:
         cfg = resolve_config(args, _STUDENT)
@@ -124,7 +129,7 @@ def _cmd_train_student(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from rgpt4d.train import evaluate_student
+    from rgpt4d.train.student import evaluate_student  # start-up: the model stack
 
     if args.target == "r4d-bench":
         return _cmd_eval_r4d_bench(args)
@@ -145,7 +150,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_eval_r4d_bench(args) -> int:
-    from rgpt4d.train.bench import eval_r4d_bench
+    from rgpt4d.train.bench import eval_r4d_bench  # start-up: the model stack
 
     missing = [flag for flag, v in (("--root", args.root), ("--out", args.out)) if v is None]
     if missing:
@@ -162,6 +167,50 @@ def _cmd_eval_r4d_bench(args) -> int:
     print(f"wrote {Path(args.out) / 'predictions.jsonl'}, report.md and report.json "
           f"({result['answered_now']} answered in this run)")
     return 0
+
+
+def _cmd_teacher_train(args) -> int:
+    from rgpt4d.train.teacher import train_teacher_from_preset  # start-up: the model stack
+
+    try:
+        res = train_teacher_from_preset(args.data, args.out, preset=args.preset, steps=args.steps,
+                                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                        progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        return _err("teacher train", e)
+    print(json.dumps(res["metrics"], indent=2))
+    return 0
+
+
+def _cmd_teacher_cache(args) -> int:
+    from rgpt4d.train.teacher_cache import cache_teacher  # start-up: the model stack
+
+    try:
+        teacher = _teacher_spec(args)
+        n = cache_teacher(teacher, args.data, args.out, splits=tuple(args.splits), batch_size=args.batch_size,
+                          progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        return _err("teacher cache", e)
+    print(f"cached {n} videos in {args.out}")
+    return 0
+
+
+def _teacher_spec(args) -> str:
+    """--teacher as Teacher4D.load reads it; an L4P checkpoint (`l4p:PATH` or a .ckpt file) takes
+    --image-size, --num-frames, --hooks and --tasks into its spec (rgpt4d.models.teacher.l4p_spec)."""
+    from rgpt4d.models.teacher import l4p_spec, parse_l4p_spec  # start-up: the model stack
+
+    options = {"image_size": args.image_size, "num_frames": args.num_frames,
+               "hooks": None if args.hooks is None else [int(x) for x in float_list(args.hooks, "hooks")],
+               "tasks": None if args.tasks is None else [t for t in args.tasks.replace(" ", "").split(",") if t]}
+    spec = parse_l4p_spec(args.teacher)
+    if spec is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for an L4P teacher (l4p:PATH or a .ckpt file)")
+        return args.teacher
+    path = Path(spec.pop("path")).resolve()  # the cache records it: a student run may start elsewhere
+    return l4p_spec(path, **{**spec, **{k: v for k, v in options.items() if v is not None}})
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -223,7 +272,37 @@ def add_train_parsers(sub) -> None:
     st.set_defaults(func=_cmd_train_student)
 
 
+def _add_teacher_parsers(subparsers) -> None:
+    teacher = subparsers.add_parser("teacher", help="train the 4D teacher, or cache its outputs")
+    tsub = teacher.add_subparsers(dest="teacher_command", required=True)
+    tr = tsub.add_parser("train", help="train the teacher on a synthetic set; prints held-out quality")
+    tr.add_argument("--data", required=True, help="a `rgpt4d data make` directory")
+    tr.add_argument("--out", required=True, help="where to save the frozen teacher")
+    tr.add_argument("--preset", default="tiny", choices=("smoke", "tiny", "small", "paper"))
+    tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument("--batch-size", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_cmd_teacher_train)
+    ca = tsub.add_parser("cache", help="write the teacher's latents and explicit outputs per video")
+    ca.add_argument("--teacher", required=True,
+                    help="a `rgpt4d teacher train` folder, or an L4P checkpoint: l4p:PATH or a .ckpt file")
+    ca.add_argument("--image-size", type=int, help="L4P teacher: input size (default 224)")
+    ca.add_argument("--num-frames", type=int, help="L4P teacher: frames per window (default 16)")
+    ca.add_argument("--hooks", help="L4P teacher: the four encoder layers read, e.g. 14,21,28,36 (the default)")
+    ca.add_argument("--tasks", help="L4P teacher: the heads to load, e.g. depth,flow,motion (default: all it has "
+                                    "among depth, flow, motion, camray)")
+    ca.add_argument("--data", required=True)
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    ca.add_argument("--batch-size", type=int, default=4)
+    ca.add_argument("--quiet", action="store_true")
+    ca.set_defaults(func=_cmd_teacher_cache)
+
+
 def register(subparsers) -> None:
+    _add_teacher_parsers(subparsers)
     train = subparsers.add_parser("train", help="train the teacher or the student (see docs/training.md)")
     add_train_parsers(train.add_subparsers(dest="train_command", required=True))
 

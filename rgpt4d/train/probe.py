@@ -21,6 +21,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from rgpt4d.data import Synth4DVideos, collate
+from rgpt4d.data.schema import format_prompt
+from rgpt4d.infer import RGPT4D
+from rgpt4d.models.frames import normalize_frames
 
 PROBE_TARGETS = ("depth", "motion")
 FEATURE_KINDS = ("hidden", "vision")
@@ -91,9 +97,6 @@ def window_features(feats: Tensor, window: int) -> Tensor:
 @torch.no_grad()
 def token_features(wrapper, batch: dict, kind: str) -> Tensor:
     """[B, T, G, G, D] features of the visual tokens of a Synth4DVideos batch (frames, timestamps)."""
-    from rgpt4d.data.schema import format_prompt
-    from rgpt4d.models.teacher import normalize_frames
-
     model = wrapper.model
     cfg = model.config
     frames = batch["frames"]
@@ -117,10 +120,6 @@ def probe_data(wrapper, data_dir, split: str, kinds: Sequence[str] = FEATURE_KIN
                max_videos: Optional[int] = None) -> tuple[dict, dict]:
     """Features {kind: [n, D]} and targets {"depth" (mean log metres), "motion" (moving fraction): [n]}
     of every visual token of `split`'s videos (the first `max_videos`), ordered by video."""
-    from torch.utils.data import DataLoader, Subset
-
-    from rgpt4d.data import Synth4DVideos, collate
-
     cfg = wrapper.model.config
     ds = Synth4DVideos(data_dir, split, fields=("rgb", "depth", "motion"))
     if len(ds) == 0:
@@ -146,8 +145,6 @@ def probe_student(model_path: str | Path, data_dir, fit_split: str = "val", eval
                   batch_size: int = 8) -> dict:
     """{kind: {target: ridge_probe result}} for a saved student: probes fitted on `fit_split`'s
     visual tokens, scored on `eval_split`'s."""
-    from rgpt4d.infer import RGPT4D
-
     wrapper = RGPT4D.from_pretrained(model_path)
     Xf, yf = probe_data(wrapper, data_dir, fit_split, kinds, batch_size, max_videos)
     Xe, ye = probe_data(wrapper, data_dir, eval_split, kinds, batch_size, max_videos)

@@ -5,7 +5,7 @@
     report = evaluate_student(res["model_path"], "data/synth", split="test")
 
 Inputs: questions of `data_dir`'s train split (rgpt4d.data.Synth4DQuestions), teacher targets
-from the cache `rgpt4d teacher cache` wrote (rgpt4d.models.teacher_train.load_cached), the
+from the cache `rgpt4d teacher cache` wrote (rgpt4d.train.teacher_cache.load_cached), the
 teacher's frozen heads from the teacher folder the cache names (or `teacher=`). The trained model
 is RGPT4DForP4DTraining (student + D_4DP + frozen heads); what is saved in `<out>/model/` is the
 bare student (no teacher, no D_4DP) with its tokenizer.
@@ -18,11 +18,26 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
+from rgpt4d.data import QuestionsByVideo, Synth4DQuestions, collate
+from rgpt4d.data.evaluate import evaluate, load_questions
+from rgpt4d.infer import RGPT4D, save_inference_model
+from rgpt4d.models.configs import P4DConfig, get_preset, student_config
+from rgpt4d.models.loaders import load_nvila, load_parts
+from rgpt4d.models.p4d import P4DOutput, RGPT4DForP4DTraining
+from rgpt4d.models.student import RGPT4DForConditionalGeneration
+from rgpt4d.models.teacher import Teacher4D
+from rgpt4d.models.tokenizer import train_tokenizer
+from rgpt4d.ops import P4D_PRESETS
 from rgpt4d.train.config import TrainConfig
-from rgpt4d.train.loop import (add_nvtx_hooks, barrier, ops_backend, resolve_device, run_loop, setup_distributed,
-                               total_steps)
+from rgpt4d.train.fsdp import student_state_dict
+from rgpt4d.train.inputs import batch_to_inputs
+from rgpt4d.train.loop import (add_nvtx_hooks, barrier, ops_backend, resolve_device, run_loop,
+                               setup_distributed, total_steps)
+from rgpt4d.train.teacher_cache import load_cached
 
 
 class SFTOnly(nn.Module):
@@ -36,8 +51,6 @@ class SFTOnly(nn.Module):
         return self.student
 
     def forward(self, *, teacher_targets=None, return_logits: bool = False, **student_inputs):
-        from rgpt4d.models.p4d import P4DOutput
-
         # L_SFT through the fused LM head + cross-entropy unless the logits are asked for (as RGPT4DForP4DTraining)
         out = self.student(**student_inputs, return_logits=return_logits)
         if out.loss is None:
@@ -53,10 +66,6 @@ class StudentCollate:
         self.tokenizer, self.config, self.cache, self.p4d = tokenizer, student_config, teacher_cache, p4d
 
     def __call__(self, items: list[dict]) -> dict:
-        from rgpt4d.data import collate
-        from rgpt4d.models.student import batch_to_inputs
-        from rgpt4d.models.teacher_train import load_cached
-
         batch = collate(items)
         inputs = batch_to_inputs(batch, self.tokenizer, self.config)
         if self.p4d:
@@ -68,8 +77,6 @@ class StudentLoss:
     """loss_fn for run_loop: the total loss, its terms (L_SFT, L_LD, L_ED = sum_m lambda_m L_m), tokens."""
 
     def __init__(self, loss_preset: str):
-        from rgpt4d.ops import P4D_PRESETS
-
         self.head_weights = dict(P4D_PRESETS[loss_preset].head_weights)
 
     def __call__(self, model: nn.Module, batch: dict):
@@ -88,10 +95,6 @@ class StudentLoss:
 def _tokenizer(out_dir: Path, vocab_size: int, dist):
     """The run's tokenizer: trained once (offline) by rank 0 and kept in <out>/tokenizer, so every
     process and a resumed run use the very same one."""
-    from transformers import PreTrainedTokenizerFast
-
-    from rgpt4d.models.tokenizer import train_tokenizer
-
     path = out_dir / "tokenizer"
     if dist.main and not (path / "tokenizer.json").exists():
         train_tokenizer(vocab_size=vocab_size).save_pretrained(path)
@@ -137,9 +140,6 @@ def _student_overrides(config: TrainConfig) -> dict:
 def pretrained_student(config: TrainConfig):
     """(student, tokenizer) from config.init_from (rgpt4d.models.loaders; docs/checkpoints.md), with
     the preset's frame count and the run's TPE / answer settings."""
-    from rgpt4d.models.configs import student_config
-    from rgpt4d.models.loaders import load_nvila, load_parts
-
     torch.manual_seed(config.seed)  # the new projector / region encoder
     overrides = dict(_student_overrides(config), num_frames=student_config(config.preset).num_frames)
     if config.init_from.startswith("nvila:"):
@@ -151,11 +151,6 @@ def build_training_model(config: TrainConfig, tokenizer, teacher_cache: Optional
                          teacher: Optional[str | Path] = None, student: Optional[nn.Module] = None) -> nn.Module:
     """The model a student run trains: RGPT4DForP4DTraining, or SFTOnly for p4d="none". `student`:
     a student to train (pretrained_student's), instead of a new one of the preset."""
-    from rgpt4d.models.configs import P4DConfig, get_preset, student_config
-    from rgpt4d.models.p4d import RGPT4DForP4DTraining
-    from rgpt4d.models.student import RGPT4DForConditionalGeneration
-    from rgpt4d.models.teacher import Teacher4D
-
     preset = get_preset(config.preset)
     torch.manual_seed(config.seed)
     if student is None:
@@ -177,12 +172,8 @@ def build_training_model(config: TrainConfig, tokenizer, teacher_cache: Optional
 def _save_model(model, tokenizer, path: Path, config: TrainConfig, dist) -> Optional[str]:
     """The inference student as one save_pretrained folder (rank 0; under FSDP every process takes
     part in gathering the shards). Returns the path on rank 0."""
-    from rgpt4d.infer import save_inference_model
-
     state_dict = None
     if config.strategy == "fsdp" and dist.world > 1:
-        from rgpt4d.train.fsdp import student_state_dict
-
         state_dict = student_state_dict(model)
     if not dist.main:
         return None
@@ -204,15 +195,10 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
     logged values), "model_path" (None if stopped early), "checkpoint", "metrics_path",
     "resumed_from"}.
     """
-    from rgpt4d.data import Synth4DQuestions
-    from rgpt4d.models.configs import get_preset, student_config
-
     config = config.validate()
     out_dir = Path(out_dir)
     dataset = Synth4DQuestions(data_dir, "train", fields=("rgb",))
     if config.questions_per_sequence > 1:
-        from rgpt4d.data import QuestionsByVideo
-
         dataset = QuestionsByVideo(dataset, config.questions_per_sequence, seed=config.seed)
     _check_frames(dataset, student_config(config.preset).num_frames, config.preset)
     if config.p4d != "none":
@@ -235,9 +221,9 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
                             "regions": student.region_encoder, "llm": student.language_model.model,
                             "p4d_decoder": getattr(model, "decoder", None),
                             "p4d_loss": getattr(model, "loss_fn", None)})
-            collate = StudentCollate(tokenizer, student.config, None if teacher_cache is None else str(teacher_cache),
+            collate_fn = StudentCollate(tokenizer, student.config, None if teacher_cache is None else str(teacher_cache),
                                      config.p4d != "none")
-            res = run_loop(model, dataset, collate, StudentLoss(config.loss_preset), config, out_dir, lr=config.lr,
+            res = run_loop(model, dataset, collate_fn, StudentLoss(config.loss_preset), config, out_dir, lr=config.lr,
                            name="student", resume=resume, progress=progress, stop_at_step=stop_at_step,
                            metadata={"data_dir": str(data_dir), "teacher_cache": str(teacher_cache)}, dist=dist,
                            device=device, log=log)
@@ -252,8 +238,6 @@ def train_student(config: TrainConfig, data_dir: str | Path, teacher_cache: Opti
             (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     finally:
         if dist.started_here:
-            import torch.distributed as tdist
-
             tdist.destroy_process_group()
     return result
 
@@ -268,9 +252,6 @@ def evaluate_student(model_path: str | Path, data_dir: str | Path, split: str = 
     Returns {"scores": {Avg, Sta, Dyn, VG, DM, SR, R, C, T, FP, SA, DP} (percent, None for a
     category without questions), "counts", "unparseable", "missing", "markdown", "split"}.
     """
-    from rgpt4d.data.evaluate import evaluate, load_questions
-    from rgpt4d.infer import RGPT4D
-
     questions = load_questions(Path(data_dir) / f"{split}.json")
     if limit is not None:
         questions = questions[:limit]

@@ -13,17 +13,26 @@ Results are appended to `<out>/results.jsonl` as runs finish; a second call with
 skips the runs already there and rewrites the report. Each run is claimed (`runs/<name>/.claimed`)
 before it starts, so two processes on one --out share the work (e.g. `--seeds 0 1 2` and
 `--seeds 2 1 0` side by side on two cores); an interrupted run's folder must be removed to redo it.
+
+The functions import the model stack when they run it (`# start-up`): the `rgpt4d` command's parser
+imports this module for `add_arguments`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from rgpt4d.data import MakeConfig, make_dataset
+from rgpt4d.data.evaluate import load_questions
+from rgpt4d.data.schema import REPORT_COLUMNS
+from rgpt4d.train.config import train_config
 
 P4D_CONDITIONS = (("none", "SFT only"), ("latent", "latent only"), ("explicit", "explicit only"),
                   ("both", "latent + explicit"))
@@ -70,9 +79,8 @@ def _check(args) -> None:
 
 def _prepare(args, out: Path, log) -> tuple[Path, Path, Path, Optional[dict]]:
     """The dataset, teacher and cache every run shares (made here unless given)."""
-    from rgpt4d.data import MakeConfig, make_dataset
-    from rgpt4d.models.teacher_train import cache_teacher
-    from rgpt4d.train import train_config, train_teacher
+    from rgpt4d.train.teacher import train_teacher  # start-up: the model stack
+    from rgpt4d.train.teacher_cache import cache_teacher  # start-up: the model stack
 
     progress = not args.quiet
     frames, size = (4, 32) if args.preset == "smoke" else (16, 64)
@@ -108,8 +116,6 @@ def _done(results_path: Path) -> dict[tuple, dict]:
 
 def _claim(run_dir: Path) -> bool:
     """Mark a run as taken (atomically), so several `rgpt4d study` processes can share one --out."""
-    import os
-
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(run_dir / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -120,9 +126,8 @@ def _claim(run_dir: Path) -> bool:
 
 def run_study(args, log: Callable[[str], None] = print) -> dict:
     """Run every (seed, TPE, p4d) condition not yet in <out>/results.jsonl; write the report."""
-    from rgpt4d.data.evaluate import load_questions
-    from rgpt4d.train import evaluate_student, train_config, train_student
-    from rgpt4d.train.report import chance_scores
+    from rgpt4d.train.report import chance_scores  # start-up: the model stack
+    from rgpt4d.train.student import evaluate_student, train_student  # start-up: the model stack
 
     _check(args)
     t0 = time.time()
@@ -169,15 +174,12 @@ def run_study(args, log: Callable[[str], None] = print) -> dict:
 
 def _difference(a: dict, b: dict) -> dict:
     """Column-wise a - b of two score rows (None where either has no questions)."""
-    from rgpt4d.data.schema import REPORT_COLUMNS
-
     return {c: None if a[c] is None or b[c] is None else a[c] - b[c] for c in REPORT_COLUMNS}
 
 
 def study_tables(records: list[dict], chance: dict) -> tuple[str, str]:
     """(mean ± std table per condition, paired-difference-to-SFT table)."""
-    from rgpt4d.data.schema import REPORT_COLUMNS
-    from rgpt4d.train.report import mean_std, scores_table
+    from rgpt4d.train.report import mean_std, scores_table  # start-up: the model stack
 
     rows, stds, diff_rows, diff_stds = {"chance": chance}, {}, {}, {}
     labels = dict(P4D_CONDITIONS)
@@ -226,7 +228,7 @@ def runs_table(records: list[dict]) -> str:
 
 
 def write_study_report(path: Path, summary: dict, args) -> Path:
-    from rgpt4d.train.report import teacher_quality_table
+    from rgpt4d.train.report import teacher_quality_table  # start-up: the model stack
 
     main_table, diff_table = study_tables(summary["records"], summary["chance"])
     command = "rgpt4d study " + " ".join(shlex.quote(a) for a in _argv(args))

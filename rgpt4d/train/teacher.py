@@ -5,7 +5,8 @@ to `metrics.jsonl`, `checkpoints/` and `teacher_metrics.json`.
 
 It uses the TrainConfig's teacher_steps / teacher_batch_size / teacher_lr (and its weight decay,
 warmup, clipping, seed, device, checkpointing); gradient accumulation is not used for the teacher.
-Caching its outputs for the student: rgpt4d.models.teacher_train.cache_teacher (`rgpt4d teacher cache`).
+`train_teacher_from_preset` takes a preset name and the few numbers `rgpt4d teacher train` gives.
+Caching its outputs for the student: rgpt4d.train.teacher_cache (`rgpt4d teacher cache`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,32 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as tdist
+from torch.utils.data import DataLoader
 
-from rgpt4d.train.config import TrainConfig
+from rgpt4d.data import Synth4DVideos, collate
+from rgpt4d.models.configs import TeacherConfig, get_preset
+from rgpt4d.models.frames import normalize_frames
+from rgpt4d.models.teacher import Teacher4D, TeacherMetrics, flow_cue, targets_at, teacher_loss
+from rgpt4d.train.config import TRAIN_PRESETS, TrainConfig, train_config
 from rgpt4d.train.loop import add_nvtx_hooks, ops_backend, resolve_device, run_loop, setup_distributed
 
 FIELDS = ("rgb", "depth", "flow", "motion", "camray")
+
+
+def video_loader(data_dir, split, batch_size, shuffle, seed=0) -> DataLoader:
+    """The videos of `split` with every teacher target, collated (rgpt4d.data.collate)."""
+    ds = Synth4DVideos(data_dir, split, fields=FIELDS)
+    if len(ds) == 0:
+        raise ValueError(f"data: no {split} videos in {data_dir}")
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=g)
+
+
+def check_frames(num_frames: int, batch: dict) -> None:
+    if batch["frames"].shape[1] != num_frames:
+        raise ValueError(f"data: videos have {batch['frames'].shape[1]} frames but the teacher takes "
+                         f"{num_frames}; make the data with --frames {num_frames}")
 
 
 class TeacherCollate:
@@ -27,12 +49,8 @@ class TeacherCollate:
         self.num_frames = num_frames
 
     def __call__(self, items: list[dict]) -> dict:
-        from rgpt4d.data import collate
-
         batch = collate(items)
-        if batch["frames"].shape[1] != self.num_frames:
-            raise ValueError(f"data: videos have {batch['frames'].shape[1]} frames but the teacher takes "
-                             f"{self.num_frames}; make the data with --frames {self.num_frames}")
+        check_frames(self.num_frames, batch)
         return {k: batch[k] for k in ("frames", "depth", "flow", "motion", "camray", "frame_mask") if k in batch}
 
 
@@ -41,8 +59,6 @@ class TeacherLoss:
         self.image_size, self.tokens_per_video = image_size, tokens_per_video
 
     def __call__(self, model, batch: dict):
-        from rgpt4d.models.teacher import targets_at, teacher_loss
-
         loss, terms = teacher_loss(model(batch["frames"]), targets_at(batch, self.image_size), batch["frame_mask"])
         return loss, terms, batch["frames"].shape[0] * self.tokens_per_video
 
@@ -54,11 +70,8 @@ def _teacher_run_config(config: TrainConfig) -> TrainConfig:
 
 @torch.no_grad()
 def _mean_depth(data_dir, image_size: int, max_batches: int = 16) -> float:
-    from rgpt4d.models.teacher import targets_at
-    from rgpt4d.models.teacher_train import _loader
-
     total = n = 0.0
-    for i, batch in enumerate(_loader(data_dir, "train", 4, False)):
+    for i, batch in enumerate(video_loader(data_dir, "train", 4, False)):
         if i >= max_batches:
             break
         d = targets_at(batch, image_size)["depth"]
@@ -75,11 +88,6 @@ def train_teacher(config: TrainConfig, data_dir: str | Path, out_dir: str | Path
     "metrics" (held-out, with baselines; None if stopped early), "teacher_path"}; also written to
     `<out_dir>/teacher_metrics.json`.
     """
-    from rgpt4d.data import Synth4DVideos
-    from rgpt4d.models.configs import get_preset
-    from rgpt4d.models.teacher import Teacher4D
-    from rgpt4d.models.teacher_train import evaluate_teacher
-
     config = config.validate()
     run_cfg = _teacher_run_config(config)
     out_dir = Path(out_dir)
@@ -122,7 +130,38 @@ def train_teacher(config: TrainConfig, data_dir: str | Path, out_dir: str | Path
                        if "camray_deg" in m else ""))
     finally:
         if dist.started_here:
-            import torch.distributed as tdist
-
             tdist.destroy_process_group()
     return result
+
+
+def train_teacher_from_preset(data_dir, out, *, preset: str = "tiny", config: Optional[TeacherConfig] = None,
+                              steps: int = 200, batch_size: int = 4, lr: float = 1e-3, weight_decay: float = 0.01,
+                              seed: int = 0, progress: bool = True, log=print) -> dict:
+    """`rgpt4d teacher train`: train_teacher with the TrainConfig of `preset` (a preset of
+    rgpt4d.train.TRAIN_PRESETS, else "tiny") and these steps / batch size / lr / weight decay /
+    seed, warmup 5 %, the device chosen automatically; `config` (a TeacherConfig) replaces the
+    preset's teacher. Returns what train_teacher returns."""
+    cfg = config or get_preset(preset).teacher
+    run = train_config(preset if preset in TRAIN_PRESETS else "tiny", teacher_steps=steps,
+                       teacher_batch_size=batch_size, teacher_lr=lr, weight_decay=weight_decay, seed=seed,
+                       warmup=0.05, device="auto")
+    return train_teacher(run, data_dir, out, progress=progress, teacher_config=cfg, log=log)
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher: Teacher4D, data_dir, split: str = "val", batch_size: int = 4,
+                     mean_depth: Optional[float] = None, max_batches: Optional[int] = None) -> dict[str, float]:
+    """Depth AbsRel, flow EPE and motion IoU on `split`, each beside its trivial baseline (flow EPE
+    also beside the Lucas-Kanade estimate alone, rgpt4d.models.teacher.flow_cue)."""
+    teacher.eval()
+    loader = video_loader(data_dir, split, batch_size, False)
+    if mean_depth is None:
+        mean_depth = float(next(iter(loader))["depth"].mean())
+    metrics = TeacherMetrics(mean_depth)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        size = teacher.config.image_size
+        cue = flow_cue(normalize_frames(batch["frames"], size), teacher.config.flow_cue_window)
+        metrics.update(teacher(batch["frames"]), targets_at(batch, size), cue)
+    return metrics.result()

@@ -43,7 +43,7 @@ def test_labels_cover_the_whole_option_answer(tokenizer):
 
 
 def test_batch_to_inputs_uses_the_config_format(tokenizer):
-    from rgpt4d.models.student import batch_to_inputs
+    from rgpt4d.train.inputs import batch_to_inputs
 
     batch = dict(prompt=PROMPTS, answer_index=torch.tensor([1, 2]), options=OPTIONS,
                  frames=torch.zeros(2, T, 3, 32, 32, dtype=torch.uint8), timestamps=torch.arange(T).float()[None].repeat(2, 1))
@@ -197,7 +197,7 @@ def test_answer_ids_rank_format(tokenizer):
 
 def test_rank_format_trains_and_scores_the_same_tokens(tokenizer, tmp_path):
     from rgpt4d.infer import RGPT4D, save_inference_model
-    from rgpt4d.models.student import batch_to_inputs
+    from rgpt4d.train.inputs import batch_to_inputs
 
     batch = dict(prompt=PROMPTS, answer_index=torch.tensor([1, 2]), options=OPTIONS,
                  frames=torch.zeros(2, T, 3, 32, 32, dtype=torch.uint8), timestamps=torch.arange(T).float()[None].repeat(2, 1))
@@ -333,7 +333,7 @@ def test_restate_position_config_trains_and_scores(tokenizer, tmp_path):
     (batch_to_inputs), and the inference wrapper builds the same prompts and reads the answers."""
     from rgpt4d.infer import RGPT4D, save_inference_model
     from rgpt4d.models.configs import RGPT4DConfig
-    from rgpt4d.models.student import batch_to_inputs
+    from rgpt4d.train.inputs import batch_to_inputs
 
     with pytest.raises(ValueError, match="restate_position must be one of \\('line', 'answer'\\)"):
         RGPT4DConfig(restate_position="after")

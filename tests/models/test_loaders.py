@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgpt4d.models.loaders import QWEN2_CHAT_TEMPLATE
+from rgpt4d.models.pretrained import QWEN2_CHAT_TEMPLATE
 
 IMG, PATCH, T = 28, 4, 3  # a 7x7 patch grid: NVILA's zero padding to 9x9 -> 3x3 tokens per frame
 M = 3 * 3
@@ -140,7 +140,7 @@ def test_own_tokenizer_prompts_are_unchanged():
 
 
 def test_from_parts_without_chat_template_adds_turn_tokens(parts):
-    from rgpt4d.models.loaders import prepare_tokenizer
+    from rgpt4d.models.pretrained import prepare_tokenizer
 
     tok = prepare_tokenizer(_tokenizer(template=False), regions=2)
     vocab = tok.get_vocab()

@@ -206,7 +206,7 @@ def test_auto_classes_find_the_student(student, tmp_path):
 
 def test_batch_to_inputs_from_a_collated_batch(student, tokenizer):
     from rgpt4d.data.schema import format_prompt
-    from rgpt4d.models.student import batch_to_inputs
+    from rgpt4d.train.inputs import batch_to_inputs
 
     raw = make_batch(tokenizer, student.config, answers=None)
     batch = dict(prompt=[format_prompt("How tall is <obj_1>?", ["1 m", "2 m"]),

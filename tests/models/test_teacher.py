@@ -50,9 +50,10 @@ def test_paper_teacher_config_is_the_papers():
 def test_train_evaluate_cache(data_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from rgpt4d.models.teacher_train import cache_teacher, load_cached, train_teacher
+    from rgpt4d.train.teacher import train_teacher_from_preset
+    from rgpt4d.train.teacher_cache import cache_teacher, load_cached
 
-    res = train_teacher(data_dir, tmp_path / "teacher", config=teacher_config(), steps=2, batch_size=2,
+    res = train_teacher_from_preset(data_dir, tmp_path / "teacher", config=teacher_config(), steps=2, batch_size=2,
                         progress=False, log=None)
     m = res["metrics"]
     for key in ("depth_absrel", "depth_absrel_mean_baseline", "flow_epe", "flow_epe_zero_baseline", "motion_iou",
@@ -90,7 +91,7 @@ def test_train_evaluate_cache(data_dir, tmp_path):
 
 
 def test_cli_teacher_train_and_cache(data_dir, tmp_path, monkeypatch):
-    import rgpt4d.models.teacher_train as tt
+    import rgpt4d.train.teacher as tt
     from rgpt4d.cli import main
 
     monkeypatch.setattr(tt, "get_preset", lambda name: type("P", (), {"teacher": teacher_config()})())
@@ -135,7 +136,8 @@ def test_flow_targets_are_backward_flow_of_the_frames_the_teacher_sees(data_dir,
     resized path rescales the vectors): warping with it beats zero flow, the flow of the next frame
     (a one-frame shift) and the forward direction (a sign error)."""
     from rgpt4d.data import Synth4DVideos, collate
-    from rgpt4d.models.teacher import normalize_frames, targets_at
+    from rgpt4d.models.frames import normalize_frames
+    from rgpt4d.models.teacher import targets_at
 
     ds = Synth4DVideos(data_dir, None, fields=("rgb", "depth", "flow", "motion"))
     batch = collate([ds[i] for i in range(len(ds))])

@@ -44,8 +44,7 @@ def smoke_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smoke_teacher_cache(smoke_data, tmp_path_factory):
     """A smoke teacher (2 steps) and its cache over every split: (teacher dir, cache dir)."""
-    from rgpt4d.models.teacher_train import cache_teacher
-    from rgpt4d.train import train_config, train_teacher
+    from rgpt4d.train import cache_teacher, train_config, train_teacher
 
     root = tmp_path_factory.mktemp("smoke_teacher")
     train_teacher(train_config("smoke", teacher_steps=2, teacher_batch_size=2), smoke_data, root / "teacher",

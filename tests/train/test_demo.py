@@ -212,23 +212,3 @@ def test_study_skips_runs_claimed_by_another_process(demo, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]
     assert [(r["p4d"], r["tpe"]) for r in recs] == [("none", True)]
     assert "| SFT only, TPE on (n=1) |" in (tmp_path / "study" / "study.md").read_text()
-
-
-def test_llm_warm_start_on_hinted_questions(demo, tmp_path):
-    from safetensors import safe_open
-
-    from rgpt4d.data.schema import option_text
-    from rgpt4d.train.warmstart import hinted_prompt, warm_start_llm
-
-    out, _, _ = demo
-    q = json.loads((out / "data" / "train.json").read_text())[0]
-    prompt = hinted_prompt(q)
-    assert f"(the answer is {option_text(q['answer'])})" in prompt and prompt.endswith("correct option.")
-    res = warm_start_llm(out / "data", tmp_path / "llm.safetensors", preset="smoke", steps=2, batch_size=4,
-                         progress=False, log=None)
-    assert res["steps"] == 2 and 0 <= res["train_accuracy"] <= 1
-    with safe_open(str(tmp_path / "llm.safetensors"), "pt") as f:
-        keys = set(f.keys())
-    assert "model.embed_tokens.weight" in keys and "lm_head.weight" in keys
-    with pytest.raises(ValueError, match="steps"):
-        warm_start_llm(out / "data", tmp_path / "x.safetensors", preset="smoke", steps=0, progress=False, log=None)
