@@ -21,7 +21,7 @@ def _fix_interpreter_loop_bounds():
     """
     if _os.environ.get("TRITON_INTERPRET", "0") != "1":
         return
-    try:
+    try:  # optional: triton (only the interpreter needs this patch)
         import triton
         from triton.runtime import interpreter
     except ImportError:

@@ -182,9 +182,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-# not checked for the comment: rgpt4d.ops (its backend plumbing is being replaced as a whole) and the
-# reads of rgpt4d.ops._backend outside it, which that replacement removes
-LOCAL_IMPORT_EXEMPT = ("rgpt4d.ops", "rgpt4d.kernels")
 REASONS = ("# optional:", "# start-up:")
 
 
@@ -192,8 +189,6 @@ def unexplained_local_imports(modules: dict[str, Path]) -> list[str]:
     """`module:line` of every function-local import without a REASONS comment in its function up to it."""
     bad = []
     for name, path in sorted(modules.items()):
-        if any(name == p or name.startswith(p + ".") for p in LOCAL_IMPORT_EXEMPT):
-            continue
         lines = path.read_text().splitlines()
         tree = ast.parse("\n".join(lines), str(path))
         for fn in ast.walk(tree):
@@ -201,9 +196,6 @@ def unexplained_local_imports(modules: dict[str, Path]) -> list[str]:
                 continue
             for node in ast.walk(fn):
                 if not isinstance(node, (ast.Import, ast.ImportFrom)):
-                    continue
-                if isinstance(node, ast.ImportFrom) and node.module == "rgpt4d.ops" and \
-                        [a.name for a in node.names] == ["_backend"]:
                     continue
                 span = lines[fn.lineno - 1:node.end_lineno]
                 if not any(reason in line for line in span for reason in REASONS):

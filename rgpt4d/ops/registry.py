@@ -55,7 +55,7 @@ def _load_extension() -> bool:
         if os.environ.get("RGPT4D_DISABLE_EXT", "0") == "1":
             _EXT["loaded"], _EXT["error"] = False, "disabled by RGPT4D_DISABLE_EXT=1"
         else:
-            try:
+            try:  # optional: the compiled extension (absent, or disabled above)
                 from rgpt4d import _C  # loading it registers the CPU/CUDA kernels of torch.ops.rgpt4d.*
 
                 _EXT["loaded"], _EXT["module"] = True, _C
