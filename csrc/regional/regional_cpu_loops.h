@@ -3,7 +3,7 @@
 // dtypes go through the generic templates in regional.cpp.
 #pragma once
 
-#include "common/hd.h"
+#include "cpu/runtime.h"
 
 namespace rgpt4d {
 namespace cpu {
