@@ -56,7 +56,7 @@ inline A dot(const A* a, const S* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<A>(x[i]);
   return s;
 }
-inline float dot(const float* a, const float* x, int64_t n) { return cpu::rg_dot_f32(a, x, n); }
+inline float dot(const float* a, const float* x, int64_t n) { return cpu::dot_f32(a, x, n); }
 inline float dot(const float* a, const c10::BFloat16* x, int64_t n) {
   return cpu::rg_dot_bf16(a, reinterpret_cast<const uint16_t*>(x), n);
 }

@@ -68,23 +68,8 @@ inline void gather_add(const c10::BFloat16* x, const float* e, float* v, int64_t
   cpu::gather_add_bf16(reinterpret_cast<const uint16_t*>(x), e, v, n);
 }
 
-template <typename S, typename A>
-inline void load_row(const S* x, A* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<A>(x[i]);
-}
-inline void load_row(const float* x, float* v, int64_t n) { cpu::load_f32(x, v, n); }
-inline void load_row(const c10::BFloat16* x, float* v, int64_t n) {
-  cpu::load_bf16(reinterpret_cast<const uint16_t*>(x), v, n);
-}
-
-template <typename A, typename S>
-inline void store_row(const A* v, S* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<S>(v[i]);
-}
-inline void store_row(const float* v, float* y, int64_t n) { cpu::store_f32(v, y, n); }
-inline void store_row(const float* v, c10::BFloat16* y, int64_t n) {
-  cpu::store_bf16(v, reinterpret_cast<uint16_t*>(y), n);
-}
+using cpu::load_row;
+using cpu::store_row;
 
 template <typename A>
 inline A row_sum(const A* v, int64_t n) {

@@ -12,12 +12,6 @@
 namespace rgpt4d {
 namespace cpu {
 
-RGPT4D_CPU_CLONES static void load_f32(const float* x, float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = x[i];
-}
-RGPT4D_CPU_CLONES static void store_f32(const float* v, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = v[i];
-}
 
 // y = x + e
 RGPT4D_CPU_CLONES static void add_row_f32(const float* x, const float* e, float* y, int64_t n) {
@@ -103,36 +97,10 @@ RGPT4D_CPU_CLONES static void gather_add_bf16(const uint16_t* x, const float* e,
 }
 
 RGPT4D_CPU_CLONES static float sum_f32(const float* v, int64_t n) {
-  // Eight independent partial sums: vectorisable without -ffast-math, fixed order.
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += v[i + k];
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += v[i];
-  return s;
+  return lane8_sum(n, [&](int64_t i) { return v[i]; });
 }
 RGPT4D_CPU_CLONES static float sumsq_centered_f32(const float* v, float mean, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const float c = v[i + k] - mean;
-      p[k] += c * c;
-    }
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += (v[i] - mean) * (v[i] - mean);
-  return s;
-}
-// sum(a * b)
-RGPT4D_CPU_CLONES static float dot_f32(const float* a, const float* b, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += a[i + k] * b[i + k];
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+  return lane8_sum(n, [&](int64_t i) { return (v[i] - mean) * (v[i] - mean); });
 }
 // v <- (v - mean) * rstd  (v becomes xhat)
 RGPT4D_CPU_CLONES static void normalize_f32(float* v, float mean, float rstd, int64_t n) {
