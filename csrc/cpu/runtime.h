@@ -13,10 +13,11 @@
 //   cpu/exp.h       cephes_exp_parts: a vectorisable exp (~1 ulp on [-87, 0]) for a float or a GCC
 //                   vector of floats.
 //
-// Hand-written loops stay where at::vec (ATen/cpu/vec) is slower: this extension is compiled for
-// baseline x86-64 (no per-capability dispatch as inside ATen), so at::vec::Vectorized<float> is its
-// generic array implementation, while the loops here get an AVX2 clone (RGPT4D_CPU_CLONES).
-// csrc/cpu/README.md's command measures both.
+// at::vec (ATen/cpu/vec) where it is as fast as a hand-written loop: the bf16 <-> float row
+// conversions. Elsewhere hand-written loops: this extension is compiled for baseline x86-64 (no
+// per-capability dispatch as inside ATen), so at::vec::Vectorized<float> is its generic array
+// implementation, and at::vec::map2 for y = x + e or acc += a x ran 2-3.5x slower than the loops
+// with an AVX2 clone (RGPT4D_CPU_CLONES). cpu/vec_bench.cc measures both (its top comment has the command).
 #pragma once
 
 #include "cpu/alloc.h"

@@ -16,6 +16,14 @@
 
 #include "cpu/vec.h"
 
+// The hand-written bf16 conversions (cpu/vec.h itself uses at::vec::convert for these).
+RGPT4D_CPU_CLONES static void load_bf16_hand(const uint16_t* x, float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = rgpt4d::bf16_bits_to_float(x[i]);
+}
+RGPT4D_CPU_CLONES static void store_bf16_hand(const float* v, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = rgpt4d::float_to_bf16_bits(v[i]);
+}
+
 using Vec = at::vec::Vectorized<float>;
 
 RGPT4D_CPU_CLONES static void add_row(const float* x, const float* e, float* y, int64_t n) {
@@ -63,9 +71,9 @@ int main() {
        best_ns([&] { add_row_vec(x.data(), e.data(), y.data(), n); }, reps)},
       {"acc += a x", best_ns([&] { axpy(0.5f, x.data(), acc.data(), n); }, reps),
        best_ns([&] { axpy_vec(0.5f, x.data(), acc.data(), n); }, reps)},
-      {"bf16 -> float", best_ns([&] { rgpt4d::cpu::load_bf16(b.data(), y.data(), n); }, reps),
+      {"bf16 -> float", best_ns([&] { load_bf16_hand(b.data(), y.data(), n); }, reps),
        best_ns([&] { load_bf16_vec(b.data(), y.data(), n); }, reps)},
-      {"float -> bf16", best_ns([&] { rgpt4d::cpu::store_bf16(x.data(), b.data(), n); }, reps),
+      {"float -> bf16", best_ns([&] { store_bf16_hand(x.data(), b.data(), n); }, reps),
        best_ns([&] { store_bf16_vec(x.data(), b.data(), n); }, reps)},
   };
   std::printf("%-14s %12s %12s %8s\n", "loop (4096)", "hand ns", "at::vec ns", "vec/hand");
