@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/acc.h"
 #include "attn/attn_cpu_loops.h"
 
 #if defined(__GNUC__)
@@ -320,8 +321,6 @@ void backward_task(const Args<T, A>& a, const BackwardArgs<T, A>& g, int64_t b, 
 
 // ---- bindings --------------------------------------------------------------------------------
 
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 at::Tensor unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -352,7 +351,7 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask, const at::Tensor& q, c
               Lk, "], got ", mask->sizes());
   TORCH_CHECK(mask->scalar_type() == at::kBool || at::isFloatingType(mask->scalar_type()),
               "attention: mask must be bool or floating point, got ", mask->scalar_type());
-  at::Tensor m = mask->scalar_type() == at::kBool ? *mask : mask->to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor m = mask->scalar_type() == at::kBool ? *mask : mask->to(acc_type(q.scalar_type()));
   holder = m.expand({B, H, Lq, Lk});  // raises when the shapes do not broadcast
   mv.kind = m.scalar_type() == at::kBool ? 1 : 2;
   mv.p = holder.data_ptr();
@@ -371,9 +370,6 @@ Args<T, A> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return a;
 }
 
-template <typename T>
-using AccOf = std::conditional_t<std::is_same<T, double>::value, double, float>;
-
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, const c10::optional<at::Tensor>& mask,
                                                  double scale, bool causal) {
@@ -385,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const a
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   at::Tensor holder;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_cpu", [&] {
-    using A = AccOf<scalar_t>;
+    using A = acc_t<scalar_t>;
     const MaskView mv = mask_view<A>(mask, q, k, holder);
     const Args<scalar_t, A> a = make_args<scalar_t, A>(q, k, v, mv, scale, causal);
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -443,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor delta = at::empty({B, Hq, Lq}, lse.options());
   at::Tensor holder;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
-    using A = AccOf<scalar_t>;
+    using A = acc_t<scalar_t>;
     const MaskView mv = mask_view<A>(mask, q, k, holder);
     const Args<scalar_t, A> a = make_args<scalar_t, A>(q, k, v, mv, scale, causal);
     const View<scalar_t> gov{go.data_ptr<scalar_t>(), go.stride(0), go.stride(2), go.stride(1)};

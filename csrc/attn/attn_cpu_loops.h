@@ -4,7 +4,7 @@
 // what the auto-vectoriser makes of it; the float entry points have an AVX2+FMA clone chosen at
 // load time (RGPT4D_CPU_CLONES; the baseline clone runs the same vectors as SSE pairs).
 //
-// float rows use a vector exp (cephes_exp_parts of common/cpu_exp.h, ~1 ulp, exactly 0
+// float rows use a vector exp (cephes_exp_parts of cpu/exp.h, ~1 ulp, exactly 0
 // below -87.3); double rows (the float64 path, for gradcheck) use std::exp.
 #pragma once
 
@@ -13,15 +13,11 @@
 #include <cstring>
 #include <limits>
 
-#include "common/hd.h"
-#include "common/cpu_exp.h"
+#include "cpu/runtime.h"
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in inline helpers: never an ABI boundary
-#define RGPT4D_ATTN_INLINE inline __attribute__((always_inline))
-#else
-#define RGPT4D_ATTN_INLINE inline
 #endif
 
 namespace rgpt4d {
@@ -41,14 +37,14 @@ struct AttnVec {
 };
 
 template <typename A>
-RGPT4D_ATTN_INLINE typename AttnVec<A>::type attn_load(const A* p) {
+RGPT4D_CPU_INLINE typename AttnVec<A>::type attn_load(const A* p) {
   typename AttnVec<A>::type v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
 template <typename A>
-RGPT4D_ATTN_INLINE void attn_store(A* p, typename AttnVec<A>::type v) {
+RGPT4D_CPU_INLINE void attn_store(A* p, typename AttnVec<A>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
@@ -56,7 +52,7 @@ RGPT4D_ATTN_INLINE void attn_store(A* p, typename AttnVec<A>::type v) {
 // ldc; m a multiple of kAttnTileM and n of kAttnTileN (the callers pad their panels with zeros).
 // Each 4 x 16 tile of C stays in registers over the whole k loop; the summation order is fixed.
 template <typename A>
-RGPT4D_ATTN_INLINE void attn_gemm_t(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t m,
+RGPT4D_CPU_INLINE void attn_gemm_t(const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t m,
                                     int64_t n, int64_t k, bool accumulate) {
   using V = typename AttnVec<A>::type;
   constexpr int L = AttnVec<A>::kLanes, P = AttnVec<A>::kPerTile;
@@ -90,7 +86,7 @@ RGPT4D_ATTN_INLINE void attn_gemm_t(const A* a, int64_t lda, const A* b, int64_t
 
 // exp(x) for x <= 0 (or -inf), 8 lanes: 0 below -87.3 (where expf is subnormal), NaN stays NaN.
 typedef int32_t AttnI8 __attribute__((vector_size(32), aligned(4)));
-RGPT4D_ATTN_INLINE AttnVec<float>::type attn_exp_nonpos_f8(AttnVec<float>::type x) {
+RGPT4D_CPU_INLINE AttnVec<float>::type attn_exp_nonpos_f8(AttnVec<float>::type x) {
   using V = AttnVec<float>::type;
   const V lo = V{} + -87.3365f;
   const AttnI8 under = x < lo;

@@ -6,13 +6,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/acc.h"
 #include "common/hd.h"
 
 namespace rgpt4d {
 namespace cuda {
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
 
 template <typename A, typename T> __device__ __forceinline__ A ld(const T* p) { return static_cast<A>(*p); }
 template <> __device__ __forceinline__ float ld<float, __nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }

@@ -12,24 +12,6 @@
 #define RGPT4D_HD inline
 #endif
 
-// Multi-versioned hot loops on x86-64 with GCC: one AVX2+FMA clone and a baseline clone,
-// chosen at load time, so the wheel runs on any x86-64 CPU and vectorises where it can.
-#if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RGPT4D_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define RGPT4D_CPU_CLONES
-#endif
-
-#if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-namespace rgpt4d {
-// Whether this CPU runs the hand-written AVX2 loops (target("avx2") functions): read once.
-inline bool cpu_has_avx2() {
-  static const bool v = __builtin_cpu_supports("avx2");
-  return v;
-}
-}  // namespace rgpt4d
-#endif
-
 namespace rgpt4d {
 
 // Element types the kernels are compiled for; the tensor bindings map torch dtypes onto these.

@@ -48,9 +48,9 @@ void shuffle_loop(T* big, T* small, at::IntArrayRef s, int64_t N, int64_t C, int
 
 // Dense channels-last x ([N, H, W, C*r*r] in memory), the layout the heads' convolutions give:
 // one (n, h) slab of x (W * C*r*r elements, a few KiB: stays in L1) per step, against the C*r
-// output rows it maps to, each read or written sequentially in runs of r. (The generic loop
-// above touches x one element at a time with a stride of C*r*r; on the tiny teacher's depth head,
-// [16, 32, 16, 16] channels-last with r = 4, forward + backward of the op went from 0.40 to 0.21 ms.)
+// output rows it maps to, each read or written sequentially in runs of r. The generic loop above
+// touches x one element at a time with a stride of C*r*r: about 2x slower on the tiny teacher's
+// depth head ([16, 32, 16, 16] channels-last, r = 4; benchmarks/bench_lm_heads.py).
 // Backward with the exp activation: grad * e * (x <= clamp_max) with e = exp(min(x, c)),
 // computed in x's layout right after the slab is written.
 template <typename T, bool kForward, int kR>

@@ -52,7 +52,7 @@ void lce_rows_cpu(at::Tensor logits, const at::Tensor& target, double scale, boo
   double* out = row_loss.data_ptr<double>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "linear_cross_entropy_rows", [&] {
-    using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    using A = acc_t<scalar_t>;
     scalar_t* x = logits.data_ptr<scalar_t>();
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) out[r] = lce_row<scalar_t, A>(x + r * V, V, tp[r], static_cast<A>(scale), write_grad);
@@ -60,9 +60,9 @@ void lce_rows_cpu(at::Tensor logits, const at::Tensor& target, double scale, boo
   });
 }
 
-at::Tensor zeros_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::zeros(sizes, options); }
+at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 
-const LceHostOps kCpuOps{&zeros_cpu, &lce_rows_cpu};
+const LceHostOps kCpuOps{&empty_cpu, &lce_rows_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
     const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& target,

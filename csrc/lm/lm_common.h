@@ -1,13 +1,11 @@
-// Argument checks and the host-side driver of the fused linear + cross-entropy op, shared by the
-// CPU (lm.cpp) and CUDA (lm_cuda.cpp) bindings. The Python layer validates user input with
+// Argument checks and the host side of the fused linear + cross-entropy op, shared by the CPU
+// (lm.cpp) and CUDA (lm_cuda.cpp) bindings. The Python layer validates user input with
 // friendlier messages; these checks keep the kernels memory-safe when the op is called directly.
 //
-// The driver: select the rows whose target is not ignore_index (only those contribute to the
-// loss or to any gradient), then chunk by chunk of `chunk` selected rows: logits = h_c W^T (+ b)
-// [c, V] (one GEMM), the row kernel turns them into the loss of each row and, in place, the
-// gradient of the loss with respect to them (scaled by 1/n for the mean), then grad_h rows =
-// G W and grad_W += G^T h_c, grad_b += G^T 1 (GEMMs: deterministic). The [N, V] logits and
-// their gradient never exist whole; ignored rows cost nothing.
+// Only the rows whose target is not ignore_index contribute to the loss or to any gradient: they
+// are selected first, then projected and reduced chunk by chunk by the shared linear-loss driver
+// (common/linear_loss.h). Its per-chunk policy here is the row kernel: each row's loss
+// lse - x_t and, in place, the gradient scale * (softmax - onehot(t)) (scale 1/n for the mean).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,19 +15,18 @@
 #include <limits>
 #include <tuple>
 
+#include "common/acc.h"
+#include "common/linear_loss.h"
 #include "lm/lm_math.h"
 
 namespace rgpt4d {
-
-// float64 inputs accumulate in float64, everything else in float32.
-inline at::ScalarType lce_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The device-specific pieces: output allocation, and the row kernel
 //   rows(logits [R, V] contiguous (h's dtype), target [R] int64 (all valid), scale, write_grad,
 //        row_loss [R] float64): row_loss[r] = lse_r - x_{r, t_r}; when write_grad, logits[r] <-
 //        scale * (softmax(logits[r]) - onehot(t_r)) (each element read before it is written).
 struct LceHostOps {
-  at::Tensor (*zeros)(at::IntArrayRef sizes, const at::TensorOptions& options);
+  EmptyFn empty;
   void (*rows)(at::Tensor logits, const at::Tensor& target, double scale, bool write_grad, at::Tensor row_loss);
 };
 
@@ -74,16 +71,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_dr
                                                                                      const LceHostOps& ops) {
   const char* op = "fused_linear_cross_entropy";
   TORCH_CHECK(reduction == kLceMean || reduction == kLceSum, op, ": unknown reduction ", reduction);
-  const int64_t N = a.h.size(0), D = a.h.size(1), V = a.weight.size(0);
-  const at::ScalarType acc = lce_acc_type(a.h.scalar_type());
-  const auto acc_opts = a.h.options().dtype(acc);
-  need_b = need_b && a.bias.defined();
-  // Ignored rows get exactly zero gradient: grad_h starts at zero and only selected rows are written.
-  at::Tensor grad_h = need_h ? ops.zeros({N, D}, a.h.options()) : at::empty({0}, a.h.options());
-  at::Tensor grad_w = need_w ? ops.zeros({V, D}, acc_opts) : at::empty({0}, acc_opts);
-  at::Tensor grad_b = need_b ? ops.zeros({V}, acc_opts) : at::empty({0}, acc_opts);
-  const bool write_grad = need_h || need_w || need_b;
-
+  const int64_t N = a.h.size(0), V = a.weight.size(0);
   const at::Tensor idx = at::nonzero(a.target.ne(a.ignore_index)).view({-1});  // selected rows, ascending
   const int64_t n = idx.size(0);
   const bool all_rows = n == N;
@@ -96,32 +84,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_dr
   }
   const double scale = reduction == kLceMean ? (n > 0 ? 1.0 / static_cast<double>(n) : 0.0) : 1.0;
   at::Tensor row_loss = at::empty({n}, a.h.options().dtype(at::kDouble));
-  for (int64_t c0 = 0; c0 < n; c0 += a.chunk) {
-    const int64_t len = std::min(a.chunk, n - c0);
-    const at::Tensor ic = idx.narrow(0, c0, len);
-    const at::Tensor hc = all_rows ? a.h.narrow(0, c0, len) : a.h.index_select(0, ic);
-    at::Tensor logits = (a.bias.defined() ? at::addmm(a.bias, hc, a.weight.t()) : at::mm(hc, a.weight.t())).contiguous();
-    ops.rows(logits, tsel.narrow(0, c0, len), scale, write_grad, row_loss.narrow(0, c0, len));
-    if (!write_grad) continue;
-    const at::Tensor& g = logits;  // now the gradient of the loss with respect to the logits
-    if (need_h) {
-      if (all_rows) {
-        at::Tensor dst = grad_h.narrow(0, c0, len);
-        at::mm_out(dst, g, a.weight);
-      } else {
-        grad_h.index_copy_(0, ic, at::mm(g, a.weight));
-      }
-    }
-    if (need_w || need_b) {
-      const at::Tensor g_acc = g.scalar_type() == acc ? g : g.to(acc);
-      if (need_w) grad_w.addmm_(g_acc.t(), hc.scalar_type() == acc ? hc : hc.to(acc));
-      if (need_b) grad_b.addmv_(g_acc.t(), at::ones({len}, g_acc.options()));
-    }
-  }
+  LinearLossGrads g = linear_loss_chunks(
+      a.h, a.weight, a.bias, all_rows ? at::Tensor() : idx, n, a.chunk, need_h, need_w, need_b, ops.empty,
+      [&](at::Tensor& logits, int64_t c0, int64_t len, bool write_grad) {
+        ops.rows(logits, tsel.narrow(0, c0, len), scale, write_grad, row_loss.narrow(0, c0, len));
+      });
   // Like F.cross_entropy: the mean over no selected row is NaN (0 / 0); the sum is 0.
   at::Tensor total = row_loss.sum();
   if (reduction == kLceMean) total = n > 0 ? total / static_cast<double>(n) : at::full({}, std::nan(""), total.options());
-  return {total.to(acc), grad_h, grad_w, grad_b};
+  return {total.to(acc_type(a.h.scalar_type())), g.h, g.w, g.b};
 }
 
 }  // namespace rgpt4d

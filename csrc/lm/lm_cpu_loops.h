@@ -8,8 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/cpu_exp.h"
-#include "common/hd.h"
+#include "cpu/runtime.h"
 
 namespace rgpt4d {
 namespace cpu {

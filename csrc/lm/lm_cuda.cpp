@@ -14,7 +14,7 @@
 namespace rgpt4d {
 namespace {
 
-at::Tensor zeros_cuda(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::zeros(sizes, options); }
+at::Tensor empty_cuda(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 
 void lce_rows_cuda(at::Tensor logits, const at::Tensor& target, double scale, bool write_grad, at::Tensor row_loss) {
   const int64_t R = logits.size(0), V = logits.size(1);
@@ -27,7 +27,7 @@ void lce_rows_cuda(at::Tensor logits, const at::Tensor& target, double scale, bo
              "fused_linear_cross_entropy");
 }
 
-const LceHostOps kCudaOps{&zeros_cuda, &lce_rows_cuda};
+const LceHostOps kCudaOps{&empty_cuda, &lce_rows_cuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(
     const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& target,

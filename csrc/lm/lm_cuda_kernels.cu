@@ -229,7 +229,7 @@ cudaError_t swiglu_fwd_launch(DType dt, const void* g, const void* u, void* y, i
   if (n == 0) return cudaSuccess;
   return with_type(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    swiglu_fwd_kernel<T, typename AccOf<T>::type><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+    swiglu_fwd_kernel<T, acc_t<T>><<<elementwise_blocks(n), kThreads, 0, stream>>>(
         static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(y), n);
     return cudaGetLastError();
   });
@@ -240,7 +240,7 @@ cudaError_t swiglu_bwd_launch(DType dt, const void* gy, const void* g, const voi
   if (n == 0) return cudaSuccess;
   return with_type(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    swiglu_bwd_kernel<T, typename AccOf<T>::type><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+    swiglu_bwd_kernel<T, acc_t<T>><<<elementwise_blocks(n), kThreads, 0, stream>>>(
         static_cast<const T*>(gy), static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(dg),
         static_cast<T*>(du), n);
     return cudaGetLastError();
@@ -253,7 +253,7 @@ cudaError_t rope_launch(DType dt, const void* x, const void* cos, const void* si
   if (total == 0) return cudaSuccess;
   return with_type(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    rope_kernel<T, typename AccOf<T>::type><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+    rope_kernel<T, acc_t<T>><<<elementwise_blocks(total), kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin), static_cast<T*>(out), shape,
         backward);
     return cudaGetLastError();
@@ -265,7 +265,7 @@ cudaError_t lce_rows_launch(DType xdt, void* logits, const int64_t* target, int6
   if (R == 0) return cudaSuccess;
   if (R > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   RGPT4D_DISPATCH_DTYPE(xdt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     lce_rows_kernel<scalar_t, A><<<static_cast<unsigned>(R), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(logits), target, V, static_cast<A>(scale), write_grad, row_loss);
   });

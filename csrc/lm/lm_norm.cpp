@@ -25,15 +25,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/acc.h"
 #include "common/hd.h"
 #include "lm/lm_cpu_loops.h"
 #include "lm/lm_math.h"
 
 namespace rgpt4d {
 namespace {
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
 
 void check_rms(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), op,
@@ -76,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at
   check_rms(x_in, weight_in, "rms_norm");
   const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
   const int64_t N = x.size(0), D = x.size(1);
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_type(x.scalar_type());
   const at::ScalarType out_t = at::promote_types(x.scalar_type(), w.scalar_type());
   at::Tensor y = at::empty({N, D}, x.options().dtype(out_t));
   at::Tensor rstd = at::empty({N}, x.options().dtype(acc));
@@ -145,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   check_rms(x_in, weight_in, "rms_norm_backward");
   TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "rms_norm_backward: grad_y must be ", x_in.sizes(), ", got ",
               grad_y.sizes());
-  const at::ScalarType acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_type(x_in.scalar_type());
   TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == x_in.size(0) && rstd_in.scalar_type() == acc,
               "rms_norm_backward: rstd must be [N] in ", acc);
   const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous(), gy = grad_y.contiguous(),

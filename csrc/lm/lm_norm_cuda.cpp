@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/acc.h"
 #include "common/cuda_bind.h"
 #include "lm/lm_cuda.h"
 
@@ -29,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x_in, const a
                                        x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), N, D, eps,
                                        c10::cuda::getCurrentCUDAStream()),
              "rms_norm");
-  rstd = rstd.to(x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  rstd = rstd.to(acc_type(x_in.scalar_type()));
   return {y, rstd};
 }
 
@@ -39,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 1 && w_in.size(0) == x_in.size(1) && grad_y.sizes() == x_in.sizes(),
               "rms_norm_backward: need grad_y and x [N, D] and weight [D]");
   c10::cuda::CUDAGuard guard(x_in.device());
-  const at::ScalarType acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_type(x_in.scalar_type());
   TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == x_in.size(0) && rstd_in.scalar_type() == acc,
               "rms_norm_backward: rstd must be [N] in ", acc);
   const bool dbl = x_in.scalar_type() == at::kDouble || w_in.scalar_type() == at::kDouble ||

@@ -28,7 +28,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -36,13 +35,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
-#include "common/cpu_alloc.h"
-#include "common/cpu_parallel.h"
-#include "common/cpu_stream.h"
+#include "cpu/runtime.h"
 #include "p4d/p4d_common.h"
 #include "p4d/p4d_cpu_loops.h"
 #include "p4d/p4d_math.h"
@@ -52,44 +45,18 @@ namespace {
 
 constexpr int64_t kBlock = 8192;
 
-// Large outputs (the gradients) come from rgpt4d::empty_output (common/cpu_alloc.h): cached
+// Large outputs (the gradients) come from rgpt4d::empty_output (cpu/alloc.h): cached
 // blocks in warm pages, fresh ones advised for huge pages.
 
-// ---- loads / stores between any float dtype and the accumulation type ----------------------
+// ---- loads / stores between any float dtype and the accumulation type (cpu/vec.h rows) -----
 // Returns a pointer to len elements of x (flattened, contiguous) from e0 as A: x's own memory
 // when it already holds A and `copy` is false, else `buf` filled by conversion.
 template <typename A>
 const A* load_as(const at::Tensor& x, int64_t e0, int64_t len, A* buf, bool copy) {
-  switch (x.scalar_type()) {
-    case at::kFloat: {
-      const float* src = x.data_ptr<float>() + e0;
-      if (std::is_same<A, float>::value && !copy) return reinterpret_cast<const A*>(src);
-      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<A>(src[i]);
-      return buf;
-    }
-    case at::kDouble: {
-      const double* src = x.data_ptr<double>() + e0;
-      if (std::is_same<A, double>::value && !copy) return reinterpret_cast<const A*>(src);
-      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<A>(src[i]);
-      return buf;
-    }
-    case at::kBFloat16: {
-      const c10::BFloat16* src = x.data_ptr<c10::BFloat16>() + e0;
-      if (std::is_same<A, float>::value) {
-        cpu::p4d_load_bf16(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<float*>(buf), len);
-      } else {
-        for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<A>(static_cast<float>(src[i]));
-      }
-      return buf;
-    }
-    case at::kHalf: {
-      const c10::Half* src = x.data_ptr<c10::Half>() + e0;
-      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<A>(static_cast<float>(src[i]));
-      return buf;
-    }
-    default:
-      TORCH_CHECK(false, "p4d: unsupported dtype ", x.scalar_type());
-  }
+  if (!copy && x.scalar_type() == c10::CppTypeToScalarType<A>::value) return x.data_ptr<A>() + e0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "p4d_load",
+                                  [&] { cpu::load_row(x.data_ptr<scalar_t>() + e0, buf, len); });
+  return buf;
 }
 
 // Where the kernel writes the gradient of len elements from e0: straight into g when g holds A.
@@ -99,31 +66,11 @@ A* grad_dst(const at::Tensor& g, int64_t e0, A* buf) {
   return buf;
 }
 
+// The gradient computed into buf (g does not hold A) converted into g.
 template <typename A>
 void store_grad(const A* buf, const at::Tensor& g, int64_t e0, int64_t len) {
-  switch (g.scalar_type()) {
-    case at::kFloat:
-      if (!std::is_same<A, float>::value)
-        for (int64_t i = 0; i < len; ++i) g.data_ptr<float>()[e0 + i] = static_cast<float>(buf[i]);
-      break;
-    case at::kDouble:
-      if (!std::is_same<A, double>::value)
-        for (int64_t i = 0; i < len; ++i) g.data_ptr<double>()[e0 + i] = static_cast<double>(buf[i]);
-      break;
-    case at::kBFloat16:
-      if (std::is_same<A, float>::value) {
-        cpu::p4d_store_bf16(reinterpret_cast<const float*>(buf),
-                            reinterpret_cast<uint16_t*>(g.data_ptr<c10::BFloat16>()) + e0, len);
-      } else {
-        for (int64_t i = 0; i < len; ++i) g.data_ptr<c10::BFloat16>()[e0 + i] = static_cast<float>(buf[i]);
-      }
-      break;
-    case at::kHalf:
-      for (int64_t i = 0; i < len; ++i) g.data_ptr<c10::Half>()[e0 + i] = static_cast<float>(buf[i]);
-      break;
-    default:
-      TORCH_CHECK(false, "p4d: unsupported dtype ", g.scalar_type());
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "p4d_store",
+                                  [&] { cpu::store_row(buf, g.data_ptr<scalar_t>() + e0, len); });
 }
 
 // mask bytes of elements [e0, e0 + len) under the canonical layout (runs, not per-element division).
@@ -204,7 +151,7 @@ double block_loss(int kind, const float* p, const float* t, const uint8_t* m, co
 }
 
 // Whether a call writes its gradients with non-temporal stores (AVX2 loop, float gradients):
-// when the bytes it reads and writes are well beyond a last-level cache (common/cpu_stream.h),
+// when the bytes it reads and writes are well beyond a last-level cache (cpu/stream.h),
 // the gradients would be evicted before anyone reads them anyway.
 using cpu::kStreamFootprint;
 
@@ -304,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> p4d_loss_cpu(
   std::vector<double> partial(nblocks, 0.0);
 
   // Runs of kGrab blocks are claimed by whichever worker is free (an elastic loop,
-  // common/cpu_parallel.h): on a loaded machine the caller never waits for a helper thread the
+  // cpu/parallel.h): on a loaded machine the caller never waits for a helper thread the
   // OS has not scheduled; it runs the blocks itself. Every block's sum has its own slot, so the
   // result does not depend on which worker ran it.
   constexpr int64_t kGrab = 4;

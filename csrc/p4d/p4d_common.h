@@ -8,12 +8,11 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/acc.h"
+#include "common/linear_loss.h"
 #include "p4d/p4d_math.h"
 
 namespace rgpt4d {
-
-// float64 inputs accumulate in float64, everything else in float32.
-inline at::ScalarType p4d_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // One term of p4d_loss, checked, with contiguous pred / target / canonical mask.
 // Element e of the term is valid iff !has_mask or mask[(e / inner) % period].
@@ -78,12 +77,12 @@ inline std::vector<P4DTerm> p4d_check_terms(at::TensorList preds, at::TensorList
 }
 
 // What the shared host code needs from a backend besides its kernels. ATen's CPU reductions
-// (sum, count_nonzero) stall for milliseconds when their OpenMP threads are contended (a shared
-// 2-core machine), so the CPU binding counts and sums with its own loops; CUDA uses ATen.
+// (sum, count_nonzero) stall for milliseconds when their OpenMP threads are contended (a machine
+// shared with busy processes), so the CPU binding counts and sums with its own loops; CUDA uses ATen.
 struct P4DHostOps {
   at::Tensor (*count_true)(const at::Tensor& mask);  // number of true elements: 0-dim int64, mask's device
   at::Tensor (*sum_f64)(const at::Tensor& v);        // sum of a 1-D float64 tensor in a fixed order: 0-dim
-  at::Tensor (*empty)(at::IntArrayRef sizes, const at::TensorOptions& options);  // large gradient outputs
+  EmptyFn empty;  // large gradient outputs
   // The elementwise part of the fused linear loss over one chunk of projected rows:
   //   rows(y [R, D_out] (in: projection, out: gradient when write_grad), target [R, D_out],
   //        mask [R] or undefined, row_scale [R] (acc) or undefined, scale (0-dim acc tensor),
@@ -171,56 +170,27 @@ inline P4DLinearArgs p4d_linear_args(const at::Tensor& h, const at::Tensor& weig
   return a;
 }
 
-inline at::Tensor p4d_linear_project(const P4DLinearArgs& a, const at::Tensor& hc) {
-  return a.bias.defined() ? at::addmm(a.bias, hc, a.weight.t()) : at::mm(hc, a.weight.t());
-}
-
-// Gradients of one chunk from its projection-gradient gy [R, D_out]: grad_h rows (h's dtype),
-// grad_w / grad_b accumulated in the accumulation dtype (fp32, or fp64 for fp64 inputs). All
-// three are GEMMs (grad_b = gy^T 1 as a GEMV): deterministic, no reduction kernels.
-inline void p4d_linear_chunk_grads(const P4DLinearArgs& a, const at::Tensor& hc, const at::Tensor& gy, int64_t c0,
-                                   at::Tensor& grad_h, at::Tensor& grad_w, at::Tensor& grad_b) {
-  if (grad_h.numel() > 0) {
-    at::Tensor dst = grad_h.narrow(0, c0, hc.size(0));
-    at::mm_out(dst, gy, a.weight);
-  }
-  if (grad_w.numel() == 0 && grad_b.numel() == 0) return;
-  const at::ScalarType acc = grad_w.numel() > 0 ? grad_w.scalar_type() : grad_b.scalar_type();
-  const at::Tensor gy_acc = gy.scalar_type() == acc ? gy : gy.to(acc);
-  if (grad_w.numel() > 0) grad_w.addmm_(gy_acc.t(), hc.scalar_type() == acc ? hc : hc.to(acc));
-  if (grad_b.numel() > 0) grad_b.addmv_(gy_acc.t(), at::ones({gy.size(0)}, gy_acc.options()));
-}
-
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_forward_driver(
     const P4DLinearArgs& a, int64_t reduction, bool need_h, bool need_w, bool need_b, const P4DHostOps& ops) {
-  const int64_t N = a.h.size(0), Dout = a.weight.size(0), Din = a.h.size(1);
-  const at::ScalarType acc = p4d_acc_type(a.h.scalar_type());
+  const int64_t N = a.h.size(0), Dout = a.weight.size(0);
+  const at::ScalarType acc = acc_type(a.h.scalar_type());
   const auto acc_opts = a.h.options().dtype(acc);
   TORCH_CHECK(reduction >= kP4DNone && reduction <= kP4DSum, "fused_linear_latent_loss: unknown reduction ",
               reduction);
   // Gradients are computed in forward for mean/sum; for none the backward op recomputes them
   // with the per-token grad_output.
   const bool grads_now = reduction != kP4DNone;
-  need_h = need_h && grads_now;
-  need_w = need_w && grads_now;
-  need_b = need_b && grads_now && a.bias.defined();
-  at::Tensor grad_h = need_h ? ops.empty({N, Din}, a.h.options()) : at::empty({0}, a.h.options());
-  at::Tensor grad_w = need_w ? ops.empty({Dout, Din}, acc_opts).zero_() : at::empty({0}, acc_opts);
-  at::Tensor grad_b = need_b ? at::zeros({Dout}, acc_opts) : at::empty({0}, acc_opts);
-  const bool write_grad = need_h || need_w || need_b;
   at::Tensor row_loss = at::empty({N}, a.h.options().dtype(at::kDouble));
   at::Tensor valid_tokens =
       a.mask.defined() ? ops.count_true(a.mask) : at::full({}, N, a.h.options().dtype(at::kLong));
   at::Tensor count = valid_tokens.to(at::kDouble) * static_cast<double>(Dout);
   at::Tensor scale = reduction == kP4DMean ? at::reciprocal(count.clamp_min(1)).to(acc) : at::ones({}, acc_opts);
-  for (int64_t c0 = 0; c0 < N; c0 += a.chunk) {
-    const int64_t len = std::min(a.chunk, N - c0);
-    const at::Tensor hc = a.h.narrow(0, c0, len);
-    at::Tensor y = p4d_linear_project(a, hc).contiguous();
-    ops.rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(), at::Tensor(),
-         scale, a.kind, a.beta, write_grad, row_loss.narrow(0, c0, len));
-    if (write_grad) p4d_linear_chunk_grads(a, hc, y, c0, grad_h, grad_w, grad_b);
-  }
+  LinearLossGrads g = linear_loss_chunks(
+      a.h, a.weight, a.bias, at::Tensor(), N, a.chunk, need_h && grads_now, need_w && grads_now,
+      need_b && grads_now, ops.empty, [&](at::Tensor& y, int64_t c0, int64_t len, bool write_grad) {
+        ops.rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(),
+                 at::Tensor(), scale, a.kind, a.beta, write_grad, row_loss.narrow(0, c0, len));
+      });
   at::Tensor loss;
   if (reduction == kP4DNone) {
     loss = row_loss.div(static_cast<double>(Dout > 0 ? Dout : 1)).to(acc);
@@ -229,36 +199,32 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> p4d_linear_for
     if (reduction == kP4DMean) total = total / count.clamp_min(1);
     loss = total.to(acc);
   }
-  return {loss, grad_h, grad_w, grad_b};
+  return {loss, g.h, g.w, g.b};
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> p4d_linear_backward_driver(const P4DLinearArgs& a,
                                                                                  const at::Tensor& grad_loss,
                                                                                  bool need_h, bool need_w, bool need_b,
                                                                                  const P4DHostOps& ops) {
-  const int64_t N = a.h.size(0), Dout = a.weight.size(0), Din = a.h.size(1);
-  const at::ScalarType acc = p4d_acc_type(a.h.scalar_type());
+  const int64_t N = a.h.size(0), Dout = a.weight.size(0);
+  const at::ScalarType acc = acc_type(a.h.scalar_type());
   const auto acc_opts = a.h.options().dtype(acc);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N,
               "fused_linear_latent_loss backward: grad_loss must be [N] = [", N, "], got ", grad_loss.sizes());
-  need_b = need_b && a.bias.defined();
-  at::Tensor grad_h = need_h ? ops.empty({N, Din}, a.h.options()) : at::empty({0}, a.h.options());
-  at::Tensor grad_w = need_w ? ops.empty({Dout, Din}, acc_opts).zero_() : at::empty({0}, acc_opts);
-  at::Tensor grad_b = need_b ? at::zeros({Dout}, acc_opts) : at::empty({0}, acc_opts);
-  if (!(need_h || need_w || need_b)) return {grad_h, grad_w, grad_b};
+  if (!(need_h || need_w || (need_b && a.bias.defined()))) {
+    return {at::empty({0}, a.h.options()), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
+  }
   // Per-token loss = row sum / D_out: d loss_t / d y = loss' / D_out, times grad_loss[t].
   const at::Tensor row_scale = grad_loss.to(acc).contiguous();
   const at::Tensor scale = at::full({}, 1.0 / static_cast<double>(Dout > 0 ? Dout : 1), acc_opts);
   at::Tensor row_loss = at::empty({std::min(a.chunk, N)}, a.h.options().dtype(at::kDouble));
-  for (int64_t c0 = 0; c0 < N; c0 += a.chunk) {
-    const int64_t len = std::min(a.chunk, N - c0);
-    const at::Tensor hc = a.h.narrow(0, c0, len);
-    at::Tensor y = p4d_linear_project(a, hc).contiguous();
-    ops.rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(),
-         row_scale.narrow(0, c0, len), scale, a.kind, a.beta, true, row_loss.narrow(0, 0, len));
-    p4d_linear_chunk_grads(a, hc, y, c0, grad_h, grad_w, grad_b);
-  }
-  return {grad_h, grad_w, grad_b};
+  LinearLossGrads g = linear_loss_chunks(
+      a.h, a.weight, a.bias, at::Tensor(), N, a.chunk, need_h, need_w, need_b, ops.empty,
+      [&](at::Tensor& y, int64_t c0, int64_t len, bool write_grad) {
+        ops.rows(y, a.target.narrow(0, c0, len), a.mask.defined() ? a.mask.narrow(0, c0, len) : at::Tensor(),
+                 row_scale.narrow(0, c0, len), scale, a.kind, a.beta, write_grad, row_loss.narrow(0, 0, len));
+      });
+  return {g.h, g.w, g.b};
 }
 
 }  // namespace rgpt4d

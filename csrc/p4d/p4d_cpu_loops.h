@@ -5,20 +5,13 @@
 
 #include <algorithm>
 #include <cstdint>
-
 #include <cstdlib>
 
-#include "common/hd.h"
+#include "cpu/runtime.h"
 #include "p4d/p4d_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #include <immintrin.h>
-#endif
-
-#if defined(__GNUC__)
-#define RGPT4D_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RGPT4D_ALWAYS_INLINE inline
 #endif
 
 namespace rgpt4d {
@@ -31,7 +24,7 @@ namespace cpu {
 // p4d_select); it writes the per-element loss to `l`, summed afterwards in a fixed order over
 // eight lanes.
 template <int KIND, bool MASK, bool CHAIN, bool GRAD>
-RGPT4D_ALWAYS_INLINE void p4d_elem_loop(const float* p, const float* t, const uint8_t* m, const float* chain,
+RGPT4D_CPU_INLINE void p4d_elem_loop(const float* p, const float* t, const uint8_t* m, const float* chain,
                                         float* g, float* l, int64_t n, P4DConsts<float> c, float scale) {
   for (int64_t i = 0; i < n; ++i) {
     const float d = p[i] - t[i];
@@ -53,7 +46,7 @@ constexpr int64_t kP4DSub = 1024;
 // k adds the losses of elements 8j + k in order), then the lanes are added pairwise and the
 // last few elements in order: a fixed order, the same in every clone and on any thread count.
 template <int KIND, bool MASK, bool CHAIN, bool GRAD>
-RGPT4D_ALWAYS_INLINE float p4d_block_body(const float* p, const float* t, const uint8_t* m, const float* chain,
+RGPT4D_CPU_INLINE float p4d_block_body(const float* p, const float* t, const uint8_t* m, const float* chain,
                                           float* g, float* l, int64_t n,
                                           P4DConsts<float> c, float scale) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -71,7 +64,7 @@ RGPT4D_ALWAYS_INLINE float p4d_block_body(const float* p, const float* t, const 
 }
 
 template <int KIND>
-RGPT4D_ALWAYS_INLINE float p4d_block_kind(const float* p, const float* t, const uint8_t* m, const float* chain,
+RGPT4D_CPU_INLINE float p4d_block_kind(const float* p, const float* t, const uint8_t* m, const float* chain,
                                           float* g, float* l, int64_t n,
                                           P4DConsts<float> c, float scale) {
   const int sel = (m ? 4 : 0) | (chain ? 2 : 0) | (g ? 1 : 0);
@@ -108,8 +101,8 @@ RGPT4D_CPU_CLONES static float p4d_block_f32(int kind, const float* p, const flo
 // make a round trip through the scratch `l` before they are summed, and the gradient can only be
 // written with ordinary stores. Here the eight lane sums stay in a register, and with `stream`
 // the gradient goes out with non-temporal stores: no read for ownership of every line it
-// overwrites, a quarter less memory traffic for a call far larger than the caches (about 10-20%
-// less time for the full P4D loss on the 2-core AMD VM).
+// overwrites, a quarter less memory traffic for a call far larger than the caches (10-20% less
+// time for the full P4D loss: benchmarks/bench_p4d_loss.py).
 // Same operations, in the same order, as p4d_elem_loss / p4d_elem_grad (p4d_math.h) and the lane
 // sums of p4d_block_body: results are bitwise those of the generic loop (a test checks). No FMA
 // in the target, so GCC cannot contract a product and a sum (e.g. mse's d * d into the lane sums).
@@ -226,14 +219,6 @@ RGPT4D_CPU_CLONES static int64_t p4d_count_u8(const uint8_t* m, int64_t n) {
     total += c;
   }
   return total;
-}
-
-// bf16 <-> float rows (the same conversions as the TPE loops, kept local to this family).
-RGPT4D_CPU_CLONES static void p4d_load_bf16(const uint16_t* x, float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = bf16_bits_to_float(x[i]);
-}
-RGPT4D_CPU_CLONES static void p4d_store_bf16(const float* v, uint16_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16_bits(v[i]);
 }
 
 }  // namespace cpu

@@ -126,7 +126,7 @@ void linear_rows_cuda(at::Tensor y, const at::Tensor& target, const at::Tensor& 
   if (R == 0) return;
   TORCH_CHECK(y.is_contiguous() && row_loss.is_contiguous(), "p4d_linear_loss: internal: chunk must be contiguous");
   const at::Tensor t = paired_target(y, target).contiguous();
-  const at::ScalarType acc = p4d_acc_type(y.scalar_type());
+  const at::ScalarType acc = acc_type(y.scalar_type());
   const at::Tensor rs = row_scale.defined() ? row_scale.to(acc).contiguous() : at::Tensor();
   const at::Tensor sc = scale.to(acc).contiguous();
   check_cuda(cuda::p4d_rows_launch(to_dtype(y.scalar_type()), to_dtype(t.scalar_type()), y.data_ptr(), t.data_ptr(),

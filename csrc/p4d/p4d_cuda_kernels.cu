@@ -136,7 +136,7 @@ cudaError_t p4d_terms_launch(DType pdt, DType tdt, const P4DTermTable& table, in
   return dispatch_pair(pdt, tdt, [&](auto p_tag, auto t_tag) -> cudaError_t {
     using P = decltype(p_tag);
     using T = decltype(t_tag);
-    using A = typename AccOf<P>::type;
+    using A = acc_t<P>;
     p4d_terms_kernel<P, T, A><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
         table, block0, counts, mean, static_cast<A>(log_eps), partial);
     return cudaGetLastError();
@@ -164,7 +164,7 @@ cudaError_t p4d_rows_launch(DType ydt, DType tdt, void* y, const void* target, c
   return dispatch_pair(ydt, tdt, [&](auto y_tag, auto t_tag) -> cudaError_t {
     using Y = decltype(y_tag);
     using T = decltype(t_tag);
-    using A = typename AccOf<Y>::type;
+    using A = acc_t<Y>;
     p4d_rows_kernel<Y, T, A><<<static_cast<unsigned>(R), kThreads, 0, stream>>>(
         static_cast<Y*>(y), static_cast<const T*>(target), mask, static_cast<const A*>(row_scale),
         static_cast<const A*>(scale), D, kind, beta, write_grad, row_loss);

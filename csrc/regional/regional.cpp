@@ -20,7 +20,6 @@
 // deterministic: the backward gives each task a disjoint slice of the gradient (one image x a
 // channel range) and adds the RoIs in a fixed order; no atomics.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -31,8 +30,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/cpu_alloc.h"
-#include "common/cpu_parallel.h"
+#include "cpu/runtime.h"
 #include "regional/regional_common.h"
 #include "regional/regional_cpu_loops.h"
 #include "regional/regional_math.h"
@@ -58,7 +56,7 @@ inline A dot(const A* a, const S* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<A>(x[i]);
   return s;
 }
-inline float dot(const float* a, const float* x, int64_t n) { return cpu::rg_dot_f32(a, x, n); }
+inline float dot(const float* a, const float* x, int64_t n) { return cpu::dot_f32(a, x, n); }
 inline float dot(const float* a, const c10::BFloat16* x, int64_t n) {
   return cpu::rg_dot_bf16(a, reinterpret_cast<const uint16_t*>(x), n);
 }
@@ -189,10 +187,10 @@ constexpr double kSerialWork = 1 << 17;
 
 // fn(begin, end) over [0, n) like at::parallel_for, but the range is handed out in small pieces
 // (about 8 per thread) from a shared counter (dynamic scheduling): RoIs of very different sizes do
-// not hold the others up. The pieces run on elastic_for (common/cpu_parallel.h), not on an OpenMP
-// team: the caller never waits at a barrier for a thread the OS has descheduled (on the shared
-// 2-core machine, at two threads, every at::parallel_for region of mask_pool's forward and backward
-// waited for the busy core); it runs the pieces itself when no helper comes. Every task writes its
+// not hold the others up. The pieces run on elastic_for (cpu/parallel.h), not on an OpenMP
+// team: the caller never waits at a barrier for a thread the OS has descheduled (on a machine
+// shared with busy processes, every at::parallel_for region would wait for the busy core); it runs
+// the pieces itself when no helper comes. Every task writes its
 // own outputs in a fixed order, so the result does not depend on which thread runs it. Serial when
 // total_work is small. fn allocates its scratch once per piece.
 template <typename F>
@@ -464,8 +462,7 @@ struct BandPlan {
 // here: the map is read from memory) plus a cheap vector lane per tap (~0.1 ns); the scalar planar
 // loop pays a scalar gather per tap (~1 ns). Forward break-even: ~4 taps per touched pixel (the
 // detector case has ~9, the 4D-RGPT case ~1.5-2). The backward writes every pixel either way (the
-// scalar loop zero-fills first), so bands win from ~1 tap per pixel. Measured with
-// benchmarks/bench_regional.py on the 2-core CPU.
+// scalar loop zero-fills first), so bands win from ~1 tap per pixel (benchmarks/bench_regional.py).
 constexpr double kBandedTapsPerPixelForward = 4.0;
 constexpr double kBandedTapsPerPixelBackward = 1.0;
 
@@ -770,7 +767,7 @@ std::vector<int64_t> image_offsets(const at::Tensor& t) {
 }
 
 // An empty gradient buffer [..., C, H, W] of `sizes`: contiguous, or channels-last.
-// Large buffers get the huge-page advice before their first touch (common/cpu_alloc.h).
+// Large buffers get the huge-page advice before their first touch (cpu/alloc.h).
 at::Tensor new_grad_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt, bool channels_last, bool zero = true) {
   if (!channels_last) {
     at::Tensor t = empty_output(sizes, opt);
@@ -800,14 +797,14 @@ std::pair<at::Tensor, FeatLayout> readable_features(const at::Tensor& f) {
 
 // Frame encodings [B*T, C] in the accumulation dtype (the fused TPE), or an undefined tensor.
 at::Tensor frame_encodings(const c10::optional<at::Tensor>& timestamps, const c10::optional<at::Tensor>& table,
-                           int64_t C, double base, at::ScalarType acc_type, const char* op) {
+                           int64_t C, double base, at::ScalarType acc_dt, const char* op) {
   if (!(timestamps.has_value() && timestamps->defined())) return at::Tensor();
   const int64_t BT = timestamps->numel();
-  at::Tensor enc = at::empty({BT, C}, timestamps->options().dtype(acc_type));
+  at::Tensor enc = at::empty({BT, C}, timestamps->options().dtype(acc_dt));
   if (table.has_value() && table->defined()) {
     // Learned table: check the rows and copy them in one host loop (a handful of rows: the
     // aminmax / item / index_select ops of prepare_encoder cost more than the whole copy).
-    const at::Tensor tab = table->to(acc_type).contiguous();
+    const at::Tensor tab = table->to(acc_dt).contiguous();
     const at::Tensor rows = timestamps->to(at::kLong).contiguous();
     const int64_t L = tab.size(0);
     const int64_t* rp = rows.data_ptr<int64_t>();
@@ -817,16 +814,16 @@ at::Tensor frame_encodings(const c10::optional<at::Tensor>& timestamps, const c1
                   ", ", *hi, "]");
     }
     if (C == 0) return enc;
-    AT_DISPATCH_FLOATING_TYPES(acc_type, "regional_frame_encodings", [&] {
+    AT_DISPATCH_FLOATING_TYPES(acc_dt, "regional_frame_encodings", [&] {
       const scalar_t* tp = tab.data_ptr<scalar_t>();
       scalar_t* e = enc.data_ptr<scalar_t>();
       for (int64_t bt = 0; bt < BT; ++bt) std::copy_n(tp + rp[bt] * C, C, e + bt * C);
     });
     return enc;
   }
-  const EncoderInputs in = prepare_encoder(*timestamps, table, acc_type, op, /*check_range=*/true);
+  const EncoderInputs in = prepare_encoder(*timestamps, table, acc_dt, op, /*check_range=*/true);
   if (BT == 0 || C == 0) return enc;
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "regional_frame_encodings", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc_dt, "regional_frame_encodings", [&] {
     using A = scalar_t;
     const A* sec = in.seconds.data_ptr<A>();
     A* e = enc.data_ptr<A>();
@@ -893,11 +890,11 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = rois.size(0);
   at::Tensor out = empty_output({K, C, ph, pw}, input.options());
   if (K == 0 || C == 0) return out;
-  const at::ScalarType acc = regional_acc_type(input.scalar_type());
+  const at::ScalarType acc = acc_type(input.scalar_type());
   RoiInputs ri = roi_inputs_from_rois(rois, N, acc);
   const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "roi_align_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     std::vector<int64_t> no_off(N, 0);
     RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
     auto [f, lay] = readable_features(input);
@@ -918,14 +915,14 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
               "roi_align_backward: rois must be [K, 5] with K = ", grad.size(0), ", got ", rois.sizes());
   TORCH_CHECK(N >= 0 && H >= 0 && W >= 0, "roi_align_backward: bad input size");
   const int64_t C = grad.size(1), K = grad.size(0);
-  const at::ScalarType acc = regional_acc_type(grad.scalar_type());
+  const at::ScalarType acc = acc_type(grad.scalar_type());
   at::Tensor buf = new_grad_buffer({N, C, H, W}, grad.options().dtype(acc), channels_last, /*zero=*/false);
   if (C > 0 && N * H * W > 0) {
     RoiInputs ri = roi_inputs_from_rois(rois, N, acc);
     const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
     const at::Tensor g = grad.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "roi_align_backward_cpu", [&] {
-      using A = at::opmath_type<scalar_t>;
+      using A = acc_t<scalar_t>;
       std::vector<int64_t> no_off(N, 0);
       RoiProblem<A> pb = make_problem<A>(ps, K, N, ri.boxes, ri.roi_img, no_off, nullptr);
       const std::vector<int64_t> off = image_offsets(buf);
@@ -963,12 +960,12 @@ at::Tensor region_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, 
                 W = features.size(4), R = boxes.size(2), K = B * T * R;
   at::Tensor out = empty_output({B, T, R, C, ph, pw}, features.options());
   if (K == 0 || C == 0) return out;
-  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  const at::ScalarType acc = acc_type(features.scalar_type());
   RegionInputs ri = region_inputs(boxes, valid, acc);
   const at::Tensor enc = frame_encodings(timestamps, table, C, base, acc, "region_pool");
   const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "region_pool_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     std::vector<int64_t> no_off(B * T, 0);
     RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off,
                                        enc.defined() ? enc.data_ptr<A>() : nullptr);
@@ -994,14 +991,14 @@ at::Tensor region_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& bo
     TORCH_CHECK(valid->sizes() == boxes.sizes().slice(0, 3) && valid->scalar_type() == at::kBool,
                 "region_pool_backward: valid must be a bool [B, T, R]");
   const int64_t B = grad.size(0), T = grad.size(1), R = grad.size(2), C = grad.size(3), K = B * T * R;
-  const at::ScalarType acc = regional_acc_type(grad.scalar_type());
+  const at::ScalarType acc = acc_type(grad.scalar_type());
   at::Tensor buf = new_grad_buffer({B, T, C, H, W}, grad.options().dtype(acc), channels_last, /*zero=*/false);
   if (C > 0 && B * T * H * W > 0) {
     RegionInputs ri = region_inputs(boxes, valid, acc);
     const PoolShape ps{C, H, W, ph, pw, sampling_ratio, aligned, spatial_scale};
     const at::Tensor g = grad.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "region_pool_backward_cpu", [&] {
-      using A = at::opmath_type<scalar_t>;
+      using A = acc_t<scalar_t>;
       std::vector<int64_t> no_off(B * T, 0);
       RoiProblem<A> pb = make_problem<A>(ps, K, B * T, ri.boxes, ri.roi_img, no_off, nullptr);
       const std::vector<int64_t> off = image_offsets(buf);
@@ -1178,8 +1175,8 @@ at::Tensor frames_matrix(const at::Tensor& f, bool* channels_last) {
 
 // The windowed loops below do about window_work multiply-adds per channel where the GEMM does
 // R * H * W (every mask over every pixel), but BLAS runs each multiply-add several times faster.
-// Windows below this fraction of the full grid go to the windowed loops (measured with
-// benchmarks/bench_regional.py on the 2-core CPU, box masks and dense random masks).
+// Windows below this fraction of the full grid go to the windowed loops (benchmarks/bench_regional.py,
+// box masks and dense random masks).
 constexpr double kWindowedFraction = 0.35;
 
 bool prefer_windowed(const ResizedMasks& rm, int64_t HW) {
@@ -1239,7 +1236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_pool_cpu(const at::Tensor& f
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), H = features.size(3),
                 W = features.size(4), R = masks.size(2), BT = B * T, HW = H * W;
   at::Tensor out = at::empty({B, T, R, C}, features.options());
-  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  const at::ScalarType acc = acc_type(features.scalar_type());
   ResizedMasks rm;
   AT_DISPATCH_FLOATING_TYPES(acc, "mask_pool_resize", [&] { rm = resize_masks<scalar_t>(masks, H, W, eps); });
   const std::tuple<at::Tensor, at::Tensor, at::Tensor> result{out, rm.mt.view({B, T, R, H, W}),
@@ -1258,7 +1255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_pool_cpu(const at::Tensor& f
   }
   // Sparse masks, bf16 / fp16 (fp32 accumulation), or strides that do not merge: the windowed loops.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     const auto [f, lay] = readable_features(features);
     const std::vector<int64_t> off = image_offsets(f);
     const scalar_t* fp = f.data_ptr<scalar_t>();
@@ -1296,7 +1293,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
                 W = features.size(4), R = masks.size(2), BT = B * T, HW = H * W;
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == R && grad.size(3) == C,
               "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
-  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  const at::ScalarType acc = acc_type(features.scalar_type());
   check_saved_masks(resized, inv_z, B, T, R, H, W, acc, "mask_pool_backward");
   check_same_device(features, resized, "resized", "mask_pool_backward");
   at::Tensor gf = need_features_grad ? new_grad_buffer(features.sizes(), features.options(), channels_last, /*zero=*/false)
@@ -1314,9 +1311,9 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   const at::Tensor gn = at::empty({B, T, R, C}, features.options().dtype(acc));
   {
     // read in its own dtype when that accumulates in `acc` (bf16 / fp16 / fp32 -> fp32), else converted
-    const at::Tensor gc = (regional_acc_type(grad.scalar_type()) == acc ? grad : grad.to(acc)).contiguous();
+    const at::Tensor gc = (acc_type(grad.scalar_type()) == acc ? grad : grad.to(acc)).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gc.scalar_type(), "mask_pool_grad_scale", [&] {
-      using A = at::opmath_type<scalar_t>;
+      using A = acc_t<scalar_t>;
       const scalar_t* src = gc.data_ptr<scalar_t>();
       const A* iz = rm.inv_z.data_ptr<A>();
       A* dst = gn.data_ptr<A>();
@@ -1343,7 +1340,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cpu(const at::Tensor& grad
   if (need_masks_grad && fm.defined())
     gfr = (cl ? at::bmm(gn3, fm.transpose(1, 2)) : at::bmm(gn3, fm)).view({BT * R, HW});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "mask_pool_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     const A* mp = rm.mt.data_ptr<A>();
     const A* gp = gn.data_ptr<A>();
     if (need_features_grad && windowed) {

@@ -5,9 +5,9 @@
 
 #include <ATen/ATen.h>
 
-namespace rgpt4d {
+#include "common/acc.h"
 
-inline at::ScalarType regional_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+namespace rgpt4d {
 
 inline void check_float_tensor(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ", t.scalar_type());

@@ -3,7 +3,7 @@
 // dtypes go through the generic templates in regional.cpp.
 #pragma once
 
-#include "common/hd.h"
+#include "cpu/runtime.h"
 
 namespace rgpt4d {
 namespace cpu {
@@ -16,44 +16,17 @@ RGPT4D_CPU_CLONES static void rg_axpy_bf16(float a, const uint16_t* x, float* ac
   for (int64_t i = 0; i < n; ++i) acc[i] += a * bf16_bits_to_float(x[i]);
 }
 
-// sum(a * x), eight fixed partial sums (vectorisable without -ffast-math, order fixed).
-RGPT4D_CPU_CLONES static float rg_dot_f32(const float* a, const float* x, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += a[i + k] * x[i + k];
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += a[i] * x[i];
-  return s;
-}
+// sum(a * x) in lane8_sum's fixed order (bf16 x; float x: cpu::dot_f32).
 RGPT4D_CPU_CLONES static float rg_dot_bf16(const float* a, const uint16_t* x, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += a[i + k] * bf16_bits_to_float(x[i + k]);
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += a[i] * bf16_bits_to_float(x[i]);
-  return s;
+  return lane8_sum(n, [&](int64_t i) { return a[i] * bf16_bits_to_float(x[i]); });
 }
 
 // sum(w[t] * base[off[t]]): one output cell of a planar map from its flattened 2D taps.
 RGPT4D_CPU_CLONES static float rg_gather_dot_f32(const float* base, const int64_t* off, const float* w, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += w[i + k] * base[off[i + k]];
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += w[i] * base[off[i]];
-  return s;
+  return lane8_sum(n, [&](int64_t i) { return w[i] * base[off[i]]; });
 }
 RGPT4D_CPU_CLONES static float rg_gather_dot_bf16(const uint16_t* base, const int64_t* off, const float* w, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += w[i + k] * bf16_bits_to_float(base[off[i + k]]);
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += w[i] * bf16_bits_to_float(base[off[i]]);
-  return s;
+  return lane8_sum(n, [&](int64_t i) { return w[i] * bf16_bits_to_float(base[off[i]]); });
 }
 
 // ---- weighted window sums ----------------------------------------------------------------------

@@ -142,7 +142,7 @@ void deterministic_backward(const at::Tensor& g, const at::Tensor& boxes_acc, co
 at::Tensor pool_backward(const at::Tensor& grad, const at::Tensor& boxes_acc, const at::Tensor& roi_img,
                          at::IntArrayRef sizes, int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned,
                          double spatial_scale, bool channels_last, bool deterministic, const char* op) {
-  const at::ScalarType acc = regional_acc_type(grad.scalar_type());
+  const at::ScalarType acc = acc_type(grad.scalar_type());
   at::Tensor buf = new_buffer(sizes, grad.options().dtype(acc), channels_last);
   const cuda::PoolArgs pa = pool_args(buf, ph, pw, sampling_ratio, aligned, spatial_scale);
   const int64_t K = boxes_acc.size(0);
@@ -168,7 +168,7 @@ at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, doubl
   const int64_t N = input.size(0), C = input.size(1), K = rois.size(0);
   at::Tensor out = at::empty({K, C, ph, pw}, input.options());
   if (K == 0 || C == 0) return out;
-  const at::ScalarType acc = regional_acc_type(input.scalar_type());
+  const at::ScalarType acc = acc_type(input.scalar_type());
   const at::Tensor boxes = rois.narrow(1, 1, 4).to(acc).contiguous();
   return pool_forward(input, boxes, roi_images(rois, N, acc), no_encoding(),
                       pool_args(input, ph, pw, sampling_ratio, aligned, spatial_scale), out, "roi_align");
@@ -182,7 +182,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5 && rois.size(0) == grad.size(0),
               "roi_align_backward: rois must be [K, 5] with K = ", grad.size(0), ", got ", rois.sizes());
   c10::cuda::CUDAGuard guard(grad.device());
-  const at::ScalarType acc = regional_acc_type(grad.scalar_type());
+  const at::ScalarType acc = acc_type(grad.scalar_type());
   const at::Tensor boxes = rois.narrow(1, 1, 4).to(acc).contiguous();
   return pool_backward(grad, boxes, roi_images(rois, N, acc), {N, grad.size(1), H, W}, ph, pw, sampling_ratio, aligned,
                        spatial_scale, channels_last, deterministic, "roi_align_backward");
@@ -198,7 +198,7 @@ at::Tensor region_pool_cuda(const at::Tensor& features, const at::Tensor& boxes,
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), R = boxes.size(2);
   at::Tensor out = at::empty({B, T, R, C, ph, pw}, features.options());
   if (B * T * R == 0 || C == 0) return out;
-  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  const at::ScalarType acc = acc_type(features.scalar_type());
   EncoderInputs keep;
   const cuda::EncArgs enc = encoding(timestamps, table, C, base, acc, "region_pool", keep);
   const at::Tensor bx = boxes.to(acc).reshape({B * T * R, 4}).contiguous();
@@ -217,7 +217,7 @@ at::Tensor region_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& b
               "region_pool_backward: boxes must be [B, T, R, 4] matching grad, got ", boxes.sizes());
   c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = grad.size(0), T = grad.size(1), R = grad.size(2), C = grad.size(3);
-  const at::ScalarType acc = regional_acc_type(grad.scalar_type());
+  const at::ScalarType acc = acc_type(grad.scalar_type());
   const at::Tensor bx = boxes.to(acc).reshape({B * T * R, 4}).contiguous();
   return pool_backward(grad.reshape({B * T * R, C, ph, pw}), bx, region_images(boxes, valid), {B, T, C, H, W}, ph, pw,
                        sampling_ratio, aligned, spatial_scale, channels_last, deterministic, "region_pool_backward");
@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_pool_cuda(const at::Tensor& 
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), R = masks.size(2),
                 H = features.size(3), W = features.size(4);
   at::Tensor out = at::empty({B, T, R, C}, features.options());
-  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  const at::ScalarType acc = acc_type(features.scalar_type());
   const cuda::MaskArgs ma = mask_args(features, masks);
   at::Tensor mt, invz;
   if (B * T * R > 0) {
@@ -292,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_backward_cuda(const at::Tensor& gra
   const int64_t B = features.size(0), T = features.size(1), C = features.size(2), R = masks.size(2);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == R && grad.size(3) == C,
               "mask_pool_backward: grad must be [B, T, R, C], got ", grad.sizes());
-  const at::ScalarType acc = regional_acc_type(features.scalar_type());
+  const at::ScalarType acc = acc_type(features.scalar_type());
   check_saved_masks(resized, inv_z, B, T, R, features.size(3), features.size(4), acc, "mask_pool_backward");
   check_same_device(features, resized, "resized", "mask_pool_backward");
   at::Tensor gf = need_features_grad ? new_buffer(features.sizes(), features.options(), channels_last)

@@ -303,7 +303,7 @@ cudaError_t roi_pool_fwd_launch(DType dt, const void* feat, const void* boxes_ac
   if (K == 0 || elems == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(K), grid_y_for(elems, K));
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     roi_pool_fwd_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(feat),
                                                                      static_cast<const A*>(boxes_acc), roi_img, enc, pa,
                                                                      static_cast<scalar_t*>(out));
@@ -317,7 +317,7 @@ cudaError_t roi_pool_bwd_launch(DType dt, const void* grad, const void* boxes_ac
   if (K == 0 || elems == 0 || pa.images == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(K), grid_y_for(elems, K));
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     roi_pool_bwd_atomic_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(grad), static_cast<const A*>(boxes_acc), roi_img, pa, static_cast<A*>(gbuf_acc));
   });
@@ -359,7 +359,7 @@ cudaError_t roi_segment_sum_launch(DType dt, const int64_t* start, const int64_t
   if (n == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 1 << 20));
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     roi_segment_sum_kernel<scalar_t, A><<<blocks, kThreads, 0, stream>>>(
         start, rows, static_cast<const A*>(w_acc), static_cast<const scalar_t*>(gt), pa, accumulate,
         static_cast<A*>(gbuf_acc));
@@ -390,7 +390,7 @@ cudaError_t mask_pool_fwd_launch(DType dt, const void* feat, const void* mt_acc,
   const dim3 grid(static_cast<unsigned>(BT), static_cast<unsigned>(grid_rows(ceil_div(ma.C, kChan))),
                   static_cast<unsigned>(grid_rows(ceil_div(ma.R, kRegionTile))));
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     mask_pool_fwd_kernel<scalar_t, A><<<grid, kChan, 0, stream>>>(static_cast<const scalar_t*>(feat),
                                                                    static_cast<const A*>(mt_acc),
                                                                    static_cast<const A*>(invz_acc), enc, ma,
@@ -406,7 +406,7 @@ cudaError_t mask_pool_dfeat_launch(DType dt, const void* gn_acc, const void* mt_
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096)),
                   static_cast<unsigned>(grid_rows(BT)));
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     mask_pool_dfeat_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
         static_cast<const A*>(gn_acc), static_cast<const A*>(mt_acc), ma, static_cast<scalar_t*>(grad_f));
   });
@@ -420,7 +420,7 @@ cudaError_t mask_pool_gf_launch(DType dt, const void* gn_acc, const void* feat, 
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096)),
                   static_cast<unsigned>(grid_rows(BT)));
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     mask_pool_gf_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
         static_cast<const A*>(gn_acc), static_cast<const scalar_t*>(feat), ma, static_cast<A*>(gfr_acc));
   });

@@ -12,15 +12,12 @@
 // Learned variant (table given): timestamps are integer rows of the table. Sinusoidal variant:
 // timestamps are seconds and the encoding is computed in the kernel, one row per frame.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "common/cpu_alloc.h"
-#include "common/cpu_parallel.h"
-#include "common/cpu_stream.h"
+#include "cpu/runtime.h"
 #include "tpe/tpe_common.h"
 #include "tpe/tpe_cpu_loops.h"
 #include "tpe/tpe_math.h"
@@ -38,7 +35,7 @@ inline void add_row(const c10::BFloat16* x, const float* e, c10::BFloat16* y, in
   cpu::add_row_bf16(reinterpret_cast<const uint16_t*>(x), e, reinterpret_cast<uint16_t*>(y), n);
 }
 
-// y = x + e written with streaming stores (common/cpu_stream.h). float: one fused loop; other
+// y = x + e written with streaming stores (cpu/stream.h). float: one fused loop; other
 // types: pieces of one cache line, computed into a register-sized buffer and streamed at once
 // (small pieces keep the reads of x and the writes of y overlapped).
 template <typename S, typename A>
@@ -71,23 +68,8 @@ inline void gather_add(const c10::BFloat16* x, const float* e, float* v, int64_t
   cpu::gather_add_bf16(reinterpret_cast<const uint16_t*>(x), e, v, n);
 }
 
-template <typename S, typename A>
-inline void load_row(const S* x, A* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<A>(x[i]);
-}
-inline void load_row(const float* x, float* v, int64_t n) { cpu::load_f32(x, v, n); }
-inline void load_row(const c10::BFloat16* x, float* v, int64_t n) {
-  cpu::load_bf16(reinterpret_cast<const uint16_t*>(x), v, n);
-}
-
-template <typename A, typename S>
-inline void store_row(const A* v, S* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<S>(v[i]);
-}
-inline void store_row(const float* v, float* y, int64_t n) { cpu::store_f32(v, y, n); }
-inline void store_row(const float* v, c10::BFloat16* y, int64_t n) {
-  cpu::store_bf16(v, reinterpret_cast<uint16_t*>(y), n);
-}
+using cpu::load_row;
+using cpu::store_row;
 
 template <typename A>
 inline A row_sum(const A* v, int64_t n) {
@@ -196,19 +178,19 @@ void tpe_add_into(const at::Tensor& x, const at::Tensor& timestamps, const c10::
                   double base, const at::Tensor& out) {
   const int64_t B = x.size(0), T = x.size(1), N = x.size(2), D = x.size(3);
   const int64_t BT = B * T;
-  const at::ScalarType acc_type = tpe_acc_type(x.scalar_type());
-  EncoderInputs enc_in = prepare_encoder(timestamps, table, acc_type, "tpe_add", /*check_range=*/true);
+  const at::ScalarType acc_dt = acc_type(x.scalar_type());
+  EncoderInputs enc_in = prepare_encoder(timestamps, table, acc_dt, "tpe_add", /*check_range=*/true);
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tpe_add_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     const auto encode = make_encoder<A>(enc_in, D, base);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     // Chunks of about 64K elements (a few rows), claimed by whichever worker is free
-    // (common/cpu_parallel.h). Each worker keeps the encoding of the frame it last used, so a
+    // (cpu/parallel.h). Each worker keeps the encoding of the frame it last used, so a
     // frame's encoding is computed about once per worker, not once per chunk.
     // A call that moves more than a last-level cache writes the output with streaming stores
-    // (common/cpu_stream.h): no read for ownership of its lines, a third less memory traffic.
+    // (cpu/stream.h): no read for ownership of its lines, a third less memory traffic.
     // In place (out == x) there is nothing to save: the line was just read.
     const int64_t rows_total = BT * N;
     const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(D, 1));
@@ -268,10 +250,10 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
   (void)deterministic;  // the CPU path is always deterministic
   TORCH_CHECK(grad.dim() == 4, "tpe_table_backward: grad must be [B, T, N, D]");
   const int64_t B = grad.size(0), T = grad.size(1), N = grad.size(2), D = grad.size(3), BT = B * T;
-  const at::ScalarType acc_type = tpe_acc_type(grad.scalar_type());
-  // The output from the CPU output cache (common/cpu_alloc.h): a fresh 2 MB [500, 1152] gradient
-  // would page-fault and be zeroed by the kernel on every call (measured: ~10% of the call).
-  at::Tensor out = empty_output({num_rows, D}, grad.options().dtype(acc_type));
+  const at::ScalarType acc_dt = acc_type(grad.scalar_type());
+  // The output from the CPU output cache (cpu/alloc.h): a fresh 2 MB [500, 1152] gradient
+  // would page-fault and be zeroed by the kernel on every call (~10% of the call).
+  at::Tensor out = empty_output({num_rows, D}, grad.options().dtype(acc_dt));
   if (BT == 0 || D == 0) return out.zero_();
   const at::Tensor g = grad.contiguous();
   const at::Tensor rows = timestamps.to(at::kLong).contiguous();
@@ -282,13 +264,13 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
   // Each task streams a fixed slice of one frame's rows (contiguous memory) into its own fp32
   // partial row; partials are then added in a fixed order. The slicing depends only on N, so
   // the result is bitwise the same for any thread count. One parallel region per call (an
-  // elastic one, common/cpu_parallel.h): its first chunks zero the output, the rest are the
-  // slices; on a busy 2-core machine every extra region can cost a descheduled thread's wait.
+  // elastic one, cpu/parallel.h): its first chunks zero the output, the rest are the
+  // slices; on a shared machine every extra region can cost a wait for a descheduled thread.
   constexpr int64_t kRowsPerSlice = 128;
   const int64_t nslices = std::max<int64_t>(1, (N + kRowsPerSlice - 1) / kRowsPerSlice);
   const int64_t ntasks = BT * nslices;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "tpe_table_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     // The partial rows live in a buffer the calling thread keeps between calls (up to 16 MiB;
     // a fresh one per call page-faults like the output above).
@@ -315,7 +297,7 @@ at::Tensor tpe_table_backward_cpu(const at::Tensor& grad, const at::Tensor& time
       std::fill(acc, acc + D, A(0));
       // One row at a time: the slice is read as one sequential stream (the hardware prefetcher
       // follows it across pages), with acc in L1. Four rows per pass over acc (four streams a
-      // row apart, each under a page long) measured 15-25% slower (0.58 vs 0.68-0.78 of a sum()).
+      // row apart, each under a page long) ran 15-25% slower (benchmarks/bench_tpe.py).
       for (int64_t n = n0; n < n1; ++n) acc_row(gp + (bt * N + n) * D, acc, D);
     });
     // Ordered scatter, serial: BT * slices * D additions are negligible next to the N-fold larger
@@ -340,15 +322,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_cpu(
   const int64_t M = geo.M(), K = geo.K(), W2 = window * window;
   const at::Tensor xc = x.contiguous();
   at::Tensor out = empty_output({B, T, M, K}, x.options());
-  const at::ScalarType acc_type = tpe_acc_type(x.scalar_type());
-  at::Tensor mean = at::empty({B, T, M}, x.options().dtype(acc_type));
-  at::Tensor rstd = at::empty({B, T, M}, x.options().dtype(acc_type));
-  EncoderInputs enc_in = prepare_encoder(timestamps, table, acc_type, "tpe_downsample_layernorm", /*check_range=*/true);
+  const at::ScalarType acc_dt = acc_type(x.scalar_type());
+  at::Tensor mean = at::empty({B, T, M}, x.options().dtype(acc_dt));
+  at::Tensor rstd = at::empty({B, T, M}, x.options().dtype(acc_dt));
+  EncoderInputs enc_in = prepare_encoder(timestamps, table, acc_dt, "tpe_downsample_layernorm", /*check_range=*/true);
   if (BT * M == 0 || K == 0) return {out, mean, rstd};
-  const at::Tensor wt = (weight.has_value() && weight->defined()) ? weight->to(acc_type).contiguous() : at::Tensor();
-  const at::Tensor bs = (bias.has_value() && bias->defined()) ? bias->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor wt = (weight.has_value() && weight->defined()) ? weight->to(acc_dt).contiguous() : at::Tensor();
+  const at::Tensor bs = (bias.has_value() && bias->defined()) ? bias->to(acc_dt).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tpe_ds_ln_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     const auto encode = make_encoder<A>(enc_in, D, base);
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -402,25 +384,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_backward_cpu(
               "tpe_ds_ln_backward: grad_out must be [B, T, M, K]");
   const bool has_w = weight.has_value() && weight->defined();
   need_weight_grad = need_weight_grad && has_w;
-  const at::ScalarType acc_type = tpe_acc_type(x.scalar_type());
+  const at::ScalarType acc_dt = acc_type(x.scalar_type());
   at::Tensor grad_x = need_input_grad ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor grad_w = need_weight_grad ? at::zeros({K}, x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
-  at::Tensor grad_b = need_bias_grad ? at::zeros({K}, x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
+  at::Tensor grad_w = need_weight_grad ? at::zeros({K}, x.options().dtype(acc_dt)) : at::empty({0}, x.options().dtype(acc_dt));
+  at::Tensor grad_b = need_bias_grad ? at::zeros({K}, x.options().dtype(acc_dt)) : at::empty({0}, x.options().dtype(acc_dt));
   const int64_t rows = BT * M;
   if (rows == 0 || K == 0 || !(need_input_grad || need_weight_grad || need_bias_grad)) return {grad_x, grad_w, grad_b};
-  EncoderInputs enc_in = prepare_encoder(timestamps, table, acc_type, "tpe_downsample_layernorm", /*check_range=*/true);
+  EncoderInputs enc_in = prepare_encoder(timestamps, table, acc_dt, "tpe_downsample_layernorm", /*check_range=*/true);
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
-  const at::Tensor wt = has_w ? weight->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor wt = has_w ? weight->to(acc_dt).contiguous() : at::Tensor();
   // Weight/bias partial sums per fixed block of rows, reduced in block order: the result does
   // not depend on the thread count.
   constexpr int64_t kRowsPerBlock = 64;
   const int64_t nblocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const bool wb = need_weight_grad || need_bias_grad;
-  at::Tensor part_w = need_weight_grad ? at::zeros({nblocks, K}, x.options().dtype(acc_type)) : at::Tensor();
-  at::Tensor part_b = need_bias_grad ? at::zeros({nblocks, K}, x.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor part_w = need_weight_grad ? at::zeros({nblocks, K}, x.options().dtype(acc_dt)) : at::Tensor();
+  at::Tensor part_b = need_bias_grad ? at::zeros({nblocks, K}, x.options().dtype(acc_dt)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tpe_ds_ln_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+    using A = acc_t<scalar_t>;
     const auto encode = make_encoder<A>(enc_in, D, base);
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* gp = gc.data_ptr<scalar_t>();

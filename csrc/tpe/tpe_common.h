@@ -5,9 +5,10 @@
 
 #include <ATen/ATen.h>
 
+#include "common/acc.h"
+
 namespace rgpt4d {
 
-inline at::ScalarType tpe_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_tpe_shapes(const at::Tensor& x, const at::Tensor& timestamps,
                              const c10::optional<at::Tensor>& table, const char* op) {
@@ -55,10 +56,10 @@ struct EncoderInputs {
 // check_range=true reads the indices on the host (a device sync on CUDA, so the CUDA binding
 // leaves it to the Python validation) and rejects any index outside the table.
 inline EncoderInputs prepare_encoder(const at::Tensor& timestamps, const c10::optional<at::Tensor>& table,
-                                     at::ScalarType acc_type, const char* op, bool check_range) {
+                                     at::ScalarType acc_dt, const char* op, bool check_range) {
   EncoderInputs in;
   if (table.has_value() && table->defined()) {
-    in.table = table->to(acc_type).contiguous();
+    in.table = table->to(acc_dt).contiguous();
     in.rows = timestamps.to(at::kLong).contiguous();
     if (check_range && in.rows.numel() > 0) {
       auto mm = at::aminmax(in.rows);
@@ -67,7 +68,7 @@ inline EncoderInputs prepare_encoder(const at::Tensor& timestamps, const c10::op
                   in.table.size(0), "), got values in [", lo, ", ", hi, "]");
     }
   } else {
-    in.seconds = timestamps.to(acc_type).contiguous();
+    in.seconds = timestamps.to(acc_dt).contiguous();
   }
   return in;
 }

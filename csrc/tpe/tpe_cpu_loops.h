@@ -3,8 +3,7 @@
 // float16 goes through the generic templates in tpe.cpp.
 #pragma once
 
-#include "common/cpu_stream.h"
-#include "common/hd.h"
+#include "cpu/runtime.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #include <immintrin.h>
@@ -13,18 +12,6 @@
 namespace rgpt4d {
 namespace cpu {
 
-RGPT4D_CPU_CLONES static void load_f32(const float* x, float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = x[i];
-}
-RGPT4D_CPU_CLONES static void load_bf16(const uint16_t* x, float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = bf16_bits_to_float(x[i]);
-}
-RGPT4D_CPU_CLONES static void store_f32(const float* v, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = v[i];
-}
-RGPT4D_CPU_CLONES static void store_bf16(const float* v, uint16_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16_bits(v[i]);
-}
 
 // y = x + e
 RGPT4D_CPU_CLONES static void add_row_f32(const float* x, const float* e, float* y, int64_t n) {
@@ -33,11 +20,11 @@ RGPT4D_CPU_CLONES static void add_row_f32(const float* x, const float* e, float*
 RGPT4D_CPU_CLONES static void add_row_bf16(const uint16_t* x, const float* e, uint16_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16_bits(bf16_bits_to_float(x[i]) + e[i]);
 }
-// y = x + e with streaming stores (common/cpu_stream.h), for outputs far larger than the cache.
+// y = x + e with streaming stores (cpu/stream.h), for outputs far larger than the cache.
 // The add and the store stay in one loop: computing a whole row into an L1 buffer and then
-// streaming it out measured slower than ordinary stores on the 2-core AMD VM (the reads of x and
-// the writes of y no longer overlap), while this loop wrote 51 MB in 2.7-3.1 ms against 4.4-5.2
-// ms with ordinary stores (one thread, plain C). Caller: stream_fence() after the last row.
+// streaming it out is slower than ordinary stores (the reads of x and the writes of y no longer
+// overlap), while this loop takes ~40% less time than ordinary stores on 51 MB of rows
+// (benchmarks/bench_tpe.py, tpe_add forward). Caller: stream_fence() after the last row.
 inline void add_row_f32_stream(const float* x, const float* e, float* y, int64_t n) {
 #if defined(RGPT4D_HAVE_STREAM_STORES)
   int64_t i = 0;
@@ -60,9 +47,8 @@ RGPT4D_CPU_CLONES static void acc_row_bf16_generic(const uint16_t* x, float* acc
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define RGPT4D_TPE_AVX2 1
 // AVX2 versions that load four vectors of x and acc before storing any: GCC's vectorisation of
-// the loops above alternates load, add, store one vector at a time, and that ran 20-25% slower
-// on the 2-core AMD VM (plain C, 51 MB of rows summed per frame: 2.2-2.9 ms against 1.7-2.1 ms,
-// where one Tensor.sum() read took 1.4-1.9 ms). Same additions in the same order: bitwise equal.
+// the loops above alternates load, add, store one vector at a time, and that runs 20-25% slower
+// (benchmarks/bench_tpe.py, the table gradient). Same additions in the same order: bitwise equal.
 
 // Eight elements of x as floats (bf16: the bits shifted into the high half).
 __attribute__((target("avx2"))) inline __m256 load8_f32(const float* x) { return _mm256_loadu_ps(x); }
@@ -111,36 +97,10 @@ RGPT4D_CPU_CLONES static void gather_add_bf16(const uint16_t* x, const float* e,
 }
 
 RGPT4D_CPU_CLONES static float sum_f32(const float* v, int64_t n) {
-  // Eight independent partial sums: vectorisable without -ffast-math, fixed order.
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += v[i + k];
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += v[i];
-  return s;
+  return lane8_sum(n, [&](int64_t i) { return v[i]; });
 }
 RGPT4D_CPU_CLONES static float sumsq_centered_f32(const float* v, float mean, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const float c = v[i + k] - mean;
-      p[k] += c * c;
-    }
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += (v[i] - mean) * (v[i] - mean);
-  return s;
-}
-// sum(a * b)
-RGPT4D_CPU_CLONES static float dot_f32(const float* a, const float* b, int64_t n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) p[k] += a[i + k] * b[i + k];
-  float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+  return lane8_sum(n, [&](int64_t i) { return (v[i] - mean) * (v[i] - mean); });
 }
 // v <- (v - mean) * rstd  (v becomes xhat)
 RGPT4D_CPU_CLONES static void normalize_f32(float* v, float mean, float rstd, int64_t n) {

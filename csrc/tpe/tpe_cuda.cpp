@@ -35,7 +35,7 @@ void tpe_add_cuda_into(const at::Tensor& xc, const at::Tensor& timestamps, const
                        double base, const at::Tensor& out, const char* op) {
   const int64_t BT = xc.size(0) * xc.size(1), N = xc.size(2), D = xc.size(3);
   check_shared_d(D, xc.scalar_type(), op);
-  const EncoderInputs in = prepare_encoder(timestamps, table, tpe_acc_type(xc.scalar_type()), op, false);
+  const EncoderInputs in = prepare_encoder(timestamps, table, acc_type(xc.scalar_type()), op, false);
   check_cuda(cuda::tpe_add_launch(to_dtype(xc.scalar_type()), xc.data_ptr(), out.data_ptr(), enc_args(in, D, base), BT,
                                   N, c10::cuda::getCurrentCUDAStream()),
              op);
@@ -69,7 +69,7 @@ at::Tensor tpe_table_backward_cuda(const at::Tensor& grad, const at::Tensor& tim
   TORCH_CHECK(grad.dim() == 4, "tpe_table_backward: grad must be [B, T, N, D]");
   c10::cuda::CUDAGuard guard(grad.device());
   const int64_t BT = grad.size(0) * grad.size(1), N = grad.size(2), D = grad.size(3);
-  const at::ScalarType acc = tpe_acc_type(grad.scalar_type());
+  const at::ScalarType acc = acc_type(grad.scalar_type());
   at::Tensor out = at::zeros({num_rows, D}, grad.options().dtype(acc));
   if (BT == 0 || D == 0) return out;
   const at::Tensor g = grad.contiguous();
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_cuda(
   const int64_t B = x.size(0), T = x.size(1), D = x.size(3);
   check_shared_d(D, x.scalar_type(), "tpe_downsample_layernorm");
   const DsGeom geo = make_ds_geom(h, w, window, D);
-  const at::ScalarType acc = tpe_acc_type(x.scalar_type());
+  const at::ScalarType acc = acc_type(x.scalar_type());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({B, T, geo.M(), geo.K()}, x.options());
   at::Tensor mean = at::empty({B, T, geo.M()}, x.options().dtype(acc));
@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tpe_ds_ln_backward_cuda(
               "tpe_ds_ln_backward: grad_out must be [B, T, M, K]");
   const bool has_w = weight.has_value() && weight->defined();
   need_weight_grad = need_weight_grad && has_w;
-  const at::ScalarType acc = tpe_acc_type(x.scalar_type());
+  const at::ScalarType acc = acc_type(x.scalar_type());
   at::Tensor grad_x = need_input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor grad_w = need_weight_grad ? at::zeros({K}, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
   at::Tensor grad_b = need_bias_grad ? at::zeros({K}, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));

@@ -220,7 +220,7 @@ int64_t tpe_max_encoding_bytes(DType dt) {
   }
   size_t static_bytes = 0;
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     const void* kernels[] = {reinterpret_cast<const void*>(&tpe_add_kernel<scalar_t, A>),
                              reinterpret_cast<const void*>(&tpe_ds_ln_fwd_kernel<scalar_t, A>),
                              reinterpret_cast<const void*>(&tpe_ds_ln_dx_kernel<scalar_t, A>)};
@@ -240,7 +240,7 @@ cudaError_t tpe_add_launch(DType dt, const void* x, void* out, EncArgs enc, int6
   const int64_t rows_per_block = std::max<int64_t>(1, 16384 / D);
   const int64_t blocks_per_frame = ceil_div(N, rows_per_block);
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     const cudaError_t e = allow_dynamic_shared(tpe_add_kernel<scalar_t, A>, D * sizeof(A));
     if (e != cudaSuccess) return e;
     tpe_add_kernel<scalar_t, A><<<BT * blocks_per_frame, kThreads, D * sizeof(A), stream>>>(
@@ -254,7 +254,7 @@ cudaError_t tpe_table_grad_launch(DType dt, const void* grad, const int64_t* row
   if (BT * D == 0) return cudaSuccess;
   const int64_t dblocks = ceil_div(D, 32);
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     tpe_table_grad_kernel<scalar_t, A><<<BT * dblocks, dim3(32, 8), 0, stream>>>(
         static_cast<const scalar_t*>(grad), rows, static_cast<A*>(partial_acc), static_cast<A*>(out_acc), N, D,
         dblocks, deterministic);
@@ -271,7 +271,7 @@ cudaError_t tpe_ds_ln_fwd_launch(DType dt, const void* x, EncArgs enc, const voi
   const int64_t rows = BT * geo.M();
   if (rows == 0 || geo.K() == 0) return cudaSuccess;
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     const cudaError_t e = allow_dynamic_shared(tpe_ds_ln_fwd_kernel<scalar_t, A>, geo.D * sizeof(A));
     if (e != cudaSuccess) return e;
     tpe_ds_ln_fwd_kernel<scalar_t, A><<<rows, kThreads, geo.D * sizeof(A), stream>>>(
@@ -287,7 +287,7 @@ cudaError_t tpe_ds_ln_bwd_launch(DType dt, const void* grad_out, const void* x, 
   const int64_t rows = BT * geo.M(), K = geo.K();
   if (rows == 0 || K == 0) return cudaSuccess;
   RGPT4D_DISPATCH_DTYPE(dt, {
-    using A = typename AccOf<scalar_t>::type;
+    using A = acc_t<scalar_t>;
     const scalar_t* g = static_cast<const scalar_t*>(grad_out);
     const scalar_t* xp = static_cast<const scalar_t*>(x);
     if (grad_x) {

@@ -1,5 +1,5 @@
-// The CPU output cache behind rgpt4d::empty_output (see cpu_alloc.h).
-#include "cpu_alloc.h"
+// The CPU output cache behind rgpt4d::empty_output (see cpu/alloc.h).
+#include "cpu/alloc.h"
 
 #include <c10/core/Allocator.h>
 #include <ATen/EmptyTensor.h>

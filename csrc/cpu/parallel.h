@@ -9,18 +9,15 @@
 //
 // - "omp" (the default): the workers are torch's OpenMP team (one at::parallel_for region).
 //   Between torch's own ops that team's threads spin-wait on the cores for a while, so they pick
-//   the work up at once. Measured on the 2-core VM, quiet, each op interleaved with torch ops for
-//   100 rounds: the TPE table gradient at 0.90-0.98 of a Tensor.sum() read against 0.68-0.75
-//   with "elastic", tpe_add's forward ~15% faster, the P4D loss (paper B1, forward + backward)
-//   2.4-2.8 ms against 3.0-3.3 ms.
+//   the work up at once: on an otherwise idle machine it is 15-30% faster than "elastic" for the
+//   TPE and P4D kernels (benchmarks/bench_tpe.py, benchmarks/bench_p4d_loss.py, each schedule).
 // - "elastic": the caller (worker 0) and up to max_workers - 1 helpers started through at::launch
 //   (torch's inter-op pool). The caller waits only for chunks a helper has actually claimed, never
 //   for a helper that has not started: on a machine shared with other busy processes it runs every
 //   chunk itself when the other core is taken, where an OpenMP region would wait at its closing
-//   barrier for a descheduled thread. Measured with one busy process on the 2-core VM: the TPE
-//   table gradient 2.8-4.7 ms against 5.3-5.9 ms with "omp" (and torch's own sum() of the same
-//   bytes 5.7-5.9 ms). On a quiet machine its helpers compete with OpenMP's spinning threads for
-//   the cores (the numbers above). Side effect: once an op has run with more than one thread,
+//   barrier for a descheduled thread: with one busy process beside it, the TPE table gradient
+//   takes about 0.6x the time of "omp" (the same benchmarks). On an idle machine its helpers
+//   compete with OpenMP's spinning threads for the cores. Side effect: once an op has run with more than one thread,
 //   torch's inter-op pool exists, so torch.set_num_interop_threads() must be called before.
 //
 // In "elastic", the helpers never touch `fn` (which lives on the caller's stack) except between a

@@ -1,10 +1,10 @@
 // Output allocation for the CPU kernels.
 //
 // A fresh 100+ MB output on Linux is an mmap whose first touch page-faults every page, and the
-// kernel zeroes each page before handing it over: on the machines we measured, that costs more
-// than the op's own memory traffic (Tensor.clone() runs 3-5x slower than Tensor.copy_ into an
-// existing tensor). Two remedies, both used by empty_output():
-//  - a small cache of freed large outputs (cpu_pool.cpp), reused for the next output of the same
+// kernel zeroes each page before handing it over: that costs more than the op's own memory
+// traffic (Tensor.clone() of 100 MB runs 3-5x slower than Tensor.copy_ into an existing tensor).
+// Two remedies, both used by empty_output():
+//  - a small cache of freed large outputs (cpu/pool.cpp), reused for the next output of the same
 //    rounded size — the CPU analogue of the CUDA caching allocator: a training step allocates the
 //    same shapes every iteration, so steady-state outputs land in warm pages. Only blocks of at
 //    least 1 MiB are cached, at most RGPT4D_CPU_POOL_MB in all (default 1024; 0 turns it off);
