@@ -10,7 +10,7 @@
   call. On CPU, the same quantity from the torch profiler's memory events (profile_memory=True):
   every CPU tensor allocation and free reports the running total of bytes allocated while the
   profiler is on, through torch's CPU allocator and rgpt4d's CPU output cache alike
-  (csrc/common/cpu_pool.cpp reports its blocks); the peak of that total during the call, minus
+  (csrc/cpu/pool.cpp reports its blocks); the peak of that total during the call, minus
   its value before the call, is the tensor memory the call held at once (gradients it returns
   included), independent of glibc, page faults and other processes. Measured on a second call
   (the first creates lazy state: compiled graphs, caches). Allocations made inside another

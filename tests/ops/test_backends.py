@@ -95,7 +95,7 @@ def test_env_report_lists_backends_and_reasons():
 
 
 def test_cpu_schedules_give_the_same_bits(monkeypatch):
-    """The dynamically scheduled CPU kernels (csrc/common/cpu_parallel.h) run on torch's OpenMP
+    """The dynamically scheduled CPU kernels (csrc/cpu/parallel.h) run on torch's OpenMP
     team by default and on at::launch helpers with RGPT4D_CPU_SCHEDULE=elastic: every chunk writes
     its own slot, so outputs and gradients are bitwise the same under either schedule and any
     thread count. Shapes big enough for several chunks per op (and tpe_add's streaming stores)."""

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels' cache of large outputs (csrc/common/cpu_pool.cpp).
+"""The compiled CPU kernels' cache of large outputs (csrc/cpu/pool.cpp).
 
 Reused blocks hold stale data, so every kernel that takes its output from the cache must write
 all of it (or zero it first): each op here runs once, its large outputs and gradients are filled

@@ -81,7 +81,7 @@ def test_fp16_and_fp64(backend):
 
 
 # Outputs whose call moves at least 32 MiB (x read + out written) are written with streaming
-# stores (csrc/common/cpu_stream.h, kStreamFootprint): float rows by one fused SSE loop, other
+# stores (csrc/cpu/stream.h, kStreamFootprint): float rows by one fused SSE loop, other
 # dtypes a cache line at a time. D = 1025 makes every other row start off a 16-byte boundary.
 @pytest.mark.parametrize("dtype,N", [(torch.float32, 2049), (torch.bfloat16, 4097), (torch.float16, 4097),
                                      (torch.float64, 1025)], ids=["fp32", "bf16", "fp16", "fp64"])
