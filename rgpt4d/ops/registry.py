@@ -245,7 +245,7 @@ class Op:
     def select(self, device: torch.device, backend: Optional[str] = None) -> str:
         """The backend that runs this op on tensors on `device` (see the module docstring)."""
         requested = backend if backend is not None else get_backend()
-        why = _STATE.get("reasons") or unavailable_reasons()
+        why = _STATE["reasons"] if "reasons" in _STATE else unavailable_reasons()
         if requested is not None:
             if requested not in BACKENDS:
                 raise ValueError(f"{self.api}: backend must be one of {BACKENDS} or None, got {requested!r}")
