@@ -17,7 +17,7 @@
 // conversions. Elsewhere hand-written loops: this extension is compiled for baseline x86-64 (no
 // per-capability dispatch as inside ATen), so at::vec::Vectorized<float> is its generic array
 // implementation, and at::vec::map2 for y = x + e or acc += a x ran 2-3.5x slower than the loops
-// with an AVX2 clone (RGPT4D_CPU_CLONES). cpu/vec_bench.cc measures both (its top comment has the command).
+// with an AVX2 clone (RGPT4D_CPU_CLONES). benchmarks/cpu_vec_bench.cc measures both (its top comment has the command).
 #pragma once
 
 #include "cpu/alloc.h"

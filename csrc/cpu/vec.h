@@ -58,7 +58,7 @@ RGPT4D_CPU_INLINE float lane8_sum(int64_t n, F term) {
 }
 
 // bf16 rows <-> float rows (round to nearest even on the way back; NaN stays NaN): at::vec's
-// conversion, compiled in each clone, runs as fast as a hand-written loop (cpu/vec_bench.cc).
+// conversion, compiled in each clone, runs as fast as a hand-written loop (benchmarks/cpu_vec_bench.cc).
 [[maybe_unused]] RGPT4D_CPU_CLONES static void load_bf16(const uint16_t* x, float* v, int64_t n) {
   at::vec::convert(reinterpret_cast<const c10::BFloat16*>(x), v, n);
 }

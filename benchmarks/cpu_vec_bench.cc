@@ -1,9 +1,9 @@
 // at::vec against the hand-written loops of csrc/cpu and the families, compiled as the extension
 // is (baseline x86-64, -O3; RGPT4D_CPU_CLONES gives the hand-written loops an AVX2 clone, while
 // at::vec::Vectorized<float> outside ATen's per-capability builds is its generic implementation).
-// Rows of 4096 floats in L1, best of 7 runs. Not part of the extension (setup.py compiles *.cpp):
+// Rows of 4096 floats in L1, best of 7 runs. Not part of the extension:
 //   T=$(python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
-//   g++ -O3 -fno-math-errno -fopenmp -std=c++20 -Wno-psabi -Icsrc -I$T/include csrc/cpu/vec_bench.cc \
+//   g++ -O3 -fno-math-errno -fopenmp -std=c++20 -Wno-psabi -Icsrc -I$T/include benchmarks/cpu_vec_bench.cc \
 //       -o /tmp/vec_bench -L$T/lib -lc10 -Wl,-rpath,$T/lib && /tmp/vec_bench
 // Printed: ns per row for each, and at::vec / hand (above 1: at::vec is slower).
 #include <ATen/cpu/vec/functional.h>
