@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgpt4d.ops.registry import Family, acc_dtype, grads_from_forward, refuse_double_backward, scaled
+from rgpt4d.ops.registry import (Family, acc_dtype, grads_from_forward, is_real_tensor, refuse_double_backward,
+                                  scaled)
 
 KINDS = {"smooth_l1": 0, "mse": 1, "l1": 2}
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -346,7 +347,7 @@ def _setup_p4d_loss(ctx, inputs, output):
 def _host_scalars(g: Optional[Tensor]):
     """g as Python numbers when it is a real CPU tensor outside any graph (read once: no tensor
     op per term), else g itself."""
-    if g is not None and type(g) is torch.Tensor and g.device.type == "cpu" and not g.requires_grad:
+    if g is not None and is_real_tensor(g) and g.device.type == "cpu" and not g.requires_grad:
         return g.tolist()
     return g
 

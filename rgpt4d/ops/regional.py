@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 
-from rgpt4d.ops.registry import Family, acc_dtype
+from rgpt4d.ops.registry import Family, acc_dtype, check_values
 from rgpt4d.ops.tpe import frame_encoding_eager
 
 # ---------------------------------------------------------------------------------------------
@@ -197,13 +197,6 @@ def mask_pool_eager(features: Tensor, masks: Tensor, *, eps: float = 1e-8, times
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_values() -> bool:
-    # Value checks read data (a device sync, and a graph break under torch.compile): skipped while
-    # compiling. The CPU kernels re-check batch indices and table rows, so they never read out of
-    # bounds; the GPU kernels skip RoIs whose index is out of range.
-    return not torch.compiler.is_compiling()
 
 
 def _shape(t) -> object:
@@ -547,7 +540,7 @@ def _roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: L
     if isinstance(input, Tensor) and input.is_quantized:
         return _roi_align_quantized(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, backend)
     if validate:
-        rois = _validate_roi_align(input, boxes, output_size, sampling_ratio, _check_values())
+        rois = _validate_roi_align(input, boxes, output_size, sampling_ratio, check_values())
     else:
         rois = boxes if isinstance(boxes, Tensor) else boxes_to_rois(boxes).to(input.device)
     ph, pw = _pair(output_size)
@@ -598,7 +591,7 @@ def region_pool(features: Tensor, boxes: Tensor, *, output_size=(1, 1), spatial_
         features = _cl_to_bt_chw(features)
     if validate:
         _validate_region_pool(features, boxes, output_size, sampling_ratio, valid, timestamps, table,
-                              _check_values())
+                              check_values())
     ph, pw = _pair(output_size)
     be = REGION_POOL.select(features.device, backend)
     if be == "eager":
@@ -632,7 +625,7 @@ def mask_pool(features: Tensor, masks: Tensor, *, eps: float = 1e-8, timestamps:
                              f"{_shape(features)}")
         features = _cl_to_bt_chw(features)
     if validate:
-        _validate_mask_pool(features, masks, eps, timestamps, table, _check_values())
+        _validate_mask_pool(features, masks, eps, timestamps, table, check_values())
     if not masks.is_floating_point():
         masks = masks.to(features.dtype)
     be = MASK_POOL.select(features.device, backend)

@@ -454,6 +454,13 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def check_values() -> bool:
+    """Whether validation may read tensor data (index ranges, finiteness): not while torch.compile
+    traces (a device sync and a graph break). The compiled kernels re-check indices themselves, so
+    they never read out of bounds either way."""
+    return not torch.compiler.is_compiling()
+
+
 def is_real_tensor(t) -> bool:
     """A tensor with data (not a fake or functional tensor traced by torch.compile)."""
     return type(t) is torch.Tensor

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rgpt4d.ops.registry import Family, acc_dtype
+from rgpt4d.ops.registry import Family, acc_dtype, check_values
 
 # ---------------------------------------------------------------------------------------------
 # Eager references (readable; the tests run them in float64 as the oracle)
@@ -106,12 +106,6 @@ def _validate(op: str, x: Tensor, timestamps: Tensor, table: Optional[Tensor], v
                             f"{timestamps.dtype}; pass `table` for integer frame indices, or convert with .float()")
         if values and timestamps.numel() > 0 and not bool(torch.isfinite(timestamps).all()):
             raise ValueError(f"{op}: timestamps must be finite seconds, got non-finite values (nan/inf)")
-
-
-def _check_values() -> bool:
-    # Value checks read data (a device sync, and a graph break under torch.compile): skipped while
-    # compiling. The CPU kernels re-check table indices themselves, so they never read out of bounds.
-    return not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +239,7 @@ def tpe_add(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, ba
     under torch.use_deterministic_algorithms(True)); timestamps get none.
     """
     if validate:
-        _validate("tpe_add", x, timestamps, table, _check_values())
+        _validate("tpe_add", x, timestamps, table, check_values())
     be = TPE_ADD.select(x.device, backend)
     if be == "eager":
         return tpe_add_eager(x, timestamps, table, base)
@@ -256,7 +250,7 @@ def tpe_add_(x: Tensor, timestamps: Tensor, table: Optional[Tensor] = None, *, b
              backend: Optional[str] = None, validate: bool = True) -> Tensor:
     """In-place :func:`tpe_add` for inference (no autograd). Returns x."""
     if validate:
-        _validate("tpe_add_", x, timestamps, table, _check_values())
+        _validate("tpe_add_", x, timestamps, table, check_values())
     if torch.is_grad_enabled() and (x.requires_grad or (table is not None and table.requires_grad)):
         raise RuntimeError("tpe_add_: the in-place op is for inference; x or table requires grad here. Use tpe_add, "
                            "or call it under torch.no_grad() / torch.inference_mode()")
@@ -281,7 +275,7 @@ def tpe_downsample_layernorm(x: Tensor, timestamps: Tensor, table: Optional[Tens
     weight/bias [win^2*D]. Gradients to x, table, weight and bias.
     """
     if validate:
-        _validate("tpe_downsample_layernorm", x, timestamps, table, _check_values())
+        _validate("tpe_downsample_layernorm", x, timestamps, table, check_values())
         _validate_ds(x, weight, bias, grid, window, eps)
     h, w = int(grid[0]), int(grid[1])
     be = TPE_DS_LN.select(x.device, backend)
